@@ -1,0 +1,155 @@
+"""stderr for people (progress, logs), stdout for results. Rich on a TTY, plain lines otherwise."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+from rich.console import Console
+
+_state = {"quiet": False, "verbose": 0, "debug": False}
+_err: Console | None = None
+
+
+def configure(*, quiet: bool = False, verbose: int = 0, debug: bool = False) -> None:
+    global _err
+    _state.update(quiet=quiet, verbose=verbose, debug=debug)
+    _err = None
+
+
+def is_debug() -> bool:
+    return bool(_state["debug"])
+
+
+def err_console() -> Console:
+    """The stderr console (created lazily so tests that swap sys.stderr see their stream)."""
+    global _err
+    if _err is None or _err.file is not sys.stderr:
+        _err = Console(stderr=True, quiet=_state["quiet"], highlight=False, soft_wrap=True)
+    return _err
+
+
+def log(message: str) -> None:
+    if not _state["quiet"]:
+        err_console().print(message, markup=False)
+
+
+def debug(message: str) -> None:
+    if _state["verbose"] > 0 or _state["debug"]:
+        log(message)
+
+
+def warn(message: str) -> None:
+    """A warning on stderr; --quiet silences it like every other log line."""
+    if not _state["quiet"]:
+        err_console().print(f"warning: {message}", markup=False, style="yellow")
+
+
+class _Progress:
+    """A progress handle: rich bar on a TTY, a plain line every `every` seconds otherwise."""
+
+    def __init__(self, description: str, total: float | None, every: float):
+        self.description, self.total, self.every = description, total, every
+        self.completed = 0.0
+        self.fields: dict[str, Any] = {}
+        self._last = time.monotonic()
+        self._bar = None
+        self._task = None
+
+    def update(self, advance: float = 0, completed: float | None = None, **fields: Any) -> None:
+        self.completed = completed if completed is not None else self.completed + advance
+        self.fields.update(fields)
+        if self._bar is not None:
+            self._bar.update(self._task, completed=self.completed, info=self._info())
+        elif not _state["quiet"] and time.monotonic() - self._last >= self.every:
+            self._last = time.monotonic()
+            log(self.line())
+
+    def _info(self) -> str:
+        parts = []
+        for k, v in self.fields.items():
+            if isinstance(v, float):
+                v = f"{v:.4g}" if math.isfinite(v) else str(v)
+            parts.append(f"{k} {v}")
+        return "  ".join(parts)
+
+    def line(self) -> str:
+        done = f"{self.completed:g}" + (f"/{self.total:g}" if self.total else "")
+        return f"{self.description}: {done}  {self._info()}".rstrip()
+
+
+@contextmanager
+def progress(description: str, total: float | None = None, *, every: float = 10.0) -> Iterator[_Progress]:
+    """Progress on stderr. Never diverts stdout (rich's default redirect_stdout=True would)."""
+    handle = _Progress(description, total, every)
+    console = err_console()
+    if _state["quiet"] or not console.is_terminal:
+        yield handle
+        return
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed:g}/{task.total}"),
+                   TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+                   console=console, transient=True, redirect_stdout=False, redirect_stderr=False)
+    with bar:
+        handle._bar, handle._task = bar, bar.add_task(description, total=total, info="")
+        yield handle
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if hasattr(obj, "item") and callable(obj.item):  # numpy / torch scalars
+        return _jsonable(obj.item())
+    return obj
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(_jsonable(obj), ensure_ascii=False, allow_nan=False)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    if isinstance(v, (dict, list)):
+        return dumps(v)
+    return str(v)
+
+
+def emit(result: dict[str, Any], *, as_json: bool, title: str | None = None) -> None:
+    """Print a result to stdout: one JSON object with as_json, else an aligned key/value table."""
+    if as_json:
+        sys.stdout.write(dumps(result) + "\n")
+    else:
+        if title:
+            sys.stdout.write(title + "\n")
+        width = max((len(str(k)) for k in result), default=0)
+        for k, v in result.items():
+            sys.stdout.write(f"{str(k):<{width}}  {_fmt(v)}\n")
+    sys.stdout.flush()
+
+
+def emit_rows(rows: list[dict[str, Any]], *, as_json: bool) -> None:
+    """A table of rows (stdout), or JSON lines with as_json."""
+    if as_json:
+        for r in rows:
+            sys.stdout.write(dumps(r) + "\n")
+        sys.stdout.flush()
+        return
+    if not rows:
+        return
+    cols = list(rows[0])
+    cells = [[_fmt(r.get(c, "")) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    sys.stdout.write("  ".join(c.ljust(w) for c, w in zip(cols, widths)).rstrip() + "\n")
+    for row in cells:
+        sys.stdout.write("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() + "\n")
+    sys.stdout.flush()
