@@ -1,0 +1,124 @@
+"""Hugging Face `tokenizer.json` tokenizers (byte-level BPE and others) through the `tokenizers` library.
+
+Special-token behaviour comes from `tokenizer_config.json` (add_bos_token / add_eos_token, bos/eos/unk/pad
+tokens) and `generation_config.json` (eos_token_id), as `transformers.AutoTokenizer` reads them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from gentool.errors import GentoolError, UsageProblem
+
+
+def _token_text(value: Any) -> str | None:
+    if isinstance(value, dict):  # {"content": "<s>", ...} (AddedToken serialisation)
+        return value.get("content")
+    return value
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise GentoolError(f"invalid JSON ({e})", path=path, hint="repair or remove the file") from None
+    return data if isinstance(data, dict) else {}
+
+
+class HFTokenizer:
+    """The same interface as gentool's SentencePiece tokenizer, over a tokenizer.json."""
+
+    def __init__(self, directory: str | Path):
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise UsageProblem("tokenizer.json needs the `tokenizers` package", path=directory,
+                               hint="pip install 'gentool[hf]'") from None
+        directory = Path(directory)
+        self.path = directory / "tokenizer.json"
+        try:
+            self._tok = Tokenizer.from_file(str(self.path))
+        except Exception as e:  # tokenizers raises a bare Exception on malformed files
+            raise GentoolError(f"cannot read tokenizer.json ({e})", path=self.path,
+                               hint="the file is corrupt or from an unsupported tokenizers version") from None
+        self.config = _read_json(directory / "tokenizer_config.json")
+        generation = _read_json(directory / "generation_config.json")
+        self.sha256 = "sha256:" + hashlib.sha256(self.path.read_bytes()).hexdigest()
+        self.chat_template = self.config.get("chat_template")
+        if self.chat_template is None and (directory / "chat_template.jinja").is_file():
+            self.chat_template = (directory / "chat_template.jinja").read_text(encoding="utf-8")
+
+        def token_id(name: str) -> int | None:
+            text = _token_text(self.config.get(f"{name}_token"))
+            return self._tok.token_to_id(text) if text is not None else None
+
+        self.bos_id, self.unk_id, self.pad_id = token_id("bos"), token_id("unk"), token_id("pad")
+        eos = generation.get("eos_token_id")
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        self.eos_id = token_id("eos")
+        if self.eos_id is None and self.eos_ids:
+            self.eos_id = min(self.eos_ids)
+        if self.eos_id is not None:
+            self.eos_ids.add(self.eos_id)
+        # transformers honours add_bos_token/add_eos_token only for the tokenizer classes that define them
+        # (Llama's, Gemma's); the others take special tokens from tokenizer.json's post-processor alone.
+        honours = str(self.config.get("tokenizer_class", "")).startswith(("Llama", "CodeLlama", "Gemma"))
+        self.add_bos = honours and bool(self.config.get("add_bos_token", False))
+        self.add_eos = honours and bool(self.config.get("add_eos_token", False))
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:
+        ids = self._tok.encode(text, add_special_tokens=False).ids
+        if bos and self.bos_id is not None:
+            ids = [self.bos_id] + ids
+        if eos and self.eos_id is not None:
+            ids = ids + [self.eos_id]
+        return ids
+
+    def encode_default(self, text: str) -> list[int]:
+        """What AutoTokenizer(text) gives: the post-processor's special tokens, plus add_bos/add_eos if set."""
+        ids = self._tok.encode(text, add_special_tokens=True).ids
+        if self.add_bos and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
+            ids = [self.bos_id] + ids
+        if self.add_eos and self.eos_id is not None and (not ids or ids[-1] != self.eos_id):
+            ids = ids + [self.eos_id]
+        return ids
+
+    def decode(self, ids: list[int], *, skip_special: bool = True) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special)
+
+    def apply_chat_template(self, messages: list[dict[str, str]], *, add_generation_prompt: bool = True) -> str:
+        """Render the model's chat template with jinja2, as transformers does."""
+        if not self.chat_template:
+            raise UsageProblem("this model ships no chat template", path=self.path.parent,
+                               hint="drop --chat and write the prompt yourself")
+        return render_chat_template(self.chat_template, messages, add_generation_prompt=add_generation_prompt,
+                                    bos_token=_token_text(self.config.get("bos_token")) or "",
+                                    eos_token=_token_text(self.config.get("eos_token")) or "")
+
+
+def render_chat_template(template: str, messages: list[dict[str, str]], **variables: Any) -> str:
+    try:
+        import jinja2
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    except ImportError:
+        raise UsageProblem("--chat needs jinja2", hint="pip install 'gentool[hf]'") from None
+
+    def raise_exception(message: str) -> None:
+        raise jinja2.exceptions.TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.globals["raise_exception"] = raise_exception
+    env.filters["tojson"] = lambda x, indent=None, **_: json.dumps(x, ensure_ascii=False, indent=indent)
+    try:
+        return env.from_string(template).render(messages=messages, **variables)
+    except jinja2.exceptions.TemplateError as e:
+        raise GentoolError(f"chat template failed: {e}", hint="check the messages' roles") from None
