@@ -332,3 +332,121 @@ def tokenizer_metadata_from_sentencepiece(model_file: str | Path) -> dict[str, A
             "eos": sp.eos_id() if sp.eos_id() >= 0 else None, "unknown": sp.unk_id(),
             "padding": sp.pad_id() if sp.pad_id() >= 0 else None, "add_bos": True,
             "add_space_prefix": proto.normalizer_spec.add_dummy_prefix}
+
+
+def tokenizer_metadata_from_json(directory: Path) -> dict[str, Any]:
+    """GGUF tokenizer metadata ("gpt2" model) from a byte-level BPE tokenizer.json."""
+    data = json.loads((directory / "tokenizer.json").read_text(encoding="utf-8"))
+    model = data.get("model", {})
+    if model.get("type") != "BPE":
+        raise UsageProblem(f"tokenizer.json model {model.get('type')!r} cannot be exported to GGUF",
+                           path=directory, hint="byte-level BPE and SentencePiece tokenizers can")
+    vocab = dict(model.get("vocab", {}))
+    for added in data.get("added_tokens", []):
+        vocab.setdefault(added["content"], added["id"])
+    special = {a["id"] for a in data.get("added_tokens", []) if a.get("special")}
+    tokens = [""] * (max(vocab.values()) + 1)
+    for tok, i in vocab.items():
+        tokens[i] = tok
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    cfg = json.loads((directory / "tokenizer_config.json").read_text()) \
+        if (directory / "tokenizer_config.json").is_file() else {}
+
+    def tid(name: str) -> int | None:
+        value = cfg.get(f"{name}_token")
+        value = value.get("content") if isinstance(value, dict) else value
+        return vocab.get(value) if value is not None else None
+
+    return {"model": "gpt2", "tokens": tokens, "token_type": [3 if i in special else 1 for i in range(len(tokens))],
+            "merges": merges, "bos": tid("bos"), "eos": tid("eos"), "unknown": tid("unk"), "padding": tid("pad"),
+            "add_bos": bool(cfg.get("add_bos_token", False)), "chat_template": cfg.get("chat_template")}
+
+
+def _hf_config(config: dict[str, Any]) -> dict[str, Any]:
+    """Both transformers v4 and v5 spellings, so either version loads the checkpoint."""
+    out = dict(config)
+    out.setdefault("rope_parameters", {"rope_type": "default", "rope_theta": out.get("rope_theta", 10000.0)})
+    out.setdefault("torch_dtype", "float32")
+    out.setdefault("dtype", out["torch_dtype"])
+    return out
+
+
+def import_gguf(src: str | Path, out: str | Path, *, force: bool = False):
+    """GGUF file -> lm-checkpoint artifact (float32 weights, tokenizer rebuilt from the metadata)."""
+    from safetensors.numpy import save_file
+
+    from gentool.artifacts import check_output, create_artifact, input_ref, sha256_file
+
+    check_output(out, force=force)
+    model = read_gguf(src)
+    with create_artifact(out, "lm-checkpoint", force=force, config={"init": "import-gguf"},
+                         inputs=[input_ref("import", src)]) as art:
+        (art.dir / "config.json").write_text(json.dumps(_hf_config(model.config), indent=2) + "\n")
+        save_file({k: np.ascontiguousarray(v) for k, v in model.tensors.items()}, str(art.dir / "model.safetensors"),
+                  metadata={"format": "pt"})
+        written = write_tokenizer(model.tokenizer, art.dir)
+        cfg = model.config
+        n_params = int(sum(v.size for v in model.tensors.values()))
+        embed = int(model.tensors["model.embed_tokens.weight"].size)
+        art.contents.update(
+            architecture="llama", n_params=n_params,
+            n_params_non_embedding=n_params - embed * (1 if cfg["tie_word_embeddings"] else 2),
+            vocab_size=cfg["vocab_size"], context_length=cfg["max_position_embeddings"], dtype="float32",
+            tokenizer_id="sha256:" + sha256_file(art.dir / written[0]), tokenizer_file=written[0],
+            gguf_tensor_types=sorted(set(model.tensor_types.values())))
+    return art.manifest
+
+
+def export_gguf(ckpt: str | Path, out: str | Path, *, qtype: str = "f16", force: bool = False,
+                verify: bool = True) -> dict[str, Any]:
+    """lm-checkpoint (or HF Llama directory) -> GGUF file, written to a temporary sibling and renamed."""
+    import os
+    import uuid
+
+    from safetensors import safe_open
+
+    from gentool.artifacts import MANIFEST, read_artifact
+
+    ckpt, out = Path(ckpt), Path(out)
+    if out.exists() and not force:
+        raise UsageProblem("output exists", path=out, hint="use --force to replace it")
+    if (ckpt / MANIFEST).is_file():
+        manifest = read_artifact(ckpt, "lm-checkpoint", verify=verify)
+        if manifest.contents.get("quantized"):
+            raise UsageProblem("cannot export a quantized checkpoint", path=ckpt, hint="dequantize it first")
+    if not (ckpt / "config.json").is_file():
+        raise UsageProblem("no config.json: not an LM checkpoint", path=ckpt, hint="pass an lm-checkpoint directory")
+    config = json.loads((ckpt / "config.json").read_text())
+    archs = config.get("architectures") or ["LlamaForCausalLM"]
+    if archs[0] != "LlamaForCausalLM":
+        raise UsageProblem(f"architecture {archs[0]} is not supported", path=ckpt, hint="Llama checkpoints export")
+    if (ckpt / "model.safetensors.index.json").is_file():
+        index = json.loads((ckpt / "model.safetensors.index.json").read_text())
+        files = sorted(set(index["weight_map"].values()))
+    else:
+        files = ["model.safetensors"]
+    tensors: dict[str, np.ndarray] = {}
+    for name in files:
+        with safe_open(str(ckpt / name), framework="pt") as f:  # "pt" reads bf16, which numpy cannot
+            for key in f.keys():
+                tensors[key] = f.get_tensor(key).float().numpy()
+    if config.get("tie_word_embeddings"):
+        tensors.pop("lm_head.weight", None)
+    if (ckpt / "tokenizer.model").is_file():
+        tok = tokenizer_metadata_from_sentencepiece(ckpt / "tokenizer.model")
+    elif (ckpt / "tokenizer.json").is_file():
+        tok = tokenizer_metadata_from_json(ckpt)
+    else:
+        raise UsageProblem("no tokenizer.model or tokenizer.json", path=ckpt, hint="llama.cpp needs the tokenizer")
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        types = write_gguf(tmp, config, tensors, qtype=qtype, tokenizer=tok, name=ckpt.name)
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    counts: dict[str, int] = {}
+    for t in types.values():
+        counts[t] = counts.get(t, 0) + 1
+    return {"output": str(out), "type": qtype, "tensors": len(types), "tensor_types": counts,
+            "bytes": out.stat().st_size}

@@ -92,3 +92,40 @@ def test_smollm2_matches_transformers():
     sd = hf.state_dict()
     for k, v in ours.tensors.items():
         assert np.array_equal(sd[k].numpy(), v), k
+
+
+def _gpt2_tok(n):
+    from tokenizers import pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())[:n - 1]
+    return {"model": "gpt2", "tokens": ["<|endoftext|>"] + alphabet, "token_type": [3] + [1] * (n - 1),
+            "merges": [], "bos": 0, "eos": 0}
+
+
+@pytest.mark.oracle
+def test_cli_import_export_round_trip(tmp_path, cli):
+    model, cfg = _tiny_llama(tmp_path, tie=True)
+    tensors = {k: v.numpy() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    write_gguf(tmp_path / "in.gguf", cfg.to_dict(), tensors, qtype="f32", tokenizer=_gpt2_tok(64))
+    r = cli("import-gguf", tmp_path / "in.gguf", "-o", tmp_path / "ck", "--json")
+    assert r.exit_code == 0, r.output
+    import json as _json
+
+    manifest = _json.loads(r.stdout)
+    assert manifest["format"] == "gentool.lm-checkpoint" and manifest["contents"]["tokenizer_file"] == "tokenizer.json"
+    assert cli("import-gguf", tmp_path / "in.gguf", "-o", tmp_path / "ck").exit_code == 2  # exists, no --force
+    r = cli("export-gguf", tmp_path / "ck", "-o", tmp_path / "out.gguf", "--type", "f32")
+    assert r.exit_code == 0, r.output
+    back = read_gguf(tmp_path / "out.gguf")
+    assert back.config["tie_word_embeddings"] is True
+    for k, v in tensors.items():
+        assert np.array_equal(back.tensors[k], v), k
+    bad = tmp_path / "mistral.gguf"
+    w = gguf.GGUFWriter(str(bad), "mistral")
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    r = cli("import-gguf", bad, "-o", tmp_path / "m")
+    assert r.exit_code == 2 and "architecture 'mistral' is not supported" in r.output
+    assert not (tmp_path / "m").exists()

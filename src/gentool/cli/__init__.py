@@ -15,6 +15,8 @@ from gentool.errors import GentoolError
 # (module under gentool.cli, attribute): a function becomes a command, a Typer becomes a command group.
 _COMMANDS: list[tuple[str, str]] = [
     ("lora_merge", "lora_merge"),
+    ("gguf_io", "import_gguf"),
+    ("gguf_io", "export_gguf"),
 ]
 
 
