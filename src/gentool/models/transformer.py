@@ -1,0 +1,213 @@
+"""A LLaMA-style decoder in one file: RMSNorm, rotary embeddings, grouped-query attention through
+scaled_dot_product_attention, SwiGLU, pre-norm blocks, a static KV cache for decoding.
+
+Parameter names equal Hugging Face Llama's, so `state_dict()` *is* the HF checkpoint layout and the rotary
+convention (rotate_half over the two halves of each head) matches `transformers`.
+Shape legend: B batch, T query length, S cache length, D hidden size, H heads, K kv heads, E head dim, V vocab.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gentool.config import LMConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype  # normalise in float32 as transformers does, then scale in the input dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_inv_freq(config: LMConfig) -> torch.Tensor:
+    e = config.head_dim
+    inv = 1.0 / (config.rope_theta ** (torch.arange(0, e, 2, dtype=torch.int64).float() / e))
+    s = config.rope_scaling
+    if s:  # Llama 3.1: long wavelengths divided by `factor`, short kept, a smooth ramp between
+        factor, low, high = s["factor"], s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
+        old = s.get("original_max_position_embeddings", 8192)
+        wavelen = 2 * math.pi / inv
+        smooth = (old / wavelen - low) / (high - low)
+        scaled = torch.where(wavelen > old / low, inv / factor, inv)
+        mid = (wavelen <= old / low) & (wavelen >= old / high)
+        inv = torch.where(mid, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
+    return inv
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class KVCache(nn.Module):
+    """Static, preallocated keys and values (B, K, S, E): fixed shapes let a decode step be captured once as a
+    CUDA graph (gpt-fast)."""
+
+    def __init__(self, batch: int, kv_heads: int, length: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (batch, kv_heads, length, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, pos_T: torch.Tensor, k_BKTE: torch.Tensor, v_BKTE: torch.Tensor):
+        self.k.index_copy_(2, pos_T, k_BKTE.to(self.k.dtype))
+        self.v.index_copy_(2, pos_T, v_BKTE.to(self.v.dtype))
+        return self.k, self.v
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LMConfig, causal: bool):
+        super().__init__()
+        d, e = config.hidden_size, config.head_dim
+        self.n_heads, self.n_kv, self.head_dim, self.causal = config.num_attention_heads, \
+            config.num_key_value_heads, e, causal
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(d, self.n_heads * e, bias=bias)
+        self.k_proj = nn.Linear(d, self.n_kv * e, bias=bias)
+        self.v_proj = nn.Linear(d, self.n_kv * e, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * e, d, bias=bias)  # transformers' Llama biases all four
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x_BTD, cos_TE, sin_TE, pos_T=None, mask=None):
+        b, t, _ = x_BTD.shape
+        q = self.q_proj(x_BTD).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, E)
+        k = self.k_proj(x_BTD).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)     # (B, K, T, E)
+        v = self.v_proj(x_BTD).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        cos, sin = cos_TE.to(q.dtype), sin_TE.to(q.dtype)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if self.kv_cache is not None:
+            k, v = self.kv_cache.update(pos_T, k, v)  # (B, K, S, E): attend over the cache with `mask`
+            if q.dtype != k.dtype:
+                q = q.to(k.dtype)
+        gqa = self.n_kv != self.n_heads
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal and t > 1, enable_gqa=gqa)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, -1).to(x_BTD.dtype))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: LMConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: LMConfig, causal: bool):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, causal)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, pos=None, mask=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, pos, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    """HF's `model.` prefix: embeddings, blocks, final norm."""
+
+    def __init__(self, config: LMConfig, causal: bool):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, causal) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: LMConfig, *, causal: bool = True):
+        super().__init__()
+        self.config, self.causal = config, causal
+        self.model = Decoder(config, causal)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+        self.max_seq_len = 0
+
+    def init_buffers(self, device=None) -> None:
+        """Recompute non-persistent buffers (after building on the meta device)."""
+        self.inv_freq = rope_inv_freq(self.config).to(device or self.lm_head.weight.device)
+
+    def init_weights(self, seed: int | None = None) -> None:
+        """Normal(0, 0.02); residual output projections scaled by 1/sqrt(2·layers) (GPT-2)."""
+        g = torch.Generator().manual_seed(seed) if seed is not None else None
+        std = 0.02
+        for name, p in self.named_parameters():
+            if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
+                nn.init.ones_(p)
+            elif name.endswith(".bias"):
+                nn.init.zeros_(p)
+            else:
+                s = std / math.sqrt(2 * self.config.num_hidden_layers) if name.endswith(("o_proj.weight",
+                                                                                        "down_proj.weight")) else std
+                with torch.no_grad():
+                    p.copy_(torch.randn(p.shape, generator=g) * s)
+
+    # --- static KV cache for decoding ---------------------------------------------------------------------------
+    def setup_cache(self, max_batch_size: int, max_seq_len: int, dtype=None, device=None) -> None:
+        dtype = dtype or self.lm_head.weight.dtype
+        device = device or self.lm_head.weight.device
+        c = self.config
+        for layer in self.model.layers:
+            layer.self_attn.kv_cache = KVCache(max_batch_size, c.num_key_value_heads, max_seq_len, c.head_dim,
+                                               dtype, device)
+        self.max_seq_len = max_seq_len
+
+    def reset_cache(self) -> None:
+        for layer in self.model.layers:
+            layer.self_attn.kv_cache = None
+        self.max_seq_len = 0
+
+    # --- forward --------------------------------------------------------------------------------------------------
+    def hidden_states(self, input_ids: torch.Tensor, *, input_pos: torch.Tensor | None = None,
+                      attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Final normed hidden states (B, T, D). With a cache set up, `input_pos` (T,) says where the tokens go;
+        `attention_mask` (B, S) bool marks valid keys (False for left padding)."""
+        b, t = input_ids.shape
+        if input_pos is None:
+            input_pos = torch.arange(t, device=input_ids.device)
+        freqs = input_pos.float()[:, None] * self.inv_freq[None, :]      # (T, E/2)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos(), emb.sin()                                  # (T, E)
+        mask = None
+        if self.max_seq_len:  # cached decoding: query at position p sees keys 0..p
+            keys = torch.arange(self.max_seq_len, device=input_ids.device)
+            mask = (keys[None, :] <= input_pos[:, None]) if self.causal else torch.ones(
+                t, self.max_seq_len, dtype=torch.bool, device=input_ids.device)
+            mask = mask[None, None]                                      # (1, 1, T, S)
+            if attention_mask is not None:  # a padding query still sees itself: no all-masked row, no NaN
+                mask = (mask & attention_mask[:, None, None, :]) | (keys[None, :] == input_pos[:, None])
+        elif attention_mask is not None:
+            mask = attention_mask[:, None, None, :t]
+            if self.causal:
+                mask = mask & torch.ones(t, t, dtype=torch.bool, device=input_ids.device).tril()
+            mask = mask | torch.eye(t, dtype=torch.bool, device=input_ids.device)
+        x = self.model.embed_tokens(input_ids)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, input_pos, mask)
+        return self.model.norm(x)
+
+    def forward(self, input_ids: torch.Tensor, *, input_pos: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, V)."""
+        return self.lm_head(self.hidden_states(input_ids, input_pos=input_pos, attention_mask=attention_mask))
