@@ -1,0 +1,109 @@
+"""Token shards: safetensors files holding one 1-D `tokens` tensor (uint16 when the vocabulary fits, else uint32),
+split into train/val, memory-mapped on read (numpy memmap at the tensor's offset: zero-copy, any corpus size)."""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from gentool.artifacts import Manifest, read_artifact
+from gentool.errors import GentoolError, UsageProblem
+
+_DTYPES = {"U16": np.uint16, "U32": np.uint32, "I32": np.int32, "I64": np.int64}
+
+
+def dtype_for_vocab(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 65536 else np.dtype(np.uint32)
+
+
+def write_shard(path: Path, tokens: np.ndarray) -> None:
+    from safetensors.numpy import save_file
+
+    save_file({"tokens": np.ascontiguousarray(tokens)}, str(path))
+
+
+def mmap_tokens(path: Path) -> np.ndarray:
+    """The `tokens` tensor of a shard as a read-only memmap (the safetensors header says where it starts)."""
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > 1 << 20:
+                raise ValueError("header too large")
+            header = json.loads(f.read(n))
+        info = header["tokens"]
+        start, end = info["data_offsets"]
+        dtype = np.dtype(_DTYPES[info["dtype"]])
+        count = (end - start) // dtype.itemsize
+        if len(info["shape"]) != 1 or info["shape"][0] != count or path.stat().st_size < 8 + n + end:
+            raise ValueError("size does not match the header")
+    except (OSError, ValueError, KeyError, TypeError, struct.error) as e:
+        raise GentoolError(f"not a valid token shard ({e})", path=path, hint="re-create the shards") from None
+    if count == 0:
+        return np.zeros(0, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r", offset=8 + n + start, shape=(count,))
+
+
+@dataclass
+class TokenShards:
+    """One split of a token-shards artifact as a single virtual array."""
+
+    manifest: Manifest
+    split: str
+    arrays: list[np.ndarray]
+
+    def __post_init__(self):
+        self.offsets = np.cumsum([0] + [len(a) for a in self.arrays])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    @property
+    def contents(self) -> dict:
+        return self.manifest.contents
+
+    @property
+    def tokenizer_id(self) -> str:
+        return self.contents["tokenizer_id"]
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.contents["vocab_size"])
+
+    @property
+    def eos_id(self) -> int:
+        return int(self.contents["eos_id"])
+
+    @property
+    def bytes(self) -> int:
+        return int(self.contents["splits"][self.split]["bytes"])
+
+    @property
+    def documents(self) -> int:
+        return int(self.contents["splits"][self.split]["documents"])
+
+    def tokens(self, start: int, end: int) -> np.ndarray:
+        """Tokens [start, end) across shard boundaries, as int64."""
+        start, end = max(0, start), min(end, len(self))
+        out = []
+        i = int(np.searchsorted(self.offsets, start, side="right") - 1)
+        while start < end:
+            a, off = self.arrays[i], int(self.offsets[i])
+            take = min(end, off + len(a)) - start
+            out.append(np.asarray(a[start - off:start - off + take], dtype=np.int64))
+            start += take
+            i += 1
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+
+def open_shards(path: str | Path, split: str = "train", *, verify: bool = True) -> TokenShards:
+    manifest = read_artifact(path, "token-shards", verify=verify)
+    splits = manifest.contents.get("splits", {})
+    if split not in splits:
+        raise UsageProblem(f"no {split!r} split (have {', '.join(splits) or 'none'})", path=path,
+                           hint="pick another --split")
+    arrays = [mmap_tokens(manifest.path / name) for name in splits[split]["shards"]]
+    return TokenShards(manifest, split, arrays)
