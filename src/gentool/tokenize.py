@@ -142,7 +142,8 @@ def train_tokenizer(inputs: list[str], out: Path, *, vocab_size: int = 4096, mod
                 num_threads=os.cpu_count() or 1, minloglevel=2)
         except RuntimeError as e:
             msg = str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)
-            hint = "lower --vocab-size or give more text" if "vocab" in msg.lower() else "check the input text"
+            hint = ("raise --vocab-size (byte fallback alone needs 260 ids)" if "smaller than required" in msg
+                    else "lower --vocab-size or give more text" if "vocab" in msg.lower() else "check the input text")
             raise UsageProblem(f"SentencePiece training failed: {msg}", hint=hint) from None
         tok = Tokenizer(art.dir / "tokenizer.model")
         art.contents.update(vocab_size=tok.vocab_size, special_tokens=dict(SPECIAL_IDS), byte_fallback=byte_fallback,

@@ -15,6 +15,7 @@ from gentool.errors import GentoolError
 # (module under gentool.cli, attribute): a function becomes a command, a Typer becomes a command group.
 _COMMANDS: list[tuple[str, str]] = [
     ("tokenize", "app"),
+    ("train_lm", "train_lm"),
     ("lora_merge", "lora_merge"),
     ("gguf_io", "import_gguf"),
     ("gguf_io", "export_gguf"),

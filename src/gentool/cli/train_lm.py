@@ -1,0 +1,88 @@
+"""`gentool train-lm`: train a LLaMA-style LM (or LoRA adapters) on token shards."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from gentool.cli._options import Device, Dtype, Force, Json, Output, Seed, examples
+
+Int = Optional[int]
+
+
+def train_lm(
+    tokens: Annotated[Path, typer.Argument(help="Token-shards artifact (gentool tokenize encode).")],
+    output: Output,
+    preset: Annotated[Optional[str], typer.Option(help="Model shape: tiny, mini, small, base, gpt2-small, medium, "
+                                                       "tinyllama-1.1b, llama2-7b.")] = None,
+    hidden_size: Annotated[Int, typer.Option(help="Model width (overrides the preset).")] = None,
+    num_layers: Annotated[Int, typer.Option(help="Transformer blocks.")] = None,
+    num_heads: Annotated[Int, typer.Option(help="Attention heads.")] = None,
+    num_kv_heads: Annotated[Int, typer.Option(help="Key/value heads (1 = multi-query).")] = None,
+    intermediate_size: Annotated[Int, typer.Option(help="SwiGLU hidden width.")] = None,
+    tie_embeddings: Annotated[Optional[bool], typer.Option(help="Tie input and output embeddings.")] = None,
+    steps: Annotated[Int, typer.Option(help="Budget: optimizer steps.")] = None,
+    tokens_budget: Annotated[Int, typer.Option("--tokens", help="Budget: training tokens.")] = None,
+    flops: Annotated[Optional[float], typer.Option(help="Budget: training FLOPs (e.g. 1e15).")] = None,
+    seq_len: Annotated[int, typer.Option(help="Context length of training windows.")] = 256,
+    micro_batch: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 16,
+    batch_tokens: Annotated[Int, typer.Option(help="Global tokens per step (gradient accumulation fills it).")] = None,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 1e-3,
+    schedule: Annotated[str, typer.Option(help="cosine, constant or wsd (warmup-stable-decay).")] = "cosine",
+    warmup: Annotated[Int, typer.Option(help="Warmup steps (default: 10% of steps, at most 100).")] = None,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay (matrices only).")] = 0.1,
+    eval_every: Annotated[int, typer.Option(help="Validate every N steps (0: five times per run).")] = 0,
+    save_every: Annotated[int, typer.Option(help="Save resumable state every N steps (0: at the end).")] = 0,
+    init_from: Annotated[Optional[Path], typer.Option(help="Start from an lm-checkpoint or HF Llama directory.")] = None,
+    lora_rank: Annotated[Int, typer.Option(help="Train LoRA adapters of this rank on a frozen --init-from base.")] = None,
+    lora_alpha: Annotated[Optional[float], typer.Option(help="LoRA alpha (default: the rank).")] = None,
+    lora_targets: Annotated[str, typer.Option(help="Comma-separated HF module names or all-linear.")] = "all-linear",
+    lora_dropout: Annotated[float, typer.Option(help="Dropout on the LoRA input.")] = 0.0,
+    rslora: Annotated[bool, typer.Option(help="Scale by alpha/sqrt(rank) (rsLoRA).")] = False,
+    seed: Seed = 0,
+    device: Device = "auto",
+    dtype: Dtype = None,
+    compile_: Annotated[bool, typer.Option("--compile", help="torch.compile the model.")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue the unfinished run in OUTPUT.partial/.")] = False,
+    force: Force = False,
+    json_: Json = False,
+) -> None:
+    """Train a LLaMA-style causal LM; resumable, metrics in JSON lines.
+
+    Works in OUTPUT.partial/ (state/ checkpoints, metrics.jsonl) and renames it into an lm-checkpoint (Hugging
+    Face layout) at the end. Ctrl-C saves state and exits 130; --resume continues exactly. A NaN loss stops with
+    an error naming the step. Under torchrun the global batch is split across processes (DDP). With --lora-rank
+    the --init-from base is frozen and only adapters train; the output is a lora-adapter (PEFT layout).
+    """
+    from gentool import console
+    from gentool.cli._options import resolve_device
+    from gentool.errors import UsageProblem
+    from gentool.lm.train import LMRunOptions, run_train_lm
+
+    if preset is None and hidden_size is None and init_from is None:
+        preset = "small"
+    if lora_rank is not None and init_from is None:
+        raise UsageProblem("--lora-rank needs --init-from", hint="pass the base checkpoint to adapt")
+    lora = None if lora_rank is None else dict(rank=lora_rank, alpha=lora_alpha, targets=lora_targets,
+                                               dropout=lora_dropout, rslora=rslora)
+    dims = dict(hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
+                num_key_value_heads=num_kv_heads, intermediate_size=intermediate_size, tie_word_embeddings=tie_embeddings)
+    opts = LMRunOptions(tokens_dir=tokens, out=output, preset=preset, dims=dims, seq_len=seq_len,
+                        micro_batch=micro_batch, batch_tokens=batch_tokens, steps=steps, tokens=tokens_budget,
+                        flops=flops, lr=lr, warmup=warmup, schedule=schedule, weight_decay=weight_decay,
+                        eval_every=eval_every, save_every=save_every, seed=seed, device=resolve_device(device),
+                        dtype=dtype, compile=compile_, resume=resume, force=force, init_from=init_from, lora=lora)
+    if opts.steps is None and opts.tokens is None and opts.flops is None:
+        opts.steps = 200
+    summary = run_train_lm(opts)
+    console.log(f"wrote {output}")
+    console.emit(summary, as_json=json_)
+
+
+train_lm.epilog = examples(
+    "gentool train-lm tokens -o runs/lm --preset small --steps 300",
+    "gentool train-lm tokens -o runs/s1 --preset mini --flops 1e14 --seed 1",
+    "gentool train-lm tokens -o runs/ada --init-from runs/lm --lora-rank 8 --steps 100",
+)

@@ -1,0 +1,250 @@
+"""`train-lm`: a LLaMA-style LM on token shards, through the shared training loop."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from gentool import console
+from gentool.artifacts import canonical_json, create_artifact, input_ref
+from gentool.config import LMConfig, config_from_preset
+from gentool.data.shards import TokenShards, open_shards
+from gentool.errors import UsageProblem
+from gentool.models.checkpoint import load_lm, save_lm
+from gentool.models.transformer import Transformer
+from gentool.train import TrainConfig, distributed, train
+
+
+@dataclass
+class LMRunOptions:
+    tokens_dir: Path
+    out: Path
+    preset: str | None = "small"
+    dims: dict[str, Any] = field(default_factory=dict)   # explicit HF-named overrides
+    seq_len: int = 256
+    micro_batch: int = 16
+    batch_tokens: int | None = None                      # global tokens per step (default: one micro-batch)
+    steps: int | None = None
+    tokens: int | None = None
+    flops: float | None = None
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup: int | None = None
+    schedule: str = "cosine"
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    eval_every: int = 0
+    eval_tokens: int = 65536
+    save_every: int = 0
+    keep: int = 2
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str | None = None
+    compile: bool = False
+    resume: bool = False
+    force: bool = False
+    init_from: Path | None = None
+    lora: dict[str, Any] | None = None
+
+
+class LMTask:
+    """Next-token prediction on random windows of the train shards; batches depend only on (seed, step, micro)."""
+
+    def __init__(self, train: TokenShards, val: TokenShards | None, config: LMConfig, *, seq_len: int,
+                 micro_batch: int, seed: int, world: int, device: str, eval_tokens: int):
+        self.train, self.val, self.seq_len, self.micro, self.seed = train, val, seq_len, micro_batch, seed
+        self.world, self.device = world, device
+        self.tokens_per_micro = micro_batch * seq_len
+        self.flops_per_micro = float(config.train_flops_per_token(seq_len) * self.tokens_per_micro)
+        self.eval_windows = None
+        if val is not None and len(val) > seq_len + 1:
+            n = max(1, min(eval_tokens, len(val) - 1) // seq_len)
+            data = torch.from_numpy(val.tokens(0, n * seq_len + 1))
+            self.eval_windows = torch.stack([data[i * seq_len:(i + 1) * seq_len + 1] for i in range(n)])
+        self.bytes_per_token = val.bytes / max(1, len(val)) if val is not None else None
+
+    def batch(self, step: int, micro: int, rank: int) -> torch.Tensor:
+        rng = np.random.default_rng([self.seed, step, micro * self.world + rank])
+        starts = rng.integers(0, len(self.train) - self.seq_len - 1, size=self.micro)
+        rows = [self.train.tokens(int(s), int(s) + self.seq_len + 1) for s in starts]
+        return torch.from_numpy(np.stack(rows)).to(self.device, non_blocking=True)
+
+    def loss(self, model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        logits = model(batch[:, :-1])
+        return F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+
+    @torch.no_grad()
+    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
+        if self.eval_windows is None:
+            return {}
+        was = model.training
+        model.eval()
+        total, n = 0.0, 0
+        for chunk in self.eval_windows.split(self.micro):
+            chunk = chunk.to(self.device)
+            with torch.autocast(device_type=self.device.split(":")[0], dtype=torch.bfloat16,
+                                enabled=self.device.startswith("cuda")):
+                logits = model(chunk[:, :-1])
+            total += F.cross_entropy(logits.float().flatten(0, 1), chunk[:, 1:].flatten(), reduction="sum").item()
+            n += chunk[:, 1:].numel()
+        model.train(was)
+        loss = total / n
+        out = {"val_loss": loss}
+        if self.bytes_per_token:
+            out["val_bpb"] = loss / math.log(2) / self.bytes_per_token
+        return out
+
+
+def unigram_entropy(shards: TokenShards, limit: int = 1 << 22) -> float:
+    """Entropy (nats/token) of the split's unigram distribution: the loss of a model that ignores context."""
+    counts = np.bincount(shards.tokens(0, min(len(shards), limit)), minlength=shards.vocab_size).astype(np.float64)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def model_config(opts: LMRunOptions, vocab_size: int) -> LMConfig:
+    if opts.init_from is not None:
+        raise AssertionError("init_from configs come from the checkpoint")
+    dims = {k: v for k, v in opts.dims.items() if v is not None}
+    if opts.preset is None and not dims:
+        raise UsageProblem("give --preset or the model dimensions", hint="e.g. --preset small")
+    base = config_from_preset(opts.preset, vocab_size=vocab_size) if opts.preset else None
+    values = {**(base.__dict__ if base else {}), **dims, "vocab_size": vocab_size}
+    values["max_position_embeddings"] = max(values.get("max_position_embeddings", 0), opts.seq_len)
+    values.setdefault("num_key_value_heads", values.get("num_attention_heads"))
+    values.setdefault("intermediate_size", 4 * values.get("hidden_size", 0) * 2 // 3 // 32 * 32 or 32)
+    try:
+        return LMConfig(**values)
+    except TypeError as e:
+        raise UsageProblem(f"incomplete model dimensions ({e})", hint="give --preset or all of --hidden-size, "
+                           "--num-layers, --num-heads") from None
+
+
+def _steps(opts: LMRunOptions, tokens_per_step: int, flops_per_token: float) -> int:
+    given = [x is not None for x in (opts.steps, opts.tokens, opts.flops)]
+    if sum(given) != 1:
+        raise UsageProblem("give exactly one budget: --steps, --tokens or --flops")
+    if opts.steps is not None:
+        steps = opts.steps
+    elif opts.tokens is not None:
+        steps = math.ceil(opts.tokens / tokens_per_step)
+    else:
+        steps = math.ceil(opts.flops / (flops_per_token * tokens_per_step))
+    if steps < 1:
+        raise UsageProblem("the budget is smaller than one step")
+    return steps
+
+
+def run_train_lm(opts: LMRunOptions) -> dict[str, Any]:
+    device = distributed.init_from_env(opts.device)
+    rank, world = distributed.rank(), distributed.world_size()
+    out, partial = opts.out, opts.out.with_name(opts.out.name + ".partial")
+    train_shards = open_shards(opts.tokens_dir, "train")
+    try:
+        val_shards: TokenShards | None = open_shards(opts.tokens_dir, "val", verify=False)
+    except UsageProblem:
+        val_shards = None
+    if out.exists() and not opts.force:
+        raise UsageProblem("output exists", path=out, hint="use --force to replace it")
+    if partial.exists() and not (opts.resume or opts.force):
+        raise UsageProblem("an unfinished run is here", path=partial, hint="continue it with --resume, or --force")
+    init = load_lm(opts.init_from) if opts.init_from else None
+    config = init.config if init else model_config(opts, train_shards.vocab_size)
+    if train_shards.vocab_size > config.vocab_size:
+        raise UsageProblem(f"the data's vocabulary ({train_shards.vocab_size}) is larger than the model's "
+                           f"({config.vocab_size})", path=opts.tokens_dir, hint="use shards from the model's tokenizer")
+    if opts.seq_len > config.max_position_embeddings:
+        raise UsageProblem(f"--seq-len {opts.seq_len} exceeds the model's context {config.max_position_embeddings}")
+    if len(train_shards) < opts.seq_len + 2:
+        raise UsageProblem(f"too little data: {len(train_shards)} train tokens for --seq-len {opts.seq_len}",
+                           path=opts.tokens_dir, hint="encode more text or lower --seq-len")
+    seq_tokens = opts.micro_batch * opts.seq_len
+    batch_tokens = opts.batch_tokens or seq_tokens * world
+    if batch_tokens % (seq_tokens * world):
+        raise UsageProblem(f"--batch-tokens {batch_tokens} is not a multiple of micro-batch x seq-len x processes "
+                           f"({seq_tokens * world})")
+    accum = batch_tokens // (seq_tokens * world)
+    steps = _steps(opts, batch_tokens, config.train_flops_per_token(opts.seq_len))
+    tcfg = TrainConfig(steps=steps, grad_accum=accum, lr=opts.lr, min_lr_ratio=opts.min_lr_ratio,
+                       warmup=opts.warmup if opts.warmup is not None else min(100, steps // 10),
+                       schedule=opts.schedule, weight_decay=opts.weight_decay, grad_clip=opts.grad_clip,
+                       eval_every=opts.eval_every or max(1, steps // 5), save_every=opts.save_every, keep=opts.keep,
+                       seed=opts.seed, device=device, amp_dtype=opts.dtype, compile=opts.compile,
+                       log_every=max(1, min(10, steps // 20)))
+    recipe = {"model": config.to_hf_dict(), "train": tcfg.recipe(), "seq_len": opts.seq_len,
+              "micro_batch": opts.micro_batch, "batch_tokens": batch_tokens, "data": train_shards.manifest.id,
+              "init": str(opts.init_from) if opts.init_from else "scratch", "lora": opts.lora}
+    if rank == 0:
+        if partial.exists() and opts.resume:
+            saved = json.loads((partial / "run.json").read_text()) if (partial / "run.json").is_file() else None
+            if saved != json.loads(canonical_json(recipe)):
+                raise UsageProblem("the unfinished run was started with a different configuration", path=partial,
+                                   hint="repeat the original options, or start over with --force")
+        else:
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
+            (partial / "run.json").write_text(canonical_json(recipe))
+    torch.manual_seed(opts.seed)
+    if init is not None:
+        model = init.model
+    else:
+        with torch.device(device):
+            model = Transformer(config)
+        model.init_weights(opts.seed)
+    adapter = None
+    if opts.lora is not None:
+        from gentool.adapters import lora_config_from_options, prepare_lora
+
+        adapter = lora_config_from_options(**opts.lora)
+        info = prepare_lora(model, adapter)
+    model.train()
+    task = LMTask(train_shards, val_shards, config, seq_len=opts.seq_len, micro_batch=opts.micro_batch,
+                  seed=opts.seed, world=world, device=device, eval_tokens=opts.eval_tokens)
+    console.log(f"model: {config.n_params():,} parameters ({config.n_params(non_embedding=True):,} non-embedding); "
+                f"{steps} steps of {batch_tokens:,} tokens")
+    t0 = time.time()
+    result = train(model, task, tcfg, partial, resume=opts.resume)
+    entropy = unigram_entropy(val_shards) if val_shards is not None and len(val_shards) else None
+    summary = {"output": str(out), "steps": result.step, "tokens": result.tokens, "flops": result.flops,
+               "train_loss": result.train_loss, **result.eval, "val_unigram_entropy": entropy,
+               "tokens_per_s": round(result.tokens_per_s, 1), "mfu": result.mfu,
+               "n_params": config.n_params(), "n_params_non_embedding": config.n_params(non_embedding=True)}
+    if rank != 0:
+        return summary
+    tok_src = train_shards.manifest.inputs
+    tok_dir = next((Path(i["path"]) for i in tok_src if i.get("role") == "tokenizer"), None)
+    kind = "lora-adapter" if opts.lora is not None else "lm-checkpoint"
+    inputs = [input_ref("data", train_shards.manifest)]
+    if init is not None:
+        inputs.append(input_ref("base" if opts.lora is not None else "init", init.manifest or str(opts.init_from)))
+    with create_artifact(out, kind, force=True, config=recipe, inputs=inputs) as art:
+        if opts.lora is not None:
+            from gentool.adapters import adapter_contents, read_base, save_lora
+
+            save_lora(art.dir, model, adapter, base_name=str(opts.init_from))
+            art.contents.update(adapter_contents(adapter, info, read_base(opts.init_from)))
+        else:
+            save_lm(model, config, art.dir)
+            art.contents.update(architecture="llama", n_params=config.n_params(),
+                                n_params_non_embedding=config.n_params(non_embedding=True),
+                                tokenizer_id=train_shards.tokenizer_id, vocab_size=config.vocab_size,
+                                context_length=opts.seq_len, dtype="float32", step=result.step,
+                                tokens_seen=result.tokens, train_flops=result.flops, flops_formula="6N+6LTd")
+        if tok_dir is not None and (tok_dir / "tokenizer.model").is_file():
+            shutil.copy(tok_dir / "tokenizer.model", art.dir / "tokenizer.model")
+        elif init is not None and init.tokenizer_path is not None:
+            shutil.copy(init.tokenizer_path, art.dir / init.tokenizer_path.name)
+        shutil.copy(partial / "metrics.jsonl", art.dir / "metrics.jsonl")
+        art.metrics.update({k: v for k, v in summary.items() if k not in ("output",)},
+                           wall_seconds=round(time.time() - t0, 3))
+    shutil.rmtree(partial, ignore_errors=True)
+    return summary

@@ -1,0 +1,52 @@
+"""DDP under torchrun (gloo on CPU, NCCL on CUDA); a no-op in a single process."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def init_from_env(device: str) -> str:
+    """Join the process group torchrun describes (WORLD_SIZE > 1); returns this rank's device."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return device
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    dist.init_process_group(backend)
+    if device.startswith("cuda"):
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return f"cuda:{local}"
+    return device
+
+
+def wrap(model: torch.nn.Module, device: str) -> torch.nn.Module:
+    if world_size() == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [torch.device(device).index] if device.startswith("cuda") else None
+    return DistributedDataParallel(model, device_ids=ids)
+
+
+def no_sync(model: torch.nn.Module, *, last: bool):
+    """Skip the gradient all-reduce on all but the last micro-batch of an accumulation."""
+    if world_size() > 1 and not last and hasattr(model, "no_sync"):
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+def all_reduce_mean(t: torch.Tensor) -> None:
+    if world_size() > 1:
+        dist.all_reduce(t)
+        t /= world_size()
