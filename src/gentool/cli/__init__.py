@@ -16,6 +16,8 @@ from gentool.errors import GentoolError
 _COMMANDS: list[tuple[str, str]] = [
     ("tokenize", "app"),
     ("train_lm", "train_lm"),
+    ("sample", "sample"),
+    ("perplexity", "perplexity"),
     ("lora_merge", "lora_merge"),
     ("gguf_io", "import_gguf"),
     ("gguf_io", "export_gguf"),
