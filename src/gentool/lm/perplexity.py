@@ -78,8 +78,7 @@ def token_nlls(model: torch.nn.Module, ids: torch.Tensor, *, window: int, stride
         x = torch.stack([ids[w.start:w.end] for w in group]).to(device)
         with torch.autocast(device_type=device.split(":")[0], dtype=dtype, enabled=autocast):
             logits = model(x[:, :-1])
-        logp = F.log_softmax(logits.float(), dim=-1)
-        nll = -logp.gather(-1, x[:, 1:, None]).squeeze(-1)  # (B, T-1): nll of token t+1
+        nll = F.cross_entropy(logits.float().transpose(1, 2), x[:, 1:], reduction="none")  # (B, T-1)
         for row, w in zip(nll, group):
             out.append(row[w.score_from - w.start - 1:].double().cpu())
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
