@@ -23,6 +23,8 @@ def perplexity(
     batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 8,
     allow_tokenizer_mismatch: Annotated[bool, typer.Option(help="Score shards made with another "
                                                                 "tokenizer.")] = False,
+    adapter: Annotated[Optional[Path], typer.Option(help="Apply a LoRA adapter (gentool or PEFT) without "
+                                                         "merging.")] = None,
     device: Device = "auto",
     dtype: Dtype = None,
     no_verify: NoVerify = False,
@@ -41,7 +43,8 @@ def perplexity(
     dev = resolve_device(device)
     result = score_lm(checkpoint, data or [], split=split, window=window, stride=stride, max_tokens=max_tokens,
                       batch_size=batch_size, device=dev, dtype=resolve_dtype(dtype, dev),
-                      allow_tokenizer_mismatch=allow_tokenizer_mismatch, verify=not no_verify)
+                      allow_tokenizer_mismatch=allow_tokenizer_mismatch, verify=not no_verify,
+                      adapter=adapter)
     console.emit(result, as_json=json_)
 
 

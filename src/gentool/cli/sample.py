@@ -24,6 +24,7 @@ def sample(
     repetition_penalty: Annotated[float, typer.Option(help="Penalise tokens already present (1 = off).")] = 1.0,
     num_samples: Annotated[int, typer.Option(help="Samples per prompt (decoded as one batch).")] = 1,
     stop: Annotated[Optional[list[str]], typer.Option(help="Stop when this string appears (repeatable).")] = None,
+    adapter: Annotated[Optional[Path], typer.Option(help="Apply a LoRA adapter without merging.")] = None,
     seed: Seed = 0,
     device: Device = "auto",
     dtype: Dtype = None,
@@ -46,7 +47,8 @@ def sample(
             else [""]
     run_sample(checkpoint, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                min_p=min_p, repetition_penalty=repetition_penalty, num_samples=num_samples, stop=stop or [],
-               seed=seed, device=device, dtype=dtype, compile=compile_, bench=bench, as_json=json_)
+               seed=seed, device=device, dtype=dtype, compile=compile_, bench=bench, as_json=json_,
+               adapter=adapter)
 
 
 sample.epilog = examples("gentool sample runs/lm --prompt 'ROMEO.' --max-new-tokens 100",

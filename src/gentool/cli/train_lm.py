@@ -37,7 +37,7 @@ def train_lm(
     save_every: Annotated[int, typer.Option(help="Save resumable state every N steps (0: at the end).")] = 0,
     init_from: Annotated[Optional[Path], typer.Option(help="Start from an lm-checkpoint or HF Llama directory.")] = None,
     lora_rank: Annotated[Int, typer.Option(help="Train LoRA adapters of this rank on a frozen --init-from base.")] = None,
-    lora_alpha: Annotated[Optional[float], typer.Option(help="LoRA alpha (default: the rank).")] = None,
+    lora_alpha: Annotated[Optional[float], typer.Option(help="LoRA alpha (default: twice the rank).")] = None,
     lora_targets: Annotated[str, typer.Option(help="Comma-separated HF module names or all-linear.")] = "all-linear",
     lora_dropout: Annotated[float, typer.Option(help="Dropout on the LoRA input.")] = 0.0,
     rslora: Annotated[bool, typer.Option(help="Scale by alpha/sqrt(rank) (rsLoRA).")] = False,

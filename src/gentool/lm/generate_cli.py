@@ -12,7 +12,7 @@ from gentool.errors import UsageProblem
 
 def run_sample(checkpoint: Path, prompts: list[str], *, max_new_tokens: int, temperature: float, top_k, top_p, min_p,
                repetition_penalty: float, num_samples: int, stop: list[str], seed: int, device: str, dtype,
-               compile, bench: bool, as_json: bool) -> None:
+               compile, bench: bool, as_json: bool, adapter: Path | None = None) -> None:
     from gentool.cli._options import resolve_device, resolve_dtype
     from gentool.data.tokenizer import load_tokenizer
     from gentool.lm.sample import Generator, SamplingParams, measure_copy_bandwidth
@@ -22,6 +22,11 @@ def run_sample(checkpoint: Path, prompts: list[str], *, max_new_tokens: int, tem
         raise UsageProblem("--max-new-tokens and --num-samples must be at least 1")
     dev = resolve_device(device)
     lm = load_lm(checkpoint, device=dev, dtype=resolve_dtype(dtype, dev))
+    if adapter is not None:
+        from gentool.adapters import attach_adapter
+
+        attach_adapter(lm.model, checkpoint, adapter)
+        lm.model.to(device=dev, dtype=resolve_dtype(dtype, dev)).eval()
     if lm.tokenizer_path is None:
         raise UsageProblem("the checkpoint has no tokenizer.model or tokenizer.json", path=checkpoint,
                            hint="copy the tokenizer used for training into the checkpoint directory")

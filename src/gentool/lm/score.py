@@ -22,10 +22,15 @@ def _is_shards(p: str) -> bool:
 def score_lm(checkpoint: Path, data: list[str], *, split: str = "val", window: int | None = None,
              stride: int | None = None, max_tokens: int | None = None, batch_size: int = 8, device: str = "cpu",
              dtype: torch.dtype = torch.float32, allow_tokenizer_mismatch: bool = False,
-             verify: bool = True) -> dict[str, Any]:
+             verify: bool = True, adapter: Path | None = None) -> dict[str, Any]:
     if not data:
         raise UsageProblem("no data to score", hint="pass a token-shards directory, text files, or - for stdin")
     lm = load_lm(checkpoint, device=device, dtype=dtype, verify=verify)
+    if adapter is not None:
+        from gentool.adapters import attach_adapter
+
+        attach_adapter(lm.model, checkpoint, adapter, verify=verify)
+        lm.model.to(device=device, dtype=dtype).eval()
     window = window or lm.config.max_position_embeddings
     if window < 2:
         raise UsageProblem("--window must be at least 2")
@@ -70,4 +75,5 @@ def score_lm(checkpoint: Path, data: list[str], *, split: str = "val", window: i
     res = perplexity(lm.model, ids, window=window, stride=stride, batch_size=batch_size, device=device, dtype=dtype,
                      bytes_per_token=None if total_bytes else bytes_per_token, total_bytes=total_bytes)
     return {**res.as_dict(), "kind": "exact", **source, "checkpoint": str(checkpoint),
+            **({"adapter": str(adapter)} if adapter else {}),
             "dtype": str(dtype).replace("torch.", "")}
