@@ -18,6 +18,7 @@ _COMMANDS: list[tuple[str, str]] = [
     ("train_lm", "train_lm"),
     ("sample", "sample"),
     ("perplexity", "perplexity"),
+    ("scale_fit", "scale_fit"),
     ("lora_merge", "lora_merge"),
     ("gguf_io", "import_gguf"),
     ("gguf_io", "export_gguf"),
