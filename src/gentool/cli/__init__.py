@@ -16,6 +16,7 @@ from gentool.errors import GentoolError
 _COMMANDS: list[tuple[str, str]] = [
     ("tokenize", "app"),
     ("train_lm", "train_lm"),
+    ("train_diffusion", "train_diffusion"),
     ("sample", "sample"),
     ("perplexity", "perplexity"),
     ("scale_fit", "scale_fit"),

@@ -11,9 +11,11 @@ from gentool.cli._options import Device, Dtype, Json, NoVerify, examples
 
 
 def perplexity(
-    checkpoint: Annotated[Path, typer.Argument(help="lm-checkpoint or Hugging Face Llama directory.")],
+    checkpoint: Annotated[Path, typer.Argument(help="lm-checkpoint, Hugging Face Llama directory or "
+                                                    "diffusion-checkpoint.")],
     data: Annotated[Optional[list[str]], typer.Argument(help="A token-shards artifact, text files, or - for "
-                                                             "stdin.")] = None,
+                                                             "stdin; for a diffusion-checkpoint a dataset "
+                                                             "(default: its held-out split).")] = None,
     split: Annotated[str, typer.Option(help="Split of a token-shards artifact.")] = "val",
     window: Annotated[Optional[int], typer.Option(help="Context window (default: the model's).")] = None,
     stride: Annotated[Optional[int], typer.Option(help="Tokens scored per window (default: half the window); "
@@ -25,6 +27,12 @@ def perplexity(
                                                                 "tokenizer.")] = False,
     adapter: Annotated[Optional[Path], typer.Option(help="Apply a LoRA adapter (gentool or PEFT) without "
                                                          "merging.")] = None,
+    samples: Annotated[int, typer.Option(help="Diffusion LMs: Monte-Carlo samples of the bound per window.")] = 1,
+    steps: Annotated[Optional[int], typer.Option(help="Diffusion LMs: discrete-time bound with T steps "
+                                                      "(default: continuous time); image/vector diffusion: "
+                                                      "timesteps sampled per example (default: all T).")] = None,
+    max_examples: Annotated[Optional[int], typer.Option(help="Image/vector diffusion: score at most this many "
+                                                             "examples.")] = None,
     device: Device = "auto",
     dtype: Dtype = None,
     no_verify: NoVerify = False,
@@ -34,19 +42,32 @@ def perplexity(
 
     Sliding-window scoring: every token is scored once with as much context as the window allows. Bits per byte
     use the UTF-8 bytes recorded in the shards' manifest (or of the raw text), so models with different
-    tokenizers compare on one scale.
+    tokenizers compare on one scale. For a masked-diffusion LM it reports the NELBO, an upper bound on the same
+    scale, with its Monte-Carlo standard error (--samples tightens it). For an image/vector diffusion checkpoint
+    it reports the discrete-time negative ELBO in bits per dimension (8-bit data: discretised decoder).
     """
     from gentool import console
     from gentool.cli._options import resolve_device, resolve_dtype
     from gentool.lm.score import score_lm
 
     dev = resolve_device(device)
+    from gentool import diffusion
+
+    if diffusion.is_checkpoint(checkpoint):
+        if data and len(data) > 1:
+            from gentool.errors import UsageProblem
+
+            raise UsageProblem("give one dataset for a diffusion checkpoint")
+        console.emit(diffusion.elbo(checkpoint, data[0] if data else None, split=split, max_examples=max_examples,
+                                    t_samples=steps, device=dev, verify=not no_verify), as_json=json_)
+        return
     result = score_lm(checkpoint, data or [], split=split, window=window, stride=stride, max_tokens=max_tokens,
                       batch_size=batch_size, device=dev, dtype=resolve_dtype(dtype, dev),
                       allow_tokenizer_mismatch=allow_tokenizer_mismatch, verify=not no_verify,
-                      adapter=adapter)
+                      adapter=adapter, samples=samples, steps=steps)
     console.emit(result, as_json=json_)
 
 
 perplexity.epilog = examples("gentool perplexity runs/lm tokens", "gentool perplexity runs/lm notes.txt --json",
-                             "cat text.txt | gentool perplexity hf-llama/ - --window 1024")
+                             "cat text.txt | gentool perplexity hf-llama/ - --window 1024",
+                             "gentool perplexity runs/digits --max-examples 200 --json")

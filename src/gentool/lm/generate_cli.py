@@ -12,7 +12,8 @@ from gentool.errors import UsageProblem
 
 def run_sample(checkpoint: Path, prompts: list[str], *, max_new_tokens: int, temperature: float, top_k, top_p, min_p,
                repetition_penalty: float, num_samples: int, stop: list[str], seed: int, device: str, dtype,
-               compile, bench: bool, as_json: bool, adapter: Path | None = None) -> None:
+               compile, bench: bool, as_json: bool, adapter: Path | None = None, steps: int = 64,
+               cache: bool = True) -> None:
     from gentool.cli._options import resolve_device, resolve_dtype
     from gentool.data.tokenizer import load_tokenizer
     from gentool.lm.sample import Generator, SamplingParams, measure_copy_bandwidth
@@ -21,6 +22,14 @@ def run_sample(checkpoint: Path, prompts: list[str], *, max_new_tokens: int, tem
     if max_new_tokens < 1 or num_samples < 1:
         raise UsageProblem("--max-new-tokens and --num-samples must be at least 1")
     dev = resolve_device(device)
+    from gentool.artifacts import MANIFEST, read_artifact
+
+    manifest = read_artifact(checkpoint, verify=False) if (Path(checkpoint) / MANIFEST).is_file() else None
+    if manifest is not None and manifest.kind == "diffusion-checkpoint" and \
+            manifest.contents.get("family") == "masked-lm":
+        return run_masked_sample(checkpoint, manifest, prompts, max_new_tokens=max_new_tokens,
+                                 temperature=temperature, top_k=top_k, top_p=top_p, num_samples=num_samples,
+                                 seed=seed, device=dev, steps=steps, cache=cache, as_json=as_json)
     lm = load_lm(checkpoint, device=dev, dtype=resolve_dtype(dtype, dev))
     if adapter is not None:
         from gentool.adapters import attach_adapter
@@ -65,3 +74,44 @@ def run_sample(checkpoint: Path, prompts: list[str], *, max_new_tokens: int, tem
                       "achieved_gb_s": tps * weight_bytes / 1e9, "copy_read_gb_s": bw / 1e9,
                       "roofline_tokens_per_s": bw / weight_bytes, "pct_of_roofline": 100 * tps * weight_bytes / bw},
                      as_json=as_json, title="decode benchmark (batch 1)")
+
+
+def run_masked_sample(checkpoint: Path, manifest, prompts: list[str], *, max_new_tokens: int, temperature: float,
+                      top_k, top_p, num_samples: int, seed: int, device: str, steps: int, cache: bool,
+                      as_json: bool) -> None:
+    """Ancestral unmasking (MDLM) of max_new_tokens after each prompt; semi-autoregressive blocks beyond a window."""
+    import time
+
+    import torch
+
+    from gentool.data.tokenizer import load_tokenizer
+    from gentool.diffusion.masked import MaskSchedule, sample_blocks
+    from gentool.models.checkpoint import load_lm
+
+    if steps < 1:
+        raise UsageProblem("--steps must be at least 1")
+    lm = load_lm(checkpoint, device=device, causal=False, kind="diffusion-checkpoint")
+    if lm.tokenizer_path is None:
+        raise UsageProblem("the checkpoint has no tokenizer", path=checkpoint)
+    tok = load_tokenizer(lm.tokenizer_path)
+    shape = manifest.contents["data_shape"]
+    seq_len, mask_id = shape["seq_len"], shape["mask_id"]
+    schedule = MaskSchedule(manifest.contents.get("schedule", "loglinear"))
+    gen = torch.Generator(device=device).manual_seed(seed)
+    for prompt in prompts or [""]:
+        ids = tok.encode(prompt)[-(seq_len // 2):] if prompt else [tok.eos_id]
+        start = torch.tensor([ids] * num_samples, device=device)
+        t0 = time.time()
+        res = sample_blocks(lm.model, start, max_new_tokens, mask_id, schedule, context=seq_len,
+                            block=min(max_new_tokens, seq_len - len(ids)), steps=steps, cache=cache,
+                            temperature=max(temperature, 1e-6), top_k=top_k, top_p=top_p, generator=gen)
+        dt = time.time() - t0
+        for row in res.tokens[:, len(ids):].tolist():
+            text = tok.decode(row)
+            if as_json:
+                console.emit({"prompt": prompt, "completion": text, "tokens": len(row), "nfe": res.nfe,
+                              "steps": steps, "cached": cache, "tokens_per_s": len(row) * num_samples / dt},
+                             as_json=True)
+            else:
+                sys.stdout.write(prompt + text + "\n")
+    sys.stdout.flush()

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from gentool import console
-from gentool.artifacts import MANIFEST
+from gentool.artifacts import MANIFEST, read_artifact
 from gentool.errors import UsageProblem
 from gentool.lm.perplexity import load_text_ids, perplexity
 from gentool.models.checkpoint import load_lm
@@ -22,10 +23,17 @@ def _is_shards(p: str) -> bool:
 def score_lm(checkpoint: Path, data: list[str], *, split: str = "val", window: int | None = None,
              stride: int | None = None, max_tokens: int | None = None, batch_size: int = 8, device: str = "cpu",
              dtype: torch.dtype = torch.float32, allow_tokenizer_mismatch: bool = False,
-             verify: bool = True, adapter: Path | None = None) -> dict[str, Any]:
+             verify: bool = True, adapter: Path | None = None, samples: int = 1, steps: int | None = None,
+             seed: int = 0) -> dict[str, Any]:
     if not data:
         raise UsageProblem("no data to score", hint="pass a token-shards directory, text files, or - for stdin")
-    lm = load_lm(checkpoint, device=device, dtype=dtype, verify=verify)
+    manifest = read_artifact(checkpoint, verify=False) if (Path(checkpoint) / MANIFEST).is_file() else None
+    masked = manifest is not None and manifest.kind == "diffusion-checkpoint" and \
+        manifest.contents.get("family") == "masked-lm"
+    if masked:
+        lm = load_lm(checkpoint, device=device, dtype=dtype, verify=verify, causal=False, kind="diffusion-checkpoint")
+    else:
+        lm = load_lm(checkpoint, device=device, dtype=dtype, verify=verify)
     if adapter is not None:
         from gentool.adapters import attach_adapter
 
@@ -72,6 +80,18 @@ def score_lm(checkpoint: Path, data: list[str], *, split: str = "val", window: i
     if int(ids.max()) >= lm.config.vocab_size:
         raise UsageProblem(f"token id {int(ids.max())} is outside the model's vocabulary ({lm.config.vocab_size})",
                            hint="the data was encoded with another tokenizer")
+    if masked:
+        from gentool.lm.masked import score_nelbo
+
+        shape = manifest.contents["data_shape"]
+        out = score_nelbo(lm.model, ids, seq_len=min(window, shape["seq_len"]), mask_id=shape["mask_id"],
+                          schedule=manifest.contents.get("schedule", "loglinear"), samples=samples, steps=steps,
+                          batch_size=batch_size, device=device, seed=seed)
+        bpb = out["nll"] / math.log(2) / bytes_per_token if bytes_per_token else None
+        return {"nll": out["nll"], "perplexity": math.exp(out["nll"]), "bits_per_byte": bpb,
+                "nll_stderr": out["nll_stderr"], "tokens": out["tokens"], "samples": samples,
+                "kind": f"upper bound (NELBO, {out['bound']})", **source, "checkpoint": str(checkpoint),
+                "dtype": str(dtype).replace("torch.", "")}
     res = perplexity(lm.model, ids, window=window, stride=stride, batch_size=batch_size, device=device, dtype=dtype,
                      bytes_per_token=None if total_bytes else bytes_per_token, total_bytes=total_bytes)
     return {**res.as_dict(), "kind": "exact", **source, "checkpoint": str(checkpoint),

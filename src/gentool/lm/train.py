@@ -54,6 +54,8 @@ class LMRunOptions:
     force: bool = False
     init_from: Path | None = None
     lora: dict[str, Any] | None = None
+    objective: str = "ar"                                # ar | masked (MDLM masked-diffusion LM)
+    mask_schedule: str = "loglinear"
 
 
 class LMTask:
@@ -157,8 +159,12 @@ def run_train_lm(opts: LMRunOptions) -> dict[str, Any]:
         raise UsageProblem("output exists", path=out, hint="use --force to replace it")
     if partial.exists() and not (opts.resume or opts.force):
         raise UsageProblem("an unfinished run is here", path=partial, hint="continue it with --resume, or --force")
+    masked = opts.objective == "masked"
+    if masked and (opts.init_from or opts.lora):
+        raise UsageProblem("--init-from and LoRA are for autoregressive LMs", hint="train the masked LM from scratch")
     init = load_lm(opts.init_from) if opts.init_from else None
-    config = init.config if init else model_config(opts, train_shards.vocab_size)
+    # the masked-diffusion LM appends one vocabulary entry: the mask token, id = the tokenizer's vocabulary size
+    config = init.config if init else model_config(opts, train_shards.vocab_size + (1 if masked else 0))
     if train_shards.vocab_size > config.vocab_size:
         raise UsageProblem(f"the data's vocabulary ({train_shards.vocab_size}) is larger than the model's "
                            f"({config.vocab_size})", path=opts.tokens_dir, hint="use shards from the model's tokenizer")
@@ -182,7 +188,9 @@ def run_train_lm(opts: LMRunOptions) -> dict[str, Any]:
                        log_every=max(1, min(10, steps // 20)))
     recipe = {"model": config.to_hf_dict(), "train": tcfg.recipe(), "seq_len": opts.seq_len,
               "micro_batch": opts.micro_batch, "batch_tokens": batch_tokens, "data": train_shards.manifest.id,
-              "init": str(opts.init_from) if opts.init_from else "scratch", "lora": opts.lora}
+              "init": str(opts.init_from) if opts.init_from else "scratch", "lora": opts.lora,
+              **({"family": "masked-lm", "mask_id": train_shards.vocab_size, "schedule": opts.mask_schedule}
+                 if masked else {})}
     if rank == 0:
         if partial.exists() and opts.resume:
             saved = json.loads((partial / "run.json").read_text()) if (partial / "run.json").is_file() else None
@@ -198,7 +206,7 @@ def run_train_lm(opts: LMRunOptions) -> dict[str, Any]:
         model = init.model
     else:
         with torch.device(device):
-            model = Transformer(config)
+            model = Transformer(config, causal=not masked)
         model.init_weights(opts.seed)
     adapter = None
     if opts.lora is not None:
@@ -207,8 +215,15 @@ def run_train_lm(opts: LMRunOptions) -> dict[str, Any]:
         adapter = lora_config_from_options(**opts.lora)
         info = prepare_lora(model, adapter)
     model.train()
-    task = LMTask(train_shards, val_shards, config, seq_len=opts.seq_len, micro_batch=opts.micro_batch,
-                  seed=opts.seed, world=world, device=device, eval_tokens=opts.eval_tokens)
+    if masked:
+        from gentool.lm.masked import MaskedLMTask
+
+        task = MaskedLMTask(train_shards, val_shards, config, seq_len=opts.seq_len, micro_batch=opts.micro_batch,
+                            seed=opts.seed, world=world, device=device, eval_tokens=opts.eval_tokens,
+                            mask_id=train_shards.vocab_size, schedule=opts.mask_schedule)
+    else:
+        task = LMTask(train_shards, val_shards, config, seq_len=opts.seq_len, micro_batch=opts.micro_batch,
+                      seed=opts.seed, world=world, device=device, eval_tokens=opts.eval_tokens)
     console.log(f"model: {config.n_params():,} parameters ({config.n_params(non_embedding=True):,} non-embedding); "
                 f"{steps} steps of {batch_tokens:,} tokens")
     t0 = time.time()
@@ -222,7 +237,7 @@ def run_train_lm(opts: LMRunOptions) -> dict[str, Any]:
         return summary
     tok_src = train_shards.manifest.inputs
     tok_dir = next((Path(i["path"]) for i in tok_src if i.get("role") == "tokenizer"), None)
-    kind = "lora-adapter" if opts.lora is not None else "lm-checkpoint"
+    kind = "lora-adapter" if opts.lora is not None else "diffusion-checkpoint" if masked else "lm-checkpoint"
     inputs = [input_ref("data", train_shards.manifest)]
     if init is not None:
         inputs.append(input_ref("base" if opts.lora is not None else "init", init.manifest or str(opts.init_from)))
@@ -239,6 +254,10 @@ def run_train_lm(opts: LMRunOptions) -> dict[str, Any]:
                                 tokenizer_id=train_shards.tokenizer_id, vocab_size=config.vocab_size,
                                 context_length=opts.seq_len, dtype="float32", step=result.step,
                                 tokens_seen=result.tokens, train_flops=result.flops, flops_formula="6N+6LTd")
+            if masked:
+                art.contents.update(family="masked-lm", data_shape={"seq_len": opts.seq_len, "vocab_size":
+                                    config.vocab_size, "mask_id": train_shards.vocab_size},
+                                    schedule=opts.mask_schedule, flops_formula="6N+12LTd (bidirectional)")
         if tok_dir is not None and (tok_dir / "tokenizer.model").is_file():
             shutil.copy(tok_dir / "tokenizer.model", art.dir / "tokenizer.model")
         elif init is not None and init.tokenizer_path is not None:

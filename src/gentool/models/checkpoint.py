@@ -111,15 +111,15 @@ def find_tokenizer(path: Path) -> Path | None:
 
 
 def load_lm(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-            verify: bool = True, causal: bool = True) -> LoadedLM:
-    """Load a gentool lm-checkpoint or a Hugging Face Llama directory. dtype None means float32."""
+            verify: bool = True, causal: bool = True, kind: str = "lm-checkpoint") -> LoadedLM:
+    """Load a gentool lm-checkpoint (or `kind`) or a Hugging Face Llama directory. dtype None means float32."""
     path = Path(path)
     manifest = None
     if not path.is_dir():
         raise UsageProblem("no such checkpoint directory", path=path,
                            hint="pass a gentool lm-checkpoint or a Hugging Face Llama directory")
     if (path / MANIFEST).is_file():
-        manifest = read_artifact(path, "lm-checkpoint", verify=verify)
+        manifest = read_artifact(path, kind, verify=verify)
     config = read_config(path)
     state = read_tensors(weight_files(path), dtype=dtype or torch.float32, device=device)
     with torch.device("meta"):

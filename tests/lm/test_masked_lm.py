@@ -1,0 +1,39 @@
+import json
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def tokens(tmp_path_factory):
+    from gentool.tokenize import encode_corpus, train_tokenizer
+
+    d = tmp_path_factory.mktemp("mdlm")
+    train_tokenizer(["builtin:shakespeare/comedies"], d / "tok", vocab_size=400)
+    encode_corpus(["builtin:shakespeare/comedies"], d / "tok", d / "tokens", workers=1)
+    return d / "tokens"
+
+
+def test_masked_lm_trains_scores_and_samples(tokens, tmp_path, cli):
+    run = tmp_path / "mdlm"
+    r = cli("train-diffusion", tokens, "-o", run, "--kind", "masked-lm", "--preset", "mini", "--seq-len", "32",
+            "--steps", "250", "--batch-size", "32", "--lr", "5e-3", "--device", "cpu", "--json")
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["format"] == "gentool.diffusion-checkpoint" and manifest["contents"]["family"] == "masked-lm"
+    assert manifest["contents"]["data_shape"]["mask_id"] == 400 and manifest["contents"]["tokens_seen"] > 0
+    assert summary["val_loss"] < summary["val_unigram_entropy"], summary  # the bound beats the unigram entropy
+    r = cli("perplexity", run, tokens, "--samples", "2", "--max-tokens", "2048", "--device", "cpu", "--json")
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    assert res["kind"].startswith("upper bound") and res["nll_stderr"] > 0 and res["bits_per_byte"] > 0
+    r = cli("perplexity", run, tokens, "--steps", "10", "--max-tokens", "2048", "--device", "cpu", "--json")
+    assert "discrete T=10" in json.loads(r.stdout)["kind"]
+    args = ("sample", run, "-p", "SIR", "--max-new-tokens", "24", "--steps", "48", "--seed", "2", "--json",
+            "--device", "cpu")
+    a, b = cli(*args), cli(*args, "--no-cache")
+    assert a.exit_code == 0, a.output
+    ja, jb = json.loads(a.stdout), json.loads(b.stdout)
+    assert ja["completion"] == jb["completion"] and ja["nfe"] < jb["nfe"] == 48  # caching: same text, fewer calls
+    r = cli("train-diffusion", tokens.parent / "tok", "-o", tmp_path / "x", "--kind", "masked-lm", "--steps", "1")
+    assert r.exit_code == 2 and "token-shards" in r.output and not (tmp_path / "x").exists()
