@@ -1,43 +1,83 @@
-"""The scaling-law forms, their fits, bootstrap confidence intervals and the holdout test.
+"""Fitting the laws of `laws.py`, bootstrap confidence intervals over runs, and the holdout split.
 
-- power:      L(X) = a * X^b + c          (b < 0; least squares on relative residuals, X scaled by its geometric mean)
-- chinchilla: L(N, D) = E + A/N^alpha + B/D^beta, Hoffmann et al. 2022 Approach 3: Huber (delta 1e-3) on
-              log L - LSE(a - alpha log N, b - beta log D, e) with A = e^a, B = e^b, E = e^e; L-BFGS from a grid
-              of initialisations, keeping the best.
-- isoflop:    Approach 2: per compute budget a parabola of L against log N gives N_opt; then N_opt = k C^m.
-- sigmoid:    y = lo + (hi - lo) / (1 + exp(-k (x - x0))), accuracy against normalised loss (Llama 3).
+- power:      least squares on relative residuals (scipy least_squares, trust region), X scaled by its geometric
+              mean, from a small grid of (b, c) starts keeping the best.
+- chinchilla: Hoffmann et al. 2022 Approach 3: Huber (delta 1e-3) on log-residuals in the log-sum-exp
+              parametrisation, L-BFGS-B. The paper's 4500-point grid of initialisations is ranked by its objective
+              (vectorised) and L-BFGS runs from the CHIN_STARTS best; the lowest final objective wins.
+- isoflop:    per budget (runs within 5% of one compute) np.polyfit of L on log N; vertex = N_opt; then log-log
+              regressions of N_opt and D_opt = C / (6 N_opt) on C.
+- sigmoid:    scipy curve_fit from both signs of the slope, keeping the best.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import itertools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from scipy import optimize
-from scipy.special import logsumexp
 
 from gentool.errors import UsageProblem
+from gentool.scaling import laws
 
-MIN_POINTS = {"power": 4, "chinchilla": 6, "isoflop": 6, "sigmoid": 5}
-HUBER_DELTA = 1e-3
+CHIN_STARTS = 32
+_BLAS_THREADS = ("openblas_{}_num_threads", "openblas_{}_num_threads64_", "scipy_openblas_{}_num_threads",
+                 "scipy_openblas_{}_num_threads64_")
+
+
+_blas_funcs: list | None = None
+
+
+def _blas_thread_funcs() -> list:
+    global _blas_funcs
+    if _blas_funcs is None:
+        _blas_funcs = []
+        try:
+            with open("/proc/self/maps") as f:
+                paths = {p[-1] for p in map(str.split, f) if len(p) >= 6 and "openblas" in p[-1].lower()
+                         and ".so" in p[-1]}
+            for path in sorted(paths):
+                lib = ctypes.CDLL(path)
+                for name in _BLAS_THREADS:
+                    get, set_ = getattr(lib, name.format("get"), None), getattr(lib, name.format("set"), None)
+                    if get is not None and set_ is not None:
+                        _blas_funcs.append((get, set_))
+        except OSError:
+            pass
+    return _blas_funcs
+
+
+@contextlib.contextmanager
+def single_threaded_blas():
+    """Run OpenBLAS on one thread (as threadpoolctl would): scipy's L-BFGS-B makes thousands of tiny BLAS calls,
+    and threaded OpenBLAS spins on them, 10-30x slower than one thread on a busy machine. No-op elsewhere."""
+    saved = [(set_, get()) for get, set_ in _blas_thread_funcs()]
+    for set_, _ in saved:
+        set_(1)
+    try:
+        yield
+    finally:
+        for set_, n in saved:
+            set_(n)
 
 
 @dataclass
 class Fit:
     form: str
     params: dict[str, float]
-    loss: float
+    loss: float                      # the optimiser's objective at the optimum
     converged: bool
     warnings: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-# --- power --------------------------------------------------------------------------------------------------------
-
-def _power_fit(x: np.ndarray, y: np.ndarray, init: dict[str, float] | None = None) -> Fit:
+def fit_power(x: np.ndarray, y: np.ndarray, init: dict[str, float] | None = None) -> Fit:
     scale = float(np.exp(np.mean(np.log(x))))
     u = x / scale
 
@@ -45,177 +85,174 @@ def _power_fit(x: np.ndarray, y: np.ndarray, init: dict[str, float] | None = Non
         log_a, b, c = p
         return (np.exp(log_a) * u**b + c - y) / y
 
-    starts = [init and [math.log(max(init["a"] * scale ** init["b"], 1e-12)), init["b"], init["c"]]] if init else []
-    starts += [[math.log(max(y.max() - c0, 1e-6)), b0, c0] for b0 in (-0.05, -0.2, -0.5, -1.0)
-               for c0 in (0.0, 0.5 * y.min(), 0.9 * y.min())]
+    lo_b, hi_b = laws.POWER_B_RANGE
+    starts = [[math.log(max(y.max() - c0, 1e-6)), b0, c0] for b0 in (-0.05, -0.2, -0.5, -1.0)
+              for c0 in (0.0, 0.5 * y.min(), 0.9 * y.min())]
+    if init:
+        starts = [[math.log(max(init["a"] * scale ** init["b"], 1e-300)), min(max(init["b"], lo_b), hi_b),
+                   min(init["c"], y.min())]]
     best = None
     for s in starts:
-        if not s:
-            continue
-        r = optimize.least_squares(resid, s, bounds=([-50, -5, -np.inf], [50, -1e-6, y.min()]), method="trf")
+        r = optimize.least_squares(resid, s, bounds=([-700, lo_b, -np.inf], [700, hi_b, y.min()]), method="trf")
         if best is None or r.cost < best.cost:
             best = r
-    log_a, b, c = best.x
-    fit = Fit("power", {"a": math.exp(log_a) * scale ** (-b), "b": b, "c": c}, float(best.cost), bool(best.success))
-    if b > -1e-4 or b < -4.9:
-        fit.warnings.append(f"exponent b={b:.4g} sits at the edge of its range")
+    log_a, b, c = (float(v) for v in best.x)
+    fit = Fit("power", {"a": math.exp(log_a) * scale ** (-b), "b": b, "c": c}, float(2 * best.cost),
+              bool(best.success))
+    if b > hi_b - 1e-4 or b < lo_b + 1e-3:
+        fit.warnings.append(f"exponent b={b:.4g} sits at the edge of its range [{lo_b:g}, 0)")
+    if c > y.min() - 1e-9 * abs(y.min()):
+        fit.warnings.append(f"the irreducible term c={c:.4g} sits at its bound (the smallest y)")
+    if not best.success:
+        fit.warnings.append(f"the power fit did not converge: {best.message}")
     return fit
 
 
-def power_predict(p: dict[str, float], x: np.ndarray) -> np.ndarray:
-    return p["a"] * x ** p["b"] + p["c"]
-
-
-# --- chinchilla ---------------------------------------------------------------------------------------------------
-
-def _huber(r: np.ndarray, delta: float) -> tuple[np.ndarray, np.ndarray]:
-    a = np.abs(r)
-    loss = np.where(a <= delta, 0.5 * r**2, delta * (a - 0.5 * delta))
-    grad = np.where(a <= delta, r, delta * np.sign(r))
-    return loss, grad
-
-
-def _chin_objective(theta: np.ndarray, logn: np.ndarray, logd: np.ndarray, logl: np.ndarray):
-    a, b, e, alpha, beta = theta
-    terms = np.stack([a - alpha * logn, b - beta * logd, np.full_like(logn, e)])
-    lse = logsumexp(terms, axis=0)
-    w = np.exp(terms - lse)                    # softmax weights: d lse / d term
-    loss, g = _huber(lse - logl, HUBER_DELTA)
-    grad = np.array([np.sum(g * w[0]), np.sum(g * w[1]), np.sum(g * w[2]),
-                     np.sum(g * w[0] * -logn), np.sum(g * w[1] * -logd)])
-    return float(loss.sum()), grad
-
-
-def _chin_fit(n: np.ndarray, d: np.ndarray, y: np.ndarray, init: dict[str, float] | None = None) -> Fit:
+def fit_chinchilla(n: np.ndarray, d: np.ndarray, y: np.ndarray, init: dict[str, float] | None = None) -> Fit:
     logn, logd, logl = np.log(n), np.log(d), np.log(y)
     if init is not None:
-        grid = [np.array([math.log(init["A"]), math.log(init["B"]), math.log(init["E"]), init["alpha"],
-                          init["beta"]])]
+        starts = [laws.chin_theta(init)]
     else:
-        grid = [np.array(g, dtype=float) for g in itertools.product(
-            (0, 5, 10, 15, 20, 25), (0, 5, 10, 15, 20, 25), (-1.0, 0.0, 1.0), (0.1, 0.5, 1.0), (0.1, 0.5, 1.0))]
-    bounds = [(-20, 60), (-20, 60), (-10, 10), (0.0, 3.0), (0.0, 3.0)]
-    if len(grid) > 16:  # rank the grid by its objective (cheap), refine the 16 best starts with L-BFGS
-        grid = sorted(grid, key=lambda g: _chin_objective(g, logn, logd, logl)[0])[:16]
+        grid = np.array(list(itertools.product(*laws.CHIN_GRID)))
+        score = np.concatenate([laws.chin_objective_grid(g, logn, logd, logl) for g in np.array_split(grid, 9)])
+        starts = grid[np.argsort(score, kind="stable")[:CHIN_STARTS]]
     best = None
-    for g in grid:
-        r = optimize.minimize(_chin_objective, g, args=(logn, logd, logl), jac=True, method="L-BFGS-B",
-                              bounds=bounds, options={"maxiter": 2000, "gtol": 1e-12, "ftol": 1e-15})
+    for s in starts:
+        r = optimize.minimize(laws.chin_objective, s, args=(logn, logd, logl), jac=True, method="L-BFGS-B",
+                              bounds=laws.CHIN_BOUNDS, options={"maxiter": 5000, "gtol": 1e-12, "ftol": 1e-15})
         if best is None or r.fun < best.fun:
             best = r
-    a, b, e, alpha, beta = best.x
-    fit = Fit("chinchilla", {"E": math.exp(e), "A": math.exp(a), "B": math.exp(b), "alpha": alpha, "beta": beta},
-              float(best.fun), bool(best.success))
-    for name, v in (("alpha", alpha), ("beta", beta)):
-        if v < 1e-3 or v > 3.0 - 1e-3:
-            fit.warnings.append(f"exponent {name}={v:.4g} sits at the edge of its range [0, 3]")
+    p = laws.chin_params(best.x)
+    fit = Fit("chinchilla", p, float(best.fun), bool(best.success))
+    for name in ("alpha", "beta"):
+        if p[name] < 1e-3 or p[name] > laws.CHIN_BOUNDS[3][1] - 1e-3:
+            fit.warnings.append(f"exponent {name}={p[name]:.4g} sits at the edge of its range [0, 3]")
+    for name, i in (("A", 0), ("B", 1), ("E", 2)):
+        if min(abs(best.x[i] - lim) for lim in laws.CHIN_BOUNDS[i]) < 1e-3:
+            fit.warnings.append(f"log {name}={best.x[i]:.4g} sits at the edge of its range {laws.CHIN_BOUNDS[i]}")
     if not best.success:
         fit.warnings.append(f"L-BFGS did not converge: {best.message}")
     return fit
 
 
-def chinchilla_predict(p: dict[str, float], n: np.ndarray, d: np.ndarray) -> np.ndarray:
-    return p["E"] + p["A"] / n ** p["alpha"] + p["B"] / d ** p["beta"]
-
-
-def compute_optimal(p: dict[str, float], c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """N_opt(C) = G (C/6)^a, D_opt(C) = G^-1 (C/6)^b; a = beta/(alpha+beta), b = alpha/(alpha+beta)."""
-    alpha, beta = p["alpha"], p["beta"]
-    g = (alpha * p["A"] / (beta * p["B"])) ** (1 / (alpha + beta))
-    a, b = beta / (alpha + beta), alpha / (alpha + beta)
-    return g * (c / 6) ** a, (c / 6) ** b / g
-
-
-# --- isoflop ------------------------------------------------------------------------------------------------------
-
-def _isoflop_fit(n: np.ndarray, c: np.ndarray, y: np.ndarray, init=None) -> Fit:
-    order = np.argsort(c)
+def budgets(c: np.ndarray, tol: float = 0.05) -> list[list[int]]:
+    """Indices grouped into isoFLOP curves: sorted compute, consecutive values within `tol` of the group's first."""
     groups: list[list[int]] = []
-    for i in order:  # budgets within 5% of each other are one isoFLOP curve
-        if groups and abs(c[i] / c[groups[-1][0]] - 1) < 0.05:
+    for i in np.argsort(c, kind="stable"):
+        if groups and abs(c[i] / c[groups[-1][0]] - 1) < tol:
             groups[-1].append(int(i))
         else:
             groups.append([int(i)])
-    budgets, nopt, warnings = [], [], []
-    for g in groups:
-        if len(g) < 3:
+    return groups
+
+
+def fit_isoflop(n: np.ndarray, c: np.ndarray, y: np.ndarray, init=None) -> Fit:
+    cs, nopt, lopt, warnings = [], [], [], []
+    for g in budgets(c):
+        if len(np.unique(n[g])) < 3:
             continue
-        k2, k1, _ = np.polyfit(np.log(n[g]), y[g], 2)
+        ln = np.log(n[g])
+        k2, k1, k0 = np.polyfit(ln, y[g], 2)
+        budget = float(np.exp(np.mean(np.log(c[g]))))
         if k2 <= 0:
-            warnings.append(f"isoFLOP curve at C={np.mean(c[g]):.3g} is not convex; skipped")
+            warnings.append(f"the isoFLOP curve at C={budget:.3g} is not convex; skipped")
             continue
-        budgets.append(float(np.mean(c[g])))
-        nopt.append(float(np.exp(-k1 / (2 * k2))))
-    if len(budgets) < 2:
-        raise UsageProblem("isoflop needs at least 2 compute budgets with 3 or more model sizes each",
+        v = -k1 / (2 * k2)
+        if not ln.min() <= v <= ln.max():
+            warnings.append(f"the optimum at C={budget:.3g} (N={math.exp(v):.3g}) lies outside the sampled sizes")
+        cs.append(budget)
+        nopt.append(math.exp(v))
+        lopt.append(k0 - k1 * k1 / (4 * k2))
+    if len(cs) < 2:
+        raise UsageProblem(f"isoflop needs at least 2 compute budgets with 3 or more model sizes each; got {len(cs)}",
                            hint="add runs, or use --form chinchilla")
-    m, logk = np.polyfit(np.log(budgets), np.log(nopt), 1)
-    resid = np.log(nopt) - (logk + m * np.log(budgets))
-    fit = Fit("isoflop", {"k": math.exp(logk), "m": m}, float((resid**2).sum()), True, warnings,
-              {"budgets": budgets, "n_opt": nopt})
+    lc, ln_opt = np.log(cs), np.log(nopt)
+    ld_opt = lc - math.log(6) - ln_opt
+    aN, bN = np.polyfit(lc, ln_opt, 1)
+    aD, bD = np.polyfit(lc, ld_opt, 1)
+    resid = ln_opt - (bN + aN * lc)
+    params = {"kN": math.exp(bN), "aN": float(aN), "kD": math.exp(bD), "aD": float(aD)}
+    return Fit("isoflop", params, float((resid**2).sum()), True, warnings,
+               {"budgets": cs, "n_opt": nopt, "d_opt": list(np.exp(ld_opt)), "loss_opt": lopt})
+
+
+def fit_sigmoid(x: np.ndarray, y: np.ndarray, init: dict[str, float] | None = None) -> Fit:
+    span = float(np.ptp(x)) or 1.0
+    starts = [[init[k] for k in ("lo", "hi", "k", "x0")]] if init else \
+        [[y.min(), y.max(), s * 8 / span, float(np.median(x))] for s in (-1, 1)]
+    best, loss = None, math.inf
+    for p0 in starts:
+        try:
+            popt, _ = optimize.curve_fit(lambda x, lo, hi, k, x0: laws.sigmoid({"lo": lo, "hi": hi, "k": k, "x0": x0}, x),
+                                         x, y, p0=p0, maxfev=20000)
+        except (RuntimeError, optimize.OptimizeWarning):
+            continue
+        p = dict(zip(("lo", "hi", "k", "x0"), (float(v) for v in popt)))
+        sse = float(((laws.sigmoid(p, x) - y) ** 2).sum())
+        if sse < loss:
+            best, loss = p, sse
+    if best is None:
+        p = dict(zip(("lo", "hi", "k", "x0"), (float(v) for v in starts[0])))
+        return Fit("sigmoid", p, float(((laws.sigmoid(p, x) - y) ** 2).sum()), False,
+                   ["the sigmoid fit did not converge"])
+    if best["lo"] > best["hi"]:  # (lo, hi, k) and (hi, lo, -k) are one curve: report lo <= hi
+        best = {"lo": best["hi"], "hi": best["lo"], "k": -best["k"], "x0": best["x0"]}
+    fit = Fit("sigmoid", best, loss, True)
+    if not x.min() <= best["x0"] <= x.max():
+        fit.warnings.append(f"the midpoint x0={best['x0']:.4g} lies outside the data [{x.min():.4g}, {x.max():.4g}]")
     return fit
 
-
-# --- sigmoid ------------------------------------------------------------------------------------------------------
-
-def _sigmoid(x, lo, hi, k, x0):
-    return lo + (hi - lo) / (1 + np.exp(-k * (x - x0)))
-
-
-def _sigmoid_fit(x: np.ndarray, y: np.ndarray, init=None) -> Fit:
-    p0 = [init[k] for k in ("lo", "hi", "k", "x0")] if init else [y.min(), y.max(), -5.0, float(np.median(x))]
-    try:
-        popt, _ = optimize.curve_fit(_sigmoid, x, y, p0=p0, maxfev=20000)
-        ok = True
-    except RuntimeError:
-        popt, ok = np.array(p0), False
-    loss = float(((_sigmoid(x, *popt) - y) ** 2).sum())
-    fit = Fit("sigmoid", dict(zip(("lo", "hi", "k", "x0"), map(float, popt))), loss, ok)
-    if not ok:
-        fit.warnings.append("the sigmoid fit did not converge")
-    return fit
-
-
-# --- driver -------------------------------------------------------------------------------------------------------
 
 def fit_form(form: str, cols: dict[str, np.ndarray], init: dict[str, float] | None = None) -> Fit:
+    with single_threaded_blas():
+        return _fit_form(form, cols, init)
+
+
+def _fit_form(form: str, cols: dict[str, np.ndarray], init: dict[str, float] | None = None) -> Fit:
     if form == "power":
-        return _power_fit(cols["x"], cols["y"], init)
+        return fit_power(cols["x"], cols["y"], init)
     if form == "chinchilla":
-        return _chin_fit(cols["n"], cols["d"], cols["y"], init)
+        return fit_chinchilla(cols["n"], cols["d"], cols["y"], init)
     if form == "isoflop":
-        return _isoflop_fit(cols["n"], cols["c"], cols["y"])
+        return fit_isoflop(cols["n"], cols["c"], cols["y"])
     if form == "sigmoid":
-        return _sigmoid_fit(cols["x"], cols["y"], init)
-    raise UsageProblem(f"unknown --form {form!r}", hint="use power, chinchilla, isoflop or sigmoid")
-
-
-def predict(fit: Fit, cols: dict[str, np.ndarray]) -> np.ndarray:
-    p = fit.params
-    if fit.form == "power":
-        return power_predict(p, cols["x"])
-    if fit.form == "chinchilla":
-        return chinchilla_predict(p, cols["n"], cols["d"])
-    if fit.form == "sigmoid":
-        return _sigmoid(cols["x"], p["lo"], p["hi"], p["k"], p["x0"])
-    return p["k"] * cols["c"] ** p["m"]  # isoflop: N_opt at compute C
+        return fit_sigmoid(cols["x"], cols["y"], init)
+    raise UsageProblem(f"unknown --form {form!r}", hint="use " + ", ".join(laws.FORMS))
 
 
 def bootstrap(form: str, cols: dict[str, np.ndarray], runs: np.ndarray, fit: Fit, k: int, seed: int,
-              derive: Callable[[Fit], dict[str, float]]) -> dict[str, list[float]]:
-    """95% percentile intervals of every parameter and derived quantity, resampling whole runs."""
+              derive: Callable[[Fit], dict[str, float]]) -> tuple[dict[str, list[float]], list[dict[str, float]]]:
+    """Resample whole runs with replacement k times (seeded) and refit from the full fit's optimum.
+
+    Returns 95% percentile intervals of every parameter and derived quantity, and the refitted parameter sets
+    (for bands in the plot). A quantity whose refits failed more than half of the time gets no interval."""
     rng = np.random.default_rng(seed)
     ids = np.unique(runs)
+    members = {r: np.flatnonzero(runs == r) for r in ids}
     draws: dict[str, list[float]] = {}
+    fits: list[dict[str, float]] = []
     for _ in range(k):
-        pick = rng.choice(ids, size=len(ids), replace=True)
-        idx = np.concatenate([np.flatnonzero(runs == r) for r in pick])
-        sub = {c: v[idx] for c, v in cols.items()}
+        idx = np.concatenate([members[r] for r in rng.choice(ids, size=len(ids), replace=True)])
         try:
-            f = fit_form(form, sub, init=fit.params if form != "isoflop" else None)
+            f = fit_form(form, {c: v[idx] for c, v in cols.items()}, init=fit.params)
         except (UsageProblem, ValueError, np.linalg.LinAlgError):
             continue
+        fits.append(f.params)
         for name, v in {**f.params, **derive(f)}.items():
-            draws.setdefault(name, []).append(v)
-    return {name: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] for name, v in draws.items()
-            if len(v) >= max(10, k // 2)}
+            if math.isfinite(v):
+                draws.setdefault(name, []).append(v)
+    ci = {name: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] for name, v in draws.items()
+          if len(v) >= max(2, k // 2)}
+    return ci, fits
+
+
+def largest_runs(runs: np.ndarray, size: np.ndarray, k: int) -> list[str]:
+    """The k runs with the largest size (compute, or X); a run's size is its largest point's."""
+    run_size = {str(r): float(size[runs == r].max()) for r in np.unique(runs)}
+    return sorted(run_size, key=lambda r: (-run_size[r], r))[:k]
+
+
+def holdout_errors(runs: np.ndarray, actual: np.ndarray, predicted: np.ndarray) -> list[dict[str, Any]]:
+    return [{"run": str(r), "predicted": float(p), "actual": float(a), "abs_err": float(abs(p - a)),
+             "rel_err": float(abs(p - a) / abs(a)) if a else math.inf}
+            for r, a, p in zip(runs, actual, predicted)]

@@ -34,44 +34,86 @@ def _num(v: Any) -> float | None:
         return None
     try:
         f = float(v)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None
     return f
 
 
-def _run_records(path: Path, point: str) -> list[dict[str, Any]]:
-    """Records of one gentool run directory: N, D, C and losses from the manifest and metrics.jsonl."""
-    manifest = json.loads((path / "manifest.json").read_text()) if (path / "manifest.json").is_file() else {}
-    contents, metrics = manifest.get("contents", {}), manifest.get("metrics", {})
-    n = contents.get("n_params_non_embedding", contents.get("n_params"))
-    base = {"N": n, "N_total": contents.get("n_params"), "seed": manifest.get("config", {}).get("train", {})
-            .get("seed")}
+def _llama_params(model: dict[str, Any]) -> tuple[int, int]:
+    """(non-embedding, total) parameter counts of a LLaMA config.json, for runs without a manifest yet."""
+    d, layers, ff, vocab = (int(model[k]) for k in ("hidden_size", "num_hidden_layers", "intermediate_size",
+                                                     "vocab_size"))
+    heads = int(model["num_attention_heads"])
+    hd = int(model.get("head_dim") or d // heads)
+    kv = int(model.get("num_key_value_heads") or heads)
+    per_layer = 2 * d * heads * hd + 2 * d * kv * hd + 3 * d * ff + 2 * d
+    non_emb = layers * per_layer + d
+    return non_emb, non_emb + vocab * d * (1 if model.get("tie_word_embeddings") else 2)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(data, dict):
+        raise GentoolError("not a JSON object", path=path)
+    return data
+
+
+def _dict(v: Any) -> dict[str, Any]:
+    return v if isinstance(v, dict) else {}
+
+
+def _run_records(path: Path, point: str, y_col: str = "loss", problems: list[str] | None = None
+                 ) -> list[dict[str, Any]]:
+    """Records of one gentool run directory (finished RUN/ or unfinished RUN.partial/).
+
+    N is the non-embedding parameter count (N_total: all parameters), D the tokens and C the FLOPs seen, loss (and
+    val_loss) the validation loss, train_loss the training loss. With y_col train_loss every logged step counts
+    (--point all: the training curve); otherwise only the steps with an evaluation."""
+    manifest = _read_json(path / "manifest.json")
+    contents, metrics = _dict(manifest.get("contents")), _dict(manifest.get("metrics"))
+    base = {"N": contents.get("n_params_non_embedding", contents.get("n_params")), "N_total": contents.get("n_params"),
+            "seed": _dict(_dict(manifest.get("config")).get("train")).get("seed"), "run": path.name}
+    if not manifest:  # RUN.partial: the counts come from the recipe train-lm saved
+        recipe = _read_json(path / "run.json")
+        try:
+            base["N"], base["N_total"] = _llama_params(_dict(recipe.get("model")))
+        except (KeyError, TypeError, ValueError, ZeroDivisionError):
+            pass
+        base["seed"] = _dict(recipe.get("train")).get("seed")
     lines = []
     if (path / "metrics.jsonl").is_file():
-        for raw in (path / "metrics.jsonl").read_text().splitlines():
+        for i, raw in enumerate((path / "metrics.jsonl").read_text(encoding="utf-8", errors="replace").splitlines()):
             try:
                 rec = json.loads(raw)
-            except json.JSONDecodeError:
-                continue
+            except (ValueError, RecursionError):
+                rec = None
             if isinstance(rec, dict):
                 lines.append(rec)
-    evals = [r for r in lines if "val_loss" in r]
+            elif raw.strip() and problems is not None:
+                problems.append(f"{path / 'metrics.jsonl'}:{i + 1}: not a JSON object; line ignored")
+    evals = [r for r in lines if _num(r.get("val_loss")) is not None]
+    curve = lines if y_col == "train_loss" else evals   # the points that carry the fitted y
+
+    def rec(r: dict[str, Any]) -> dict[str, Any]:
+        return {**base, "D": r.get("tokens"), "C": r.get("flops"), "loss": r.get("val_loss"),
+                "val_loss": r.get("val_loss"), "train_loss": r.get("loss"), "step": r.get("step")}
+
     if point == "all":
-        return [{**base, "D": r.get("tokens"), "C": r.get("flops"), "loss": r.get("val_loss"),
-                 "train_loss": r.get("loss"), "step": r.get("step")} for r in evals]
-    if point == "min" and evals:
-        r = min(evals, key=lambda r: r["val_loss"] if _num(r["val_loss"]) is not None else math.inf)
-        return [{**base, "D": r.get("tokens"), "C": r.get("flops"), "loss": r.get("val_loss"), "step": r.get("step")}]
+        return [rec(r) for r in curve]
+    if point == "min" and curve:
+        key = "loss" if y_col == "train_loss" else "val_loss"
+        return [rec(min(curve, key=lambda r: v if (v := _num(r.get(key))) is not None and math.isfinite(v)
+                        else math.inf))]
     if manifest:
         return [{**base, "D": contents.get("tokens_seen"), "C": contents.get("train_flops"),
-                 "loss": metrics.get("val_loss", metrics.get("train_loss")), "train_loss": metrics.get("train_loss")}]
-    if evals:  # an unfinished run (RUN.partial): its last evaluation
-        r = evals[-1]
-        return [{**base, "D": r.get("tokens"), "C": r.get("flops"), "loss": r.get("val_loss")}]
-    return []
+                 "loss": metrics.get("val_loss"), "val_loss": metrics.get("val_loss"),
+                 "train_loss": metrics.get("train_loss"), "step": contents.get("step")}]
+    return [rec(curve[-1])] if curve else []  # an unfinished run: its latest evaluation
 
 
-def _parse_text(text: str) -> list[dict[str, Any]]:
+def _parse_text(text: str, src: str) -> list[dict[str, Any]]:
     stripped = text.lstrip()
     if stripped.startswith("{"):
         rows = []
@@ -84,8 +126,13 @@ def _parse_text(text: str) -> list[dict[str, Any]]:
                 rows.append(rec if isinstance(rec, dict) else {"__error__": "not a JSON object"})
             except json.JSONDecodeError as e:
                 rows.append({"__error__": f"invalid JSON ({e.msg})"})
+            except (ValueError, RecursionError) as e:
+                rows.append({"__error__": f"invalid JSON ({e})"})
         return rows
-    return list(csv.DictReader(io.StringIO(text)))
+    try:
+        return list(csv.DictReader(io.StringIO(text)))
+    except csv.Error as e:
+        raise GentoolError(f"not a valid CSV file ({e})", path=src, hint="give CSV with a header row, or JSON lines") from None
 
 
 def _expand(inputs: list[str]) -> list[str]:
@@ -126,25 +173,32 @@ def read_table(inputs: list[str], columns: dict[str, str], *, point: str = "fina
     if point not in ("final", "min", "all"):
         raise UsageProblem(f"unknown --point {point!r}", hint="use final, min or all")
     table = Table()
-    for src in _expand(inputs):
+    y_col = columns.get("y", "loss")
+    expanded = _expand(inputs)
+    for src in expanded:
         path = Path(src)
         if src != "-" and path.is_dir():
             if not ((path / "manifest.json").is_file() or (path / "metrics.jsonl").is_file()):
                 raise UsageProblem("not a gentool run directory (no manifest.json or metrics.jsonl)", path=path)
+            partial = path.name.endswith(".partial")
+            if partial and str(path.with_name(path.name[: -len(".partial")])) in map(str, map(Path, expanded)):
+                table.skipped.append(f"{path}: an unfinished copy of a finished run that is also given; ignored")
+                continue
             try:
-                records = _run_records(path, point)
-            except (json.JSONDecodeError, OSError) as e:
+                records = _run_records(path, point, y_col, table.skipped)
+            except (ValueError, OSError) as e:
                 raise GentoolError(f"cannot read the run ({e})", path=path) from None
-            run_id, table.sources = str(path), table.sources + [{"path": str(path), "kind": "run"}]
-            rows = [(f"{path}:{i + 1}", run_id, r) for i, r in enumerate(records)]
+            run_id = str(path)[: -len(".partial")] if partial else str(path)
+            table.sources.append({"path": str(path), "kind": "run", **({"unfinished": True} if partial else {})})
+            rows = [(f"{path}[{i}]", run_id, r) for i, r in enumerate(records)]
             if not records:
-                table.skipped.append(f"{path}: no finished evaluation in the run")
+                table.skipped.append(f"{path}: no evaluation logged yet" + ("" if y_col == "train_loss" else " (--y train_loss uses the training loss)"))
         else:
             try:
                 text = sys.stdin.read() if src == "-" else path.read_text(encoding="utf-8")
             except (OSError, UnicodeDecodeError) as e:
                 raise GentoolError(f"cannot read ({e})", path=src) from None
-            parsed = _parse_text(text)
+            parsed = _parse_text(text, src)
             table.sources.append({"path": src, "kind": "table", "rows": len(parsed)})
             rows = []
             for i, r in enumerate(parsed):

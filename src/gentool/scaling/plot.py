@@ -1,4 +1,8 @@
-"""plot.png for a scale-fit: data, the fitted law, its bootstrap band where available, held-out runs marked."""
+"""plot.png for a scale-fit: the data, the fitted law with its 95% bootstrap band, the extrapolation to the
+predictions, and the held-out runs marked. Chinchilla adds a panel of iso-loss contours in (D, N).
+
+matplotlib is an optional extra (`pip install 'gentool[plot]'`): importing it here raises ImportError, which the
+caller turns into a warning."""
 
 from __future__ import annotations
 
@@ -6,58 +10,122 @@ from pathlib import Path
 
 import numpy as np
 
-from gentool.scaling.fit import Fit, compute_optimal, predict
+from gentool.scaling import laws
+from gentool.scaling.fit import Fit
 
 
-def plot_fit(path: Path, result: dict, cols: dict[str, np.ndarray], runs: np.ndarray, held: list[str],
-             fit: Fit) -> None:
+def _band(ax, grid, curves: list[np.ndarray], color: str) -> None:
+    curves = [c for c in curves if np.all(np.isfinite(c))]
+    if len(curves) >= 10:
+        lo, hi = np.percentile(np.array(curves), [2.5, 97.5], axis=0)
+        ax.fill_between(grid, lo, hi, color=color, alpha=0.2, lw=0, label="95% bootstrap band")
+
+
+def _far(result: dict, key: str, xmax: float) -> float:
+    return max([xmax] + [p["at"][key] for p in result["predictions"] if key in p["at"]])
+
+
+def plot_fit(path: Path, result: dict, cols: dict[str, np.ndarray], runs: np.ndarray, held: list[str], fit: Fit,
+             draws: list[dict[str, float]]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    form, p = fit.form, fit.params
+    fig, axes = plt.subplots(1, 2 if form == "chinchilla" else 1, figsize=(11 if form == "chinchilla" else 6.4, 4.6),
+                             dpi=120, squeeze=False)
+    ax = axes[0, 0]
     held_mask = np.isin(runs, held)
-    y = cols["y"]
-    if fit.form in ("power", "sigmoid"):
+    y = cols.get("y")
+    if form in ("power", "sigmoid"):
         x = cols["x"]
-        far = max([x.max()] + [p["x"]["value"] for p in result["predictions"] if "x" in p])
-        grid = np.geomspace(x.min(), far, 200) if fit.form == "power" else np.linspace(x.min(), x.max(), 200)
-        ax.plot(grid, predict(fit, {"x": grid}), color="C0", label=f"fit ({fit.form})")
-        ax.scatter(x[~held_mask], y[~held_mask], color="C0", s=18, label="runs used")
-        if fit.form == "power":
+        xs = [v for pr in result["predictions"] for k, v in pr["at"].items()]
+        hi_x = max([x.max()] + xs)
+        grid = np.geomspace(x.min(), hi_x, 300) if form == "power" else np.linspace(min([x.min()] + xs), hi_x, 300)
+        _band(ax, grid, [laws.predict(form, d, {"x": grid}) for d in draws], "C0")
+        ax.plot(grid, laws.predict(form, p, {"x": grid}), color="C0", label=f"fit ({form})")
+        if grid[-1] > x[~held_mask].max():
+            ax.axvline(x[~held_mask].max(), color="grey", ls=":", lw=1, label="extrapolation beyond")
+        if form == "power":
             ax.set_xscale("log")
-        xlabel = result["columns"]["x"]
-    elif fit.form == "chinchilla":
+        xlabel, ylabel = result["columns"]["x"], result["columns"]["y"]
+        for pr in result["predictions"]:
+            v, ci = pr["y"]["value"], pr["y"]["ci95"]
+            ax.errorbar([pr["x"]["value"]], [v], yerr=None if not ci else [[v - ci[0]], [ci[1] - v]], fmt="D",
+                        color="C2", capsize=3, label="prediction")
+    elif form == "chinchilla":
         x = 6 * cols["n"] * cols["d"]
+        grid = np.geomspace(x.min(), _far(result, "C", x.max() * 10), 300)
+        frontier = [laws.chinchilla(d, *laws.compute_optimal(d, grid)) for d in draws]
+        _band(ax, grid, frontier, "C1")
+        ax.plot(grid, laws.chinchilla(p, *laws.compute_optimal(p, grid)), color="C1", label="compute-optimal frontier")
+        ax.axvline(x[~held_mask].max(), color="grey", ls=":", lw=1, label="extrapolation beyond")
         sc = ax.scatter(x[~held_mask], y[~held_mask], c=np.log10(cols["n"][~held_mask]), s=18, cmap="viridis",
-                        label="runs used")
+                        label="runs used", zorder=3)
         fig.colorbar(sc, ax=ax, label="log10 N")
-        grid = np.geomspace(x.min(), x.max() * 100, 200)
-        n, d = compute_optimal(fit.params, grid)
-        ax.plot(grid, predict(fit, {"n": n, "d": d}), color="C1", label="compute-optimal frontier")
+        for pr in result["predictions"]:
+            v, ci = pr["loss"]["value"], pr["loss"]["ci95"]
+            ax.errorbar([6 * pr["N"]["value"] * pr["D"]["value"]], [v], fmt="D", color="C2", capsize=3,
+                        yerr=None if not ci else [[v - ci[0]], [ci[1] - v]], label="prediction", zorder=4)
         ax.set_xscale("log")
-        xlabel = "C = 6ND"
+        xlabel, ylabel = "C = 6ND", result["columns"]["y"]
+        _contours(fig, axes[0, 1], cols, held_mask, p, result)
     else:  # isoflop: N_opt against C
         x, y = np.array(fit.extra["budgets"]), np.array(fit.extra["n_opt"])
-        ax.scatter(x, y, color="C0", s=18, label="N_opt per budget")
-        grid = np.geomspace(x.min(), x.max() * 100, 100)
-        ax.plot(grid, predict(fit, {"c": grid}), color="C1", label="N_opt = k C^m")
+        grid = np.geomspace(x.min(), _far(result, "C", x.max() * 10), 200)
+        _band(ax, grid, [laws.isoflop_nopt(d, grid) for d in draws], "C1")
+        ax.plot(grid, laws.isoflop_nopt(p, grid), color="C1", label=f"N_opt = {p['kN']:.3g} C^{p['aN']:.3f}")
+        ax.plot(grid, laws.isoflop_dopt(p, grid), color="C4", ls="--", label=f"D_opt = {p['kD']:.3g} C^{p['aD']:.3f}")
+        ax.scatter(x, np.array(fit.extra["d_opt"]), color="C4", s=18, marker="s", label="D_opt per budget")
         ax.set_xscale("log")
         ax.set_yscale("log")
-        xlabel, held_mask = "C", np.zeros(len(x), dtype=bool)
+        xlabel, ylabel, held_mask = "C", "N_opt, D_opt", np.zeros(len(x), dtype=bool)
+        for pr in result["predictions"]:
+            ax.scatter([pr["at"]["C"]], [pr["N_opt"]["value"]], marker="D", color="C2", label="prediction", zorder=4)
+    if form != "chinchilla":
+        ax.scatter(x[~held_mask], y[~held_mask], color="C0" if form != "isoflop" else "C1", s=18, zorder=3,
+                   label="runs used" if form != "isoflop" else "N_opt per budget")
     if held_mask.any():
-        ax.scatter(x[held_mask], y[held_mask], marker="*", s=90, color="C3", label="held out (actual)")
-    for p in result["predictions"]:
-        if "x" in p:
-            ax.errorbar([p["x"]["value"]], [p["y"]["value"]], fmt="D", color="C2", label="prediction",
-                        yerr=None if not p["y"]["ci95"] else [[p["y"]["value"] - p["y"]["ci95"][0]],
-                                                              [p["y"]["ci95"][1] - p["y"]["value"]]])
+        ax.scatter(x[held_mask], y[held_mask], marker="*", s=120, color="C3", label="held out (actual)", zorder=5)
+        if len(result["holdout"]) == int(held_mask.sum()):   # same order: the data's, held-out rows only
+            ax.scatter(x[held_mask], [h["predicted"] for h in result["holdout"]], marker="x", s=60, color="k",
+                       label="held out (predicted)", zorder=6)
     ax.set_xlabel(xlabel)
-    ax.set_ylabel(result["columns"].get("y", "y") if fit.form != "isoflop" else "N_opt")
-    ax.set_title(f"scale-fit: {fit.form}")
-    ax.legend(fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(f"scale-fit: {form}" + (f" ({len(held)} held out)" if held else ""))
+    handles, labels = ax.get_legend_handles_labels()
+    uniq = dict(zip(labels, handles))
+    ax.legend(uniq.values(), uniq.keys(), fontsize=7)
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def _contours(fig, ax, cols, held_mask, p, result) -> None:
+    """Iso-loss contours of the Chinchilla law in (D, N), the runs, and the compute-optimal frontier."""
+    n, d = cols["n"], cols["d"]
+    far_n = max([n.max()] + [pr["N"]["value"] for pr in result["predictions"]])
+    far_d = max([d.max()] + [pr["D"]["value"] for pr in result["predictions"]])
+    ng, dg = np.geomspace(n.min() / 2, far_n * 2, 120), np.geomspace(d.min() / 2, far_d * 2, 120)
+    nn, dd = np.meshgrid(ng, dg, indexing="ij")
+    cs = ax.contour(dd, nn, laws.chinchilla(p, nn, dd), levels=12, cmap="magma", linewidths=0.8)
+    ax.clabel(cs, fontsize=6, fmt="%.3g")
+    c = np.geomspace(6 * ng[0] * dg[0], 6 * ng[-1] * dg[-1], 200)
+    nopt, dopt = laws.compute_optimal(p, c)
+    keep = (nopt >= ng[0]) & (nopt <= ng[-1]) & (dopt >= dg[0]) & (dopt <= dg[-1])
+    ax.plot(dopt[keep], nopt[keep], color="C1", label="compute-optimal")
+    ax.scatter(d[~held_mask], n[~held_mask], color="C0", s=18, label="runs used", zorder=3)
+    if held_mask.any():
+        ax.scatter(d[held_mask], n[held_mask], marker="*", s=120, color="C3", label="held out", zorder=4)
+    for pr in result["predictions"]:
+        ax.scatter([pr["D"]["value"]], [pr["N"]["value"]], marker="D", color="C2", label="prediction", zorder=4)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("D (tokens)")
+    ax.set_ylabel("N (parameters)")
+    ax.set_title("iso-loss contours")
+    handles, labels = ax.get_legend_handles_labels()
+    uniq = dict(zip(labels, handles))
+    ax.legend(uniq.values(), uniq.keys(), fontsize=7)

@@ -1,4 +1,4 @@
-"""`gentool scale-fit`: read points, fit, bootstrap, hold out the largest runs, predict, write the artifact."""
+"""`gentool scale-fit` end to end: read points, hold out the largest runs, fit, bootstrap, predict, write."""
 
 from __future__ import annotations
 
@@ -14,18 +14,18 @@ import numpy as np
 from gentool import console
 from gentool.artifacts import check_output, create_artifact, input_ref
 from gentool.errors import GentoolError, UsageProblem
-from gentool.scaling.fit import MIN_POINTS, Fit, bootstrap, compute_optimal, fit_form, predict
+from gentool.scaling import laws
+from gentool.scaling.fit import Fit, bootstrap, fit_form, holdout_errors, largest_runs
 from gentool.scaling.io import read_table
 
-ROLES = {"power": ("x", "y"), "chinchilla": ("n", "d", "y"), "isoflop": ("n", "c", "y"), "sigmoid": ("x", "y")}
-POSITIVE = {"power": ("x", "y"), "chinchilla": ("n", "d", "y"), "isoflop": ("n", "c", "y"), "sigmoid": ()}
+DEFAULT_COLUMNS = {"x": "C", "y": "loss", "n": "N", "d": "D", "c": "C"}
 
 
 @dataclass
 class StudyOptions:
     inputs: list[str]
     form: str = "power"
-    columns: dict[str, str] = field(default_factory=dict)   # role -> column name
+    columns: dict[str, str] = field(default_factory=dict)   # role (x, y, n, d, c) -> column name
     point: str = "final"
     filters: list[str] = field(default_factory=list)
     strict: bool = False
@@ -35,157 +35,153 @@ class StudyOptions:
     seed: int = 0
 
 
-def _columns(opts: StudyOptions) -> dict[str, str]:
-    default = {"x": "C", "y": "loss", "n": "N", "d": "D", "c": "C"}
-    return {r: opts.columns.get(r) or default[r] for r in ROLES[opts.form]}
-
-
-def _parse_predict(items: list[str]) -> list[dict[str, float]]:
+def parse_predict(items: list[str]) -> list[dict[str, float]]:
+    """'C=1e21' / 'N=1e9,D=2e10' / 'X=3' -> {'C': 1e21} ..."""
     out = []
     for item in items:
         point = {}
         for part in item.split(","):
             key, sep, value = part.partition("=")
             try:
-                point[key.strip().upper()] = float(value)
+                v = float(value)
             except ValueError:
                 sep = ""
-            if not sep:
+            if not sep or key.strip().upper() not in ("C", "N", "D", "X") or not math.isfinite(v):
                 raise UsageProblem(f"bad --predict {item!r}", hint="use C=1e21, N=1e9,D=2e10 or X=...")
+            point[key.strip().upper()] = v
         out.append(point)
     return out
 
 
-def _prediction_values(fit: Fit, point: dict[str, float]) -> dict[str, float]:
-    p = fit.params
-    if fit.form == "chinchilla":
-        if "N" in point and "D" in point:
-            n, d = np.array([point["N"]]), np.array([point["D"]])
-        elif "C" in point:
-            n, d = compute_optimal(p, np.array([point["C"]]))
+def prediction(form: str, p: dict[str, float], at: dict[str, float]) -> dict[str, float]:
+    """The law's prediction at one --predict point (Chinchilla at C: on the compute-optimal frontier)."""
+    if form == "chinchilla":
+        if "N" in at and "D" in at:
+            n, d = at["N"], at["D"]
+        elif "C" in at:
+            n, d = (float(v[0]) for v in laws.compute_optimal(p, np.array([at["C"]])))
         else:
-            raise UsageProblem("chinchilla predictions need N and D, or C")
-        y = predict(fit, {"n": n, "d": d})
-        return {"N": float(n[0]), "D": float(d[0]), "loss": float(y[0])}
-    if fit.form == "isoflop":
-        if "C" not in point:
-            raise UsageProblem("isoflop predictions need C")
-        nopt = p["k"] * point["C"] ** p["m"]
-        return {"N_opt": nopt, "D_opt": point["C"] / (6 * nopt)}
-    x = point.get("X", point.get("C", point.get("N", point.get("D"))))
-    if x is None:
-        raise UsageProblem(f"{fit.form} predictions need X (or C)")
-    return {"x": x, "y": float(predict(fit, {"x": np.array([x])})[0])}
+            raise UsageProblem("chinchilla predictions need N=..,D=.. or C=..", hint="e.g. --predict C=1e21")
+        return {"N": n, "D": d, "loss": float(laws.chinchilla(p, np.array(n), np.array(d)))}
+    if form == "isoflop":
+        if "C" not in at:
+            raise UsageProblem("isoflop predictions need C=..", hint="e.g. --predict C=1e21")
+        c = np.array(at["C"])
+        return {"N_opt": float(laws.isoflop_nopt(p, c)), "D_opt": float(laws.isoflop_dopt(p, c))}
+    if len(at) != 1:
+        raise UsageProblem(f"{form} predictions take one value of X", hint="e.g. --predict X=1e21 or C=1e21")
+    (x,) = at.values()
+    return {"x": x, "y": float(laws.predict(form, p, {"x": np.array(x)}))}
+
+
+def _check_points(form: str, n_points: int, n_runs: int, holdout: int) -> None:
+    need = laws.MIN_POINTS[form]
+    if n_points < need or n_runs < 2:
+        raise UsageProblem(f"the {form} form needs at least {need} points from 2 or more runs"
+                           + (f" besides the {holdout} held-out runs" if holdout else "")
+                           + f"; got {n_points} usable points from {n_runs} runs",
+                           hint="add runs, lower --holdout, or check the column mapping (--x/--y/--n/--d/--c)")
 
 
 def run_study(opts: StudyOptions, out: Path | None = None, *, force: bool = False) -> dict[str, Any]:
-    if opts.form not in ROLES:
-        raise UsageProblem(f"unknown --form {opts.form!r}", hint="use power, chinchilla, isoflop or sigmoid")
+    if opts.form not in laws.FORMS:
+        raise UsageProblem(f"unknown --form {opts.form!r}", hint="use " + ", ".join(laws.FORMS))
+    if opts.bootstrap < 0 or opts.holdout < 0:
+        raise UsageProblem("--bootstrap and --holdout must be >= 0")
     if out is not None:
         check_output(out, force=force)
-    cols_map = _columns(opts)
-    predictions_in = _parse_predict(opts.predict)
+    cols_map = {r: opts.columns.get(r) or DEFAULT_COLUMNS[r] for r in laws.ROLES[opts.form]}
+    at_points = parse_predict(opts.predict)
     table = read_table(opts.inputs, cols_map, point=opts.point, filters=opts.filters,
-                       positive=POSITIVE[opts.form])
+                       positive=laws.POSITIVE[opts.form])
     for line in table.skipped:
         console.warn(f"skipped {line}")
     if table.skipped and opts.strict:
         raise GentoolError(f"{len(table.skipped)} malformed rows (first: {table.skipped[0]})",
-                           hint="fix them or drop --strict to skip them")
-    if table.skipped:
-        console.log(f"skipped {len(table.skipped)} rows")
-    need = MIN_POINTS[opts.form] + opts.holdout
-    if len(table.points) < need:
-        raise UsageProblem(f"{opts.form} needs at least {MIN_POINTS[opts.form]} points"
-                           + (f" plus {opts.holdout} held out" if opts.holdout else "")
-                           + f"; got {len(table.points)} usable", hint="add runs or check the column mapping")
-    order = sorted(range(len(table.points)), key=lambda i: (table.points[i].run, sorted(table.points[i].values.items())))
-    points = [table.points[i] for i in order]  # row order never changes the result
-    cols = {r: np.array([p.values[r] for p in points]) for r in ROLES[opts.form]}
+                           hint="fix them, or drop --strict to skip them")
+    _check_points(opts.form, len(table.points), len({p.run for p in table.points}), 0)
+    # a canonical order, so that the row order of the inputs never changes the result
+    points = sorted(table.points, key=lambda p: (p.run, sorted(p.values.items())))
+    cols = {r: np.array([p.values[r] for p in points]) for r in laws.ROLES[opts.form]}
     runs = np.array([p.run for p in points])
-    size = cols["c"] if "c" in cols else cols["x"] if "x" in cols else cols["n"] * cols["d"]  # "largest run" order
-    held_runs: list[str] = []
-    if opts.holdout:
-        run_size = {r: float(size[runs == r].max()) for r in np.unique(runs)}
-        held_runs = sorted(run_size, key=run_size.get, reverse=True)[: opts.holdout]
-        if len(run_size) - len(held_runs) < 2:
-            raise UsageProblem("--holdout leaves too few runs to fit")
-    train_mask = ~np.isin(runs, held_runs)
-    train_cols = {r: v[train_mask] for r, v in cols.items()}
+    size = cols["c"] if "c" in cols else cols["x"] if "x" in cols else 6 * cols["n"] * cols["d"]
+    held = largest_runs(runs, size, opts.holdout) if opts.holdout else []
+    train = ~np.isin(runs, held)
+    train_cols = {r: v[train] for r, v in cols.items()}
+    _check_points(opts.form, int(train.sum()), len(set(runs[train])), opts.holdout)
     fit = fit_form(opts.form, train_cols)
     for w in fit.warnings:
         console.warn(w)
-    fitted = predict(fit, train_cols) if opts.form != "isoflop" else None
-    residuals = (train_cols["y"] - fitted) if fitted is not None else None
 
     def derive(f: Fit) -> dict[str, float]:
-        out_: dict[str, float] = {}
-        for i, pt in enumerate(predictions_in):
-            for k, v in _prediction_values(f, pt).items():
-                out_[f"predict{i}.{k}"] = v
-        if f.form == "chinchilla":
-            out_["a"] = f.params["beta"] / (f.params["alpha"] + f.params["beta"])
-            out_["b"] = f.params["alpha"] / (f.params["alpha"] + f.params["beta"])
-        return out_
+        d = laws.derived(f.form, f.params)
+        for i, at in enumerate(at_points):
+            d.update({f"predict{i}.{k}": v for k, v in prediction(f.form, f.params, at).items()})
+        return d
 
-    ci = bootstrap(opts.form, train_cols, runs[train_mask], fit, opts.bootstrap, opts.seed, derive) \
-        if opts.bootstrap else {}
-    derived = derive(fit)
-    params = {k: {"value": v, "ci95": ci.get(k)} for k, v in {**fit.params, **derived}.items()
+    ci, draws = bootstrap(opts.form, train_cols, runs[train], fit, opts.bootstrap, opts.seed, derive) \
+        if opts.bootstrap else ({}, [])
+    values = derive(fit)
+    params = {k: {"value": v, "ci95": ci.get(k)} for k, v in {**fit.params, **values}.items()
               if not k.startswith("predict")}
-    preds = []
-    for i, pt in enumerate(predictions_in):
-        vals = _prediction_values(fit, pt)
-        preds.append({"at": pt, **{k: {"value": v, "ci95": ci.get(f"predict{i}.{k}")} for k, v in vals.items()}})
+    preds = [{"at": at, **{k: {"value": values[f"predict{i}.{k}"],   # inputs echoed back (x, given N/D): no CI
+                               "ci95": None if k == "x" or k in at else ci.get(f"predict{i}.{k}")}
+                           for k in prediction(opts.form, fit.params, at)}} for i, at in enumerate(at_points)]
+    data = [{"run": p.run, **p.values, "held_out": bool(h)} for p, h in zip(points, ~train)]
+    residuals = None
+    if opts.form != "isoflop":
+        fitted = laws.predict(opts.form, fit.params, cols)
+        for row, f_ in zip(data, fitted):
+            row["fitted"], row["residual"] = float(f_), float(row["y"] - f_)
+        residuals = (cols["y"] - fitted)[train]
     holdout = []
-    if held_runs:
-        mask = np.isin(runs, held_runs)
+    if held:
         if opts.form == "isoflop":
-            console.warn("--holdout is not defined for isoflop fits (they predict N_opt, not loss)")
+            console.warn("--holdout has no loss to compare for isoflop fits (they predict N_opt); use chinchilla")
         else:
-            pred = predict(fit, {r: v[mask] for r, v in cols.items()})
-            for run, actual, p_ in zip(runs[mask], cols["y"][mask], pred):
-                holdout.append({"run": str(run), "predicted": float(p_), "actual": float(actual),
-                                "abs_err": float(abs(p_ - actual)), "rel_err": float(abs(p_ - actual) / abs(actual))})
-    result = {"form": opts.form, "n_points": int(train_mask.sum()), "n_runs": int(len(np.unique(runs[train_mask]))),
-              "n_holdout": len(held_runs), "skipped": len(table.skipped), "params": params, "fit_loss": fit.loss,
-              "converged": fit.converged, "warnings": fit.warnings, "predictions": preds, "holdout": holdout,
+            holdout = holdout_errors(runs[~train], cols["y"][~train], fitted[~train])
+    result = {"form": opts.form, "n_points": int(train.sum()), "n_runs": len(set(runs[train])), "n_holdout": len(held),
+              "skipped": len(table.skipped), "params": params, "fit_loss": fit.loss, "converged": fit.converged,
+              "warnings": fit.warnings, "predictions": preds, "holdout": holdout,
               "rmse": float(np.sqrt(np.mean(residuals**2))) if residuals is not None else None,
-              "columns": cols_map, "point": opts.point, **({"isoflop": fit.extra} if fit.extra else {})}
+              "max_abs_residual": float(np.abs(residuals).max()) if residuals is not None else None,
+              "bootstrap": {"resamples": opts.bootstrap, "succeeded": len(draws), "seed": opts.seed},
+              "columns": cols_map, "point": opts.point, "sources": table.sources, "data": data,
+              **({"isoflop": fit.extra} if fit.extra else {})}
+    if not math.isfinite(fit.loss):
+        raise GentoolError("the fit's loss is not finite", hint="check the data for extreme values")
     if out is not None:
-        _write(out, opts, result, table, cols, runs, held_runs, fit, force)
+        _write(out, opts, result, cols, runs, held, fit, draws, force)
     return result
 
 
-def _write(out: Path, opts: StudyOptions, result: dict, table, cols, runs, held_runs, fit: Fit, force: bool) -> None:
+def _write(out: Path, opts: StudyOptions, result: dict, cols, runs, held, fit: Fit, draws, force: bool) -> None:
     inputs = [input_ref("run" if s["kind"] == "run" else "table", s["path"]) if s["path"] != "-" else
-              {"role": "table", "path": "-"} for s in table.sources]
+              {"role": "table", "path": "-"} for s in result["sources"]]
     config = {"law": opts.form, "columns": result["columns"], "point": opts.point, "filters": opts.filters,
-              "loss": {"huber_delta": 1e-3} if opts.form == "chinchilla" else "relative least squares",
+              "objective": f"huber(delta={laws.HUBER_DELTA}) on log L, L-BFGS-B" if opts.form == "chinchilla"
+              else {"power": "least squares on relative residuals", "isoflop": "parabolas in log N, log-log fits",
+                    "sigmoid": "least squares"}[opts.form],
               "bootstrap": opts.bootstrap, "holdout": opts.holdout, "seed": opts.seed}
     with create_artifact(out, "scale-fit", force=force, config=config, inputs=inputs) as art:
-        (art.dir / "fit.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
+        (art.dir / "fit.json").write_text(json.dumps(json.loads(console.dumps(result)), indent=2) + "\n")
         with open(art.dir / "predictions.csv", "w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["kind", "at", "quantity", "value", "ci_low", "ci_high"])
+            w.writerow(["kind", "at", "quantity", "value", "ci_low", "ci_high", "actual", "abs_err", "rel_err"])
             for p in result["predictions"]:
                 for k, v in p.items():
                     if k != "at":
-                        lo, hi = v["ci95"] or (None, None)
-                        w.writerow(["predict", json.dumps(p["at"]), k, v["value"], lo, hi])
+                        lo, hi = v["ci95"] or ("", "")
+                        w.writerow(["predict", json.dumps(p["at"]), k, v["value"], lo, hi, "", "", ""])
             for h in result["holdout"]:
-                w.writerow(["holdout", h["run"], "loss", h["predicted"], None, None])
+                w.writerow(["holdout", h["run"], "y", h["predicted"], "", "", h["actual"], h["abs_err"], h["rel_err"]])
         try:
             from gentool.scaling.plot import plot_fit
 
-            plot_fit(art.dir / "plot.png", result, cols, runs, held_runs, fit)
+            plot_fit(art.dir / "plot.png", result, cols, runs, held, fit, draws)
         except ImportError:
-            console.warn("matplotlib is not installed: no plot.png (pip install 'gentool[plot]')")
-        art.contents.update(params=result["params"], n_points=result["n_points"], n_holdout=result["n_holdout"])
-        if opts.form == "chinchilla":
-            p = fit.params
-            art.contents["compute_optimal"] = {"N_opt(C)": {"exp": result["params"]["a"]["value"]},
-                                               "D_opt(C)": {"exp": result["params"]["b"]["value"]}}
-        art.metrics.update(rmse=result["rmse"], holdout_abs_rel_err=[h["rel_err"] for h in result["holdout"]])
-        if not math.isfinite(result["fit_loss"]):
-            raise GentoolError("the fit's loss is not finite", hint="check the data")
+            console.warn("matplotlib is not installed: no plot.png (pip install 'gentool[plot]' to get one)")
+        art.contents.update(form=opts.form, params={k: v["value"] for k, v in result["params"].items()},
+                            n_points=result["n_points"], n_holdout=result["n_holdout"])
+        art.metrics.update(fit_loss=result["fit_loss"], rmse=result["rmse"],
+                           holdout_rel_err=[h["rel_err"] for h in result["holdout"]])
