@@ -1,179 +1,177 @@
 """Tokenizer training and corpus encoding into token shards (the `gentool tokenize` area).
 
 Text is read as UTF-8; invalid bytes are replaced by U+FFFD and counted (a warning says how many), never fatal.
-Documents: one per blank-line-separated block of a text file (default), one per file (`file`), or one per JSONL
-record's text field (`jsonl`, the default for .jsonl files). Documents are separated by EOS in the shards.
+Documents (see gentool.data.text): blank-line-separated blocks of a text file (default), whole files (`file`), or
+JSONL records' text field (`jsonl`, the default for .jsonl files); each ends with EOS in the shards.
+
+Encoding is a pipeline: the parent reads and batches segments, a pool of processes encodes batches (at most
+IN_FLIGHT per worker queued), and the parent writes results in submission order. The train/val split hashes each
+document's index, so the shards are byte-identical whatever the worker count.
 """
 
 from __future__ import annotations
 
-import hashlib
+import io
 import json
 import os
+import re
+import signal
 import sys
-import tempfile
 import time
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import Iterator
+from itertools import chain
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
 from gentool import console
 from gentool.artifacts import check_output, create_artifact, input_ref, read_artifact
-from gentool.data.tokenizer import SPECIAL_IDS, Tokenizer, file_id
-from gentool.errors import GentoolError, UsageProblem
+from gentool.data.text import TextStats, bundled_corpus, expand_inputs, iter_segments, iter_training_lines
+from gentool.data.tokenizer import SPECIAL_IDS, Tokenizer
+from gentool.errors import UsageProblem
 
-BUILTIN = "builtin:"
-
-
-def bundled_corpus(name: str = "shakespeare") -> Path:
-    path = Path(__file__).parent / "data" / "bundled" / name
-    if not path.is_dir():
-        raise UsageProblem(f"no bundled corpus {name!r}", hint="use builtin:shakespeare, "
-                           "builtin:shakespeare/tragedies or builtin:shakespeare/comedies")
-    return path
-
-
-def expand_inputs(inputs: list[str], glob: str = "*.txt") -> list[Path | str]:
-    """Files, directories (recursively, filtered by glob), `-` for stdin, builtin:NAME for bundled text."""
-    out: list[Path | str] = []
-    if not inputs:
-        raise UsageProblem("no input given", hint="pass text files, directories, - for stdin, or builtin:shakespeare")
-    for item in inputs:
-        if item == "-":
-            out.append("-")
-            continue
-        p = bundled_corpus(item[len(BUILTIN):]) if item.startswith(BUILTIN) else Path(item)
-        if p.is_dir():
-            files = sorted(f for f in p.rglob(glob) if f.is_file())
-            if not files:
-                raise UsageProblem(f"no files matching {glob!r} in the directory", path=p, hint="use --glob")
-            out.extend(files)
-        elif p.is_file():
-            out.append(p)
-        else:
-            raise UsageProblem("no such file or directory", path=p)
-    return out
-
-
-def read_text(source: Path | str) -> tuple[str, int]:
-    """(text, number of invalid UTF-8 sequences replaced)."""
-    data = sys.stdin.buffer.read() if source == "-" else Path(source).read_bytes()
-    text = data.decode("utf-8", errors="replace")
-    bad = text.count("\ufffd") - data.count("\ufffd".encode())
-    return text, bad
-
-
-def iter_documents(sources: list[Path | str], unit: str, text_field: str = "text") -> Iterator[tuple[str, int]]:
-    """(document text, invalid bytes replaced) in a deterministic order."""
-    for src in sources:
-        kind = unit if unit != "auto" else ("jsonl" if str(src).endswith(".jsonl") else "blank-line")
-        text, bad = read_text(src)
-        if kind == "file":
-            if text:
-                yield text, bad
-        elif kind == "blank-line":
-            first = True
-            for block in text.replace("\r\n", "\n").split("\n\n"):
-                block = block.strip("\n")
-                if block.strip():
-                    yield block, bad if first else 0
-                    first = False
-        elif kind == "jsonl":
-            for lineno, line in enumerate(text.splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    doc = json.loads(line)[text_field]
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise GentoolError(f"line {lineno}: not a JSON object with a {text_field!r} field", path=src,
-                                       hint="fix the line or pass --text-field") from None
-                if isinstance(doc, str) and doc:
-                    yield doc, 0
-        else:
-            raise UsageProblem(f"unknown document unit {unit!r}", hint="use auto, file, blank-line or jsonl")
-
+__all__ = ["bundled_corpus", "encode_corpus", "parse_ids", "train_tokenizer", "val_mask"]
 
 # --- training --------------------------------------------------------------------------------------------------------
 
 def train_tokenizer(inputs: list[str], out: Path, *, vocab_size: int = 4096, model_type: str = "bpe",
-                    character_coverage: float = 1.0, byte_fallback: bool = True, user_symbols: list[str] = (),
+                    character_coverage: float = 0.9995, byte_fallback: bool = True, user_symbols: list[str] = (),
                     input_sentence_size: int = 2_000_000, glob: str = "*.txt", seed: int = 0, force: bool = False):
+    """Train a SentencePiece tokenizer on the non-blank lines of the inputs (streamed; SentencePiece keeps a
+    uniform sample of `input_sentence_size` lines, so memory does not grow with the corpus).
+
+    Same inputs, options, seed and core count give a byte-identical tokenizer.model (the model records its thread
+    count, and unigram's EM sums depend on it)."""
     import sentencepiece as spm
 
     if model_type not in ("bpe", "unigram"):
         raise UsageProblem(f"unknown --model-type {model_type!r}", hint="use bpe or unigram")
+    if not 0 < character_coverage <= 1:
+        raise UsageProblem("--character-coverage must be in (0, 1]")
+    if 0 < input_sentence_size <= 100:
+        raise UsageProblem("--input-sentence-size must be 0 (all lines) or more than 100")
+    if vocab_size < 1:
+        raise UsageProblem("--vocab-size must be positive")
+    if any(s in ("", "<unk>", "<s>", "</s>", "<pad>") for s in user_symbols):
+        raise UsageProblem("a --user-symbols entry is empty or a special token")
     check_output(out, force=force)
     sources = expand_inputs(inputs, glob)
     t0 = time.time()
-    config = dict(model_type=model_type, vocab_size=vocab_size, character_coverage=character_coverage,
-                  byte_fallback=byte_fallback, user_defined_symbols=list(user_symbols),
-                  input_sentence_size=input_sentence_size, seed=seed, normalization="identity")
-    with tempfile.TemporaryDirectory() as tmp, \
-            create_artifact(out, "tokenizer", force=force, config=config,
-                            inputs=[input_ref("corpus", s) for s in sources]) as art:
-        corpus = Path(tmp) / "corpus.txt"
-        n_bytes, n_lines, bad = 0, 0, 0
-        with open(corpus, "w", encoding="utf-8") as f:
-            for src in sources:
-                text, b = read_text(src)
-                bad += b
-                for line in text.splitlines():
-                    if line.strip():
-                        f.write(line + "\n")
-                        n_lines += 1
-                        n_bytes += len(line.encode())
-        if n_lines == 0:
-            raise UsageProblem("the input holds no text", path=", ".join(map(str, sources))[:200],
-                               hint="pass non-empty text files")
-        if bad:
-            console.warn(f"replaced {bad} invalid UTF-8 sequences with U+FFFD")
+    threads = os.cpu_count() or 1
+    config = {"model_type": model_type, "vocab_size": vocab_size, "character_coverage": character_coverage,
+              "byte_fallback": byte_fallback, "user_defined_symbols": list(user_symbols),
+              "input_sentence_size": input_sentence_size, "seed": seed, "normalization": "identity",
+              "num_threads": threads}
+    stats = TextStats()
+    seen = {"lines": 0, "bytes": 0}
+    failure: list[BaseException] = []
+
+    def lines():
+        try:
+            for line in iter_training_lines(sources, stats):
+                seen["lines"] += 1
+                seen["bytes"] += len(line.encode())
+                yield line
+        except BaseException as e:  # SentencePiece would turn it into a RuntimeError: keep it to re-raise
+            failure.append(e)
+            raise
+
+    with create_artifact(out, "tokenizer", force=force, config=config,
+                         inputs=[input_ref("corpus", s) for s in sources]) as art:
+        spm.set_random_generator_seed(seed)
+        model = io.BytesIO()  # not model_prefix: the model would record the (temporary) path and differ per run
         try:
             spm.SentencePieceTrainer.train(
-                input=str(corpus), model_prefix=str(art.dir / "tokenizer"), vocab_size=vocab_size,
+                sentence_iterator=lines(), model_writer=model, vocab_size=vocab_size,
                 model_type=model_type, character_coverage=character_coverage, byte_fallback=byte_fallback,
                 unk_id=SPECIAL_IDS["unk"], bos_id=SPECIAL_IDS["bos"], eos_id=SPECIAL_IDS["eos"],
                 pad_id=SPECIAL_IDS["pad"], user_defined_symbols=list(user_symbols) or None,
                 input_sentence_size=input_sentence_size, shuffle_input_sentence=True,
                 normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
                 allow_whitespace_only_pieces=True, split_digits=True, max_sentence_length=1 << 16,
-                num_threads=os.cpu_count() or 1, minloglevel=2)
+                num_threads=threads, minloglevel=2)
         except RuntimeError as e:
-            msg = str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)
-            hint = ("raise --vocab-size (byte fallback alone needs 260 ids)" if "smaller than required" in msg
-                    else "lower --vocab-size or give more text" if "vocab" in msg.lower() else "check the input text")
-            raise UsageProblem(f"SentencePiece training failed: {msg}", hint=hint) from None
+            if failure:
+                raise failure[0] from None
+            if seen["lines"] == 0:
+                raise UsageProblem("the input holds no text", path=", ".join(map(str, sources))[:200],
+                                   hint="pass non-empty text files") from None
+            raise _training_error(str(e)) from None
+        if failure:
+            raise failure[0]
+        if stats.invalid_utf8:
+            console.warn(f"replaced {stats.invalid_utf8} invalid UTF-8 sequences with U+FFFD")
+        (art.dir / "tokenizer.model").write_bytes(model.getvalue())
         tok = Tokenizer(art.dir / "tokenizer.model")
+        with open(art.dir / "tokenizer.vocab", "w", encoding="utf-8") as f:  # for people: piece<TAB>score
+            f.writelines(f"{tok.sp.id_to_piece(i)}\t{tok.sp.get_score(i):g}\n" for i in range(tok.vocab_size))
         art.contents.update(vocab_size=tok.vocab_size, special_tokens=dict(SPECIAL_IDS), byte_fallback=byte_fallback,
-                            tokenizer_id=tok.sha256)
-        art.metrics.update(sentences_used=min(n_lines, input_sentence_size), bytes_used=n_bytes,
-                           seconds=round(time.time() - t0, 3), invalid_utf8_replaced=bad)
+                            model_type=model_type, tokenizer_id=tok.sha256)
+        art.metrics.update(lines=seen["lines"], lines_used=min(seen["lines"], input_sentence_size or seen["lines"]),
+                           bytes=seen["bytes"], seconds=round(time.time() - t0, 3),
+                           invalid_utf8_replaced=stats.invalid_utf8)
     return art.manifest
+
+
+def _training_error(message: str) -> UsageProblem:
+    """SentencePiece's failure as one line saying what to change."""
+    msg = message.strip().splitlines()[0] if message.strip() else "unknown error"
+    msg = re.sub(r"^INTERNAL: \S+ \[.*?\] ", "", msg).strip() or msg
+    if m := re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", msg):
+        return UsageProblem(f"--vocab-size {m[1]} is more than this corpus supports ({m[2]} at most)",
+                            hint=f"use --vocab-size {m[2]} or less, or give more text")
+    if m := re.search(r"smaller than required_chars\. (\d+) vs (\d+)", msg):
+        return UsageProblem(f"--vocab-size {m[1]} is too small: the special tokens, bytes and characters need "
+                            f"{m[2]} ids", hint=f"use --vocab-size {m[2]} or more, or lower --character-coverage")
+    return UsageProblem(f"SentencePiece training failed: {msg}", hint="check the input text and options")
 
 
 # --- encoding --------------------------------------------------------------------------------------------------------
 
+BATCH_CHARS = 1 << 18   # text per task sent to a worker
+IN_FLIGHT = 4           # tasks per worker queued at most: bounds memory whatever the corpus size
+
 _worker_tok: Tokenizer | None = None
 
 
-def _init_worker(model_file: str) -> None:
+def _init_worker(model_file: str, ignore_sigint: bool) -> None:
     global _worker_tok
+    if ignore_sigint:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     _worker_tok = Tokenizer(model_file)
 
 
-def _encode_batch(docs: list[str]) -> list[np.ndarray]:
+def _encode_batch(texts: list[str], lasts: list[bool], dtype: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Encode segments; EOS follows each document's last segment. (flat tokens, tokens per segment, UTF-8 bytes
+    per segment): one array each, so results cross process boundaries cheaply."""
     assert _worker_tok is not None
-    return [np.asarray(ids, dtype=np.uint32) for ids in _worker_tok.encode_batch(docs)]
+    eos = _worker_tok.eos_id
+    ids = _worker_tok.sp.encode(texts, num_threads=1)
+    for seg, last in zip(ids, lasts):
+        if last:
+            seg.append(eos)
+    counts = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    flat = np.array(list(chain.from_iterable(ids)), dtype=np.dtype(dtype))
+    nbytes = np.fromiter((len(t.encode()) for t in texts), dtype=np.int64, count=len(texts))
+    return flat, counts, nbytes
 
 
-def _is_val(index: int, seed: int, fraction: float) -> bool:
-    h = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
-    return int.from_bytes(h, "little") / 2**64 < fraction
+def val_mask(doc_index: np.ndarray, seed: int, fraction: float) -> np.ndarray:
+    """Which documents go to val: a hash (splitmix64) of (seed, document index) below `fraction`. Depends on
+    nothing else, so the split is the same whatever the batching or worker count."""
+    with np.errstate(over="ignore"):
+        z = doc_index.astype(np.uint64) + np.uint64((seed + 1) * 0x9E3779B97F4A7C15 % 2**64)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) / 2.0**53 < fraction
 
 
 class _ShardWriter:
+    """Appends tokens to `SPLIT-NNNNN.safetensors` files of `shard_tokens` tokens each (the last one shorter)."""
+
     def __init__(self, directory: Path, split: str, shard_tokens: int, dtype: np.dtype):
         self.dir, self.split, self.shard_tokens, self.dtype = directory, split, shard_tokens, dtype
         self.buf: list[np.ndarray] = []
@@ -181,11 +179,11 @@ class _ShardWriter:
         self.shards: list[str] = []
         self.tokens = self.documents = self.bytes = 0
 
-    def add(self, ids: np.ndarray, n_bytes: int) -> None:
-        self.buf.append(ids)
-        self.buffered += len(ids)
-        self.tokens += len(ids)
-        self.documents += 1
+    def add(self, tokens: np.ndarray, documents: int, n_bytes: int) -> None:
+        self.buf.append(tokens)
+        self.buffered += len(tokens)
+        self.tokens += len(tokens)
+        self.documents += documents
         self.bytes += n_bytes
         while self.buffered >= self.shard_tokens:
             self.flush(self.shard_tokens)
@@ -195,104 +193,161 @@ class _ShardWriter:
 
         if not self.buf:
             return
-        flat = np.concatenate(self.buf).astype(self.dtype)
+        flat = np.concatenate(self.buf) if len(self.buf) > 1 else self.buf[0]
         take = len(flat) if limit is None else limit
         name = f"{self.split}-{len(self.shards):05d}.safetensors"
         write_shard(self.dir / name, flat[:take])
         self.shards.append(name)
         rest = flat[take:]
-        self.buf, self.buffered = ([rest] if len(rest) else []), len(rest)
+        self.buf, self.buffered = ([rest.copy()] if len(rest) else []), len(rest)
 
     def summary(self) -> dict:
         return {"shards": self.shards, "documents": self.documents, "tokens": self.tokens, "bytes": self.bytes}
 
 
+def _batches(segments: Iterator[tuple[str, bool]]) -> Iterator[tuple[list[str], list[bool], int]]:
+    texts: list[str] = []
+    lasts: list[bool] = []
+    size = 0
+    for text, last in segments:
+        texts.append(text)
+        lasts.append(last)
+        size += len(text)
+        if size >= BATCH_CHARS:
+            yield texts, lasts, size
+            texts, lasts, size = [], [], 0
+    if texts:
+        yield texts, lasts, size
+
+
+def _context():
+    """fork on Linux (instant, shares the parent's pages; the pool is made before any thread starts), spawn
+    elsewhere (fork is unsafe on macOS)."""
+    return get_context("fork" if sys.platform == "linux" else "spawn")
+
+
+class _Ready:
+    def __init__(self, value):
+        self.value = value
+
+    def get(self):
+        return self.value
+
+
 def encode_corpus(inputs: list[str], tokenizer: Path, out: Path, *, val_fraction: float = 0.05, split_seed: int = 0,
                   unit: str = "auto", text_field: str = "text", shard_tokens: int = 1 << 24, workers: int = 0,
-                  glob: str = "*.txt", force: bool = False):
+                  glob: str = "*.txt", force: bool = False, segment_chars: int | None = None):
+    """Encode text into a token-shards artifact, streaming: memory is bounded by the tasks in flight (IN_FLIGHT
+    per worker, BATCH_CHARS each) plus one shard buffer per split, whatever the corpus size."""
     from gentool.data.shards import dtype_for_vocab
 
     if not 0 <= val_fraction < 1:
         raise UsageProblem("--val-fraction must be in [0, 1)")
+    if shard_tokens < 1:
+        raise UsageProblem("--shard-tokens must be positive")
+    if workers < 0:
+        raise UsageProblem("--workers must be 0 (all cores) or more")
+    if unit not in ("auto", "file", "blank-line", "jsonl"):
+        raise UsageProblem(f"unknown --document {unit!r}", hint="use auto, file, blank-line or jsonl")
     check_output(out, force=force)
     tok_manifest = read_artifact(tokenizer, "tokenizer")
     model_file = tok_manifest.path / "tokenizer.model"
     tok = Tokenizer(model_file)
+    if tok.eos_id is None:
+        raise UsageProblem("the tokenizer has no EOS token", path=tokenizer, hint="train one with gentool tokenize "
+                           "train")
     sources = expand_inputs(inputs, glob)
     workers = workers or os.cpu_count() or 1
     dtype = dtype_for_vocab(tok.vocab_size)
-    config = dict(dtype=dtype.name, shard_tokens=shard_tokens, val_fraction=val_fraction, split_seed=split_seed,
-                  document_unit=unit, text_field=text_field, separator="eos")
+    config = {"dtype": dtype.name, "shard_tokens": shard_tokens, "val_fraction": val_fraction,
+              "split_seed": split_seed, "document_unit": unit, "text_field": text_field, "separator": "eos"}
+    total_bytes = sum(s.stat().st_size for s in sources if isinstance(s, Path)) or None
+    stats = TextStats()
     t0 = time.time()
     with create_artifact(out, "token-shards", force=force, config=config,
                          inputs=[input_ref("tokenizer", tok_manifest)] + [input_ref("corpus", s) for s in sources]
                          ) as art:
         writers = {s: _ShardWriter(art.dir, s, shard_tokens, dtype) for s in ("train", "val")}
-        eos = np.asarray([tok.eos_id], dtype=np.uint32)
-        bad = 0
-        index = 0
-        pool = get_context("spawn").Pool(workers, _init_worker, (str(model_file),)) if workers > 1 else None
+        pool = _context().Pool(workers, _init_worker, (str(model_file), True)) if workers > 1 else None
         if pool is None:
-            _init_worker(str(model_file))
+            _init_worker(str(model_file), False)
+        pending: deque = deque()
+        next_doc = 0
+
+        def collect() -> int:
+            nonlocal next_doc
+            result, lasts = pending.popleft()
+            flat, counts, nbytes = result.get()
+            lasts = np.asarray(lasts, dtype=bool)
+            doc = next_doc + np.cumsum(lasts) - lasts  # document index of every segment
+            next_doc += int(lasts.sum())
+            is_val = val_mask(doc, split_seed, val_fraction)
+            for split, mask in (("train", ~is_val), ("val", is_val)):
+                if mask.any():
+                    tokens = flat if mask.all() else flat[np.repeat(mask, counts)]
+                    writers[split].add(tokens, int(lasts[mask].sum()), int(nbytes[mask].sum()))
+            return int(nbytes.sum())
+
         try:
-            batches: list[list[str]] = []
-            batch: list[str] = []
-            size = 0
-            total = 0
-
-            def drain() -> None:
-                nonlocal index
-                results = pool.map(_encode_batch, batches) if pool else [_encode_batch(b) for b in batches]
-                for docs, encoded in zip(batches, results):
-                    for text, ids in zip(docs, encoded):
-                        split = "val" if _is_val(index, split_seed, val_fraction) else "train"
-                        writers[split].add(np.concatenate([ids, eos]), len(text.encode()))
-                        index += 1
-                batches.clear()
-
-            with console.progress("encoding", None) as bar:
-                for text, b in iter_documents(sources, unit, text_field):
-                    bad += b
-                    batch.append(text)
-                    size += len(text)
-                    if size >= 1 << 20:
-                        batches.append(batch)
-                        total += size
-                        batch, size = [], 0
-                        if len(batches) >= 2 * workers:  # bounded memory: a few MB in flight per worker
-                            drain()
-                            bar.update(completed=total / 1e6, MB=round(total / 1e6, 1))
-                if batch:
-                    batches.append(batch)
-                drain()
+            with console.progress("encoding (MB)", total_bytes and round(total_bytes / 1e6, 1)) as bar:
+                done = 0
+                for texts, lasts, _ in _batches(iter_segments(sources, unit, text_field, stats, segment_chars)):
+                    if pool is None:
+                        pending.append((_Ready(_encode_batch(texts, lasts, dtype.str)), lasts))
+                    else:
+                        pending.append((pool.apply_async(_encode_batch, (texts, lasts, dtype.str)), lasts))
+                    while len(pending) >= IN_FLIGHT * workers or (pool is None and pending):
+                        done += collect()
+                        bar.update(completed=round(done / 1e6, 1))
+                while pending:
+                    done += collect()
+            if pool is not None:
+                pool.close()
+                pool.join()
         finally:
             if pool is not None:
                 pool.terminate()
         for w in writers.values():
             w.flush()
-        if writers["train"].tokens == 0:
-            raise UsageProblem("the input holds no text", hint="pass non-empty text files")
-        if bad:
-            console.warn(f"replaced {bad} invalid UTF-8 sequences with U+FFFD")
+        if next_doc == 0:
+            raise UsageProblem("the input holds no text", path=", ".join(map(str, sources))[:200],
+                               hint="pass non-empty text files")
+        if writers["train"].documents == 0:
+            raise UsageProblem(f"the train split is empty ({next_doc} documents, all in val)",
+                               hint="lower --val-fraction or give more documents")
+        if val_fraction > 0 and writers["val"].documents == 0:
+            console.warn(f"the val split is empty ({next_doc} documents): give more documents or a larger "
+                         "--val-fraction, or use --document blank-line")
+        if stats.invalid_utf8:
+            console.warn(f"replaced {stats.invalid_utf8} invalid UTF-8 sequences with U+FFFD")
         seconds = time.time() - t0
         n_bytes = sum(w.bytes for w in writers.values())
         art.contents.update(tokenizer_id=tok.sha256, vocab_size=tok.vocab_size, eos_id=tok.eos_id,
-                            bos_id=tok.bos_id, dtype=dtype.name,
+                            bos_id=tok.bos_id, pad_id=tok.pad_id, unk_id=tok.unk_id, dtype=dtype.name,
                             splits={s: w.summary() for s, w in writers.items()})
         art.metrics.update(seconds=round(seconds, 3), mb_per_s=round(n_bytes / 1e6 / max(seconds, 1e-9), 3),
-                           workers=workers, invalid_utf8_replaced=bad)
+                           workers=workers, invalid_utf8_replaced=stats.invalid_utf8)
     return art.manifest
 
 
+_ID = re.compile(r"[+-]?[0-9]+")
+
+
 def parse_ids(text: str) -> list[int]:
-    """Token ids from whitespace/comma-separated integers or a JSON list."""
+    """Token ids from a JSON list, or integers separated by whitespace and/or commas."""
     text = text.strip()
-    if not text:
-        return []
-    try:
-        values = json.loads(text) if text.startswith("[") else [int(x) for x in text.replace(",", " ").split()]
-    except (json.JSONDecodeError, ValueError):
-        raise UsageProblem("token ids must be integers (whitespace-separated or a JSON list)") from None
-    if not isinstance(values, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-        raise UsageProblem("token ids must be a flat list of integers")
-    return values
+    if text.startswith("["):
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UsageProblem(f"token ids are not valid JSON ({e.msg} at character {e.pos})",
+                               hint="pass a JSON list of integers, or integers separated by spaces") from None
+        if not isinstance(values, list) or not all(type(v) is int for v in values):
+            raise UsageProblem("token ids must be a flat JSON list of integers", hint="e.g. [72, 101, 108]")
+        return values
+    words = text.replace(",", " ").split()
+    for w in words:
+        if not _ID.fullmatch(w):
+            raise UsageProblem(f"not a token id: {w[:20]!r}",
+                               hint="pass integers separated by spaces, or a JSON list of integers")
+    return [int(w) for w in words]

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
-from gentool.cli._options import Force, Json, Output, examples
+from gentool.cli._options import Force, Json, Output, Seed, examples
 
 app = typer.Typer(name="tokenize", help="Train a tokenizer, encode text into token shards, decode ids.",
                   no_args_is_help=True)
@@ -24,12 +24,15 @@ def train(
     output: Output,
     vocab_size: Annotated[int, typer.Option("--vocab-size", help="Vocabulary size.")] = 4096,
     model_type: Annotated[str, typer.Option("--model-type", help="bpe or unigram.")] = "bpe",
-    character_coverage: Annotated[float, typer.Option(help="Share of characters covered by pieces.")] = 1.0,
+    character_coverage: Annotated[float, typer.Option(help="Share of characters covered by pieces (the rarest "
+                                                           "others fall back to bytes).")] = 0.9995,
     byte_fallback: Annotated[bool, typer.Option(help="Unknown characters become UTF-8 byte tokens.")] = True,
-    user_symbols: Annotated[Optional[str], typer.Option("--user-symbols", help="Comma-separated symbols kept "
-                                                                               "whole.")] = None,
-    input_sentence_size: Annotated[int, typer.Option(help="Lines sampled for training at most.")] = 2_000_000,
+    user_symbols: Annotated[str | None, typer.Option("--user-symbols", help="Comma-separated symbols kept "
+                                                                            "whole.")] = None,
+    input_sentence_size: Annotated[int, typer.Option(help="Lines sampled (uniformly) for training at most; "
+                                                          "0: all.")] = 2_000_000,
     glob: Glob = "*.txt",
+    seed: Seed = 0,
     force: Force = False,
     json_: Json = False,
 ) -> None:
@@ -44,7 +47,7 @@ def train(
     symbols = [s for s in (user_symbols or "").split(",") if s]
     m = train_tokenizer(inputs, output, vocab_size=vocab_size, model_type=model_type,
                         character_coverage=character_coverage, byte_fallback=byte_fallback, user_symbols=symbols,
-                        input_sentence_size=input_sentence_size, glob=glob, force=force)
+                        input_sentence_size=input_sentence_size, glob=glob, seed=seed, force=force)
     console.log(f"wrote {output}")
     console.emit(m.to_dict() if json_ else {"output": str(output), **m.contents, **m.metrics}, as_json=json_)
 
@@ -70,7 +73,8 @@ def encode(
     """Encode text into train/val token shards (documents end with EOS).
 
     Streams the corpus with bounded memory across all cores; the split is by document and deterministic. The
-    manifest counts documents, tokens and UTF-8 bytes per split (for bits per byte).
+    manifest counts documents, tokens and UTF-8 bytes per split (for bits per byte). Invalid UTF-8 bytes are
+    replaced by U+FFFD with a warning that counts them (also in the manifest's metrics).
     """
     from gentool import console
     from gentool.tokenize import encode_corpus
@@ -86,11 +90,11 @@ def encode(
 
 
 @app.command(epilog=examples("gentool tokenize decode tokens --tokenizer tok --split val --count 200",
-                             "echo '[72, 101, 108]' | gentool tokenize decode - --tokenizer tok"))
+                             "echo '[310, 297, 1200]' | gentool tokenize decode - --tokenizer tok"))
 def decode(
     source: Annotated[str, typer.Argument(help="A token-shards directory, or - for ids on stdin.")] = "-",
-    tokenizer: Annotated[Optional[Path], typer.Option("--tokenizer", "-t", help="Tokenizer artifact (or an "
-                                                                                "LM checkpoint).")] = None,
+    tokenizer: Annotated[Path | None, typer.Option("--tokenizer", "-t", help="Tokenizer artifact (or an "
+                                                                             "LM checkpoint).")] = None,
     split: Annotated[str, typer.Option(help="Split of a shards artifact.")] = "val",
     start: Annotated[int, typer.Option(help="First token of the slice.")] = 0,
     count: Annotated[int, typer.Option(help="Tokens in the slice (0: to the end).")] = 0,

@@ -1,5 +1,10 @@
 """Token shards: safetensors files holding one 1-D `tokens` tensor (uint16 when the vocabulary fits, else uint32),
-split into train/val, memory-mapped on read (numpy memmap at the tensor's offset: zero-copy, any corpus size)."""
+split into train/val, memory-mapped on read.
+
+Reading goes through numpy, not torch: torch has little uint16 support, and a numpy memmap at the tensor's offset
+(the safetensors header says where) is zero-copy for any corpus size. `TokenShards.tokens(start, end)` returns an
+int64 copy of just that slice, ready for `torch.from_numpy`.
+"""
 
 from __future__ import annotations
 
