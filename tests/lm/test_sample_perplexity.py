@@ -135,3 +135,98 @@ def test_perplexity_cli_and_bad_inputs(ckpt, tmp_path, cli):
     assert r.exit_code == 2 and "config.json" in r.output
     r = cli("sample", ckpt / "tok", "-p", "x")
     assert r.exit_code == 2
+
+
+def test_protocols(ckpt, tmp_path, cli):
+    from gentool.lm.perplexity import plan_hf_strided, plan_llamacpp
+
+    assert [(w.start, w.end, w.score_from) for w in plan_llamacpp(1100, 512)] == [(0, 512, 257), (512, 1024, 769)]
+    covered = [t for w in plan_hf_strided(100, 16, 6) for t in range(w.score_from, w.end)]
+    assert covered == list(range(1, 100))
+    text = tmp_path / "t.txt"
+    text.write_text("Sir, I will be with you anon, and speak of it.\n" * 30)
+    out = {}
+    for proto in ("gentool", "hf-strided", "llama.cpp"):
+        r = cli("perplexity", ckpt / "lm", text, "--protocol", proto, "--window", "32", "--stride", "8", "--json",
+                "--device", "cpu")
+        assert r.exit_code == 0, r.output
+        out[proto] = json.loads(r.stdout)
+        assert out[proto]["protocol"] == proto
+    assert out["llama.cpp"]["tokens"] < out["gentool"]["tokens"] == out["hf-strided"]["tokens"]
+    assert out["llama.cpp"]["bos"].startswith("replaces")
+    assert cli("perplexity", ckpt / "lm", text, "--protocol", "x").exit_code == 2
+
+
+def test_window_stride_equivalences(ckpt):
+    """A text that fits in the window scores the same whatever the stride, and equals one full-context forward;
+    the chunked output head equals plain logits + cross-entropy; a longer text with stride < window equals the
+    naive per-token reference only when stride is 1, and never re-scores a token."""
+    from gentool.lm.perplexity import token_nlls, window_nll
+    from gentool.models.checkpoint import load_lm
+
+    model = load_lm(ckpt / "lm").model
+    ids = torch.randint(0, 400, (40,))
+    with torch.no_grad():
+        full = F.cross_entropy(model(ids[None, :-1])[0], ids[1:], reduction="none").double()
+        chunked = window_nll(model, ids[None], chunk_rows=7)[0]
+    assert torch.allclose(chunked.double(), full, atol=1e-6)
+    for window, stride in [(40, 40), (40, 1), (40, 13), (64, 64), (64, 5)]:
+        nll = token_nlls(model, ids, window=window, stride=stride, batch_size=3)
+        assert torch.allclose(nll, full, atol=1e-5), (window, stride)
+    long = torch.randint(0, 400, (100,))
+    for stride in (3, 16):
+        nll = token_nlls(model, long, window=16, stride=stride, batch_size=4)
+        assert len(nll) == 99
+        # tokens of the first window see all their context in both: identical
+        assert torch.allclose(nll[:15], token_nlls(model, long[:16], window=16, stride=16), atol=1e-5)
+
+
+def test_shards_score_every_token_and_exact_bytes(ckpt, tmp_path, cli):
+    from gentool.data.shards import open_shards
+    from gentool.data.text import bundled_corpus
+    from gentool.models.checkpoint import load_lm
+    from gentool.tokenize import encode_corpus
+
+    text = (bundled_corpus("shakespeare/comedies") / "twelfth_night.txt").read_text()[:20000]
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").write_text(text)
+    encode_corpus([str(tmp_path / "corpus")], ckpt / "tok", tmp_path / "tokens", workers=1, val_fraction=0.3)
+    shards = open_shards(tmp_path / "tokens", "val")
+    r = cli("perplexity", ckpt / "lm", tmp_path / "tokens", "--window", "64", "--json", "--device", "cpu",
+            "--batch-size", "16")
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    assert res["tokens"] == len(shards) and res["bytes"] == shards.bytes
+    stream = torch.cat([torch.tensor([shards.eos_id]), torch.from_numpy(shards.tokens(0, len(shards)))])
+    ref = perplexity(load_lm(ckpt / "lm").model, stream, window=64, stride=32)
+    assert res["nll"] == pytest.approx(ref.nll, rel=1e-6)
+    assert res["bits_per_byte"] == pytest.approx(ref.total_nll / math.log(2) / shards.bytes, rel=1e-6)
+
+
+def test_perplexity_empty_and_bad_inputs(ckpt, tmp_path, cli):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    r = cli("perplexity", ckpt / "lm", empty, "--device", "cpu")
+    assert r.exit_code == 2 and "fewer than two tokens" in r.output
+    r = cli("perplexity", ckpt / "lm", "-", "--device", "cpu", input="")
+    assert r.exit_code == 2
+    r = cli("perplexity", ckpt / "lm", empty, "--window", "1000", "--device", "cpu")
+    assert r.exit_code == 2 and "exceeds the model's context" in r.output
+    r = cli("perplexity", ckpt / "lm", tmp_path / "nope.txt", "--device", "cpu")
+    assert r.exit_code != 0 and "nope.txt" in r.output
+    r = cli("perplexity", ckpt / "lm", "-", "--device", "cpu", "--json", input="To be, or not to be.\n")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["bits_per_byte"] > 0
+
+
+@pytest.mark.slow
+def test_compiled_scorer_equals_eager(ckpt):
+    """The `--compile` path (also the GPU benchmark's) gives the eager scorer's NLLs, padded last batch included."""
+    from gentool.lm.perplexity import token_nlls
+    from gentool.models.checkpoint import load_lm
+
+    model = load_lm(ckpt / "lm").model
+    ids = torch.randint(0, 400, (300,))
+    eager = token_nlls(model, ids, window=32, stride=16, batch_size=4)
+    compiled = token_nlls(model, ids, window=32, stride=16, batch_size=4, compile=True)
+    assert torch.allclose(eager, compiled, atol=1e-4)

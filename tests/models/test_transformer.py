@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gentool.config import LMConfig, PRESETS, config_from_preset
+from gentool.config import PRESETS, LMConfig, config_from_preset
 from gentool.errors import GentoolError, UsageProblem
 from gentool.models.checkpoint import load_lm, save_lm
 from gentool.models.transformer import Transformer
@@ -41,8 +41,9 @@ def test_logits_equal_transformers_both_ways(tmp_path, kw):
         assert torch.allclose(back.model(ids), hf(ids).logits, atol=1e-5, rtol=1e-5)
 
 
-def test_kv_cache_decoding_equals_full_forward():
-    model, _ = _model()
+@pytest.mark.parametrize("kv_heads", [1, 2, 4])
+def test_kv_cache_decoding_equals_full_forward(kv_heads):
+    model, _ = _model(num_key_value_heads=kv_heads)
     ids = torch.randint(0, 96, (3, 24))
     with torch.no_grad():
         full = model(ids)
@@ -131,3 +132,96 @@ def test_bad_configs_and_files(tmp_path):
     with pytest.raises(GentoolError, match="missing tensors"):
         load_lm(tmp_path)
     assert set(PRESETS) >= {"tiny", "gpt2-small", "tinyllama-1.1b", "llama2-7b"}
+
+
+def test_sharded_hf_directory_and_dtype(tmp_path):
+    """A sharded HF directory (model.safetensors.index.json) loads; bf16 loading keeps bf16 (no float32 copy)."""
+    from safetensors.torch import save_file
+
+    model, cfg = _model(tie_word_embeddings=True)
+    state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    keys = sorted(state)
+    half = len(keys) // 2
+    parts = {"model-00001-of-00002.safetensors": keys[:half], "model-00002-of-00002.safetensors": keys[half:]}
+    for name, ks in parts.items():
+        save_file({k: state[k].contiguous() for k in ks}, str(tmp_path / name), metadata={"format": "pt"})
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: name for name, ks in parts.items() for k in ks}}))
+    (tmp_path / "config.json").write_text(json.dumps(cfg.to_hf_dict()))
+    lm = load_lm(tmp_path)
+    assert lm.source == "hf" and lm.manifest is None and lm.tokenizer_path is None
+    assert lm.model.lm_head.weight is lm.model.model.embed_tokens.weight
+    ids = torch.randint(0, 96, (1, 12))
+    with torch.no_grad():
+        assert torch.allclose(lm.model(ids), model(ids), atol=1e-6)
+    bf = load_lm(tmp_path, dtype=torch.bfloat16)
+    assert {p.dtype for p in bf.model.parameters()} == {torch.bfloat16}
+    (tmp_path / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(GentoolError, match="missing weight shard"):
+        load_lm(tmp_path)
+
+
+def test_extra_tensor_wrong_shape_and_missing_dir(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model, cfg = _model()
+    save_lm(model, cfg, tmp_path)
+    state = load_file(str(tmp_path / "model.safetensors"))
+    save_file({**state, "model.layers.9.mlp.up_proj.weight": torch.zeros(2)}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(GentoolError, match="unexpected tensors"):
+        load_lm(tmp_path)
+    state["model.norm.weight"] = torch.ones(7)
+    save_file(state, str(tmp_path / "model.safetensors"))
+    with pytest.raises(GentoolError, match="model.norm.weight has shape"):
+        load_lm(tmp_path)
+    with pytest.raises(UsageProblem, match="no such checkpoint"):
+        load_lm(tmp_path / "absent")
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(GentoolError, match="not valid JSON"):
+        load_lm(tmp_path)
+
+
+def test_saved_checkpoint_metadata_and_config_keys(tmp_path):
+    from safetensors import safe_open
+
+    model, cfg = _model(rope_theta=500000.0)
+    save_lm(model, cfg, tmp_path, dtype=torch.bfloat16)
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        assert f.metadata()["format"] == "pt"
+    d = json.loads((tmp_path / "config.json").read_text())
+    assert d["architectures"] == ["LlamaForCausalLM"] and d["model_type"] == "llama"
+    assert d["rope_theta"] == d["rope_parameters"]["rope_theta"] == 500000.0
+    assert d["torch_dtype"] == d["dtype"] == "bfloat16" and d["head_dim"] == cfg.head_dim
+    assert LMConfig.from_hf_dict(d) == cfg
+
+
+def test_rotary_frequencies_stay_float32_under_dtype_casts():
+    model, cfg = _model(max_position_embeddings=2048)
+    ref = model.inv_freq.clone()
+    model.to(torch.bfloat16)
+    assert model.inv_freq.dtype == torch.float32 and torch.equal(model.inv_freq, ref)
+    with torch.device("meta"):
+        meta = Transformer(cfg)
+    meta.to_empty(device="cpu")
+    assert torch.equal(meta.inv_freq, ref)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_cached_gqa_decoding_and_rope_dtype(dtype):
+    """On CUDA the masked GQA path runs fused kernels (transposed outputs): cached decoding still equals the full
+    forward, and a bf16 model keeps float32 rotary frequencies."""
+    cfg = config_from_preset("mini", vocab_size=128, num_key_value_heads=1)
+    model = Transformer(cfg).cuda()
+    model.init_weights(0)
+    model = model.to(dtype).eval()
+    assert model.inv_freq.dtype == torch.float32
+    ids = torch.randint(0, 128, (2, 40), device="cuda")
+    with torch.no_grad():
+        full = model(ids).float()
+        model.setup_cache(2, 64)
+        steps = [model(ids[:, :9], input_pos=torch.arange(9, device="cuda"))]
+        steps += [model(ids[:, i:i + 1], input_pos=torch.tensor([i], device="cuda")) for i in range(9, 40)]
+        model.reset_cache()
+    tol = 1e-4 if dtype == torch.float32 else 0.05 * full.abs().max().item()
+    assert (torch.cat(steps, 1).float() - full).abs().max() < tol

@@ -27,12 +27,19 @@ def perplexity(
                                                                 "tokenizer.")] = False,
     adapter: Annotated[Optional[Path], typer.Option(help="Apply a LoRA adapter (gentool or PEFT) without "
                                                          "merging.")] = None,
+    protocol: Annotated[str, typer.Option(help="gentool (each token once, max context), llama.cpp (512-token "
+                                               "chunks, BOS first, second half scored) or hf-strided (the HF "
+                                               "guide's windows, fixed).")] = "gentool",
     samples: Annotated[int, typer.Option(help="Diffusion LMs: Monte-Carlo samples of the bound per window.")] = 1,
     steps: Annotated[Optional[int], typer.Option(help="Diffusion LMs: discrete-time bound with T steps "
                                                       "(default: continuous time); image/vector diffusion: "
                                                       "timesteps sampled per example (default: all T).")] = None,
     max_examples: Annotated[Optional[int], typer.Option(help="Image/vector diffusion: score at most this many "
                                                              "examples.")] = None,
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the scorer (pays off for long "
+                                                            "GPU runs; the first batch compiles).")] = False,
+    reference: Annotated[Optional[Path], typer.Option(help="Compare with this (unquantized) model on the same "
+                                                           "tokens: perplexity change, KL, top-1 agreement.")] = None,
     device: Device = "auto",
     dtype: Dtype = None,
     no_verify: NoVerify = False,
@@ -61,13 +68,22 @@ def perplexity(
         console.emit(diffusion.elbo(checkpoint, data[0] if data else None, split=split, max_examples=max_examples,
                                     t_samples=steps, device=dev, verify=not no_verify), as_json=json_)
         return
+    if reference is not None:  # the quantization damage report (gentool.quantize)
+        from gentool.quantize import compare_checkpoints
+
+        console.emit(compare_checkpoints(checkpoint, reference, data or [], split=split, window=window,
+                                         stride=stride, max_tokens=max_tokens, batch_size=batch_size, device=dev,
+                                         dtype=resolve_dtype(dtype, dev), verify=not no_verify), as_json=json_)
+        return
     result = score_lm(checkpoint, data or [], split=split, window=window, stride=stride, max_tokens=max_tokens,
                       batch_size=batch_size, device=dev, dtype=resolve_dtype(dtype, dev),
                       allow_tokenizer_mismatch=allow_tokenizer_mismatch, verify=not no_verify,
-                      adapter=adapter, samples=samples, steps=steps)
+                      adapter=adapter, samples=samples, steps=steps, protocol=protocol,
+                      compile=compile)
     console.emit(result, as_json=json_)
 
 
 perplexity.epilog = examples("gentool perplexity runs/lm tokens", "gentool perplexity runs/lm notes.txt --json",
                              "cat text.txt | gentool perplexity hf-llama/ - --window 1024",
+                             "gentool perplexity hf-llama/ tokens --device cuda --compile --batch-size 16",
                              "gentool perplexity runs/digits --max-examples 200 --json")

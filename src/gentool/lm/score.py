@@ -24,7 +24,11 @@ def score_lm(checkpoint: Path, data: list[str], *, split: str = "val", window: i
              stride: int | None = None, max_tokens: int | None = None, batch_size: int = 8, device: str = "cpu",
              dtype: torch.dtype = torch.float32, allow_tokenizer_mismatch: bool = False,
              verify: bool = True, adapter: Path | None = None, samples: int = 1, steps: int | None = None,
-             seed: int = 0) -> dict[str, Any]:
+             seed: int = 0, protocol: str = "gentool", compile: bool = False) -> dict[str, Any]:
+    from gentool.lm.perplexity import PROTOCOLS
+
+    if protocol not in PROTOCOLS:
+        raise UsageProblem(f"unknown --protocol {protocol!r}", hint="use " + ", ".join(PROTOCOLS))
     if not data:
         raise UsageProblem("no data to score", hint="pass a token-shards directory, text files, or - for stdin")
     manifest = read_artifact(checkpoint, verify=False) if (Path(checkpoint) / MANIFEST).is_file() else None
@@ -39,7 +43,7 @@ def score_lm(checkpoint: Path, data: list[str], *, split: str = "val", window: i
 
         attach_adapter(lm.model, checkpoint, adapter, verify=verify)
         lm.model.to(device=device, dtype=dtype).eval()
-    window = window or lm.config.max_position_embeddings
+    window = window or (512 if protocol == "llama.cpp" else lm.config.max_position_embeddings)
     if window < 2:
         raise UsageProblem("--window must be at least 2")
     if window > lm.config.max_position_embeddings:
@@ -61,8 +65,13 @@ def score_lm(checkpoint: Path, data: list[str], *, split: str = "val", window: i
                                    path=data[0], hint="use shards from the checkpoint's tokenizer, or pass "
                                                       "--allow-tokenizer-mismatch")
             console.warn("scoring shards from another tokenizer (--allow-tokenizer-mismatch)")
-        n = len(shards) if max_tokens is None else min(len(shards), max_tokens + 1)
+        # Documents in the shards end with EOS, so one EOS in front scores the first document like the others:
+        # every token of the split is scored and bits per byte divide by the split's exact UTF-8 byte count.
+        n = len(shards) if max_tokens is None else min(len(shards), max_tokens)
         ids = torch.from_numpy(shards.tokens(0, n))
+        if not masked:
+            ids = torch.cat([torch.tensor([shards.eos_id]), ids])
+            total_bytes = shards.bytes if n == len(shards) else None
         bytes_per_token = shards.bytes / max(1, len(shards))
         source = {"data": str(data[0]), "split": split}
     else:
@@ -93,7 +102,15 @@ def score_lm(checkpoint: Path, data: list[str], *, split: str = "val", window: i
                 "kind": f"upper bound (NELBO, {out['bound']})", **source, "checkpoint": str(checkpoint),
                 "dtype": str(dtype).replace("torch.", "")}
     res = perplexity(lm.model, ids, window=window, stride=stride, batch_size=batch_size, device=device, dtype=dtype,
-                     bytes_per_token=None if total_bytes else bytes_per_token, total_bytes=total_bytes)
+                     bytes_per_token=None if total_bytes else bytes_per_token, total_bytes=total_bytes,
+                     protocol=protocol, bos_id=tok.bos_id if tok is not None and protocol == "llama.cpp" else None,
+                     compile=compile)
+    if "split" in source and protocol != "llama.cpp":
+        res.bos = "EOS prepended (documents are EOS-separated)"
+    if protocol != "llama.cpp" and isinstance(source["data"], list) and tok is not None and tok.bos_id is not None:
+        res.bos = "prepended to the text"
+    if total_bytes and res.tokens < len(ids) - 1:  # protocols that skip tokens: bytes in proportion
+        res.bytes = total_bytes * res.tokens / (len(ids) - 1)
     return {**res.as_dict(), "kind": "exact", **source, "checkpoint": str(checkpoint),
             **({"adapter": str(adapter)} if adapter else {}),
             "dtype": str(dtype).replace("torch.", "")}

@@ -11,8 +11,8 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from gentool.config import LMConfig
 
@@ -91,11 +91,20 @@ class Attention(nn.Module):
             k, v = self.kv_cache.update(pos_T, k, v)  # (B, K, S, E): attend over the cache with `mask`
             if q.dtype != k.dtype:
                 q = q.to(k.dtype)
-        gqa = self.n_kv != self.n_heads
-        if mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal and t > 1, enable_gqa=gqa)
+        if mask is None:  # flash and cuDNN kernels take GQA directly
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal and t > 1,
+                                               enable_gqa=self.n_kv != self.n_heads)
+        elif self.n_kv != self.n_heads:
+            # Masked (cached decoding, padding): kernels that take a mask do not take GQA, and repeating K/V would
+            # copy the whole cache every step. Fold each group's G query heads into the query length instead:
+            # query head h = i·G + j reads kv head i (repeat_interleave order), and shares its mask row.
+            g = self.n_heads // self.n_kv
+            q = q.reshape(b, self.n_kv, g * t, self.head_dim)                           # (B, K, G·T, E)
+            mask = mask[:, :, None].expand(-1, -1, g, -1, -1).flatten(2, 3)             # (B|1, 1, G·T, S)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)               # (B, K, G·T, E)
+            y = y.reshape(b, self.n_heads, t, self.head_dim)  # not view: fused kernels return a transposed layout
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, -1).to(x_BTD.dtype))
 
 
@@ -148,12 +157,19 @@ class Transformer(nn.Module):
         """Recompute non-persistent buffers (after building on the meta device)."""
         self.inv_freq = rope_inv_freq(self.config).to(device or self.lm_head.weight.device)
 
+    def _apply(self, fn, recurse=True):
+        # .to(bfloat16) would round the rotary frequencies to 8 bits, an angle error of radians by position
+        # 2048; keep them float32 on whatever device the model moves to.
+        super()._apply(fn, recurse)
+        self.inv_freq = rope_inv_freq(self.config).to(self.inv_freq.device)
+        return self
+
     def init_weights(self, seed: int | None = None) -> None:
         """Normal(0, 0.02); residual output projections scaled by 1/sqrt(2·layers) (GPT-2)."""
         g = torch.Generator().manual_seed(seed) if seed is not None else None
         std = 0.02
         for name, p in self.named_parameters():
-            if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
+            if name.endswith("norm.weight"):
                 nn.init.ones_(p)
             elif name.endswith(".bias"):
                 nn.init.zeros_(p)
@@ -183,7 +199,7 @@ class Transformer(nn.Module):
                       attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Final normed hidden states (B, T, D). With a cache set up, `input_pos` (T,) says where the tokens go;
         `attention_mask` (B, S) bool marks valid keys (False for left padding)."""
-        b, t = input_ids.shape
+        t = input_ids.shape[1]
         if input_pos is None:
             input_pos = torch.arange(t, device=input_ids.device)
         freqs = input_pos.float()[:, None] * self.inv_freq[None, :]      # (T, E/2)

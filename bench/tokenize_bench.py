@@ -1,7 +1,7 @@
 """Encoding throughput and memory: `gentool tokenize encode` with 1 worker and all cores vs a plain SentencePiece loop.
 
-    python bench/tokenize.py             # 200 MB generated corpus, all cores
-    python bench/tokenize.py --mb 1000   # bigger corpus: peak memory should not grow with it
+    python bench/tokenize_bench.py             # 200 MB generated corpus, all cores
+    python bench/tokenize_bench.py --mb 1000   # bigger corpus: peak memory should not grow with it
 
 The corpus is the bundled Shakespeare, its blank-line documents shuffled into 16 MB files until --mb is reached.
 A tokenizer (BPE, --vocab-size) is trained on the bundled corpus. Every run is its own process, timed wall-clock;
