@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gentool.diffusion.objectives import DiffusionSpec, to_x0_eps, ddpm_target
+from gentool.diffusion.objectives import DiffusionSpec, ddpm_target, to_x0_eps
 from gentool.diffusion.samplers import sample, timesteps
 from gentool.diffusion.schedules import Schedule
 from gentool.diffusion.score import sliced_wasserstein

@@ -19,6 +19,7 @@ _COMMANDS: list[tuple[str, str]] = [
     ("train_diffusion", "train_diffusion"),
     ("sample", "sample"),
     ("perplexity", "perplexity"),
+    ("quantize", "quantize"),
     ("scale_fit", "scale_fit"),
     ("lora_merge", "lora_merge"),
     ("gguf_io", "import_gguf"),

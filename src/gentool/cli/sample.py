@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -28,6 +29,11 @@ def sample(
         = None,
     stop: Annotated[Optional[list[str]], typer.Option(help="Stop when this string appears (repeatable).")] = None,
     adapter: Annotated[Optional[Path], typer.Option(help="Apply a LoRA adapter without merging.")] = None,
+    tokenizer: Annotated[Optional[Path], typer.Option(help="Tokenizer to use when the checkpoint has none (a "
+                                                          "tokenizer artifact or file).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Sequences decoded together (prompts x samples).")] = 16,
+    chat: Annotated[bool, typer.Option(help="Wrap each prompt as a user message in the model's chat "
+                                            "template.")] = False,
     cache: Annotated[bool, typer.Option(help="Masked-diffusion LMs: skip the network when nothing "
                                              "unmasked (same samples, fewer calls).")] = True,
     seed: Seed = 0,
@@ -54,31 +60,49 @@ def sample(
     """Sample text from an LM, or images/points from a diffusion model.
 
     A single prompt streams to stdout as it is generated; --json prints one JSON line per sample (prompt,
-    completion, tokens, sum_logprob, tokens_per_s). Prompts come from --prompt, --prompt-file or stdin.
+    completion, tokens, sum_logprob, tokens_per_s, stopped). Prompts come from --prompt, --prompt-file or stdin,
+    one per line, decoded in batches. A prompt longer than the context window minus --max-new-tokens loses its
+    beginning (with a warning). --temperature 0 is greedy; the same --seed gives the same samples.
     A masked-diffusion LM unmasks --max-new-tokens after the prompt in --steps steps (semi-autoregressive blocks
     beyond its window); its JSON lines carry the number of network calls (nfe).
     """
-    from gentool import diffusion
-
-    if diffusion.is_checkpoint(checkpoint):
-        from gentool import console
+    family = checkpoint_family(checkpoint)
+    if family == "diffusion":
+        from gentool import console, diffusion
         from gentool.cli._options import resolve_device
 
         console.emit(diffusion.sample_checkpoint(
             checkpoint, output, sampler=sampler, steps=steps, eta=eta, num_samples=num_samples or 64, class_=class_,
             guidance=guidance, seed=seed, device=resolve_device(device), score=score, force=force), as_json=json_)
         return
-    from gentool.lm.generate_cli import run_sample
+    from gentool.lm.generate_cli import read_prompts, run_masked_sample, run_sample
 
-    prompts = [prompt] if prompt is not None else None
-    if prompts is None:
-        src = sys.stdin if prompt_file in (None, "-") else open(prompt_file, encoding="utf-8")
-        prompts = [line.rstrip("\n") for line in src if line.strip()] if (prompt_file or not sys.stdin.isatty()) \
-            else [""]
+    prompts = read_prompts(prompt, prompt_file, sys.stdin)
+    if family == "masked-lm":
+        from gentool.artifacts import read_artifact
+        from gentool.cli._options import resolve_device
+
+        run_masked_sample(checkpoint, read_artifact(checkpoint, "diffusion-checkpoint", verify=False), prompts,
+                          max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                          num_samples=num_samples or 1, seed=seed, device=resolve_device(device), steps=steps or 64,
+                          cache=cache, as_json=json_)
+        return
     run_sample(checkpoint, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                min_p=min_p, repetition_penalty=repetition_penalty, num_samples=num_samples or 1, stop=stop or [],
                seed=seed, device=device, dtype=dtype, compile=compile_, bench=bench, as_json=json_,
-               adapter=adapter, steps=steps or 64, cache=cache)
+               adapter=adapter, chat=chat, tokenizer=tokenizer, batch_size=batch_size)
+
+
+def checkpoint_family(path: Path) -> str:
+    """Which sampler serves PATH, from its manifest alone: "diffusion" (images, vectors), "masked-lm"
+    (masked-diffusion LM) or "lm" (an lm-checkpoint, or a Hugging Face directory without a manifest)."""
+    try:
+        manifest = json.loads((Path(path) / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "lm"  # no manifest: a foreign checkpoint; load_lm explains what is missing
+    if not isinstance(manifest, dict) or manifest.get("format") != "gentool.diffusion-checkpoint":
+        return "lm"
+    return "masked-lm" if (manifest.get("contents") or {}).get("family") == "masked-lm" else "diffusion"
 
 
 sample.epilog = examples("gentool sample runs/lm --prompt 'ROMEO.' --max-new-tokens 100",

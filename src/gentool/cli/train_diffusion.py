@@ -23,10 +23,10 @@ def train_diffusion(
     seq_len: Annotated[int, typer.Option(help="masked-lm: sequence length.")] = 128,
     mask_schedule: Annotated[str, typer.Option(help="masked-lm: loglinear (alpha=1-t) or cosine.")] = "loglinear",
     family: Annotated[str, typer.Option(help="ddpm or flow-matching.")] = "ddpm",
-    parameterization: Annotated[Optional[str], typer.Option(help="ddpm: eps, v or x0 (default eps).")] = None,
+    parameterization: Annotated[str | None, typer.Option(help="ddpm: eps, v or x0 (default eps).")] = None,
     schedule: Annotated[str, typer.Option(help="ddpm noise schedule: linear or cosine.")] = "linear",
     timesteps: Annotated[int, typer.Option(help="ddpm diffusion steps T.")] = 1000,
-    model: Annotated[Optional[str], typer.Option(help="mlp or unet (default: unet for images).")] = None,
+    model: Annotated[str | None, typer.Option(help="mlp or unet (default: unet for images).")] = None,
     width: Annotated[Int, typer.Option(help="MLP width / U-Net base channels.")] = None,
     depth: Annotated[Int, typer.Option(help="MLP blocks / U-Net res blocks per level.")] = None,
     image_size: Annotated[Int, typer.Option(help="Resize and centre-crop folder images to this side.")] = None,
@@ -34,10 +34,10 @@ def train_diffusion(
     class_dropout: Annotated[float, typer.Option(help="Label dropout for classifier-free guidance.")] = 0.1,
     steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 2000,
     batch_size: Annotated[int, typer.Option(help="Examples per step.")] = 256,
-    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate (default 1e-3 MLP, 3e-4 U-Net).")] = None,
-    ema_decay: Annotated[Optional[float], typer.Option(help="EMA decay (default: 1 - 10/steps in "
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate (default 2e-3 MLP, 3e-4 U-Net).")] = None,
+    ema_decay: Annotated[float | None, typer.Option(help="EMA decay (default: 1 - 10/steps in "
                                                             "[0.9, 0.999]).")] = None,
-    reflow_from: Annotated[Optional[Path], typer.Option(help="Reflow: train on (noise, sample) pairs of this "
+    reflow_from: Annotated[Path | None, typer.Option(help="Reflow: train on (noise, sample) pairs of this "
                                                              "flow-matching checkpoint, starting from it.")] = None,
     reflow_pairs: Annotated[Int, typer.Option(help="Reflow pairs to generate (default: training-set size).")] = None,
     save_every: Annotated[int, typer.Option(help="Save resumable state every N steps (0: at the end).")] = 0,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -30,11 +31,15 @@ def train_lm(
     micro_batch: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 16,
     batch_tokens: Annotated[Int, typer.Option(help="Global tokens per step (gradient accumulation fills it).")] = None,
     lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 1e-3,
+    min_lr_ratio: Annotated[float, typer.Option(help="Final learning rate as a fraction of --lr.")] = 0.1,
     schedule: Annotated[str, typer.Option(help="cosine, constant or wsd (warmup-stable-decay).")] = "cosine",
     warmup: Annotated[Int, typer.Option(help="Warmup steps (default: 10% of steps, at most 100).")] = None,
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay (matrices only).")] = 0.1,
+    grad_clip: Annotated[float, typer.Option(help="Clip the global gradient norm (0: off).")] = 1.0,
     eval_every: Annotated[int, typer.Option(help="Validate every N steps (0: five times per run).")] = 0,
+    eval_tokens: Annotated[int, typer.Option(help="Validation tokens per evaluation.")] = 65536,
     save_every: Annotated[int, typer.Option(help="Save resumable state every N steps (0: at the end).")] = 0,
+    keep: Annotated[int, typer.Option(help="Resumable states to keep in OUTPUT.partial/state/.")] = 2,
     init_from: Annotated[Optional[Path], typer.Option(help="Start from an lm-checkpoint or HF Llama directory.")] = None,
     lora_rank: Annotated[Int, typer.Option(help="Train LoRA adapters of this rank on a frozen --init-from base.")] = None,
     lora_alpha: Annotated[Optional[float], typer.Option(help="LoRA alpha (default: twice the rank).")] = None,
@@ -71,12 +76,15 @@ def train_lm(
                 num_key_value_heads=num_kv_heads, intermediate_size=intermediate_size, tie_word_embeddings=tie_embeddings)
     opts = LMRunOptions(tokens_dir=tokens, out=output, preset=preset, dims=dims, seq_len=seq_len,
                         micro_batch=micro_batch, batch_tokens=batch_tokens, steps=steps, tokens=tokens_budget,
-                        flops=flops, lr=lr, warmup=warmup, schedule=schedule, weight_decay=weight_decay,
-                        eval_every=eval_every, save_every=save_every, seed=seed, device=resolve_device(device),
-                        dtype=dtype, compile=compile_, resume=resume, force=force, init_from=init_from, lora=lora)
+                        flops=flops, lr=lr, min_lr_ratio=min_lr_ratio, warmup=warmup, schedule=schedule,
+                        weight_decay=weight_decay, grad_clip=grad_clip, eval_every=eval_every,
+                        eval_tokens=eval_tokens, save_every=save_every, keep=keep, seed=seed,
+                        device=resolve_device(device), dtype=dtype, compile=compile_, resume=resume, force=force, init_from=init_from, lora=lora)
     if opts.steps is None and opts.tokens is None and opts.flops is None:
         opts.steps = 200
     summary = run_train_lm(opts)
+    if int(os.environ.get("RANK", "0")):  # torchrun: rank 0 reports
+        return
     console.log(f"wrote {output}")
     console.emit(summary, as_json=json_)
 
@@ -85,4 +93,6 @@ train_lm.epilog = examples(
     "gentool train-lm tokens -o runs/lm --preset small --steps 300",
     "gentool train-lm tokens -o runs/s1 --preset mini --flops 1e14 --seed 1",
     "gentool train-lm tokens -o runs/ada --init-from runs/lm --lora-rank 8 --steps 100",
+    "torchrun --nproc-per-node 8 -m gentool train-lm tokens -o runs/big --preset base --tokens 1000000000 \\",
+    "    --batch-tokens 524288 --micro-batch 32 --seq-len 512 --device cuda --compile",
 )

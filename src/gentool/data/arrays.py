@@ -41,7 +41,7 @@ class ArrayDataset:
     def shape(self) -> list[int]:
         return list(self.x.shape[1:])
 
-    def subset(self, idx: torch.Tensor) -> "ArrayDataset":
+    def subset(self, idx: torch.Tensor) -> ArrayDataset:
         return ArrayDataset(self.x[idx], None if self.y is None else self.y[idx], self.classes, self.kind,
                             self.levels, self.name, self.source)
 
@@ -205,5 +205,5 @@ def train_val(spec: str | Path, *, image_size: int | None = None, n: int = 8192,
         return train, val
     ds = load_data(spec, image_size=image_size)
     perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(1234))  # fixed: same split every run
-    k = max(1, int(round(len(ds) * val_fraction)))
+    k = max(1, round(len(ds) * val_fraction))
     return ds.subset(perm[k:]), ds.subset(perm[:k])

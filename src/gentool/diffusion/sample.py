@@ -17,7 +17,7 @@ from gentool.diffusion.score import score_samples
 from gentool.errors import UsageProblem
 
 
-def reference_data(ckpt: LoadedDiffusion, data: str | None, split: str = "val") -> torch.Tensor:
+def reference_data(ckpt: LoadedDiffusion, data: str | None, split: str = "val") -> tuple[torch.Tensor, Any]:
     """Held-out data in model space (standardised vectors, images in [-1, 1]): DATA, else the checkpoint's split."""
     if data is None or data == "auto":
         src = ckpt.data["source"]
@@ -43,7 +43,7 @@ def resolve_sampler(ckpt: LoadedDiffusion, sampler: str | None, steps: int | Non
     if name not in allowed:
         raise UsageProblem(f"sampler {name!r} does not apply to a {ckpt.spec.family} model",
                            hint=f"use one of {', '.join(allowed)}")
-    steps = steps or (ckpt.spec.timesteps if name == "ddpm" else 20 if flow else 50)
+    steps = steps or (ckpt.spec.timesteps if name == "ddpm" else 20 if flow else min(50, ckpt.spec.timesteps))
     if steps < 1 or (not flow and steps > ckpt.spec.timesteps):
         raise UsageProblem(f"--steps must be between 1 and {ckpt.spec.timesteps if not flow else 'any'}")
     return name, steps
@@ -101,8 +101,11 @@ def sample_checkpoint(checkpoint: str | Path, out: str | Path | None = None, *, 
     result: dict[str, Any] = {"checkpoint": str(checkpoint), "sampler": name, "steps": steps, "nfe": nfe,
                               "num_samples": num_samples, "seconds": round(seconds, 3)}
     if ref is not None:
-        scored = (to_uint8(x).float() / 127.5 - 1) if image and ckpt.data.get("levels") else x
-        result.update(score_samples(scored, ref, seed=seed))
+        if image:  # 8-bit data: score the samples as they are stored
+            result.update(score_samples(to_uint8(x).float() / 127.5 - 1 if ckpt.data.get("levels") else x, ref,
+                                        seed=seed))
+        else:  # in the data's own units
+            result.update(score_samples(ckpt.denormalize(x), ckpt.denormalize(ref), seed=seed))
     if out is None:
         return result
     sampler_info = {"name": name, "steps": steps, "nfe": nfe, "eta": eta if name == "ddim" else None,

@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 CLASSIFIER = Path(__file__).resolve().parent.parent / "data" / "bundled" / "digits" / "classifier.safetensors"
 

@@ -23,7 +23,7 @@ from gentool.diffusion.checkpoint import load_diffusion, save_diffusion
 from gentool.diffusion.objectives import DiffusionSpec
 from gentool.errors import UsageProblem
 from gentool.models.denoisers import DenoiserConfig, build_denoiser
-from gentool.train import TrainConfig, distributed, train
+from gentool.train import TrainConfig, distributed, make_ema, train
 
 
 @dataclass
@@ -169,7 +169,7 @@ def run_train_diffusion(opts: TrainDiffusionOptions) -> dict[str, Any]:
         if teacher.denoiser.data_shape != train_ds.shape or teacher.spec.num_classes != spec.num_classes:
             raise UsageProblem("the data does not match the --reflow-from checkpoint's shape or classes",
                                path=opts.data)
-    lr = opts.lr or (1e-3 if denoiser.kind == "mlp" else 3e-4)
+    lr = opts.lr or (2e-3 if denoiser.kind == "mlp" else 3e-4)
     ema_decay = opts.ema_decay if opts.ema_decay is not None else min(0.999, max(0.9, 1 - 10 / opts.steps))
     tcfg = TrainConfig(steps=opts.steps, lr=lr, warmup=opts.warmup if opts.warmup is not None else
                        min(100, opts.steps // 10), weight_decay=opts.weight_decay, betas=(0.9, 0.999),
@@ -199,12 +199,11 @@ def run_train_diffusion(opts: TrainDiffusionOptions) -> dict[str, Any]:
     if teacher is not None:
         train_ds, noise = _reflow_data(teacher, train_ds, opts, partial)
     torch.manual_seed(opts.seed)
-    if teacher is None:
-        model = build_denoiser(denoiser)
-    else:
+    model = build_denoiser(denoiser)
+    if teacher is not None:  # 2-rectified flow starts from the 1-rectified one
         model.load_state_dict(teacher.model.state_dict())
     model.to(device).train()
-    ema = copy.deepcopy(model).requires_grad_(False)
+    ema = make_ema(model)
     n_params = sum(p.numel() for p in model.parameters())
     task = DiffusionTask(train_ds, val_ds, spec, batch_size=opts.batch_size, seed=opts.seed, world=world,
                          device=device, flops_per_example=forward_flops(model, train_ds.shape, spec.num_classes),

@@ -10,70 +10,100 @@ from gentool import console
 from gentool.errors import UsageProblem
 
 
+def read_prompts(prompt: str | None, prompt_file: str | None, stdin) -> list[str]:
+    """--prompt TEXT (may be empty: unconditional), else one prompt per non-blank line of --prompt-file (- is
+    stdin), else of stdin when it is not a terminal, else one unconditional sample."""
+    if prompt is not None and prompt_file is not None:
+        raise UsageProblem("--prompt and --prompt-file both given", hint="pass one of them")
+    if prompt is not None:
+        return [prompt]
+    if prompt_file is None and stdin.isatty():
+        return [""]
+    name = "stdin" if prompt_file in (None, "-") else prompt_file
+    try:
+        if name == "stdin":
+            lines = stdin.read().splitlines()
+        else:
+            lines = Path(name).read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise UsageProblem("no such prompt file", path=name, hint="pass an existing file, or - for stdin") from None
+    except UnicodeDecodeError:
+        raise UsageProblem("the prompt file is not UTF-8 text", path=name) from None
+    prompts = [line for line in lines if line.strip()]
+    if not prompts:
+        raise UsageProblem("empty input: no prompts (one per line expected)", path=name,
+                           hint="pass --prompt TEXT; --prompt '' samples unconditionally")
+    return prompts
+
+
 def run_sample(checkpoint: Path, prompts: list[str], *, max_new_tokens: int, temperature: float, top_k, top_p, min_p,
                repetition_penalty: float, num_samples: int, stop: list[str], seed: int, device: str, dtype,
-               compile, bench: bool, as_json: bool, adapter: Path | None = None, steps: int = 64,
-               cache: bool = True) -> None:
+               compile, bench: bool, as_json: bool, adapter: Path | None = None, chat: bool = False,
+               tokenizer: Path | None = None, batch_size: int = 16) -> None:
+    """Autoregressive sampling from an lm-checkpoint or a Hugging Face Llama directory."""
     from gentool.cli._options import resolve_device, resolve_dtype
     from gentool.data.tokenizer import load_tokenizer
-    from gentool.lm.sample import Generator, SamplingParams, measure_copy_bandwidth
+    from gentool.lm.sample import Generator, SamplingParams, benchmark
     from gentool.models.checkpoint import load_lm
 
-    if max_new_tokens < 1 or num_samples < 1:
-        raise UsageProblem("--max-new-tokens and --num-samples must be at least 1")
+    if max_new_tokens < 1 or num_samples < 1 or batch_size < 1:
+        raise UsageProblem("--max-new-tokens, --num-samples and --batch-size must be at least 1")
+    if temperature < 0 or (top_k is not None and top_k < 1) or repetition_penalty <= 0 or \
+            not (top_p is None or 0 < top_p <= 1) or not (min_p is None or 0 <= min_p <= 1):
+        raise UsageProblem("bad sampling option", hint="--temperature >= 0, --top-k >= 1, 0 < --top-p <= 1, "
+                                                       "0 <= --min-p <= 1, --repetition-penalty > 0")
     dev = resolve_device(device)
-    from gentool.artifacts import MANIFEST, read_artifact
-
-    manifest = read_artifact(checkpoint, verify=False) if (Path(checkpoint) / MANIFEST).is_file() else None
-    if manifest is not None and manifest.kind == "diffusion-checkpoint" and \
-            manifest.contents.get("family") == "masked-lm":
-        return run_masked_sample(checkpoint, manifest, prompts, max_new_tokens=max_new_tokens,
-                                 temperature=temperature, top_k=top_k, top_p=top_p, num_samples=num_samples,
-                                 seed=seed, device=dev, steps=steps, cache=cache, as_json=as_json)
     lm = load_lm(checkpoint, device=dev, dtype=resolve_dtype(dtype, dev))
     if adapter is not None:
         from gentool.adapters import attach_adapter
 
         attach_adapter(lm.model, checkpoint, adapter)
         lm.model.to(device=dev, dtype=resolve_dtype(dtype, dev)).eval()
-    if lm.tokenizer_path is None:
-        raise UsageProblem("the checkpoint has no tokenizer.model or tokenizer.json", path=checkpoint,
-                           hint="copy the tokenizer used for training into the checkpoint directory")
-    tok = load_tokenizer(lm.tokenizer_path)
+    tok = load_tokenizer(tokenizer or _tokenizer_path(lm, checkpoint))
+    recorded = lm.manifest.contents.get("tokenizer_id") if lm.manifest is not None else None
+    if recorded and tok.sha256 != recorded:
+        raise UsageProblem(f"the tokenizer ({tok.sha256[:19]}) is not the one the model was trained with "
+                           f"({recorded[:19]})", path=tokenizer or lm.tokenizer_path,
+                           hint="drop --tokenizer to use the checkpoint's own tokenizer")
     if tok.vocab_size > lm.config.vocab_size:
         raise UsageProblem(f"the tokenizer ({tok.vocab_size} ids) does not fit the model ({lm.config.vocab_size})",
-                           path=lm.tokenizer_path, hint="the checkpoint's tokenizer file belongs to another model")
+                           path=tokenizer or lm.tokenizer_path, hint="use the tokenizer that belongs to this model")
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                             min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, stop=stop)
     gen = Generator(lm.model, tok, device=dev, compile=compile)
-    prompts = prompts or [""]
-    stream = len(prompts) == 1 and num_samples == 1 and not as_json and not bench
-    speeds = []
-    for prompt in prompts:
-        if stream:
-            sys.stdout.write(prompt)
-            results = gen.generate(prompt, params, on_text=lambda s: (sys.stdout.write(s), sys.stdout.flush()))
-            sys.stdout.write("\n")
-        else:
-            results = gen.generate(prompt, params, num_samples=num_samples)
-        for r in results:
-            speeds.append(r.tokens_per_s * num_samples)
-            if as_json:
-                console.emit(asdict(r), as_json=True)
-            elif not stream:
-                sys.stdout.write(prompt + r.completion + "\n")
+    if chat:  # the model's chat template (jinja2, as transformers renders it); it writes BOS itself
+        if not getattr(tok, "chat_template", None):
+            raise UsageProblem("this model ships no chat template", path=checkpoint, hint="drop --chat")
+        texts = [tok.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
+    else:
+        texts = prompts
+    rows = [(p, gen.encode(t, max_new_tokens, add_bos=not chat)) for p, t in zip(prompts, texts)
+            for _ in range(num_samples)]
+    samples = [j for _ in prompts for j in range(num_samples)]
+    if len(rows) == 1 and not as_json:  # one sample: stream it
+        sys.stdout.write(prompts[0])
         sys.stdout.flush()
-    if bench:
-        # batch-1 decoding reads every weight once per token: the copy bandwidth bounds tokens/s
-        results = gen.generate(prompts[0], params)  # warm (compiled, graphs captured) second run
-        tps = results[0].tokens_per_s
-        weight_bytes = sum(p.numel() * p.element_size() for n, p in lm.model.named_parameters()
-                           if "embed_tokens" not in n)
-        bw = measure_copy_bandwidth(dev) / 2  # bytes read per second (copy counts read + write)
-        console.emit({"device": dev, "tokens_per_s": tps, "weight_bytes_per_token": weight_bytes,
-                      "achieved_gb_s": tps * weight_bytes / 1e9, "copy_read_gb_s": bw / 1e9,
-                      "roofline_tokens_per_s": bw / weight_bytes, "pct_of_roofline": 100 * tps * weight_bytes / bw},
-                     as_json=as_json, title="decode benchmark (batch 1)")
+        gen.generate_ids(rows, params, samples=samples,
+                         on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
+        sys.stdout.write("\n")
+    else:
+        for i in range(0, len(rows), batch_size):
+            for r in gen.generate_ids(rows[i:i + batch_size], params, samples=samples[i:i + batch_size]):
+                if as_json:
+                    console.emit({k: v for k, v in asdict(r).items() if k not in ("token_ids", "logprobs")},
+                                 as_json=True)
+                else:
+                    sys.stdout.write(r.prompt + r.completion + "\n")
+            sys.stdout.flush()
+    if bench:  # batch-1 decoding reads every weight once per token: the copy bandwidth bounds tokens/s
+        console.emit(benchmark(gen, params, rows[0][1]), as_json=as_json, title="decode benchmark (batch 1)")
+
+
+def _tokenizer_path(lm, checkpoint: Path) -> Path:
+    if lm.tokenizer_path is None:
+        raise UsageProblem("the checkpoint has no tokenizer.model or tokenizer.json", path=checkpoint,
+                           hint="copy the model's tokenizer into the directory, or pass --tokenizer")
+    return lm.tokenizer_path
 
 
 def run_masked_sample(checkpoint: Path, manifest, prompts: list[str], *, max_new_tokens: int, temperature: float,

@@ -21,7 +21,7 @@ from gentool.data.shards import TokenShards, open_shards
 from gentool.errors import UsageProblem
 from gentool.models.checkpoint import load_lm, save_lm
 from gentool.models.transformer import Transformer
-from gentool.train import TrainConfig, distributed, train
+from gentool.train import SCHEDULES, TrainConfig, distributed, train
 
 
 @dataclass
@@ -59,7 +59,10 @@ class LMRunOptions:
 
 
 class LMTask:
-    """Next-token prediction on random windows of the train shards; batches depend only on (seed, step, micro)."""
+    """Next-token prediction on random windows of the train shards; batches depend only on (seed, step, micro,
+    rank), so the data order is fixed by --seed and the step is the whole data cursor."""
+
+    compile_loss = True  # with --compile the cross-entropy fuses with the output head
 
     def __init__(self, train: TokenShards, val: TokenShards | None, config: LMConfig, *, seq_len: int,
                  micro_batch: int, seed: int, world: int, device: str, eval_tokens: int):
@@ -77,8 +80,10 @@ class LMTask:
     def batch(self, step: int, micro: int, rank: int) -> torch.Tensor:
         rng = np.random.default_rng([self.seed, step, micro * self.world + rank])
         starts = rng.integers(0, len(self.train) - self.seq_len - 1, size=self.micro)
-        rows = [self.train.tokens(int(s), int(s) + self.seq_len + 1) for s in starts]
-        return torch.from_numpy(np.stack(rows)).to(self.device, non_blocking=True)
+        rows = torch.from_numpy(np.stack([self.train.tokens(int(s), int(s) + self.seq_len + 1) for s in starts]))
+        if self.device.startswith("cuda"):
+            rows = rows.pin_memory()
+        return rows.to(self.device, non_blocking=True)
 
     def loss(self, model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
         logits = model(batch[:, :-1])
@@ -149,6 +154,8 @@ def _steps(opts: LMRunOptions, tokens_per_step: int, flops_per_token: float) -> 
 def run_train_lm(opts: LMRunOptions) -> dict[str, Any]:
     device = distributed.init_from_env(opts.device)
     rank, world = distributed.rank(), distributed.world_size()
+    if rank != 0:  # under torchrun only rank 0 talks
+        console.configure(quiet=True)
     out, partial = opts.out, opts.out.with_name(opts.out.name + ".partial")
     train_shards = open_shards(opts.tokens_dir, "train")
     try:
@@ -165,6 +172,10 @@ def run_train_lm(opts: LMRunOptions) -> dict[str, Any]:
     init = load_lm(opts.init_from) if opts.init_from else None
     # the masked-diffusion LM appends one vocabulary entry: the mask token, id = the tokenizer's vocabulary size
     config = init.config if init else model_config(opts, train_shards.vocab_size + (1 if masked else 0))
+    init_tok = init.manifest.contents.get("tokenizer_id") if init is not None and init.manifest else None
+    if init_tok and init_tok != train_shards.tokenizer_id:
+        raise UsageProblem("the token shards come from a different tokenizer than the --init-from checkpoint",
+                           path=opts.tokens_dir, hint="encode the data with the checkpoint's tokenizer.model")
     if train_shards.vocab_size > config.vocab_size:
         raise UsageProblem(f"the data's vocabulary ({train_shards.vocab_size}) is larger than the model's "
                            f"({config.vocab_size})", path=opts.tokens_dir, hint="use shards from the model's tokenizer")
@@ -173,6 +184,14 @@ def run_train_lm(opts: LMRunOptions) -> dict[str, Any]:
     if len(train_shards) < opts.seq_len + 2:
         raise UsageProblem(f"too little data: {len(train_shards)} train tokens for --seq-len {opts.seq_len}",
                            path=opts.tokens_dir, hint="encode more text or lower --seq-len")
+    if opts.schedule not in SCHEDULES:
+        raise UsageProblem(f"unknown --schedule {opts.schedule!r}", hint="choose " + ", ".join(SCHEDULES))
+    for name, value, ok in (("--micro-batch", opts.micro_batch, opts.micro_batch >= 1),
+                            ("--seq-len", opts.seq_len, opts.seq_len >= 1), ("--keep", opts.keep, opts.keep >= 1),
+                            ("--min-lr-ratio", opts.min_lr_ratio, 0 <= opts.min_lr_ratio <= 1),
+                            ("--lr", opts.lr, opts.lr > 0), ("--grad-clip", opts.grad_clip, opts.grad_clip >= 0)):
+        if not ok:
+            raise UsageProblem(f"{name} {value} is out of range")
     seq_tokens = opts.micro_batch * opts.seq_len
     batch_tokens = opts.batch_tokens or seq_tokens * world
     if batch_tokens % (seq_tokens * world):
@@ -191,7 +210,12 @@ def run_train_lm(opts: LMRunOptions) -> dict[str, Any]:
               "init": str(opts.init_from) if opts.init_from else "scratch", "lora": opts.lora,
               **({"family": "masked-lm", "mask_id": train_shards.vocab_size, "schedule": opts.mask_schedule}
                  if masked else {})}
+    if val_shards is None or len(val_shards) < opts.seq_len + 1:
+        console.warn(f"the val split has fewer than {opts.seq_len + 1} tokens: no validation loss will be measured")
+    distributed.barrier()  # every rank has checked OUT and OUT.partial before rank 0 creates the latter
     if rank == 0:
+        if opts.resume and not partial.exists():
+            console.log(f"nothing to resume in {partial}; starting a new run")
         if partial.exists() and opts.resume:
             saved = json.loads((partial / "run.json").read_text()) if (partial / "run.json").is_file() else None
             if saved != json.loads(canonical_json(recipe)):
@@ -229,6 +253,12 @@ def run_train_lm(opts: LMRunOptions) -> dict[str, Any]:
     t0 = time.time()
     result = train(model, task, tcfg, partial, resume=opts.resume)
     entropy = unigram_entropy(val_shards) if val_shards is not None and len(val_shards) else None
+    distributed.shutdown()
+    if rank == 0:
+        val = result.eval.get("val_loss")
+        console.log(f"final train loss {result.train_loss:.4f}, val loss " + (f"{val:.4f}" if val is not None else "-")
+                    + " nats/token" + (f"; the val data's unigram entropy is {entropy:.4f} nats/token (the loss of a "
+                                       "model that ignores context)" if entropy is not None else ""))
     summary = {"output": str(out), "steps": result.step, "tokens": result.tokens, "flops": result.flops,
                "train_loss": result.train_loss, **result.eval, "val_unigram_entropy": entropy,
                "tokens_per_s": round(result.tokens_per_s, 1), "mfu": result.mfu,

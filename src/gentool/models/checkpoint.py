@@ -118,6 +118,11 @@ def load_lm(path: str | Path, *, device: str | torch.device = "cpu", dtype: torc
     if not path.is_dir():
         raise UsageProblem("no such checkpoint directory", path=path,
                            hint="pass a gentool lm-checkpoint or a Hugging Face Llama directory")
+    if kind == "lm-checkpoint":  # a quantized checkpoint loads with its quantized layers swapped in
+        from gentool.models.quant import load_quantized, quantization_config
+
+        if quantization_config(path) is not None:
+            return load_quantized(path, device=device, dtype=dtype, verify=verify, causal=causal)
     if (path / MANIFEST).is_file():
         manifest = read_artifact(path, kind, verify=verify)
     config = read_config(path)

@@ -12,8 +12,8 @@ import math
 from dataclasses import asdict, dataclass, field
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 
 @dataclass
@@ -33,7 +33,7 @@ class DenoiserConfig:
         return {"architecture": "gentool-denoiser", **asdict(self)}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "DenoiserConfig":
+    def from_dict(cls, d: dict) -> DenoiserConfig:
         return cls(**{k: v for k, v in d.items() if k != "architecture"})
 
 
@@ -166,7 +166,7 @@ class UNet(nn.Module):
         nn.init.zeros_(self.out[2].bias)
 
     @staticmethod
-    def _apply(layers: nn.ModuleList, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    def _run(layers: nn.ModuleList, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         for layer in layers:
             h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
         return h
@@ -176,11 +176,11 @@ class UNet(nn.Module):
         h = self.conv_in(x)                                              # (B, ch, H, W)
         hs = [h]
         for layers in self.down:
-            h = self._apply(layers, h, emb)
+            h = self._run(layers, h, emb)
             hs.append(h)
-        h = self._apply(self.mid, h, emb)
+        h = self._run(self.mid, h, emb)
         for layers in self.up:
-            h = self._apply(layers, torch.cat([h, hs.pop()], dim=1), emb)
+            h = self._run(layers, torch.cat([h, hs.pop()], dim=1), emb)
         return self.out(h)
 
 

@@ -50,3 +50,26 @@ def all_reduce_mean(t: torch.Tensor) -> None:
     if world_size() > 1:
         dist.all_reduce(t)
         t /= world_size()
+
+
+def all_reduce_min(t: torch.Tensor) -> None:
+    if world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+
+
+def all_reduce_max(t: torch.Tensor) -> None:
+    if world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
+
+
+def shutdown() -> None:
+    """Leave the process group (end of a torchrun job), all ranks together: gloo aborts a rank whose peer tears
+    its connections down first."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -2,28 +2,40 @@
 atomic checkpoints with exact resume, Ctrl-C safety and a NaN stop, DDP under torchrun.
 
 A Task supplies the data and the loss; batches are a pure function of (seed, step, micro-step, rank), so a resumed
-run sees exactly the batches the uninterrupted one would have.
+run sees exactly the batches the uninterrupted one would have, and P processes with accumulation A see the same
+global batch as one process with accumulation P·A.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import signal
+import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import torch
 
 from gentool import console
-from gentool.errors import GentoolError
+from gentool.errors import GentoolError, UsageProblem
 from gentool.train import distributed
-from gentool.train.checkpoint import latest_state, load_state, save_state
-from gentool.train.optim import build_optimizer, device_peak_flops, lr_at
+from gentool.train.checkpoint import latest_state, load_state, read_state_meta, save_state
+from gentool.train.ema import ema_update
+from gentool.train.metrics import MetricsLog
+from gentool.train.optim import build_optimizer, device_peak_flops
+from gentool.train.schedules import lr_at
 
 
 class Task(Protocol):
+    """What a model family plugs into the loop. Optional: `compile_loss = True` (compile loss() with the model
+    inside, so e.g. the cross-entropy fuses), `state_dict()` / `load_state_dict()` for a data cursor beyond the
+    step (batches that are a pure function of the step need none)."""
+
     tokens_per_micro: int        # tokens (or samples) one micro-batch carries
     flops_per_micro: float       # training FLOPs of one micro-batch
 
@@ -51,7 +63,7 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     device: str = "cpu"
-    amp_dtype: str | None = None    # "bfloat16" on CUDA by default
+    amp_dtype: str | None = None    # "bfloat16" on CUDA by default, none (float32) on CPU
     compile: bool = False
     ema_decay: float | None = None
 
@@ -71,55 +83,133 @@ class TrainResult:
     train_loss: float
     eval: dict[str, float]
     seconds: float
-    tokens_per_s: float
+    tokens_per_s: float          # steady state: the logged windows after the first (which includes compilation)
     mfu: float | None
 
 
-def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    with torch.no_grad():
-        for e, p in zip(ema.parameters(), model.parameters()):
-            e.lerp_(p.detach().to(e.dtype), 1 - decay)
+def autocast_dtype(amp_dtype: str | None, device: str) -> torch.dtype | None:
+    if amp_dtype is None:
+        return torch.bfloat16 if device.startswith("cuda") else None
+    name = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}.get(amp_dtype, amp_dtype)
+    if name == "float32":
+        return None
+    if name == "float16":
+        raise UsageProblem("float16 training needs loss scaling, which gentool does not do", hint="use --dtype "
+                           "bfloat16")
+    if name != "bfloat16":
+        raise UsageProblem(f"unknown --dtype {amp_dtype!r}", hint="use bfloat16 or float32")
+    return torch.bfloat16
+
+
+@contextmanager
+def _deferred_interrupt() -> Iterator[dict[str, bool]]:
+    """The first Ctrl-C sets a flag that the loop checks between steps (so no step is left half-applied); a second
+    one interrupts at once."""
+    flag = {"stop": False}
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum, frame):
+        if flag["stop"]:
+            raise KeyboardInterrupt
+        flag["stop"] = True
+        console.warn("stopping after this step to save the state (Ctrl-C again to abort without saving)")
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _stop_now(interrupt: dict[str, bool], world: int, *, logged: bool, device: str) -> bool:
+    """Whether to stop after this step. Under DDP every rank must agree, so the flag is shared (max over ranks)
+    at log steps only, which keeps the per-step path free of collectives and host syncs."""
+    if world == 1:
+        return interrupt["stop"]
+    if not logged:
+        return False
+    flag = torch.tensor(float(interrupt["stop"]), device=device)
+    distributed.all_reduce_max(flag)
+    return bool(flag.item())
+
+
+def _fmt_eta(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def _same(a: Any, b: Any) -> bool:
+    return json.loads(json.dumps(a)) == json.loads(json.dumps(b))
 
 
 def train(model: torch.nn.Module, task: Task, cfg: TrainConfig, workdir: Path, *, resume: bool = False,
           on_checkpoint: Callable[[int], None] | None = None, ema: torch.nn.Module | None = None) -> TrainResult:
-    """Train in workdir (metrics.jsonl, state/step-N). Returns the final figures; raises GentoolError on NaN
-    (exit 1) or interruption (exit 130) after saving what it can."""
+    """Train in workdir (metrics.jsonl, state/step-N). Returns the final figures; raises GentoolError on a
+    non-finite loss (exit 1, naming the step) or on Ctrl-C (exit 130) after saving the state."""
     rank, world = distributed.rank(), distributed.world_size()
     device = cfg.device
+    amp = autocast_dtype(cfg.amp_dtype, device)
     model.to(device)
     opt = build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas, device=device)
+    state_dir = workdir / "state"
+    if rank == 0:
+        workdir.mkdir(parents=True, exist_ok=True)
     start = 0
-    state_dir, metrics_path = workdir / "state", workdir / "metrics.jsonl"
     if resume and (last := latest_state(state_dir)) is not None:
+        if not _same(read_state_meta(last).get("recipe"), cfg.recipe()):
+            raise UsageProblem("the saved training state was made with a different configuration", path=last,
+                               hint="repeat the original options, or start over with --force")
         meta = load_state(last, model=model, optimizer=opt, ema=ema)
         start = meta["step"]
-        if rank == 0 and metrics_path.is_file():  # drop lines logged after the state we resume from
-            lines = [l for l in metrics_path.read_text().splitlines() if l and json.loads(l)["step"] <= start]
-            metrics_path.write_text("".join(l + "\n" for l in lines))
+        if hasattr(task, "load_state_dict") and meta.get("cursor") is not None:
+            task.load_state_dict(meta["cursor"])
         console.log(f"resuming from {last} (step {start})")
-    elif rank == 0:
-        metrics_path.write_text("")
-    train_model = distributed.wrap(model, device)
-    step_fn = torch.compile(train_model) if cfg.compile else train_model
-    amp = getattr(torch, cfg.amp_dtype) if cfg.amp_dtype else (torch.bfloat16 if device.startswith("cuda") else None)
-    peak = device_peak_flops(device)
     tokens_per_step = task.tokens_per_micro * cfg.grad_accum * world
     flops_per_step = task.flops_per_micro * cfg.grad_accum * world
-    t0, wall0 = time.time(), time.time()
-    last_loss, evals, step = math.nan, {}, start
-    running = torch.zeros((), device=device)
+    metrics = MetricsLog(workdir / "metrics.jsonl", tokens_per_step=tokens_per_step, flops_per_step=flops_per_step,
+                         peak_flops=device_peak_flops(device), start_step=start, resume=resume, write=rank == 0)
+    train_model = distributed.wrap(model, device)
+    compile_loss = cfg.compile and world == 1 and getattr(task, "compile_loss", False)  # DDP: compile the wrapper
+    forward = torch.compile(train_model) if cfg.compile and not compile_loss else train_model
+    loss_fn = torch.compile(task.loss) if compile_loss else task.loss
+    dev_type = torch.device(device).type
+    inf = torch.tensor(math.inf, device=device)
+    first_bad = inf.clone()                       # first step whose loss or gradient norm was not finite
+    last_saved = start if start else None
+    last_loss, evals, windows = math.nan, {}, []
+    done, total, norm = start, None, None
 
-    def save(s: int) -> None:
+    def check() -> None:
+        """Raise if any step so far had a non-finite loss or gradient (one host sync: at log and save points)."""
+        if world > 1:
+            distributed.all_reduce_min(first_bad)
+        bad = first_bad.item()
+        if math.isfinite(bad):
+            kept = f"the last good state (step {last_saved}) is kept in {state_dir}" if last_saved is not None \
+                else "no state had been saved yet"
+            raise GentoolError(f"loss is {total.item():g} at step {int(bad)}, not finite; training stopped",
+                               path=workdir, hint=f"lower --lr or check the data; {kept}")
+
+    def save(step_done: int) -> None:
+        nonlocal last_saved
+        check()
+        last_saved = step_done
         if rank == 0:
-            save_state(state_dir, model=model, optimizer=opt, step=s, extra={"recipe": cfg.recipe()}, keep=cfg.keep,
-                       ema=ema)
+            t = time.perf_counter()
+            cursor = task.state_dict() if hasattr(task, "state_dict") else {"step": step_done}
+            save_state(state_dir, model=model, optimizer=opt, step=step_done, keep=cfg.keep, ema=ema,
+                       extra={"recipe": cfg.recipe(), "cursor": cursor,
+                              "lr": lr_at(max(0, step_done - 1), total=cfg.steps, lr=cfg.lr, warmup=cfg.warmup,
+                                          schedule=cfg.schedule, min_ratio=cfg.min_lr_ratio)})
             if on_checkpoint:
-                on_checkpoint(s)
+                on_checkpoint(step_done)
+            metrics.exclude(time.perf_counter() - t)
 
-    try:
-        with console.progress("training", cfg.steps) as bar:
-            bar.update(completed=start)
+    with _deferred_interrupt() as interrupt, console.progress("training", cfg.steps) as bar:
+        bar.update(completed=start)
+        try:
             for step in range(start, cfg.steps):
                 lr = lr_at(step, total=cfg.steps, lr=cfg.lr, warmup=cfg.warmup, schedule=cfg.schedule,
                            min_ratio=cfg.min_lr_ratio)
@@ -129,53 +219,50 @@ def train(model: torch.nn.Module, task: Task, cfg: TrainConfig, workdir: Path, *
                 for micro in range(cfg.grad_accum):
                     batch = task.batch(step, micro, rank)
                     with distributed.no_sync(train_model, last=micro == cfg.grad_accum - 1), \
-                            torch.autocast(device_type=device.split(":")[0], dtype=amp, enabled=amp is not None):
-                        loss = task.loss(step_fn, batch) / cfg.grad_accum
+                            torch.autocast(device_type=dev_type, dtype=amp or torch.bfloat16, enabled=amp is not None):
+                        loss = loss_fn(forward, batch) / cfg.grad_accum
                     loss.backward()
                     total += loss.detach()
-                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
-                running = total
-                finite = bool(torch.isfinite(total)) if device == "cpu" or (step + 1) % cfg.log_every == 0 \
-                    else True
-                if not finite:
-                    raise GentoolError(f"loss is {total.item()} at step {step + 1}", path=workdir,
-                                       hint="lower --lr or check the data; the last good checkpoint is kept in state/")
+                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
+                finite = torch.isfinite(total) & torch.isfinite(norm)
+                first_bad = torch.minimum(first_bad, torch.where(finite, inf, float(step + 1)))
+                if dev_type == "cpu":  # free on CPU: stop before the bad update touches the weights
+                    check()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 if ema is not None:
-                    _ema_update(ema, model, cfg.ema_decay or 0.999)
+                    ema_update(ema, model, cfg.ema_decay or 0.999)
                 done = step + 1
-                is_eval = cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps)
-                if done % cfg.log_every == 0 or done == cfg.steps or is_eval:
-                    distributed.all_reduce_mean(running)
-                    last_loss = running.item()
-                    if not math.isfinite(last_loss):
-                        raise GentoolError(f"loss is {last_loss} at step {done}", path=workdir,
-                                           hint="lower --lr or check the data; the last good checkpoint is kept")
-                    dt = time.time() - t0
-                    tps = tokens_per_step * (done - start) / max(dt, 1e-9)
-                    line = {"step": done, "tokens": done * tokens_per_step, "flops": done * flops_per_step,
-                            "loss": round(last_loss, 6), "lr": lr, "grad_norm": round(float(norm), 6),
-                            "tokens_per_s": round(tps, 1), "seconds": round(time.time() - wall0, 3)}
-                    if peak:
-                        line["mfu"] = round(flops_per_step * (done - start) / max(dt, 1e-9) / peak, 4)
-                    if is_eval:
+                is_eval = bool(cfg.eval_every) and (done % cfg.eval_every == 0 or done == cfg.steps)
+                is_log = done % cfg.log_every == 0 or done == cfg.steps or is_eval
+                if is_log:
+                    distributed.all_reduce_mean(total)
+                    last_loss = total.item()
+                    check()
+                    steps_in_window, tps = done - metrics.mark_step, metrics.rate(done)[0]
+                    windows.append((steps_in_window, steps_in_window * tokens_per_step / max(tps, 1e-9)))
+                    if is_eval and rank == 0:
+                        t = time.perf_counter()
                         evals = task.evaluate(ema if ema is not None else model)
-                        line.update({k: round(v, 6) for k, v in evals.items()})
-                    if rank == 0:
-                        with open(metrics_path, "a") as f:
-                            f.write(json.dumps(line) + "\n")
-                    bar.update(completed=done, loss=last_loss, tok_s=round(tps))
+                        metrics.exclude(time.perf_counter() - t)
+                    line = metrics.log(done, loss=last_loss, lr=lr, grad_norm=float(norm),
+                                       extra=evals if is_eval else None)
+                    eta = (cfg.steps - done) * tokens_per_step / max(line["tokens_per_s"], 1e-9)
+                    bar.update(completed=done, loss=last_loss, tok_s=round(line["tokens_per_s"]), eta=_fmt_eta(eta))
+                if _stop_now(interrupt, world, logged=is_log, device=device):
+                    save(done)
+                    raise GentoolError(f"interrupted at step {done}; state saved", path=workdir,
+                                       hint="continue with --resume", exit_code=130)
                 if cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps:
                     save(done)
-    except KeyboardInterrupt:
-        save(step)
-        raise GentoolError(f"interrupted at step {step}; state saved", path=workdir,
-                           hint="continue with --resume", exit_code=130) from None
+        except KeyboardInterrupt:  # a second Ctrl-C (or one outside the main thread): the step may be half done
+            kept = f"step {last_saved}" if last_saved is not None else "none"
+            raise GentoolError(f"interrupted during step {done + 1}; not saved (last saved state: {kept})",
+                               path=workdir, hint="continue with --resume", exit_code=130) from None
     save(cfg.steps)
-    dt = time.time() - t0
-    steps_run = max(1, cfg.steps - start)
-    tps = tokens_per_step * steps_run / max(dt, 1e-9)
-    mfu = flops_per_step * steps_run / max(dt, 1e-9) / peak if peak else None
+    steady = windows[1:] or windows
+    secs = sum(s for _, s in steady)
+    tps = tokens_per_step * sum(n for n, _ in steady) / secs if secs > 0 else 0.0
+    peak = metrics.peak
     return TrainResult(cfg.steps, cfg.steps * tokens_per_step, cfg.steps * flops_per_step, last_loss, evals,
-                       time.time() - wall0, tps, mfu)
+                       time.time() - metrics.wall0, tps, tps * flops_per_step / tokens_per_step / peak if peak else None)

@@ -1,10 +1,10 @@
-"""AdamW with decay on matrices only, and the learning-rate schedules."""
+"""AdamW with decay on matrices only; the device peaks MFU is measured against."""
 
 from __future__ import annotations
 
-import math
-
 import torch
+
+from gentool.train.schedules import lr_at  # noqa: F401  (re-exported)
 
 
 def build_optimizer(model: torch.nn.Module, *, lr: float, weight_decay: float, betas=(0.9, 0.95),
@@ -20,31 +20,13 @@ def build_optimizer(model: torch.nn.Module, *, lr: float, weight_decay: float, b
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=1e-8, fused=str(device).startswith("cuda"))
 
 
-def lr_at(step: int, *, total: int, lr: float, warmup: int, schedule: str = "cosine", min_ratio: float = 0.1,
-          decay_fraction: float = 0.2) -> float:
-    """Linear warmup, then cosine to min_ratio·lr, constant, or warmup-stable-decay (linear decay over the last
-    decay_fraction of the steps)."""
-    if warmup and step < warmup:
-        return lr * (step + 1) / warmup
-    floor = lr * min_ratio
-    if schedule == "constant":
-        return lr
-    if schedule == "cosine":
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return floor + 0.5 * (lr - floor) * (1 + math.cos(math.pi * progress))
-    if schedule == "wsd":
-        start = int(total * (1 - decay_fraction))
-        if step < start:
-            return lr
-        return lr - (lr - floor) * min(1.0, (step - start) / max(1, total - start))
-    raise ValueError(f"unknown schedule {schedule!r}")
-
-
 def device_peak_flops(device: str) -> float | None:
     """Dense bf16 peak of known accelerators, for MFU (None where unknown, e.g. CPUs)."""
     if not str(device).startswith("cuda") or not torch.cuda.is_available():
         return None
     name = torch.cuda.get_device_name()
+    if "H100" in name and "PCIe" in name:
+        return 756e12
     for key, peak in (("H100", 989e12), ("H200", 989e12), ("H800", 989e12), ("A100", 312e12), ("L40", 181e12),
                       ("4090", 165e12)):
         if key in name:

@@ -1,0 +1,152 @@
+"""Quantized decoding speed against the memory-bandwidth roofline, and the damage quantization does.
+
+Batch-1 decoding reads every weight once per token, so tokens/s is bounded by (copy read bandwidth) / (bytes of
+weights per token); quantization must turn fewer bytes into more tokens/s. Random weights, gentool's Generator
+(the `gentool sample` path: eager on CPU, compiled + CUDA-graphed on GPU).
+
+    python bench/quantize.py --device cpu     # fp32, bf16, int8, int4-g128 at the 1.1B (TinyLlama) shape
+    python bench/quantize.py --device cuda    # bf16, int8, int8 (aten kernel), int4-g128, fp8 at 1.1B and 7B
+    python bench/quantize.py --damage CKPT DATA [--max-tokens N]   # every scheme on a trained model
+"""
+
+import copy
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from _common import copy_bandwidth, device_name, parser, sync, table
+
+from gentool.config import config_from_preset
+from gentool.lm.sample import Generator, SamplingParams
+from gentool.models import quant
+from gentool.models.quant import quantize_model
+from gentool.models.transformer import Transformer
+
+
+class _IdTok:
+    bos_id, eos_id, eos_ids, add_bos = 1, None, set(), True
+
+    def encode(self, text, bos=False, eos=False):
+        return [1] + [5] * 15
+
+    def decode(self, ids):
+        return ""
+
+
+def build(shape: str, dev: str, dtype) -> Transformer:
+    cfg = config_from_preset(shape)
+    cfg.max_position_embeddings = 512
+    with torch.device(dev):
+        m = Transformer(cfg).to(dtype)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.02)
+    return m.eval()
+
+
+def weight_bytes(model) -> int:
+    """Bytes one decode step reads: every stored tensor but the input embedding (codes + scales for quantized)."""
+    seen, total = set(), 0
+    for name, t in model.state_dict(keep_vars=False).items():
+        if "embed_tokens" in name or t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
+
+
+def variant(shape: str, name: str, dev: str, group_size: int = 128) -> Transformer:
+    """fp32 / bf16, or a scheme on top of the compute dtype (fp32 on CPU, bf16 on GPU)."""
+    act = torch.bfloat16 if dev.startswith("cuda") else torch.float32
+    if name in ("fp32", "bf16"):
+        return build(shape, dev, torch.float32 if name == "fp32" else torch.bfloat16)
+    m = build(shape, dev, act)
+    scheme = name.split("-")[0]
+    quantize_model(m, scheme, group_size=group_size)
+    return m
+
+
+def decode_speed(model, dev: str, new_tokens: int) -> float:
+    gen = Generator(model, _IdTok(), device=dev)
+    params = SamplingParams(max_new_tokens=new_tokens, temperature=0, ignore_eos=True)
+    warm = SamplingParams(max_new_tokens=min(new_tokens, 8), temperature=0, ignore_eos=True)
+    gen.generate("", warm)  # compile + capture on CUDA
+    gen.generate("", params)
+    sync(dev)
+    t0 = time.perf_counter()
+    res = gen.generate("", params)
+    sync(dev)
+    model.reset_cache()
+    return res[0].tokens / (time.perf_counter() - t0)
+
+
+def speed(args) -> None:
+    dev = args.device
+    gpu = dev.startswith("cuda")
+    shapes = (args.shapes or ("tinyllama-1.1b,llama2-7b" if gpu else "tinyllama-1.1b")).split(",")
+    names = (args.variants or ("bf16,int8,int8-aten,int4,fp8" if gpu else "fp32,bf16,int8,int4")).split(",")
+    bw = copy_bandwidth(dev)
+    print(f"device: {device_name(dev)}; copy read bandwidth {bw / 1e9:.1f} GB/s; torch {torch.__version__}")
+    for shape in shapes:
+        rows, ref = [], None
+        for name in names:
+            quant.INT8_CUDA_KERNEL = "aten" if name == "int8-aten" else "compile"
+            model = variant(shape, name, dev, args.group_size)
+            nbytes = weight_bytes(model)
+            try:
+                tps = decode_speed(model, dev, args.new_tokens)
+            except Exception as e:  # report and go on: one failing kernel should not hide the others
+                print(f"{shape} {name}: failed: {type(e).__name__}: {str(e)[:200]}")
+                tps = float("nan")
+            ref = ref or tps
+            roof = bw / nbytes
+            rows.append({"shape": shape, "weights": name, "GB/token": nbytes / 1e9, "tok/s": tps,
+                         f"vs {names[0]}": tps / ref, "roofline tok/s": roof, "% roofline": 100 * tps / roof})
+            del model
+            if gpu:
+                torch.cuda.empty_cache()
+        table(f"batch-1 decode, {shape}, {args.new_tokens} new tokens ({dev})", rows)
+
+
+def damage(args) -> None:
+    from gentool.errors import UsageProblem
+    from gentool.quantize import quantize_checkpoint
+
+    ckpt, data = Path(args.damage[0]), args.damage[1]
+    rows = []
+    opts = {"device": args.device, "dtype": torch.float32, "max_tokens": args.max_tokens, "window": args.window}
+    with tempfile.TemporaryDirectory() as tmp:
+        for scheme, g in [("int8", None), ("int4", 128), ("int4", 64), ("int4", 32), ("nf4", None), ("fp8", None)]:
+            try:
+                r = quantize_checkpoint(ckpt, Path(tmp) / f"{scheme}{g or ''}", scheme=scheme, group_size=g,
+                                        eval_data=[data], eval_options=copy.copy(opts))
+            except UsageProblem as e:  # e.g. a group size that does not divide the model's dimensions
+                print(f"{scheme} g{g}: {e}")
+                continue
+            rows.append({"scheme": scheme + (f"-g{g}" if g else ""), "bits/weight": r["bits_per_weight"],
+                         "size ratio": 1 / r["compression_ratio"], "PPL base": r["ppl_base"],
+                         "PPL quant": r["ppl_quant"], "ΔPPL %": r["delta_ppl_pct"], "KL mean": r["kl_mean"],
+                         "KL p99": r["kl_p99"], "top-1 %": 100 * r["top1_agreement"], "tokens": r["tokens"]})
+    table(f"damage on {ckpt} ({data})", rows)
+
+
+def main():
+    p = parser(__doc__)
+    p.add_argument("--shapes", default=None, help="presets, comma-separated")
+    p.add_argument("--variants", default=None, help="fp32,bf16,int8,int8-aten,int4,nf4,fp8")
+    p.add_argument("--new-tokens", type=int, default=None)
+    p.add_argument("--group-size", type=int, default=128, help="int4 group size")
+    p.add_argument("--damage", nargs=2, metavar=("CKPT", "DATA"), default=None)
+    p.add_argument("--max-tokens", type=int, default=None)
+    p.add_argument("--window", type=int, default=None)
+    args = p.parse_args()
+    if args.damage:
+        return damage(args)
+    args.new_tokens = args.new_tokens or (200 if args.device.startswith("cuda") else 16)
+    speed(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,339 @@
+"""Quantized linear layers (int8, int4, NF4, FP8) and the functions that swap them into a model from outside.
+
+A `QuantLinear` keeps exactly the tensors a quantized checkpoint stores (`weight` codes plus `weight_scale`,
+`weight_zero`, `weight_absmax*`; see quant_pack.py), so `state_dict()` *is* the file layout. Kernel layouts are
+derived from them on the device the layer lives on (`_prepare`, rerun after every `.to()`):
+- int8: torch's `_weight_int8pack_mm` on CPU; on CUDA a dequantize-fused GEMV under torch.compile for decoding
+  (x·(q·s) as a multiply-and-sum inductor fuses, reading int8) and dequantize + matmul otherwise.
+- int4: torch's `_weight_int4pack_mm_for_cpu` / `_weight_int4pack_mm` (tinygemm) layouts, converted at load time.
+- fp8:  `torch._scaled_mm` with row-wise scales (activations quantized per row on the fly) on GPUs with FP8;
+  dequantize + matmul elsewhere.
+- nf4:  dequantize + matmul (the QLoRA base layer).
+Whenever gradients must flow to the input (LoRA on a quantized base) the dequantize + matmul path is used.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gentool.errors import GentoolError, UsageProblem
+from gentool.models import quant_pack as qp
+
+DEFAULT_SKIP = ("embed_tokens", "lm_head")
+COMPANIONS = {"int8": ("weight", "weight_scale"), "int4": ("weight", "weight_scale", "weight_zero"),
+              "nf4": ("weight", "weight_absmax", "weight_absmax_scale", "weight_absmax_mean"),
+              "fp8": ("weight", "weight_scale")}
+INT8_CUDA_KERNEL = "compile"  # "compile" (fused GEMV when compiled, else dequantize) or "aten" (_weight_int8pack_mm)
+
+
+class QuantLinear(nn.Module):
+    """y = x·dequant(W)ᵀ + b for a frozen, quantized W of shape (out_features, in_features)."""
+
+    scheme = ""
+
+    def __init__(self, in_features: int, out_features: int, tensors: dict[str, torch.Tensor],
+                 bias: torch.Tensor | None = None, *, group_size: int | None = None, dtype=torch.float32):
+        super().__init__()
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        assert set(tensors) == set(COMPANIONS[self.scheme]), f"{self.scheme} needs {COMPANIONS[self.scheme]}"
+        for name, t in tensors.items():
+            self.register_buffer(name, t)
+        self.register_buffer("bias", bias)
+        self.register_buffer("_probe", torch.zeros((), dtype=dtype, device=self.weight.device), persistent=False)
+        for name in ("_packed", "_sz", "_scale_row", "_code"):  # kernel layouts, rebuilt by _prepare
+            self.register_buffer(name, None, persistent=False)
+        self._prepare()
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int = 128) -> QuantLinear:
+        w = linear.weight.detach()
+        t = qp.quantize_weight(w, cls.scheme, group_size)
+        bias = linear.bias.detach() if linear.bias is not None else None
+        return cls(linear.in_features, linear.out_features, t, bias,
+                   group_size=group_size if cls.scheme == "int4" else None, dtype=w.dtype)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self._probe.dtype
+
+    def stored(self) -> dict[str, torch.Tensor]:
+        return {n: getattr(self, n) for n in COMPANIONS[self.scheme]}
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dense (out, in) weight the layer computes with."""
+        return qp.dequantize_weight(self.stored(), self.scheme).to(dtype or self.compute_dtype)
+
+    def _apply(self, fn, recurse=True):
+        # Move codes and scales to the new device but never cast them: `.to(bfloat16)` or `.half()` changes the
+        # compute dtype (the probe and the bias follow the cast) and leaves the stored tensors exact.
+        probe = fn(self._probe)
+        for name in COMPANIONS[self.scheme]:
+            self._buffers[name] = self._buffers[name].to(probe.device)
+        self._buffers["_probe"] = probe
+        if self.bias is not None:
+            self._buffers["bias"] = fn(self.bias)
+        self._prepare()
+        return self
+
+    def _prepare(self) -> None:
+        """Build kernel-specific layouts for the current device (none by default)."""
+
+    def _dense(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.dequantize(x.dtype)
+        if torch.compiler.is_compiling() and x.shape[0] <= 4:  # decoding: inductor fuses dequantize into a GEMV
+            return (x[:, None, :] * w[None]).sum(-1)
+        return F.linear(x, w)
+
+    def _mm(self, x: torch.Tensor) -> torch.Tensor:  # x (M, K) -> (M, N)
+        return self._dense(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)
+        y = self._dense(x2) if x.requires_grad and torch.is_grad_enabled() else self._mm(x2)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        g = f", group_size={self.group_size}" if self.group_size else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme}{g}"
+
+
+class Int8Linear(QuantLinear):
+    scheme = "int8"
+
+    def _mm(self, x):
+        s = self.weight_scale.to(x.dtype)
+        if x.device.type == "cpu" or (x.device.type == "cuda" and INT8_CUDA_KERNEL == "aten"):
+            return torch.ops.aten._weight_int8pack_mm(x.contiguous(), self.weight, s)
+        if torch.compiler.is_compiling() and x.shape[0] <= 4:  # decoding: one fused int8 GEMV
+            return (x[:, None, :] * self.weight.to(x.dtype)[None]).sum(-1) * s
+        return F.linear(x, self.weight.to(x.dtype)) * s
+
+
+class Int4Linear(QuantLinear):
+    scheme = "int4"
+
+    def _prepare(self):
+        self._packed = self._sz = None
+        dev = self.weight.device
+        if dev.type not in ("cpu", "cuda"):
+            return
+        sz = torch.stack([self.weight_scale.t(), self.weight_zero.t()], -1).contiguous()  # (K/g, N, 2)
+        try:
+            if dev.type == "cpu":
+                self._packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(qp.int4_codes(self.stored()).int(), 2)
+                self._sz = sz.to(self.compute_dtype)
+            else:
+                tiles = 8 if self.in_features % 128 == 0 else 4 if self.in_features % 64 == 0 else 2
+                self._packed = torch.ops.aten._convert_weight_to_int4pack(self.weight.contiguous(), tiles)
+                self._sz = sz.to(torch.bfloat16)
+        except RuntimeError:  # a shape the kernel does not take (e.g. N not a multiple of 16): dense fallback
+            self._packed = self._sz = None
+
+    def _mm(self, x):
+        if self._packed is None:
+            return self._dense(x)
+        if x.device.type == "cpu":
+            sz = self._sz if self._sz.dtype == x.dtype else self._sz.to(x.dtype)
+            return torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), self._packed, self.group_size, sz)
+        y = torch.ops.aten._weight_int4pack_mm(x.to(torch.bfloat16).contiguous(), self._packed, self.group_size, self._sz)
+        return y.to(x.dtype)
+
+
+class NF4Linear(QuantLinear):
+    scheme = "nf4"
+
+    def _prepare(self):
+        self._code = qp.NF4_CODE.to(self.weight.device)  # on the device: no host tensor in a captured graph
+
+    def dequantize(self, dtype=None):
+        return qp.dequantize_nf4(self.stored(), self._code).to(dtype or self.compute_dtype)
+
+
+class FP8Linear(QuantLinear):
+    scheme = "fp8"
+
+    def _prepare(self):
+        dev = self.weight.device
+        self._scaled = (dev.type == "cuda" and torch.cuda.get_device_capability(dev) >= (8, 9)
+                        and self.in_features % 16 == 0 and self.out_features % 16 == 0)
+        self._scale_row = self.weight_scale.float()[None, :] if self._scaled else None  # (1, N)
+
+    def _mm(self, x):
+        if not self._scaled:
+            return F.linear(x, self.weight.to(x.dtype)) * self.weight_scale.to(x.dtype)
+        m = x.shape[0]
+        xs = (x.abs().amax(-1, keepdim=True).float() / qp.FP8_MAX).clamp_min(qp.TINY)   # (M, 1) row scales
+        xq = (x.float() / xs).clamp(-qp.FP8_MAX, qp.FP8_MAX).to(torch.float8_e4m3fn)
+        pad = -m % 16
+        if pad:
+            xq, xs = F.pad(xq.view(torch.uint8), (0, 0, 0, pad)).view(torch.float8_e4m3fn), F.pad(xs, (0, 0, 0, pad),
+                                                                                              value=1.0)
+        y = torch._scaled_mm(xq, self.weight.t(), scale_a=xs, scale_b=self._scale_row, out_dtype=torch.bfloat16)
+        return y[:m].to(x.dtype)
+
+
+LAYERS: dict[str, type[QuantLinear]] = {c.scheme: c for c in (Int8Linear, Int4Linear, NF4Linear, FP8Linear)}
+
+
+# --- swapping layers in and out -----------------------------------------------------------------------------------------
+def matches(name: str, patterns) -> bool:
+    """A module name matches `embed_tokens`, `layers.0`, `mlp.down_proj` (dotted segments) or a glob."""
+    from fnmatch import fnmatchcase
+
+    return any(f".{p}." in f".{name}." or fnmatchcase(name, p) for p in patterns)
+
+
+def keep_16bit_patterns(values, n_layers: int) -> list[str]:
+    """`first`, `last` or layer numbers -> module-name patterns of whole transformer blocks."""
+    out = []
+    for v in values:
+        i = 0 if v == "first" else n_layers - 1 if v == "last" else int(v) if re.fullmatch(r"-?\d+", v) else None
+        if i is None or not -n_layers <= i < n_layers:
+            raise UsageProblem(f"--keep-16bit {v!r} is not first, last or a layer number below {n_layers}")
+        out.append(f"model.layers.{i % n_layers}")
+    return out
+
+
+def check_quantizable(name: str, linear: nn.Linear, scheme: str, group_size: int) -> None:
+    k = linear.in_features
+    if scheme == "int4" and k % group_size:
+        raise UsageProblem(f"group size {group_size} does not divide {name}'s input dimension {k}",
+                           hint=f"use a --group-size that divides {k}, or --skip {name.split('.')[-1]}")
+    if scheme == "nf4" and (k * linear.out_features) % qp.NF4_BLOCK:
+        raise UsageProblem(f"{name} has {k * linear.out_features} weights, not a multiple of NF4's block of "
+                           f"{qp.NF4_BLOCK}", hint=f"--skip {name.split('.')[-1]}")
+
+
+def quantize_model(model: nn.Module, scheme: str, *, group_size: int = 128, skip=DEFAULT_SKIP,
+                   keep_16bit=()) -> dict[str, list[str]]:
+    """Replace every nn.Linear not matched by `skip` / `keep_16bit` patterns by its quantized layer, in place.
+    Returns the module names quantized and the weight names left in 16-bit."""
+    if scheme not in LAYERS:
+        raise UsageProblem(f"unknown scheme {scheme!r}", hint="use one of " + ", ".join(qp.SCHEMES))
+    if scheme == "int4" and group_size not in qp.INT4_GROUP_SIZES:
+        raise UsageProblem(f"group size {group_size} is not supported",
+                           hint="use --group-size " + ", ".join(map(str, qp.INT4_GROUP_SIZES)))
+    patterns = list(skip) + list(keep_16bit)
+    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and not matches(n, patterns)]
+    for name, m in targets:
+        check_quantizable(name, m, scheme, group_size)
+    for name, m in targets:
+        model.set_submodule(name, LAYERS[scheme].from_linear(m, group_size))
+    quantized = [n for n, _ in targets]
+    skipped = [k for k, v in model.state_dict().items() if v.dim() == 2 and k.rsplit(".", 1)[0] not in quantized]
+    return {"quantized": quantized, "skipped": skipped}
+
+
+def quantized_modules(model: nn.Module) -> dict[str, QuantLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+@torch.no_grad()
+def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """Replace every QuantLinear by an nn.Linear with its dequantized weight, in place."""
+    for name, m in quantized_modules(model).items():
+        w = m.dequantize(dtype)
+        lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device=w.device, dtype=w.dtype)
+        lin.weight.copy_(w)
+        if m.bias is not None:
+            lin.bias.copy_(m.bias)
+        model.set_submodule(name, lin)
+    return model
+
+
+def install_from_state(model: nn.Module, state: dict[str, torch.Tensor], qconfig: dict, *, dtype: torch.dtype,
+                       where=None) -> list[str]:
+    """Swap in the quantized layers a checkpoint's state holds (found by their `<name>.weight_scale` /
+    `<name>.weight_absmax` companions) and pop their tensors from `state`."""
+    scheme = qconfig.get("scheme")
+    if scheme not in LAYERS:
+        raise GentoolError(f"unknown quantization scheme {scheme!r} in config.json", path=where,
+                           hint="the checkpoint was written by a newer gentool or is corrupt")
+    marker = COMPANIONS[scheme][1]
+    names = sorted(k[: -len(marker) - 1] for k in state if k.endswith("." + marker))
+    for name in names:
+        try:
+            lin = model.get_submodule(name)
+        except AttributeError:
+            raise GentoolError(f"quantized tensor {name} is not a layer of the model", path=where,
+                               hint="the checkpoint is corrupt") from None
+        tensors = {}
+        for c in COMPANIONS[scheme]:
+            if f"{name}.{c}" not in state:
+                raise GentoolError(f"missing tensor {name}.{c}", path=where, hint="the checkpoint is corrupt")
+            tensors[c] = state.pop(f"{name}.{c}")
+        bias = state.pop(f"{name}.bias", None)
+        layer = LAYERS[scheme](lin.in_features, lin.out_features, tensors,
+                               bias.to(dtype) if bias is not None else None,
+                               group_size=qconfig.get("group_size") if scheme == "int4" else None, dtype=dtype)
+        n, k = lin.out_features, lin.in_features
+        shapes = {"weight": (n, k) if scheme in ("int8", "fp8") else (n, k // 2)}
+        if scheme == "int4":
+            shapes["weight_scale"] = shapes["weight_zero"] = (n, k // (layer.group_size or k))
+        for c, want in shapes.items():
+            if tuple(tensors[c].shape) != want:
+                raise GentoolError(f"{name}.{c} has shape {tuple(tensors[c].shape)}, config.json implies {want}",
+                                   path=where, hint="the checkpoint is corrupt")
+        model.set_submodule(name, layer)
+    return names
+
+
+# --- quantized checkpoints on disk --------------------------------------------------------------------------------------
+def quantization_config(path) -> dict | None:
+    """config.json's `quantization_config` block, or None for a plain checkpoint."""
+    import json
+    from pathlib import Path
+
+    f = Path(path) / "config.json"
+    try:
+        q = json.loads(f.read_text(encoding="utf-8")).get("quantization_config") if f.is_file() else None
+    except (ValueError, UnicodeDecodeError):
+        return None  # read_config reports the bad JSON
+    if q is not None and q.get("quant_method") != "gentool":
+        raise UsageProblem(f"quantization method {q.get('quant_method')!r} is not supported", path=f,
+                           hint="gentool reads its own quantized checkpoints (gentool quantize) and 16-bit models")
+    return q
+
+
+def load_quantized(path, *, device="cpu", dtype: torch.dtype | None = None, verify: bool = True, causal: bool = True):
+    """Load a gentool quantized-checkpoint: the model with its quantized layers swapped in, on `device`, computing
+    in `dtype` (float32 by default). Returns a checkpoint.LoadedLM."""
+    from pathlib import Path
+
+    from gentool.artifacts import MANIFEST, read_artifact
+    from gentool.models.checkpoint import LoadedLM, find_tokenizer, read_config, read_tensors, weight_files
+    from gentool.models.transformer import Transformer
+
+    path = Path(path)
+    dtype = dtype or torch.float32
+    manifest = read_artifact(path, "quantized-checkpoint", verify=verify) if (path / MANIFEST).is_file() else None
+    qconfig = quantization_config(path)
+    config = read_config(path)
+    state = read_tensors(weight_files(path))  # as stored: codes and scales keep their dtypes
+    with torch.device("meta"):
+        model = Transformer(config, causal=causal)
+    qnames = set(install_from_state(model, state, qconfig, dtype=dtype, where=path))
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    if config.tie_word_embeddings and not isinstance(model.lm_head, QuantLinear):
+        state.pop("lm_head.weight", None)
+        if "model.embed_tokens.weight" in state:
+            state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    expected = {k for k in model.state_dict() if k.rsplit(".", 1)[0] not in qnames}
+    missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or extra:
+        raise GentoolError(f"weights do not fit config.json: missing {missing[:3]}, unexpected {extra[:3]}",
+                           path=path, hint="the checkpoint is corrupt")
+    model.load_state_dict(state, strict=False, assign=True)
+    if config.tie_word_embeddings and not isinstance(model.lm_head, QuantLinear):
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.init_buffers(device)
+    model.to(device)
+    model.eval()
+    return LoadedLM(model, config, path, find_tokenizer(path), manifest, "gentool")

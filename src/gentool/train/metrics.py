@@ -1,0 +1,62 @@
+"""metrics.jsonl: one JSON object per logged step.
+
+    {"step", "tokens", "flops", "loss", "val_loss"?, "lr", "grad_norm", "tokens_per_s", "mfu"?, "seconds"}
+
+tokens and flops are cumulative (D and C so far); tokens_per_s and mfu are measured over the steps since the previous
+line (so compilation and evaluation do not blur them); seconds is the wall time of the run so far (summed over resumes).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class MetricsLog:
+    """Appends lines to metrics.jsonl (rank 0 only) and measures throughput between lines."""
+
+    def __init__(self, path: Path, *, tokens_per_step: int, flops_per_step: float, peak_flops: float | None,
+                 start_step: int, resume: bool, write: bool = True):
+        self.path, self.write = path, write
+        self.tokens_per_step, self.flops_per_step, self.peak = tokens_per_step, flops_per_step, peak_flops
+        kept = [m for m in read_metrics(path) if m["step"] <= start_step] if resume else []
+        if write:  # on resume, drop lines logged after the state we resume from (they will be logged again)
+            path.write_text("".join(json.dumps(m) + "\n" for m in kept))
+        self.wall0 = time.time() - (kept[-1]["seconds"] if kept else 0.0)  # wall time adds up across resumes
+        self.mark_step, self.mark_time = start_step, time.perf_counter()
+        self.excluded = 0.0   # seconds spent in evaluation/checkpointing since the mark
+
+    def exclude(self, seconds: float) -> None:
+        self.excluded += seconds
+
+    def rate(self, step: int) -> tuple[float, float | None]:
+        """(tokens/s, MFU) over the steps since the last line."""
+        dt = max(time.perf_counter() - self.mark_time - self.excluded, 1e-9)
+        steps = step - self.mark_step
+        tps = self.tokens_per_step * steps / dt
+        mfu = self.flops_per_step * steps / dt / self.peak if self.peak else None
+        return tps, mfu
+
+    def log(self, step: int, *, loss: float, lr: float, grad_norm: float, extra: dict[str, float] | None = None
+            ) -> dict[str, Any]:
+        tps, mfu = self.rate(step)
+        line: dict[str, Any] = {"step": step, "tokens": step * self.tokens_per_step,
+                                "flops": step * self.flops_per_step, "loss": round(loss, 6)}
+        line.update({k: round(v, 6) for k, v in (extra or {}).items()})
+        line.update(lr=lr, grad_norm=round(grad_norm, 6), tokens_per_s=round(tps, 1))
+        if mfu is not None:
+            line["mfu"] = round(mfu, 4)
+        line["seconds"] = round(time.time() - self.wall0, 3)
+        if self.write:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(line) + "\n")
+        self.mark_step, self.mark_time, self.excluded = step, time.perf_counter(), 0.0
+        return line
