@@ -22,7 +22,7 @@ from _common import device_name, matmul_peak, parser, sync, table
 from gentool.data.arrays import to_uint8, toy_2d, train_val
 from gentool.diffusion.checkpoint import load_diffusion
 from gentool.diffusion.sample import generate
-from gentool.diffusion.score import score_samples
+from gentool.diffusion.metrics import score_samples
 from gentool.diffusion.train import TrainDiffusionOptions, run_train_diffusion
 
 DDPM_ROWS = [("ddpm", 1000), ("ddim", 10), ("ddim", 20), ("ddim", 50), ("ddim", 100), ("dpm++2m", 10),

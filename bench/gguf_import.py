@@ -16,7 +16,7 @@ from _common import parser, table
 
 from gentool.data.tokenizer import load_tokenizer
 from gentool.gguf import import_gguf
-from gentool.lm.perplexity import perplexity
+from gentool.evaluation.windows import perplexity
 from gentool.models.checkpoint import load_lm
 from gentool.tokenize import bundled_corpus
 

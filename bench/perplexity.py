@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from _common import device_name, matmul_peak, parser, sync, table
 
 from gentool.config import config_from_preset
-from gentool.lm.perplexity import nll_fn, token_nlls
+from gentool.evaluation.windows import nll_fn, token_nlls
 from gentool.models.transformer import Transformer
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 from gentool.errors import GentoolError, UsageProblem
@@ -27,19 +27,17 @@ class LMConfig:
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
     pad_token_id: int | None = 3
-    head_dim_override: int | None = None
+    head_dim: int | None = None      # as in HF: None means hidden_size // num_attention_heads
 
     def __post_init__(self):
         if self.num_attention_heads % self.num_key_value_heads:
             raise UsageProblem(f"num_attention_heads {self.num_attention_heads} is not a multiple of "
                                f"num_key_value_heads {self.num_key_value_heads}")
-        if self.head_dim_override is None and self.hidden_size % self.num_attention_heads:
-            raise UsageProblem(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
-                               f"{self.num_attention_heads}")
-
-    @property
-    def head_dim(self) -> int:
-        return self.head_dim_override or self.hidden_size // self.num_attention_heads
+        if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise UsageProblem(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
+                                   f"{self.num_attention_heads}")
+            self.head_dim = self.hidden_size // self.num_attention_heads
 
     def n_params(self, non_embedding: bool = False) -> int:
         """Parameters. non_embedding excludes the input embedding and the output head (Kaplan et al. 2020)."""
@@ -62,11 +60,11 @@ class LMConfig:
 
     def to_hf_dict(self, dtype: str = "float32") -> dict[str, Any]:
         """config.json for transformers: both the v4 and v5 spellings (rope_theta/rope_parameters, torch_dtype/dtype)."""
-        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "head_dim_override"}
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
         rope = {"rope_type": "default", "rope_theta": self.rope_theta}
         if self.rope_scaling:
             rope = {**self.rope_scaling, "rope_theta": self.rope_theta}
-        d.update(architectures=list(SUPPORTED_ARCHITECTURES), model_type="llama", head_dim=self.head_dim,
+        d.update(architectures=list(SUPPORTED_ARCHITECTURES), model_type="llama",
                  hidden_act="silu", attention_dropout=0.0, mlp_bias=False, initializer_range=0.02,
                  rope_parameters=rope, torch_dtype=dtype, dtype=dtype, use_cache=True)
         if d["rope_scaling"] is None:
@@ -93,7 +91,6 @@ class LMConfig:
         try:
             n_heads = int(d["num_attention_heads"])
             hidden = int(d["hidden_size"])
-            head_dim = d.get("head_dim")
             return cls(
                 vocab_size=int(d["vocab_size"]), hidden_size=hidden, num_hidden_layers=int(d["num_hidden_layers"]),
                 num_attention_heads=n_heads, num_key_value_heads=int(d.get("num_key_value_heads") or n_heads),
@@ -104,13 +101,10 @@ class LMConfig:
                 attention_bias=bool(d.get("attention_bias", False)), rope_scaling=scaling,
                 bos_token_id=d.get("bos_token_id"), eos_token_id=d.get("eos_token_id"),
                 pad_token_id=d.get("pad_token_id"),
-                head_dim_override=int(head_dim) if head_dim and int(head_dim) != hidden // n_heads else None)
-        except (KeyError, TypeError, ValueError) as e:
+                head_dim=int(d.get("head_dim") or hidden // n_heads))
+        except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
             raise GentoolError(f"config.json is missing or has a bad field ({e})", path=path,
                                hint="the checkpoint is corrupt") from None
-
-    def describe(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if v is not None}
 
 
 # Shapes in the gpt-fast style: a small dict. vocab_size comes from the tokenizer unless given.
@@ -134,9 +128,25 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def config_from_preset(name: str, **overrides: Any) -> LMConfig:
-    if name not in PRESETS:
+def config_from_preset(name: str | None, *, min_context: int | None = None, **dims: Any) -> LMConfig:
+    """The one place a model shape is decided: preset `name` (or none), overridden by the HF-named `dims` that are
+    not None. Without a preset, the width, depth and heads must be given; key/value heads default to the heads,
+    the SwiGLU width to about 8/3 of the width (a multiple of 32), the vocabulary to 32000. `min_context` (the
+    training sequence length) raises max_position_embeddings to at least it, and is the context when neither the
+    preset nor `dims` give one."""
+    if name is not None and name not in PRESETS:
         raise UsageProblem(f"unknown preset {name!r}", hint="choose one of " + ", ".join(PRESETS))
-    values = {**PRESETS[name], **{k: v for k, v in overrides.items() if v is not None}}
+    values = {**(PRESETS[name] if name else {}), **{k: v for k, v in dims.items() if v is not None}}
     values.setdefault("vocab_size", 32000)
-    return LMConfig(**values)
+    if min_context is not None:
+        values["max_position_embeddings"] = max(values.get("max_position_embeddings", 0), min_context)
+    values.setdefault("num_key_value_heads", values.get("num_attention_heads"))
+    values.setdefault("intermediate_size", 4 * values.get("hidden_size", 0) * 2 // 3 // 32 * 32 or 32)
+    missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads") if values.get(k) is None]
+    if missing:
+        raise UsageProblem("incomplete model dimensions: " + ", ".join(missing) + " missing",
+                           hint="give --preset, or all of --hidden-size, --num-layers and --num-heads")
+    try:
+        return LMConfig(**values)
+    except TypeError as e:
+        raise UsageProblem(f"bad model dimensions ({e})", hint="see `gentool train-lm --help`") from None

@@ -135,21 +135,3 @@ def emit(result: dict[str, Any], *, as_json: bool, title: str | None = None) -> 
         for k, v in result.items():
             sys.stdout.write(f"{str(k):<{width}}  {_fmt(v)}\n")
     sys.stdout.flush()
-
-
-def emit_rows(rows: list[dict[str, Any]], *, as_json: bool) -> None:
-    """A table of rows (stdout), or JSON lines with as_json."""
-    if as_json:
-        for r in rows:
-            sys.stdout.write(dumps(r) + "\n")
-        sys.stdout.flush()
-        return
-    if not rows:
-        return
-    cols = list(rows[0])
-    cells = [[_fmt(r.get(c, "")) for c in cols] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
-    sys.stdout.write("  ".join(c.ljust(w) for c, w in zip(cols, widths)).rstrip() + "\n")
-    for row in cells:
-        sys.stdout.write("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() + "\n")
-    sys.stdout.flush()

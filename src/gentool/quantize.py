@@ -8,39 +8,42 @@ KL(base ‖ quant) of the next-token distributions, top-1 agreement; plus size a
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from gentool import console
+from gentool.artifacts import MANIFEST, check_output, create_artifact, input_ref, read_artifact, sha256_file
+from gentool.devices import DTYPE_ALIASES, dtype_name, torch_dtype
 from gentool.errors import UsageProblem
+from gentool.evaluation.compare import damage_report
+from gentool.models.checkpoint import load_lm, quantization_config, save_lm, weight_files
+from gentool.models.quant import (DEFAULT_SKIP, dequantize_model, keep_16bit_patterns, quantize_model,
+                                  quantized_modules)
+from gentool.models.quant_codecs import INT4_GROUP_SIZES, SCHEMES
 
 SCHEME_NAMES = {"int8": "int8-channel", "int4": "int4-group", "nf4": "nf4", "fp8": "fp8-e4m3"}
 
 
-def _base_dtype(path: Path) -> torch.dtype:
-    from gentool.models.checkpoint import DTYPES
+def _dtype_or(name: Any, default: torch.dtype) -> torch.dtype:
+    return torch_dtype(name) if name in DTYPE_ALIASES else default
 
+
+def _base_dtype(path: Path) -> torch.dtype:
     try:
         cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return _dtype_or(cfg.get("torch_dtype") or cfg.get("dtype") or "float32", torch.float32)
+    except (OSError, ValueError, AttributeError):
         return torch.float32
-    return DTYPES.get(cfg.get("torch_dtype") or cfg.get("dtype") or "float32", torch.float32)
 
 
 def _weights_bytes(path: Path) -> int:
-    from gentool.models.checkpoint import weight_files
-
     return sum(f.stat().st_size for f in weight_files(path))
 
 
 def _copy_tokenizer(lm, directory: Path) -> dict[str, Any]:
-    from gentool.artifacts import sha256_file
-
     if lm.tokenizer_path is None:
         return {}
     shutil.copy(lm.tokenizer_path, directory / lm.tokenizer_path.name)
@@ -51,8 +54,6 @@ def _copy_tokenizer(lm, directory: Path) -> dict[str, Any]:
 
 
 def check_options(scheme: str, group_size: int | None) -> int:
-    from gentool.models.quant_pack import INT4_GROUP_SIZES, SCHEMES
-
     if scheme not in SCHEMES:
         raise UsageProblem(f"unknown scheme {scheme!r}", hint="use --scheme " + ", ".join(SCHEMES))
     if group_size is not None and scheme != "int4":
@@ -69,11 +70,6 @@ def quantize_checkpoint(ckpt: Path, out: Path, *, scheme: str | None, group_size
                         skip: list[str] | None = None, keep_16bit: list[str] | None = None, dequantize: bool = False,
                         eval_data: list[str] | None = None, eval_options: dict | None = None, force: bool = False,
                         verify: bool = True) -> dict[str, Any]:
-    from gentool.artifacts import MANIFEST, check_output, create_artifact, input_ref, read_artifact
-    from gentool.models.checkpoint import load_lm, save_lm
-    from gentool.models.quant import (DEFAULT_SKIP, dequantize_model, keep_16bit_patterns, quantization_config,
-                                      quantize_model, quantized_modules)
-
     ckpt = Path(ckpt)
     check_output(out, force=force)
     qconf = quantization_config(ckpt) if ckpt.is_dir() else None
@@ -118,7 +114,7 @@ def quantize_checkpoint(ckpt: Path, out: Path, *, scheme: str | None, group_size
             art.contents.update(architecture="llama", n_params=lm.config.n_params(), vocab_size=lm.config.vocab_size,
                                 n_params_non_embedding=lm.config.n_params(non_embedding=True),
                                 context_length=lm.config.max_position_embeddings,
-                                dtype=str(base_dtype).replace("torch.", ""), **tok,
+                                dtype=dtype_name(base_dtype), **tok,
                                 dequantized_from=(qconf or {}).get("scheme", SCHEME_NAMES.get(scheme)))
             result = {"output": str(out), "kind": kind, "dequantized": True}
         else:
@@ -148,9 +144,7 @@ def quantize_checkpoint(ckpt: Path, out: Path, *, scheme: str | None, group_size
 
 
 def _base_dtype_from(qconf: dict) -> torch.dtype:
-    from gentool.models.checkpoint import DTYPES
-
-    return DTYPES.get(qconf.get("base_dtype", "bfloat16"), torch.bfloat16)
+    return _dtype_or(qconf.get("base_dtype", "bfloat16"), torch.bfloat16)
 
 
 def _half(base_dtype: torch.dtype) -> torch.dtype:
@@ -162,9 +156,6 @@ def save_quantized(lm, directory: Path, scheme: str, group_size: int, skip: list
                    info: dict, base_dtype: torch.dtype) -> dict[str, Any]:
     """model.safetensors (codes + companions, the rest in 16-bit), config.json with `quantization_config`."""
     from safetensors.torch import save_file
-
-    from gentool.models.checkpoint import DTYPE_NAMES, save_lm
-    from gentool.models.quant import quantized_modules
 
     half = _half(base_dtype)
     qmods = quantized_modules(lm.model)
@@ -182,7 +173,7 @@ def save_quantized(lm, directory: Path, scheme: str, group_size: int, skip: list
     cfg = json.loads((directory / "config.json").read_text())
     for key in ("torch_dtype", "dtype"):
         if key in cfg:
-            cfg[key] = DTYPE_NAMES[half]
+            cfg[key] = dtype_name(half)
     qbits = sum(v.numel() * v.element_size() * 8 for k, v in state.items() if k.rsplit(".", 1)[0] in qmods
                 and not k.endswith(".bias"))
     qweights = sum(m.in_features * m.out_features for m in qmods.values())
@@ -192,7 +183,7 @@ def save_quantized(lm, directory: Path, scheme: str, group_size: int, skip: list
     skipped = [k for k in info["skipped"] if k in state]
     cfg["quantization_config"] = {
         "quant_method": "gentool", "scheme": scheme, "group_size": group_size if scheme == "int4" else None,
-        "skip": skip, "keep_16bit": keep_16bit, "base_dtype": DTYPE_NAMES.get(base_dtype, "float32"),
+        "skip": skip, "keep_16bit": keep_16bit, "base_dtype": dtype_name(base_dtype),
         "tensors": {"int8": "weight int8 (out, in); weight_scale float32 (out,): w = q * scale",
                     "int4": "weight uint8 (out, in/2), two codes per byte, high nibble first; weight_scale, "
                             "weight_zero bf16 (out, in/group): w = (q - 8) * scale + zero",
@@ -205,95 +196,3 @@ def save_quantized(lm, directory: Path, scheme: str, group_size: int, skip: list
             "tensors_quantized": [f"{n}.weight" for n in qmods], "skipped": skipped,
             "bits_per_weight": qbits / max(qweights, 1), "bits_per_param": all_bits / max(n_params, 1),
             "bytes": (directory / "model.safetensors").stat().st_size, "n_params": n_params}
-
-
-# --- damage -------------------------------------------------------------------------------------------------------------
-def eval_ids(lm, data: list[str], *, split: str = "val", max_tokens: int | None = None, verify: bool = True):
-    """Token ids of token shards (checked against the model's tokenizer) or text files."""
-    from gentool.artifacts import MANIFEST
-    from gentool.data.tokenizer import load_tokenizer
-    from gentool.lm.perplexity import load_text_ids
-
-    tok = load_tokenizer(lm.tokenizer_path) if lm.tokenizer_path else None
-    if len(data) == 1 and Path(data[0]).is_dir() and (Path(data[0]) / MANIFEST).is_file():
-        from gentool.data.shards import open_shards
-
-        shards = open_shards(data[0], split, verify=verify)
-        if tok is None or shards.tokenizer_id != tok.sha256:
-            raise UsageProblem("the shards were encoded with a different tokenizer than the checkpoint's",
-                               path=data[0], hint="use shards made with the checkpoint's tokenizer")
-        n = len(shards) if max_tokens is None else min(len(shards), max_tokens + 1)
-        ids = torch.from_numpy(shards.tokens(0, n)).long()
-    else:
-        if tok is None:
-            raise UsageProblem("the checkpoint has no tokenizer", path=lm.path, hint="evaluate on token shards")
-        ids, _ = load_text_ids(data, tok)
-        ids = ids[: max_tokens + 1] if max_tokens is not None else ids
-    if len(ids) < 2:
-        raise UsageProblem("the evaluation data holds fewer than two tokens", hint="pass more text")
-    if int(ids.max()) >= lm.config.vocab_size:
-        raise UsageProblem(f"token id {int(ids.max())} is outside the model's vocabulary", hint="wrong tokenizer")
-    return ids
-
-
-@torch.no_grad()
-def compare_logits(base: torch.nn.Module, quant: torch.nn.Module, ids: torch.Tensor, *, window: int,
-                   stride: int | None = None, batch_size: int = 8, device: str = "cpu",
-                   dtype: torch.dtype = torch.float32) -> dict[str, Any]:
-    """Score every token once (gentool's windows) under both models; per-token NLLs, KL(base‖quant), top-1."""
-    from gentool.lm.perplexity import plan_windows
-
-    plan = plan_windows(len(ids), window, stride or max(1, window // 2))
-    nll_b, nll_q, kls, same = [], [], [], []
-    autocast = device.startswith("cuda") and dtype != torch.float32
-    for i in range(0, len(plan), batch_size):
-        group = plan[i:i + batch_size]
-        lengths = {w.end - w.start for w in group}  # equal lengths batch together; a short last one alone
-        chunks = [group] if len(lengths) == 1 else [[w] for w in group]
-        for chunk in chunks:
-            x = torch.stack([ids[w.start:w.end] for w in chunk]).to(device)
-            with torch.autocast(device_type=device.split(":")[0], dtype=dtype, enabled=autocast):
-                lb, lq = base(x[:, :-1]).float().log_softmax(-1), quant(x[:, :-1]).float().log_softmax(-1)
-            for j, w in enumerate(chunk):
-                s = slice(w.score_from - w.start - 1, None)
-                b, q, t = lb[j, s], lq[j, s], x[j, 1:][s]
-                nll_b.append(-b.gather(-1, t[:, None])[:, 0].double().cpu())
-                nll_q.append(-q.gather(-1, t[:, None])[:, 0].double().cpu())
-                kls.append((b.exp() * (b - q)).sum(-1).clamp_min(0).double().cpu())
-                same.append((b.argmax(-1) == q.argmax(-1)).cpu())
-    nb, nq, kl, top = torch.cat(nll_b), torch.cat(nll_q), torch.cat(kls), torch.cat(same)
-    ppl_b, ppl_q = math.exp(float(nb.mean())), math.exp(float(nq.mean()))
-    return {"tokens": len(nb), "window": window, "ppl_base": ppl_b, "ppl_quant": ppl_q, "delta_ppl": ppl_q - ppl_b,
-            "delta_ppl_pct": 100 * (ppl_q / ppl_b - 1), "ln_ppl_ratio": float(nq.mean() - nb.mean()),
-            "kl_mean": float(kl.mean()), "kl_p99": float(torch.quantile(kl, 0.99)), "kl_max": float(kl.max()),
-            "top1_agreement": float(top.float().mean())}
-
-
-def damage_report(base_lm, quant_lm, data: list[str], *, split: str = "val", window: int | None = None,
-                  stride: int | None = None, max_tokens: int | None = None, batch_size: int = 8,
-                  device: str = "cpu", dtype: torch.dtype = torch.float32, verify: bool = True) -> dict[str, Any]:
-    if base_lm.config.vocab_size != quant_lm.config.vocab_size:
-        raise UsageProblem("the two models have different vocabularies", path=base_lm.path,
-                           hint="--reference must be the checkpoint that was quantized")
-    ids = eval_ids(quant_lm, data, split=split, max_tokens=max_tokens, verify=verify)
-    window = window or quant_lm.config.max_position_embeddings
-    if not 2 <= window <= quant_lm.config.max_position_embeddings:
-        raise UsageProblem(f"--window must be between 2 and the model's context "
-                           f"({quant_lm.config.max_position_embeddings})")
-    return compare_logits(base_lm.model, quant_lm.model, ids, window=window, stride=stride, batch_size=batch_size,
-                          device=device, dtype=dtype)
-
-
-def compare_checkpoints(quant: Path, reference: Path, data: list[str], *, device: str = "cpu",
-                        dtype: torch.dtype = torch.float32, verify: bool = True, **options) -> dict[str, Any]:
-    """`gentool perplexity QUANT --reference BASE DATA`: the damage report of any model against a reference."""
-    from gentool.models.checkpoint import load_lm
-
-    if not data:
-        raise UsageProblem("no data to score", hint="pass a token-shards directory, text files, or - for stdin")
-    base = load_lm(reference, device=device, dtype=dtype, verify=verify)
-    q = load_lm(quant, device=device, dtype=dtype, verify=verify)
-    report = damage_report(base, q, data, device=device, dtype=dtype, verify=verify, **options)
-    qc = q.manifest.contents if q.manifest is not None and q.manifest.kind == "quantized-checkpoint" else {}
-    extra = {k: qc[k] for k in ("scheme", "bits_per_weight", "bytes", "compression_ratio") if k in qc}
-    return {"checkpoint": str(quant), "reference": str(reference), **extra, **report}

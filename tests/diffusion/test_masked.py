@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from gentool.diffusion.masked import (MaskSchedule, estimate_nelbo, filter_probs, masked_diffusion_loss, sample,
+from gentool.lm.masked import (MaskSchedule, estimate_nelbo, filter_probs, masked_diffusion_loss, sample,
                                       sample_blocks, subs_log_probs)
 
 V, MASK = 5, 4  # tokens 0..3 plus the mask

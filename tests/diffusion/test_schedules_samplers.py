@@ -10,7 +10,7 @@ import torch
 from gentool.diffusion.objectives import DiffusionSpec, ddpm_target, to_x0_eps
 from gentool.diffusion.samplers import sample, timesteps
 from gentool.diffusion.schedules import Schedule
-from gentool.diffusion.score import sliced_wasserstein
+from gentool.diffusion.metrics import sliced_wasserstein
 
 _spec = importlib.util.spec_from_file_location("_gmm", Path(__file__).with_name("_gmm.py"))
 _gmm = importlib.util.module_from_spec(_spec)

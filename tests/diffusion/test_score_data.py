@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from gentool.data.arrays import BUILTINS, load_array_file, load_data, train_val
-from gentool.diffusion.score import load_classifier, mmd, sliced_wasserstein
+from gentool.diffusion.metrics import load_classifier, mmd, sliced_wasserstein
 
 
 def test_sliced_wasserstein_closed_forms():

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from gentool.diffusion.score import sliced_wasserstein
+from gentool.diffusion.metrics import sliced_wasserstein
 
 
 def _train(cli, out, *args):

@@ -38,7 +38,7 @@ def test_compiled_cuda_graph_decode_equals_eager():
 
 
 def test_cuda_training_bf16_and_perplexity(tmp_path):
-    from gentool.lm.perplexity import perplexity
+    from gentool.evaluation.windows import perplexity
 
     cfg = config_from_preset("mini", vocab_size=256)
     m = Transformer(cfg).cuda()

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from gentool.config import config_from_preset
-from gentool.lm.perplexity import perplexity, plan_windows
+from gentool.evaluation.windows import perplexity, plan_windows
 from gentool.lm.sample import SamplingParams, process_logits
 from gentool.models.checkpoint import save_lm
 from gentool.models.transformer import Transformer
@@ -138,7 +138,7 @@ def test_perplexity_cli_and_bad_inputs(ckpt, tmp_path, cli):
 
 
 def test_protocols(ckpt, tmp_path, cli):
-    from gentool.lm.perplexity import plan_hf_strided, plan_llamacpp
+    from gentool.evaluation.windows import plan_hf_strided, plan_llamacpp
 
     assert [(w.start, w.end, w.score_from) for w in plan_llamacpp(1100, 512)] == [(0, 512, 257), (512, 1024, 769)]
     covered = [t for w in plan_hf_strided(100, 16, 6) for t in range(w.score_from, w.end)]
@@ -161,7 +161,7 @@ def test_window_stride_equivalences(ckpt):
     """A text that fits in the window scores the same whatever the stride, and equals one full-context forward;
     the chunked output head equals plain logits + cross-entropy; a longer text with stride < window equals the
     naive per-token reference only when stride is 1, and never re-scores a token."""
-    from gentool.lm.perplexity import token_nlls, window_nll
+    from gentool.evaluation.windows import token_nlls, window_nll
     from gentool.models.checkpoint import load_lm
 
     model = load_lm(ckpt / "lm").model
@@ -222,7 +222,7 @@ def test_perplexity_empty_and_bad_inputs(ckpt, tmp_path, cli):
 @pytest.mark.slow
 def test_compiled_scorer_equals_eager(ckpt):
     """The `--compile` path (also the GPU benchmark's) gives the eager scorer's NLLs, padded last batch included."""
-    from gentool.lm.perplexity import token_nlls
+    from gentool.evaluation.windows import token_nlls
     from gentool.models.checkpoint import load_lm
 
     model = load_lm(ckpt / "lm").model

@@ -9,11 +9,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gentool import console
 from gentool.artifacts.kinds import KINDS, PREFIX, format_name, kind_of
 from gentool.errors import GentoolError, UsageProblem
 
 MANIFEST = "manifest.json"
-_SECTIONS = ("config", "contents", "metrics", "environment")
+# invocation: the command's resolved arguments and options, so `--config OUT/manifest.json` re-runs it exactly
+_SECTIONS = ("config", "contents", "metrics", "environment", "invocation")
 _KNOWN_KEYS = {"format", "format_version", "id", "fingerprint", "gentool_version", "created_at", "command", "inputs",
                "files", *_SECTIONS}
 
@@ -67,6 +69,7 @@ class Manifest:
     contents: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
     environment: dict = field(default_factory=dict)
+    invocation: dict = field(default_factory=dict)
 
     @property
     def kind(self) -> str:
@@ -84,7 +87,7 @@ class Manifest:
 
 
 def parse_manifest(text: str, path: Path) -> Manifest:
-    """Validate the envelope. Unknown keys are tolerated (a newer gentool may add some)."""
+    """Validate the envelope. Unknown keys are tolerated with a warning (a newer gentool may add some)."""
     where = path / MANIFEST
     try:
         data = json.loads(text)
@@ -109,6 +112,9 @@ def parse_manifest(text: str, path: Path) -> Manifest:
     for name in files:
         if name.startswith("/") or ".." in Path(name).parts:
             raise GentoolError(f"manifest names a file outside the artifact: {name!r}", path=where)
+    if unknown := sorted(set(data) - _KNOWN_KEYS):
+        console.warn(f"{where}: unknown manifest field(s) {', '.join(map(repr, unknown))} ignored (written by a "
+                     f"newer gentool?)")
     kwargs: dict[str, Any] = {"path": path, "format": fmt, "format_version": version, "files": files}
     for key, typ in (("id", str), ("fingerprint", str), ("gentool_version", str), ("created_at", str),
                      ("command", list), ("inputs", list), *((s, dict) for s in _SECTIONS)):

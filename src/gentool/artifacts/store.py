@@ -10,6 +10,7 @@ import shutil
 import sys
 import uuid
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -20,6 +21,9 @@ from gentool.artifacts.manifest import (MANIFEST, Manifest, content_id, expected
 from gentool.errors import GentoolError, UsageProblem
 
 _CHUNK = 1 << 20
+# What the running command was asked, set by the CLI (cli/_recipe.py) and recorded in every manifest it writes:
+# {"command": "train-lm", "arguments": {...}, "options": {...}}.
+INVOCATION: ContextVar[dict[str, Any] | None] = ContextVar("gentool_invocation", default=None)
 
 
 def sha256_file(path: str | Path) -> str:
@@ -150,7 +154,7 @@ class ArtifactBuilder:
             fingerprint=fingerprint(fmt, KINDS[self.kind], self.config, self.inputs), gentool_version=__version__,
             created_at=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), command=self.command,
             inputs=self.inputs, files=files, config=self.config, contents=self.contents, metrics=self.metrics,
-            environment=environment())
+            environment=environment(), invocation=INVOCATION.get() or {})
 
 
 def check_output(out: str | Path, *, force: bool) -> None:

@@ -10,6 +10,7 @@ import typer
 from typer.core import TyperGroup
 
 from gentool import __version__, console
+from gentool.cli._recipe import recorded
 from gentool.errors import GentoolError
 
 # (module under gentool.cli, attribute): a function becomes a command, a Typer becomes a command group.
@@ -82,9 +83,11 @@ def _root(
 for _module, _attr in _COMMANDS:
     _obj = getattr(import_module(f"gentool.cli.{_module}"), _attr)
     if isinstance(_obj, typer.Typer):
+        for _info in _obj.registered_commands:
+            _info.callback = recorded(_info.callback)
         app.add_typer(_obj)
     else:
-        app.command(epilog=getattr(_obj, "epilog", None))(_obj)
+        app.command(epilog=getattr(_obj, "epilog", None))(recorded(_obj))
 
 
 def main() -> None:

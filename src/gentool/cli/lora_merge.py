@@ -34,7 +34,7 @@ def lora_merge(
     """
     from gentool import console
     from gentool.adapters import merge_checkpoint
-    from gentool.cli._options import resolve_dtype
+    from gentool.devices import resolve_dtype
 
     torch_dtype = resolve_dtype(dtype, "cpu") if dtype is not None else None
     result = merge_checkpoint(base, adapters, output, dtype=torch_dtype, force=force,

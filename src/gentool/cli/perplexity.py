@@ -7,7 +7,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from gentool.cli._options import Device, Dtype, Json, NoVerify, examples
+from gentool.cli._options import ADVANCED, RUNTIME, Device, Dtype, Json, NoVerify, examples
+
+DIFF = "Diffusion models"
 
 
 def perplexity(
@@ -24,20 +26,23 @@ def perplexity(
                                                            "estimate).")] = None,
     batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 8,
     allow_tokenizer_mismatch: Annotated[bool, typer.Option(help="Score shards made with another "
-                                                                "tokenizer.")] = False,
+                                                                "tokenizer.", rich_help_panel=ADVANCED)] = False,
     adapter: Annotated[Optional[Path], typer.Option(help="Apply a LoRA adapter (gentool or PEFT) without "
                                                          "merging.")] = None,
     protocol: Annotated[str, typer.Option(help="gentool (each token once, max context), llama.cpp (512-token "
                                                "chunks, BOS first, second half scored) or hf-strided (the HF "
                                                "guide's windows, fixed).")] = "gentool",
-    samples: Annotated[int, typer.Option(help="Diffusion LMs: Monte-Carlo samples of the bound per window.")] = 1,
+    samples: Annotated[int, typer.Option(help="Diffusion LMs: Monte-Carlo samples of the bound per window.",
+                                         rich_help_panel=DIFF)] = 1,
     steps: Annotated[Optional[int], typer.Option(help="Diffusion LMs: discrete-time bound with T steps "
                                                       "(default: continuous time); image/vector diffusion: "
-                                                      "timesteps sampled per example (default: all T).")] = None,
+                                                      "timesteps sampled per example (default: all T).",
+                                                 rich_help_panel=DIFF)] = None,
     max_examples: Annotated[Optional[int], typer.Option(help="Image/vector diffusion: score at most this many "
-                                                             "examples.")] = None,
+                                                             "examples.", rich_help_panel=DIFF)] = None,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the scorer (pays off for long "
-                                                            "GPU runs; the first batch compiles).")] = False,
+                                                            "GPU runs; the first batch compiles).",
+                                                 rich_help_panel=RUNTIME)] = False,
     reference: Annotated[Optional[Path], typer.Option(help="Compare with this (unquantized) model on the same "
                                                            "tokens: perplexity change, KL, top-1 agreement.")] = None,
     device: Device = "auto",
@@ -54,32 +59,38 @@ def perplexity(
     it reports the discrete-time negative ELBO in bits per dimension (8-bit data: discretised decoder).
     """
     from gentool import console
-    from gentool.cli._options import resolve_device, resolve_dtype
-    from gentool.lm.score import score_lm
+    from gentool.artifacts import MASKED_LM, probe
+    from gentool.devices import resolve_device, resolve_dtype
+    from gentool.errors import UsageProblem
 
-    dev = resolve_device(device)
-    from gentool import diffusion
+    dev, found = resolve_device(device), probe(checkpoint)
+    if found.is_denoiser:
+        from gentool import diffusion
 
-    if diffusion.is_checkpoint(checkpoint):
         if data and len(data) > 1:
-            from gentool.errors import UsageProblem
-
             raise UsageProblem("give one dataset for a diffusion checkpoint")
-        console.emit(diffusion.elbo(checkpoint, data[0] if data else None, split=split, max_examples=max_examples,
-                                    t_samples=steps, device=dev, verify=not no_verify), as_json=json_)
-        return
-    if reference is not None:  # the quantization damage report (gentool.quantize)
-        from gentool.quantize import compare_checkpoints
+        result = diffusion.elbo(checkpoint, data[0] if data else None, split=split, max_examples=max_examples,
+                                t_samples=steps, device=dev, verify=not no_verify)
+    elif reference is not None:  # the damage report of any change to the weights (quantization, merging)
+        from gentool.evaluation.compare import compare_checkpoints
 
-        console.emit(compare_checkpoints(checkpoint, reference, data or [], split=split, window=window,
-                                         stride=stride, max_tokens=max_tokens, batch_size=batch_size, device=dev,
-                                         dtype=resolve_dtype(dtype, dev), verify=not no_verify), as_json=json_)
-        return
-    result = score_lm(checkpoint, data or [], split=split, window=window, stride=stride, max_tokens=max_tokens,
-                      batch_size=batch_size, device=dev, dtype=resolve_dtype(dtype, dev),
-                      allow_tokenizer_mismatch=allow_tokenizer_mismatch, verify=not no_verify,
-                      adapter=adapter, samples=samples, steps=steps, protocol=protocol,
-                      compile=compile)
+        result = compare_checkpoints(checkpoint, reference, data or [], split=split, window=window, stride=stride,
+                                     max_tokens=max_tokens, batch_size=batch_size, device=dev,
+                                     dtype=resolve_dtype(dtype, dev), verify=not no_verify)
+    elif found.family == MASKED_LM:
+        from gentool.lm.masked import score_checkpoint
+
+        result = score_checkpoint(checkpoint, data or [], split=split, window=window, max_tokens=max_tokens,
+                                  batch_size=batch_size, device=dev, dtype=resolve_dtype(dtype, dev),
+                                  allow_tokenizer_mismatch=allow_tokenizer_mismatch, verify=not no_verify,
+                                  samples=samples, steps=steps)
+    else:
+        from gentool.lm.perplexity import score_checkpoint
+
+        result = score_checkpoint(checkpoint, data or [], split=split, window=window, stride=stride,
+                                  max_tokens=max_tokens, batch_size=batch_size, device=dev,
+                                  dtype=resolve_dtype(dtype, dev), allow_tokenizer_mismatch=allow_tokenizer_mismatch,
+                                  verify=not no_verify, adapter=adapter, protocol=protocol, compile=compile)
     console.emit(result, as_json=json_)
 
 

@@ -52,7 +52,7 @@ def quantize(
     apply to --eval.
     """
     from gentool import console
-    from gentool.cli._options import resolve_device, resolve_dtype
+    from gentool.devices import resolve_device, resolve_dtype
     from gentool.quantize import quantize_checkpoint
 
     dev = resolve_device(device)

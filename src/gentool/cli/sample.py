@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from gentool.cli._options import Device, Dtype, Force, Json, Seed, examples
+from gentool.cli._options import RUNTIME, Device, Dtype, Force, Json, Seed, examples
+from gentool.cli._recipe import Config
+
+LM, DIFF = "Language models", "Diffusion models"
 
 
 def sample(
@@ -22,39 +25,49 @@ def sample(
     temperature: Annotated[float, typer.Option(help="0 means greedy.")] = 0.8,
     top_k: Annotated[Optional[int], typer.Option(help="Keep the k most likely tokens.")] = None,
     top_p: Annotated[Optional[float], typer.Option(help="Nucleus sampling threshold.")] = None,
-    min_p: Annotated[Optional[float], typer.Option(help="Drop tokens below min-p times the top probability.")] = None,
-    repetition_penalty: Annotated[float, typer.Option(help="Penalise tokens already present (1 = off).")] = 1.0,
     num_samples: Annotated[Optional[int], typer.Option(help="Samples per prompt (decoded as one batch; default 1), "
                                                             "or images/points of a diffusion model (default 64).")] \
         = None,
     stop: Annotated[Optional[list[str]], typer.Option(help="Stop when this string appears (repeatable).")] = None,
-    adapter: Annotated[Optional[Path], typer.Option(help="Apply a LoRA adapter without merging.")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Diffusion: sampling steps (default 50; flow 20; masked "
+                                                      "LM 64).")] = None,
+    min_p: Annotated[Optional[float], typer.Option(help="Drop tokens below min-p times the top probability.",
+                                                   rich_help_panel=LM)] = None,
+    repetition_penalty: Annotated[float, typer.Option(help="Penalise tokens already present (1 = off).",
+                                                      rich_help_panel=LM)] = 1.0,
+    adapter: Annotated[Optional[Path], typer.Option(help="Apply a LoRA adapter without merging.",
+                                                    rich_help_panel=LM)] = None,
     tokenizer: Annotated[Optional[Path], typer.Option(help="Tokenizer to use when the checkpoint has none (a "
-                                                          "tokenizer artifact or file).")] = None,
-    batch_size: Annotated[int, typer.Option(help="Sequences decoded together (prompts x samples).")] = 16,
-    chat: Annotated[bool, typer.Option(help="Wrap each prompt as a user message in the model's chat "
-                                            "template.")] = False,
-    cache: Annotated[bool, typer.Option(help="Masked-diffusion LMs: skip the network when nothing "
-                                             "unmasked (same samples, fewer calls).")] = True,
+                                                           "tokenizer artifact or file).", rich_help_panel=LM)] = None,
+    batch_size: Annotated[int, typer.Option(help="Sequences decoded together (prompts x samples).",
+                                            rich_help_panel=LM)] = 16,
+    chat: Annotated[bool, typer.Option(help="Wrap each prompt as a user message in the model's chat template.",
+                                       rich_help_panel=LM)] = False,
+    cache: Annotated[bool, typer.Option(help="Masked-diffusion LMs: skip the network when nothing unmasked (same "
+                                             "samples, fewer calls).", rich_help_panel=LM)] = True,
+    bench: Annotated[bool, typer.Option(help="Report tokens/s against the memory-bandwidth roofline.",
+                                        rich_help_panel=LM)] = False,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Diffusion: write a samples artifact "
+                                                   "(safetensors + grid/scatter PNG).", rich_help_panel=DIFF)] = None,
+    sampler: Annotated[Optional[str], typer.Option(help="ddpm, ddim, euler, heun, dpm++2m (default ddim); flow: "
+                                                        "euler, heun, midpoint (default heun).",
+                                                   rich_help_panel=DIFF)] = None,
+    eta: Annotated[float, typer.Option(help="DDIM noise, 0 (deterministic) to 1 (= DDPM).",
+                                       rich_help_panel=DIFF)] = 0.0,
+    class_: Annotated[Optional[str], typer.Option("--class", help="Class to sample (default: all classes in turn).",
+                                                  rich_help_panel=DIFF)] = None,
+    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale (1 = off).",
+                                            rich_help_panel=DIFF)] = 1.0,
+    score: Annotated[Optional[str], typer.Option(help="Score samples against DATA (or auto: the checkpoint's "
+                                                      "held-out split): sliced Wasserstein, MMD.",
+                                                 rich_help_panel=DIFF)] = None,
     seed: Seed = 0,
     device: Device = "auto",
     dtype: Dtype = None,
     compile_: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="CUDA-graph the decode step "
-                                                                                    "(default: on CUDA).")] = None,
-    bench: Annotated[bool, typer.Option(help="Report tokens/s against the memory-bandwidth roofline.")] = False,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Diffusion: write a samples artifact "
-                                                                          "(safetensors + grid/scatter PNG).")] = None,
+                                                     "(default: on CUDA).", rich_help_panel=RUNTIME)] = None,
     force: Force = False,
-    sampler: Annotated[Optional[str], typer.Option(help="Diffusion: ddpm, ddim, euler, heun, dpm++2m (default ddim); "
-                                                        "flow: euler, heun, midpoint (default heun).")] = None,
-    steps: Annotated[Optional[int], typer.Option(help="Diffusion: sampling steps (default 50; flow 20; masked "
-                                                      "LM 64).")] = None,
-    eta: Annotated[float, typer.Option(help="Diffusion: DDIM noise, 0 (deterministic) to 1 (= DDPM).")] = 0.0,
-    class_: Annotated[Optional[str], typer.Option("--class", help="Diffusion: class to sample (default: all "
-                                                                   "classes in turn).")] = None,
-    guidance: Annotated[float, typer.Option(help="Diffusion: classifier-free guidance scale (1 = off).")] = 1.0,
-    score: Annotated[Optional[str], typer.Option(help="Diffusion: score samples against DATA (or auto: the "
-                                                      "checkpoint's held-out split): sliced Wasserstein, MMD.")] = None,
+    config: Config = None,
     json_: Json = False,
 ) -> None:
     """Sample text from an LM, or images/points from a diffusion model.
@@ -66,43 +79,52 @@ def sample(
     A masked-diffusion LM unmasks --max-new-tokens after the prompt in --steps steps (semi-autoregressive blocks
     beyond its window); its JSON lines carry the number of network calls (nfe).
     """
-    family = checkpoint_family(checkpoint)
-    if family == "diffusion":
-        from gentool import console, diffusion
-        from gentool.cli._options import resolve_device
+    from gentool import console
+    from gentool.artifacts import MASKED_LM, probe
+    from gentool.cli._prompts import read_prompts
+    from gentool.devices import resolve_device
+
+    found, dev = probe(checkpoint), resolve_device(device)
+    if found.is_denoiser:
+        from gentool import diffusion
 
         console.emit(diffusion.sample_checkpoint(
             checkpoint, output, sampler=sampler, steps=steps, eta=eta, num_samples=num_samples or 64, class_=class_,
-            guidance=guidance, seed=seed, device=resolve_device(device), score=score, force=force), as_json=json_)
+            guidance=guidance, seed=seed, device=dev, score=score, force=force), as_json=json_)
         return
-    from gentool.lm.generate_cli import read_prompts, run_masked_sample, run_sample
-
     prompts = read_prompts(prompt, prompt_file, sys.stdin)
-    if family == "masked-lm":
-        from gentool.artifacts import read_artifact
-        from gentool.cli._options import resolve_device
+    if found.family == MASKED_LM:
+        from gentool.lm.masked import sample_texts
 
-        run_masked_sample(checkpoint, read_artifact(checkpoint, "diffusion-checkpoint", verify=False), prompts,
-                          max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                          num_samples=num_samples or 1, seed=seed, device=resolve_device(device), steps=steps or 64,
-                          cache=cache, as_json=json_)
+        for r in sample_texts(checkpoint, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                              top_k=top_k, top_p=top_p, num_samples=num_samples or 1, seed=seed, device=dev,
+                              steps=steps or 64, cache=cache):
+            console.emit(r, as_json=True) if json_ else sys.stdout.write(r["prompt"] + r["completion"] + "\n")
+        sys.stdout.flush()
         return
-    run_sample(checkpoint, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-               min_p=min_p, repetition_penalty=repetition_penalty, num_samples=num_samples or 1, stop=stop or [],
-               seed=seed, device=device, dtype=dtype, compile=compile_, bench=bench, as_json=json_,
-               adapter=adapter, chat=chat, tokenizer=tokenizer, batch_size=batch_size)
+    from gentool.lm.generate import check_params, encode_prompts, generate, open_generator
+    from gentool.lm.sample import SamplingParams, benchmark
 
-
-def checkpoint_family(path: Path) -> str:
-    """Which sampler serves PATH, from its manifest alone: "diffusion" (images, vectors), "masked-lm"
-    (masked-diffusion LM) or "lm" (an lm-checkpoint, or a Hugging Face directory without a manifest)."""
-    try:
-        manifest = json.loads((Path(path) / "manifest.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return "lm"  # no manifest: a foreign checkpoint; load_lm explains what is missing
-    if not isinstance(manifest, dict) or manifest.get("format") != "gentool.diffusion-checkpoint":
-        return "lm"
-    return "masked-lm" if (manifest.get("contents") or {}).get("family") == "masked-lm" else "diffusion"
+    n = num_samples or 1
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                            min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, stop=stop or [])
+    check_params(params, num_samples=n, batch_size=batch_size)
+    gen = open_generator(checkpoint, device=dev, dtype=dtype, compile=compile_, adapter=adapter, tokenizer=tokenizer)
+    rows, samples = encode_prompts(gen, prompts, max_new_tokens=max_new_tokens, num_samples=n, chat=chat)
+    if len(rows) == 1 and not json_:  # one sample: stream it
+        sys.stdout.write(prompts[0])
+        sys.stdout.flush()
+        for _ in generate(gen, rows, samples, params, on_text=lambda p: (sys.stdout.write(p), sys.stdout.flush())):
+            sys.stdout.write("\n")
+    else:
+        for c in generate(gen, rows, samples, params, batch_size=batch_size):
+            if json_:
+                console.emit({k: v for k, v in asdict(c).items() if k not in ("token_ids", "logprobs")}, as_json=True)
+            else:
+                sys.stdout.write(c.prompt + c.completion + "\n")
+    sys.stdout.flush()
+    if bench:  # batch-1 decoding reads every weight once per token: the copy bandwidth bounds tokens/s
+        console.emit(benchmark(gen, params, rows[0][1]), as_json=json_, title="decode benchmark (batch 1)")
 
 
 sample.epilog = examples("gentool sample runs/lm --prompt 'ROMEO.' --max-new-tokens 100",

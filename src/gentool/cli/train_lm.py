@@ -8,9 +8,11 @@ from typing import Annotated, Optional
 
 import typer
 
-from gentool.cli._options import Device, Dtype, Force, Json, Output, Seed, examples
+from gentool.cli._options import RUNTIME, Device, Dtype, Force, Json, Output, Seed, examples
+from gentool.cli._recipe import Config
 
 Int = Optional[int]
+SHAPE, OPTIM, EVAL, LORA = "Model shape", "Optimizer and schedule", "Evaluation and checkpoints", "LoRA fine-tuning"
 
 
 def train_lm(
@@ -18,12 +20,6 @@ def train_lm(
     output: Output,
     preset: Annotated[Optional[str], typer.Option(help="Model shape: tiny, mini, small, base, gpt2-small, medium, "
                                                        "tinyllama-1.1b, llama2-7b.")] = None,
-    hidden_size: Annotated[Int, typer.Option(help="Model width (overrides the preset).")] = None,
-    num_layers: Annotated[Int, typer.Option(help="Transformer blocks.")] = None,
-    num_heads: Annotated[Int, typer.Option(help="Attention heads.")] = None,
-    num_kv_heads: Annotated[Int, typer.Option(help="Key/value heads (1 = multi-query).")] = None,
-    intermediate_size: Annotated[Int, typer.Option(help="SwiGLU hidden width.")] = None,
-    tie_embeddings: Annotated[Optional[bool], typer.Option(help="Tie input and output embeddings.")] = None,
     steps: Annotated[Int, typer.Option(help="Budget: optimizer steps.")] = None,
     tokens_budget: Annotated[Int, typer.Option("--tokens", help="Budget: training tokens.")] = None,
     flops: Annotated[Optional[float], typer.Option(help="Budget: training FLOPs (e.g. 1e15).")] = None,
@@ -31,27 +27,49 @@ def train_lm(
     micro_batch: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 16,
     batch_tokens: Annotated[Int, typer.Option(help="Global tokens per step (gradient accumulation fills it).")] = None,
     lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 1e-3,
-    min_lr_ratio: Annotated[float, typer.Option(help="Final learning rate as a fraction of --lr.")] = 0.1,
     schedule: Annotated[str, typer.Option(help="cosine, constant or wsd (warmup-stable-decay).")] = "cosine",
-    warmup: Annotated[Int, typer.Option(help="Warmup steps (default: 10% of steps, at most 100).")] = None,
-    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay (matrices only).")] = 0.1,
-    grad_clip: Annotated[float, typer.Option(help="Clip the global gradient norm (0: off).")] = 1.0,
-    eval_every: Annotated[int, typer.Option(help="Validate every N steps (0: five times per run).")] = 0,
-    eval_tokens: Annotated[int, typer.Option(help="Validation tokens per evaluation.")] = 65536,
-    save_every: Annotated[int, typer.Option(help="Save resumable state every N steps (0: at the end).")] = 0,
-    keep: Annotated[int, typer.Option(help="Resumable states to keep in OUTPUT.partial/state/.")] = 2,
-    init_from: Annotated[Optional[Path], typer.Option(help="Start from an lm-checkpoint or HF Llama directory.")] = None,
-    lora_rank: Annotated[Int, typer.Option(help="Train LoRA adapters of this rank on a frozen --init-from base.")] = None,
-    lora_alpha: Annotated[Optional[float], typer.Option(help="LoRA alpha (default: twice the rank).")] = None,
-    lora_targets: Annotated[str, typer.Option(help="Comma-separated HF module names or all-linear.")] = "all-linear",
-    lora_dropout: Annotated[float, typer.Option(help="Dropout on the LoRA input.")] = 0.0,
-    rslora: Annotated[bool, typer.Option(help="Scale by alpha/sqrt(rank) (rsLoRA).")] = False,
+    hidden_size: Annotated[Int, typer.Option(help="Model width (overrides the preset).",
+                                             rich_help_panel=SHAPE)] = None,
+    num_layers: Annotated[Int, typer.Option(help="Transformer blocks.", rich_help_panel=SHAPE)] = None,
+    num_heads: Annotated[Int, typer.Option(help="Attention heads.", rich_help_panel=SHAPE)] = None,
+    num_kv_heads: Annotated[Int, typer.Option(help="Key/value heads (1 = multi-query).",
+                                              rich_help_panel=SHAPE)] = None,
+    intermediate_size: Annotated[Int, typer.Option(help="SwiGLU hidden width.", rich_help_panel=SHAPE)] = None,
+    tie_embeddings: Annotated[Optional[bool], typer.Option(help="Tie input and output embeddings.",
+                                                           rich_help_panel=SHAPE)] = None,
+    min_lr_ratio: Annotated[float, typer.Option(help="Final learning rate as a fraction of --lr.",
+                                                rich_help_panel=OPTIM)] = 0.1,
+    warmup: Annotated[Int, typer.Option(help="Warmup steps (default: 10% of steps, at most 100).",
+                                        rich_help_panel=OPTIM)] = None,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay (matrices only).",
+                                                rich_help_panel=OPTIM)] = 0.1,
+    grad_clip: Annotated[float, typer.Option(help="Clip the global gradient norm (0: off).",
+                                             rich_help_panel=OPTIM)] = 1.0,
+    eval_every: Annotated[int, typer.Option(help="Validate every N steps (0: five times per run).",
+                                            rich_help_panel=EVAL)] = 0,
+    eval_tokens: Annotated[int, typer.Option(help="Validation tokens per evaluation.", rich_help_panel=EVAL)] = 65536,
+    save_every: Annotated[int, typer.Option(help="Save resumable state every N steps (0: at the end).",
+                                            rich_help_panel=EVAL)] = 0,
+    keep: Annotated[int, typer.Option(help="Resumable states to keep in OUTPUT.partial/state/.",
+                                      rich_help_panel=EVAL)] = 2,
+    init_from: Annotated[Optional[Path], typer.Option(help="Start from an lm-checkpoint or HF Llama directory.",
+                                                      rich_help_panel=LORA)] = None,
+    lora_rank: Annotated[Int, typer.Option(help="Train LoRA adapters of this rank on a frozen --init-from base.",
+                                           rich_help_panel=LORA)] = None,
+    lora_alpha: Annotated[Optional[float], typer.Option(help="LoRA alpha (default: twice the rank).",
+                                                        rich_help_panel=LORA)] = None,
+    lora_targets: Annotated[str, typer.Option(help="Comma-separated HF module names or all-linear.",
+                                              rich_help_panel=LORA)] = "all-linear",
+    lora_dropout: Annotated[float, typer.Option(help="Dropout on the LoRA input.", rich_help_panel=LORA)] = 0.0,
+    rslora: Annotated[bool, typer.Option(help="Scale by alpha/sqrt(rank) (rsLoRA).", rich_help_panel=LORA)] = False,
     seed: Seed = 0,
     device: Device = "auto",
     dtype: Dtype = None,
-    compile_: Annotated[bool, typer.Option("--compile", help="torch.compile the model.")] = False,
+    compile_: Annotated[bool, typer.Option("--compile", help="torch.compile the model.",
+                                           rich_help_panel=RUNTIME)] = False,
     resume: Annotated[bool, typer.Option(help="Continue the unfinished run in OUTPUT.partial/.")] = False,
     force: Force = False,
+    config: Config = None,
     json_: Json = False,
 ) -> None:
     """Train a LLaMA-style causal LM; resumable, metrics in JSON lines.
@@ -62,24 +80,24 @@ def train_lm(
     the --init-from base is frozen and only adapters train; the output is a lora-adapter (PEFT layout).
     """
     from gentool import console
-    from gentool.cli._options import resolve_device
+    from gentool.devices import resolve_device
     from gentool.errors import UsageProblem
     from gentool.lm.train import LMRunOptions, run_train_lm
 
-    if preset is None and hidden_size is None and init_from is None:
-        preset = "small"
     if lora_rank is not None and init_from is None:
         raise UsageProblem("--lora-rank needs --init-from", hint="pass the base checkpoint to adapt")
     lora = None if lora_rank is None else dict(rank=lora_rank, alpha=lora_alpha, targets=lora_targets,
                                                dropout=lora_dropout, rslora=rslora)
     dims = dict(hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
-                num_key_value_heads=num_kv_heads, intermediate_size=intermediate_size, tie_word_embeddings=tie_embeddings)
+                num_key_value_heads=num_kv_heads, intermediate_size=intermediate_size,
+                tie_word_embeddings=tie_embeddings)
     opts = LMRunOptions(tokens_dir=tokens, out=output, preset=preset, dims=dims, seq_len=seq_len,
                         micro_batch=micro_batch, batch_tokens=batch_tokens, steps=steps, tokens=tokens_budget,
                         flops=flops, lr=lr, min_lr_ratio=min_lr_ratio, warmup=warmup, schedule=schedule,
                         weight_decay=weight_decay, grad_clip=grad_clip, eval_every=eval_every,
                         eval_tokens=eval_tokens, save_every=save_every, keep=keep, seed=seed,
-                        device=resolve_device(device), dtype=dtype, compile=compile_, resume=resume, force=force, init_from=init_from, lora=lora)
+                        device=resolve_device(device), dtype=dtype, compile=compile_, resume=resume, force=force,
+                        init_from=init_from, lora=lora)
     if opts.steps is None and opts.tokens is None and opts.flops is None:
         opts.steps = 200
     summary = run_train_lm(opts)
@@ -92,6 +110,7 @@ def train_lm(
 train_lm.epilog = examples(
     "gentool train-lm tokens -o runs/lm --preset small --steps 300",
     "gentool train-lm tokens -o runs/s1 --preset mini --flops 1e14 --seed 1",
+    "gentool train-lm tokens -o runs/lm2 --config recipe.toml --seed 2",
     "gentool train-lm tokens -o runs/ada --init-from runs/lm --lora-rank 8 --steps 100",
     "torchrun --nproc-per-node 8 -m gentool train-lm tokens -o runs/big --preset base --tokens 1000000000 \\",
     "    --batch-tokens 524288 --micro-batch 32 --seq-len 512 --device cuda --compile",

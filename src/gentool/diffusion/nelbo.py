@@ -86,9 +86,3 @@ def nelbo_terms(model, spec: DiffusionSpec, x0: torch.Tensor, y: torch.Tensor | 
     else:
         decoder = -gaussian_log_prob(x0, mean, var).sum(dims)
     return {"prior": prior, "diffusion": diffusion, "decoder": decoder}
-
-
-def to_bits_per_dim(nats: torch.Tensor, dims: int, log_scale: float = 0.0) -> float:
-    """Mean nats per example -> bits per dimension; `log_scale` adds sum(log std) of a standardisation so that a
-    continuous density is in the data's own units."""
-    return float((nats.mean() + log_scale) / (dims * math.log(2)))

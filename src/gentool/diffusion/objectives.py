@@ -104,12 +104,3 @@ def loss(model, x: torch.Tensor, y: torch.Tensor | None, spec: DiffusionSpec, sc
     if spec.family == "flow-matching":
         return flow_loss(model, x, y, spec, x0=noise)
     return ddpm_loss(model, x, y, spec, schedule)
-
-
-@torch.no_grad()
-def reflow_pairs(model, noise: torch.Tensor, y: torch.Tensor | None, *, steps: int = 50, guidance: float = 1.0,
-                 num_classes: int = 0) -> torch.Tensor:
-    """Integrate a flow model's ODE from `noise` (Heun): the samples paired with their noise for reflow."""
-    from gentool.diffusion.samplers import flow_sample
-
-    return flow_sample(model, noise, y, method="heun", steps=steps, guidance=guidance, num_classes=num_classes)

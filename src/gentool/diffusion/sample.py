@@ -13,7 +13,7 @@ from gentool.artifacts import check_output, create_artifact, input_ref
 from gentool.data.arrays import load_data, to_uint8, train_val
 from gentool.diffusion.checkpoint import LoadedDiffusion, load_diffusion
 from gentool.diffusion.samplers import ALIASES, DDPM_SAMPLERS, FLOW_SAMPLERS, sample
-from gentool.diffusion.score import score_samples
+from gentool.diffusion.metrics import score_samples
 from gentool.errors import UsageProblem
 
 

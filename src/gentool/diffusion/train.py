@@ -5,8 +5,6 @@ training loop (gentool.train) with an EMA copy of the weights (used for sampling
 from __future__ import annotations
 
 import copy
-import json
-import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -16,14 +14,16 @@ import numpy as np
 import torch
 
 from gentool import console
-from gentool.artifacts import canonical_json, create_artifact, input_ref
+from gentool.artifacts import input_ref
 from gentool.data.arrays import ArrayDataset, train_val
 from gentool.diffusion import objectives
 from gentool.diffusion.checkpoint import load_diffusion, save_diffusion
 from gentool.diffusion.objectives import DiffusionSpec
+from gentool.diffusion.samplers import flow_sample
 from gentool.errors import UsageProblem
 from gentool.models.denoisers import DenoiserConfig, build_denoiser
 from gentool.train import TrainConfig, distributed, make_ema, train
+from gentool.train.rundir import RunDir
 
 
 @dataclass
@@ -142,11 +142,8 @@ def _normalise(train: ArrayDataset, val: ArrayDataset, stats: dict | None) -> di
 def run_train_diffusion(opts: TrainDiffusionOptions) -> dict[str, Any]:
     device = distributed.init_from_env(opts.device)
     rank, world = distributed.rank(), distributed.world_size()
-    out, partial = opts.out, opts.out.with_name(opts.out.name + ".partial")
-    if out.exists() and not opts.force:
-        raise UsageProblem("output exists", path=out, hint="use --force to replace it")
-    if partial.exists() and not (opts.resume or opts.force):
-        raise UsageProblem("an unfinished run is here", path=partial, hint="continue it with --resume, or --force")
+    run = RunDir(opts.out, resume=opts.resume, force=opts.force)
+    run.check()
     if opts.steps < 1 or opts.batch_size < 1:
         raise UsageProblem("--steps and --batch-size must be at least 1")
     teacher = load_diffusion(opts.reflow_from, device=device) if opts.reflow_from else None
@@ -185,19 +182,10 @@ def run_train_diffusion(opts: TrainDiffusionOptions) -> dict[str, Any]:
               "class_dropout": spec.class_dropout, "data": data_src,
               "reflow": None if teacher is None else {"teacher": teacher.manifest.id, "pairs": opts.reflow_pairs
                                                       or len(train_ds), "ode_steps": opts.reflow_steps}}
-    if rank == 0:
-        if partial.exists() and opts.resume:
-            saved = json.loads((partial / "run.json").read_text()) if (partial / "run.json").is_file() else None
-            if saved != json.loads(canonical_json(recipe)):
-                raise UsageProblem("the unfinished run was started with a different configuration", path=partial,
-                                   hint="repeat the original options, or start over with --force")
-        else:
-            shutil.rmtree(partial, ignore_errors=True)
-            partial.mkdir(parents=True)
-            (partial / "run.json").write_text(canonical_json(recipe))
+    run.begin(recipe)
     noise = None
     if teacher is not None:
-        train_ds, noise = _reflow_data(teacher, train_ds, opts, partial)
+        train_ds, noise = _reflow_data(teacher, train_ds, opts, run.partial)
     torch.manual_seed(opts.seed)
     model = build_denoiser(denoiser)
     if teacher is not None:  # 2-rectified flow starts from the 1-rectified one
@@ -211,8 +199,8 @@ def run_train_diffusion(opts: TrainDiffusionOptions) -> dict[str, Any]:
     console.log(f"{family} ({param}) {denoiser.kind}: {n_params:,} parameters; {len(train_ds):,} training examples "
                 f"{train_ds.shape}; {opts.steps} steps of {opts.batch_size}")
     t0 = time.time()
-    result = train(model, task, tcfg, partial, resume=opts.resume, ema=ema)
-    summary = {"output": str(out), "family": family, "parameterization": param, "steps": result.step,
+    result = train(model, task, tcfg, run.partial, resume=opts.resume, ema=ema)
+    summary = {"output": str(opts.out), "family": family, "parameterization": param, "steps": result.step,
                "samples_seen": result.tokens, "train_loss": result.train_loss, **result.eval,
                "samples_per_s": round(result.tokens_per_s, 1), "n_params": n_params}
     if rank != 0:
@@ -222,15 +210,13 @@ def run_train_diffusion(opts: TrainDiffusionOptions) -> dict[str, Any]:
     inputs = [train_ds.source or {"role": "data", "path": str(opts.data)}]
     if teacher is not None:
         inputs.append(input_ref("teacher", teacher.manifest))
-    with create_artifact(out, "diffusion-checkpoint", force=True, config=recipe, inputs=inputs) as art:
+    with run.finish("diffusion-checkpoint", config=recipe, inputs=inputs) as art:
         save_diffusion(art.dir, model, ema, spec, denoiser, data_facts)
-        shutil.copy(partial / "metrics.jsonl", art.dir / "metrics.jsonl")
         art.contents.update(data_shape=train_ds.shape, n_params=n_params, step=result.step,
                             samples_seen=result.tokens, classes=classes, data_kind=train_ds.kind,
                             levels=train_ds.levels, normalization=norm, train_flops=result.flops)
         art.metrics.update({k: v for k, v in summary.items() if k not in ("output", "family", "parameterization")},
                            wall_seconds=round(time.time() - t0, 3))
-    shutil.rmtree(partial, ignore_errors=True)
     return summary
 
 
@@ -251,11 +237,11 @@ def _reflow_data(teacher, train_ds: ArrayDataset, opts: TrainDiffusionOptions,
             y = train_ds.y[torch.randint(0, len(train_ds), (n,), generator=g)]
         dev = next(teacher.model.parameters()).device
         xs = []
-        with console.progress("reflow pairs", n) as bar:
+        with console.progress("reflow pairs", n) as bar, torch.no_grad():
             for k in range(0, n, 1024):
                 yk = None if y is None else y[k:k + 1024].to(dev)
-                xs.append(objectives.reflow_pairs(teacher.model, noise[k:k + 1024].to(dev), yk,
-                                                  steps=opts.reflow_steps, num_classes=teacher.spec.num_classes).cpu())
+                xs.append(flow_sample(teacher.model, noise[k:k + 1024].to(dev), yk, method="heun",
+                                      steps=opts.reflow_steps, num_classes=teacher.spec.num_classes).cpu())
                 bar.update(advance=len(xs[-1]))
         d = {"noise": noise, "x": torch.cat(xs)}
         if y is not None:

@@ -1,176 +1,61 @@
-"""Exact perplexity and bits per byte of an AR LM, by sliding-window scoring.
-
-Each token is scored exactly once, with as much left context as the window allows: each window of `window` tokens
-scores only its last `stride` positions (the first window scores all of its positions but the first).
-Fixed relative to the Hugging Face perplexity guide's loop:
-- it weights each window's *mean* loss by `trg_len` although only `trg_len - 1` targets are scored after the
-  shift, which biases the average; we sum token NLLs and divide by the count of scored tokens;
-- its last window can re-score tokens an earlier window scored; ours never does;
-- the first token of the stream has no context and is not scored (with BOS prepended it is);
-- transformers' loss upcasts the whole (B, T, V) logits to float32 at once; `window_nll` does it per row chunk.
-Windows of equal length go through the model in batches; `--compile` compiles `window_nll` for a fixed shape.
-"""
+"""`gentool perplexity` for autoregressive LMs: load the checkpoint (an adapter on top), pick the tokens, check the
+tokenizer, score with sliding windows (gentool.evaluation.windows) under one of three protocols."""
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-import torch.nn.functional as F
+
+from gentool.data.tokenizer import load_tokenizer
+from gentool.devices import dtype_name
+from gentool.errors import UsageProblem
+from gentool.evaluation.tokens import load_eval_tokens
+from gentool.evaluation.windows import PROTOCOLS, perplexity
+from gentool.models.checkpoint import load_lm
 
 
-@dataclass
-class Windows:
-    start: int       # first token of the window
-    end: int         # one past the last token
-    score_from: int  # first position whose token is scored (absolute index)
+def check_window(window: int | None, context: int, protocol: str = "gentool") -> int:
+    """--window, defaulting to the model's context (512 under the llama.cpp protocol)."""
+    window = window or (512 if protocol == "llama.cpp" else context)
+    if window < 2:
+        raise UsageProblem("--window must be at least 2")
+    if window > context:
+        raise UsageProblem(f"--window {window} exceeds the model's context ({context})")
+    return window
 
 
-def plan_windows(n_tokens: int, window: int, stride: int) -> list[Windows]:
-    """The first window scores its positions 1..window-1; each later one scores the next `stride` tokens with the
-    window - stride tokens before them as context (at least one: stride is capped at window - 1)."""
-    assert 0 < stride <= window and window >= 2
-    stride = min(stride, window - 1)
-    out, scored_to = [], 1
-    while scored_to < n_tokens:
-        end = min(window if scored_to == 1 else scored_to + stride, n_tokens)
-        out.append(Windows(max(0, end - window), end, scored_to))
-        scored_to = end
-    return out
+def score_checkpoint(checkpoint: Path, data: list[str], *, split: str = "val", window: int | None = None,
+                     stride: int | None = None, max_tokens: int | None = None, batch_size: int = 8,
+                     device: str = "cpu", dtype: torch.dtype = torch.float32, allow_tokenizer_mismatch: bool = False,
+                     verify: bool = True, adapter: Path | None = None, protocol: str = "gentool",
+                     compile: bool = False) -> dict[str, Any]:
+    """Exact NLL, perplexity and bits per byte of an lm-checkpoint, quantized checkpoint or HF Llama directory."""
+    if protocol not in PROTOCOLS:
+        raise UsageProblem(f"unknown --protocol {protocol!r}", hint="use " + ", ".join(PROTOCOLS))
+    if not data:
+        raise UsageProblem("no data to score", hint="pass a token-shards directory, text files, or - for stdin")
+    lm = load_lm(checkpoint, device=device, dtype=dtype, verify=verify)
+    if adapter is not None:
+        from gentool.adapters import attach_adapter
 
-
-def plan_hf_strided(n_tokens: int, window: int, stride: int) -> list[Windows]:
-    """The Hugging Face guide's windows (starts at multiples of `stride`), each token scored once: the guide's loop
-    also scores a window's first position, which has no context inside the window; we start at begin + 1."""
-    out, scored_to = [], 1
-    for start in range(0, n_tokens, stride):
-        end = min(start + window, n_tokens)
-        if end > max(scored_to, start + 1):
-            out.append(Windows(start, end, max(scored_to, start + 1)))
-            scored_to = end
-        if end == n_tokens:
-            break
-    return out
-
-
-def plan_llamacpp(n_tokens: int, window: int) -> list[Windows]:
-    """llama.cpp's `perplexity`: consecutive chunks of `window` tokens (a partial tail is dropped), BOS in the first
-    position of each, scoring the second half of each chunk."""
-    return [Windows(i * window, (i + 1) * window, i * window + window // 2 + 1) for i in range(n_tokens // window)]
-
-
-PROTOCOLS = ("gentool", "hf-strided", "llama.cpp")
-
-
-@dataclass
-class PerplexityResult:
-    nll: float              # mean negative log-likelihood, nats per scored token
-    tokens: int             # tokens scored
-    total_nll: float        # nats
-    bytes: float | None     # UTF-8 bytes the scored tokens stand for
-    window: int
-    stride: int
-    protocol: str = "gentool"
-    bos: str = "as in the data"
-
-    @property
-    def perplexity(self) -> float:
-        return math.exp(self.nll)
-
-    @property
-    def bits_per_byte(self) -> float | None:
-        return self.total_nll / math.log(2) / self.bytes if self.bytes else None
-
-    def as_dict(self) -> dict:
-        return {"nll": self.nll, "perplexity": self.perplexity, "bits_per_byte": self.bits_per_byte,
-                "tokens": self.tokens, "bytes": self.bytes, "window": self.window, "stride": self.stride,
-                "protocol": self.protocol, "bos": self.bos}
-
-
-def window_nll(model: torch.nn.Module, x_BT: torch.Tensor, *, chunk_rows: int = 4096) -> torch.Tensor:
-    """NLL (B, T-1) in float32 of x[:, 1:] given x[:, :-1]: the output head and the log-softmax run over chunks
-    of rows, so a (B·T, V) float32 logits tensor never exists (a 1.1B model at 8 x 2048 would need 2 GB)."""
-    if not hasattr(model, "hidden_states"):  # any module returning logits
-        logits = model(x_BT[:, :-1])
-        return F.cross_entropy(logits.float().transpose(1, 2), x_BT[:, 1:], reduction="none")
-    h_ND = model.hidden_states(x_BT[:, :-1]).flatten(0, 1)
-    y_N = x_BT[:, 1:].flatten()
-    out = [F.cross_entropy(model.lm_head(h_ND[i:i + chunk_rows]).float(), y_N[i:i + chunk_rows], reduction="none")
-           for i in range(0, len(y_N), chunk_rows)]
-    return torch.cat(out).view(x_BT.shape[0], -1)
-
-
-def nll_fn(model: torch.nn.Module, *, compile: bool = False):
-    """`window_nll` bound to `model`, optionally under torch.compile (fuses the norms, rotary, SwiGLU and the
-    float32 log-softmax; fixed shapes, so `token_nlls` pads the last batch rather than recompile)."""
-    def fn(x_BT):
-        return window_nll(model, x_BT)
-    return torch.compile(fn, dynamic=False) if compile else fn
-
-
-@torch.no_grad()
-def token_nlls(model: torch.nn.Module, ids: torch.Tensor, *, window: int, stride: int, batch_size: int = 8,
-               device: str = "cpu", dtype: torch.dtype = torch.float32, protocol: str = "gentool",
-               bos_id: int | None = None, compile: bool = False, nll=None) -> torch.Tensor:
-    """NLL (nats, float64) of every scored token of the 1-D stream `ids`, in order. `nll` (from `nll_fn`) lets a
-    caller reuse one compiled function across calls."""
-    if protocol == "llama.cpp":
-        plan = plan_llamacpp(len(ids), window)
-    elif protocol == "hf-strided":
-        plan = plan_hf_strided(len(ids), window, stride)
-    else:
-        plan = plan_windows(len(ids), window, stride)
-    nll = nll or nll_fn(model, compile=compile)
-    out: list[torch.Tensor] = []
-    autocast = device.startswith("cuda") and dtype != torch.float32
-    # windows of one length go in batches (all but a text shorter than the window have the full length)
-    groups: list[list[Windows]] = []
-    for w in plan:
-        if groups and len(groups[-1]) < batch_size and (groups[-1][0].end - groups[-1][0].start) == (w.end - w.start):
-            groups[-1].append(w)
-        else:
-            groups.append([w])
-    ids = ids.to(device)
-    for group in groups:
-        x = torch.stack([ids[w.start:w.end] for w in group])
-        if protocol == "llama.cpp" and bos_id is not None:  # llama.cpp overwrites each chunk's first token
-            x[:, 0] = bos_id
-        if compile and len(group) < batch_size:  # pad with copies: one compiled shape
-            x = torch.cat([x, x[:1].expand(batch_size - len(group), -1)])
-        with torch.autocast(device_type=device.split(":")[0], dtype=dtype, enabled=autocast):
-            nll_BT = nll(x)
-        for row, w in zip(nll_BT, group):
-            out.append(row[w.score_from - w.start - 1:].double())
-    return torch.cat(out).cpu() if out else torch.zeros(0, dtype=torch.float64)
-
-
-def perplexity(model: torch.nn.Module, ids: torch.Tensor, *, window: int, stride: int | None = None,
-               batch_size: int = 8, device: str = "cpu", dtype: torch.dtype = torch.float32,
-               bytes_per_token: float | None = None, total_bytes: float | None = None, protocol: str = "gentool",
-               bos_id: int | None = None, compile: bool = False) -> PerplexityResult:
-    stride = stride or window
-    nlls = token_nlls(model, ids, window=window, stride=stride, batch_size=batch_size, device=device, dtype=dtype,
-                      protocol=protocol, bos_id=bos_id, compile=compile)
-    total = float(nlls.sum())
-    n = len(nlls)
-    n_bytes = total_bytes if total_bytes is not None else (bytes_per_token * n if bytes_per_token else None)
-    bos = "replaces each chunk's first token" if protocol == "llama.cpp" and bos_id is not None else \
-        "prepended to the text" if bos_id is not None else "as in the data"
-    return PerplexityResult(total / max(n, 1), n, total, n_bytes, window, stride if protocol != "llama.cpp" else
-                            window, protocol, bos)
-
-
-def load_text_ids(paths: list[str], tokenizer) -> tuple[torch.Tensor, int]:
-    """Token ids of text files or stdin ("-"), BOS first, and the UTF-8 byte count of the text."""
-    import sys
-
-    ids: list[int] = []
-    n_bytes = 0
-    for p in paths:
-        data = sys.stdin.buffer.read() if p == "-" else Path(p).read_bytes()
-        text = data.decode("utf-8", errors="replace")
-        ids.extend(tokenizer.encode(text, bos=tokenizer.bos_id is not None))
-        n_bytes += len(text.encode())
-    return torch.tensor(ids, dtype=torch.long), n_bytes
+        attach_adapter(lm.model, checkpoint, adapter, verify=verify)
+        lm.model.to(device=device, dtype=dtype).eval()
+    window = check_window(window, lm.config.max_position_embeddings, protocol)
+    stride = stride or max(1, window // 2)
+    tok = load_tokenizer(lm.tokenizer_path) if lm.tokenizer_path else None
+    ev = load_eval_tokens(data, tok, vocab_size=lm.config.vocab_size, split=split, max_tokens=max_tokens,
+                          verify=verify, allow_tokenizer_mismatch=allow_tokenizer_mismatch, where=checkpoint)
+    res = perplexity(lm.model, ev.ids, window=window, stride=stride, batch_size=batch_size, device=device,
+                     dtype=dtype, bytes_per_token=None if ev.total_bytes else ev.bytes_per_token,
+                     total_bytes=ev.total_bytes, protocol=protocol,
+                     bos_id=tok.bos_id if tok is not None and protocol == "llama.cpp" else None, compile=compile)
+    if ev.from_shards and protocol != "llama.cpp":
+        res.bos = "EOS prepended (documents are EOS-separated)"
+    if protocol != "llama.cpp" and not ev.from_shards and tok is not None and tok.bos_id is not None:
+        res.bos = "prepended to the text"
+    if ev.total_bytes and res.tokens < len(ev.ids) - 1:  # protocols that skip tokens: bytes in proportion
+        res.bytes = ev.total_bytes * res.tokens / (len(ev.ids) - 1)
+    return {**res.as_dict(), "kind": "exact", **ev.source, "checkpoint": str(checkpoint),
+            **({"adapter": str(adapter)} if adapter else {}), "dtype": dtype_name(dtype)}

@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from gentool import console
 from gentool.errors import UsageProblem
-from gentool.lm.decode import can_fuse, decode_forward, fuse_projections
+from gentool.models.decode import can_fuse, decode_forward, fuse_projections
 
 M32 = 0xFFFFFFFF
 
@@ -221,7 +221,7 @@ class Generator:
 
     check_every: look at the generated tokens (EOS, stop strings) every this many steps; each look syncs with the
     device, so on CUDA it is 16 unless text is streamed (1 on CPU, where syncing is free).
-    fuse: decode with fused projections (lm/decode.py); default whenever the model allows it."""
+    fuse: decode with fused projections (models/decode.py); default whenever the model allows it."""
 
     def __init__(self, model: nn.Module, tokenizer, *, device: str = "cpu", compile: bool | str | None = None,
                  check_every: int | None = None, fuse: bool | None = None):

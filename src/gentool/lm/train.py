@@ -1,8 +1,11 @@
-"""`train-lm`: a LLaMA-style LM on token shards, through the shared training loop."""
+"""`train-lm`: a LLaMA-style transformer on token shards, through the shared training loop.
+
+What is learned from the token windows is an `Objective`: next-token prediction here, masked diffusion in
+lm/masked.py; the model shape, data, budget, LoRA, run directory and final artifact are the same for both.
+"""
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import time
@@ -15,13 +18,14 @@ import torch
 import torch.nn.functional as F
 
 from gentool import console
-from gentool.artifacts import canonical_json, create_artifact, input_ref
+from gentool.artifacts import input_ref
 from gentool.config import LMConfig, config_from_preset
 from gentool.data.shards import TokenShards, open_shards
 from gentool.errors import UsageProblem
 from gentool.models.checkpoint import load_lm, save_lm
 from gentool.models.transformer import Transformer
-from gentool.train import SCHEDULES, TrainConfig, distributed, train
+from gentool.train import SCHEDULES, Task, TrainConfig, distributed, train
+from gentool.train.rundir import RunDir
 
 
 @dataclass
@@ -54,8 +58,6 @@ class LMRunOptions:
     force: bool = False
     init_from: Path | None = None
     lora: dict[str, Any] | None = None
-    objective: str = "ar"                                # ar | masked (MDLM masked-diffusion LM)
-    mask_schedule: str = "loglinear"
 
 
 class LMTask:
@@ -118,22 +120,24 @@ def unigram_entropy(shards: TokenShards, limit: int = 1 << 22) -> float:
     return float(-(p * np.log(p)).sum())
 
 
-def model_config(opts: LMRunOptions, vocab_size: int) -> LMConfig:
-    if opts.init_from is not None:
-        raise AssertionError("init_from configs come from the checkpoint")
-    dims = {k: v for k, v in opts.dims.items() if v is not None}
-    if opts.preset is None and not dims:
-        raise UsageProblem("give --preset or the model dimensions", hint="e.g. --preset small")
-    base = config_from_preset(opts.preset, vocab_size=vocab_size) if opts.preset else None
-    values = {**(base.__dict__ if base else {}), **dims, "vocab_size": vocab_size}
-    values["max_position_embeddings"] = max(values.get("max_position_embeddings", 0), opts.seq_len)
-    values.setdefault("num_key_value_heads", values.get("num_attention_heads"))
-    values.setdefault("intermediate_size", 4 * values.get("hidden_size", 0) * 2 // 3 // 32 * 32 or 32)
-    try:
-        return LMConfig(**values)
-    except TypeError as e:
-        raise UsageProblem(f"incomplete model dimensions ({e})", hint="give --preset or all of --hidden-size, "
-                           "--num-layers, --num-heads") from None
+class Objective:
+    """Next-token prediction with causal attention (the default); lm/masked.py's MaskedObjective is the other."""
+
+    kind = "lm-checkpoint"       # the artifact a run writes
+    causal = True
+    extra_vocab = 0              # vocabulary entries beyond the tokenizer's (the masked LM's mask token)
+    allows_init = True           # --init-from and LoRA
+
+    def task(self, train: TokenShards, val: TokenShards | None, config: LMConfig, **kw: Any) -> Task:
+        return LMTask(train, val, config, **kw)
+
+    def recipe(self, shards: TokenShards) -> dict[str, Any]:
+        """What the objective adds to the run's recipe."""
+        return {}
+
+    def contents(self, shards: TokenShards, config: LMConfig, seq_len: int) -> dict[str, Any]:
+        """What the objective adds to the checkpoint manifest's `contents`."""
+        return {}
 
 
 def _steps(opts: LMRunOptions, tokens_per_step: int, flops_per_token: float) -> int:
@@ -151,27 +155,26 @@ def _steps(opts: LMRunOptions, tokens_per_step: int, flops_per_token: float) -> 
     return steps
 
 
-def run_train_lm(opts: LMRunOptions) -> dict[str, Any]:
+def run_train_lm(opts: LMRunOptions, objective: Objective | None = None) -> dict[str, Any]:
+    objective = objective or Objective()
     device = distributed.init_from_env(opts.device)
     rank, world = distributed.rank(), distributed.world_size()
     if rank != 0:  # under torchrun only rank 0 talks
         console.configure(quiet=True)
-    out, partial = opts.out, opts.out.with_name(opts.out.name + ".partial")
+    run = RunDir(opts.out, resume=opts.resume, force=opts.force)
+    out = opts.out
     train_shards = open_shards(opts.tokens_dir, "train")
     try:
         val_shards: TokenShards | None = open_shards(opts.tokens_dir, "val", verify=False)
     except UsageProblem:
         val_shards = None
-    if out.exists() and not opts.force:
-        raise UsageProblem("output exists", path=out, hint="use --force to replace it")
-    if partial.exists() and not (opts.resume or opts.force):
-        raise UsageProblem("an unfinished run is here", path=partial, hint="continue it with --resume, or --force")
-    masked = opts.objective == "masked"
-    if masked and (opts.init_from or opts.lora):
+    run.check()
+    if not objective.allows_init and (opts.init_from or opts.lora):
         raise UsageProblem("--init-from and LoRA are for autoregressive LMs", hint="train the masked LM from scratch")
     init = load_lm(opts.init_from) if opts.init_from else None
-    # the masked-diffusion LM appends one vocabulary entry: the mask token, id = the tokenizer's vocabulary size
-    config = init.config if init else model_config(opts, train_shards.vocab_size + (1 if masked else 0))
+    config = init.config if init else config_from_preset(
+        opts.preset if opts.preset or any(v is not None for v in opts.dims.values()) else "small",
+        vocab_size=train_shards.vocab_size + objective.extra_vocab, min_context=opts.seq_len, **opts.dims)
     init_tok = init.manifest.contents.get("tokenizer_id") if init is not None and init.manifest else None
     if init_tok and init_tok != train_shards.tokenizer_id:
         raise UsageProblem("the token shards come from a different tokenizer than the --init-from checkpoint",
@@ -208,29 +211,16 @@ def run_train_lm(opts: LMRunOptions) -> dict[str, Any]:
     recipe = {"model": config.to_hf_dict(), "train": tcfg.recipe(), "seq_len": opts.seq_len,
               "micro_batch": opts.micro_batch, "batch_tokens": batch_tokens, "data": train_shards.manifest.id,
               "init": str(opts.init_from) if opts.init_from else "scratch", "lora": opts.lora,
-              **({"family": "masked-lm", "mask_id": train_shards.vocab_size, "schedule": opts.mask_schedule}
-                 if masked else {})}
+              **objective.recipe(train_shards)}
     if val_shards is None or len(val_shards) < opts.seq_len + 1:
         console.warn(f"the val split has fewer than {opts.seq_len + 1} tokens: no validation loss will be measured")
-    distributed.barrier()  # every rank has checked OUT and OUT.partial before rank 0 creates the latter
-    if rank == 0:
-        if opts.resume and not partial.exists():
-            console.log(f"nothing to resume in {partial}; starting a new run")
-        if partial.exists() and opts.resume:
-            saved = json.loads((partial / "run.json").read_text()) if (partial / "run.json").is_file() else None
-            if saved != json.loads(canonical_json(recipe)):
-                raise UsageProblem("the unfinished run was started with a different configuration", path=partial,
-                                   hint="repeat the original options, or start over with --force")
-        else:
-            shutil.rmtree(partial, ignore_errors=True)
-            partial.mkdir(parents=True)
-            (partial / "run.json").write_text(canonical_json(recipe))
+    run.begin(recipe)
     torch.manual_seed(opts.seed)
     if init is not None:
         model = init.model
     else:
         with torch.device(device):
-            model = Transformer(config, causal=not masked)
+            model = Transformer(config, causal=objective.causal)
         model.init_weights(opts.seed)
     adapter = None
     if opts.lora is not None:
@@ -239,19 +229,12 @@ def run_train_lm(opts: LMRunOptions) -> dict[str, Any]:
         adapter = lora_config_from_options(**opts.lora)
         info = prepare_lora(model, adapter)
     model.train()
-    if masked:
-        from gentool.lm.masked import MaskedLMTask
-
-        task = MaskedLMTask(train_shards, val_shards, config, seq_len=opts.seq_len, micro_batch=opts.micro_batch,
-                            seed=opts.seed, world=world, device=device, eval_tokens=opts.eval_tokens,
-                            mask_id=train_shards.vocab_size, schedule=opts.mask_schedule)
-    else:
-        task = LMTask(train_shards, val_shards, config, seq_len=opts.seq_len, micro_batch=opts.micro_batch,
-                      seed=opts.seed, world=world, device=device, eval_tokens=opts.eval_tokens)
+    task = objective.task(train_shards, val_shards, config, seq_len=opts.seq_len, micro_batch=opts.micro_batch,
+                          seed=opts.seed, world=world, device=device, eval_tokens=opts.eval_tokens)
     console.log(f"model: {config.n_params():,} parameters ({config.n_params(non_embedding=True):,} non-embedding); "
                 f"{steps} steps of {batch_tokens:,} tokens")
     t0 = time.time()
-    result = train(model, task, tcfg, partial, resume=opts.resume)
+    result = train(model, task, tcfg, run.partial, resume=opts.resume)
     entropy = unigram_entropy(val_shards) if val_shards is not None and len(val_shards) else None
     distributed.shutdown()
     if rank == 0:
@@ -267,11 +250,11 @@ def run_train_lm(opts: LMRunOptions) -> dict[str, Any]:
         return summary
     tok_src = train_shards.manifest.inputs
     tok_dir = next((Path(i["path"]) for i in tok_src if i.get("role") == "tokenizer"), None)
-    kind = "lora-adapter" if opts.lora is not None else "diffusion-checkpoint" if masked else "lm-checkpoint"
+    kind = "lora-adapter" if opts.lora is not None else objective.kind
     inputs = [input_ref("data", train_shards.manifest)]
     if init is not None:
         inputs.append(input_ref("base" if opts.lora is not None else "init", init.manifest or str(opts.init_from)))
-    with create_artifact(out, kind, force=True, config=recipe, inputs=inputs) as art:
+    with run.finish(kind, config=recipe, inputs=inputs) as art:
         if opts.lora is not None:
             from gentool.adapters import adapter_contents, read_base, save_lora
 
@@ -284,16 +267,11 @@ def run_train_lm(opts: LMRunOptions) -> dict[str, Any]:
                                 tokenizer_id=train_shards.tokenizer_id, vocab_size=config.vocab_size,
                                 context_length=opts.seq_len, dtype="float32", step=result.step,
                                 tokens_seen=result.tokens, train_flops=result.flops, flops_formula="6N+6LTd")
-            if masked:
-                art.contents.update(family="masked-lm", data_shape={"seq_len": opts.seq_len, "vocab_size":
-                                    config.vocab_size, "mask_id": train_shards.vocab_size},
-                                    schedule=opts.mask_schedule, flops_formula="6N+12LTd (bidirectional)")
+            art.contents.update(objective.contents(train_shards, config, opts.seq_len))
         if tok_dir is not None and (tok_dir / "tokenizer.model").is_file():
             shutil.copy(tok_dir / "tokenizer.model", art.dir / "tokenizer.model")
         elif init is not None and init.tokenizer_path is not None:
             shutil.copy(init.tokenizer_path, art.dir / init.tokenizer_path.name)
-        shutil.copy(partial / "metrics.jsonl", art.dir / "metrics.jsonl")
         art.metrics.update({k: v for k, v in summary.items() if k not in ("output",)},
                            wall_seconds=round(time.time() - t0, 3))
-    shutil.rmtree(partial, ignore_errors=True)
     return summary

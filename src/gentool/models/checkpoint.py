@@ -6,17 +6,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from gentool.artifacts import MANIFEST, Manifest, read_artifact
 from gentool.config import LMConfig
+from gentool.devices import dtype_name
 from gentool.errors import GentoolError, UsageProblem
+from gentool.models.quant import QuantLinear, install_from_state
 from gentool.models.transformer import Transformer
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 
 @dataclass
@@ -46,7 +44,7 @@ def save_lm(model_or_state: Transformer | dict[str, torch.Tensor], config: LMCon
         out[k] = v.contiguous().cpu()
     stored = next((v.dtype for v in out.values() if v.is_floating_point()), torch.float32)
     save_file(out, str(directory / "model.safetensors"), metadata={"format": "pt", **(metadata or {})})
-    (directory / "config.json").write_text(json.dumps(config.to_hf_dict(DTYPE_NAMES.get(stored, "float32")),
+    (directory / "config.json").write_text(json.dumps(config.to_hf_dict(dtype_name(stored)),
                                                       indent=2) + "\n")
     gen = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
            "pad_token_id": config.pad_token_id}
@@ -110,27 +108,48 @@ def find_tokenizer(path: Path) -> Path | None:
     return None
 
 
+def quantization_config(path: str | Path) -> dict | None:
+    """config.json's `quantization_config` block, or None for a plain checkpoint."""
+    f = Path(path) / "config.json"
+    try:
+        q = json.loads(f.read_text(encoding="utf-8")).get("quantization_config") if f.is_file() else None
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        return None  # read_config reports the bad JSON
+    if q is not None and (not isinstance(q, dict) or q.get("quant_method") != "gentool"):
+        method = q.get("quant_method") if isinstance(q, dict) else q
+        raise UsageProblem(f"quantization method {method!r} is not supported", path=f,
+                           hint="gentool reads its own quantized checkpoints (gentool quantize) and 16-bit models")
+    return q
+
+
 def load_lm(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
             verify: bool = True, causal: bool = True, kind: str = "lm-checkpoint") -> LoadedLM:
-    """Load a gentool lm-checkpoint (or `kind`) or a Hugging Face Llama directory. dtype None means float32."""
+    """Load a gentool lm-checkpoint (or `kind`), a quantized-checkpoint (its quantized layers swapped in) or a
+    Hugging Face Llama directory: built on the meta device, weights assigned without copies. The model computes
+    in `dtype` (float32 by default); quantized codes and scales keep their stored dtypes."""
     path = Path(path)
-    manifest = None
     if not path.is_dir():
         raise UsageProblem("no such checkpoint directory", path=path,
                            hint="pass a gentool lm-checkpoint or a Hugging Face Llama directory")
-    if kind == "lm-checkpoint":  # a quantized checkpoint loads with its quantized layers swapped in
-        from gentool.models.quant import load_quantized, quantization_config
-
-        if quantization_config(path) is not None:
-            return load_quantized(path, device=device, dtype=dtype, verify=verify, causal=causal)
+    dtype = dtype or torch.float32
+    qconfig = quantization_config(path) if kind == "lm-checkpoint" else None
+    manifest = None
     if (path / MANIFEST).is_file():
-        manifest = read_artifact(path, kind, verify=verify)
+        manifest = read_artifact(path, "quantized-checkpoint" if qconfig else kind, verify=verify)
     config = read_config(path)
-    state = read_tensors(weight_files(path), dtype=dtype or torch.float32, device=device)
     with torch.device("meta"):
         model = Transformer(config, causal=causal)
-    expected = set(model.state_dict())
-    if config.tie_word_embeddings:
+    if qconfig is None:
+        state = read_tensors(weight_files(path), dtype=dtype, device=device)
+        quantized: set[str] = set()
+    else:  # codes and scales as stored; the rest cast below
+        state = read_tensors(weight_files(path))
+        quantized = set(install_from_state(model, state, qconfig, dtype=dtype, where=path))
+        state = {k: v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device)
+                 for k, v in state.items()}
+    tied = config.tie_word_embeddings and not isinstance(model.lm_head, QuantLinear)
+    expected = {k for k in model.state_dict() if k.rsplit(".", 1)[0] not in quantized}
+    if tied:
         state.pop("lm_head.weight", None)
         expected.discard("lm_head.weight")
     missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
@@ -140,18 +159,15 @@ def load_lm(path: str | Path, *, device: str | torch.device = "cpu", dtype: torc
                (f"unexpected tensors {extra[:3]}" if extra else "")
         raise GentoolError(f"weights do not fit config.json: {what}", path=path,
                            hint="the checkpoint is corrupt or not a Llama model")
-    for k, v in state.items():
-        want = model.get_parameter(k).shape if k in expected else None
-        if want is not None and tuple(v.shape) != tuple(want):
-            raise GentoolError(f"tensor {k} has shape {tuple(v.shape)}, config.json implies {tuple(want)}",
-                               path=path, hint="the checkpoint is corrupt")
-    model.load_state_dict(state, strict=False, assign=True)
-    if config.tie_word_embeddings:
+    for k in expected:
+        want, got = tuple(model.get_parameter(k).shape), tuple(state[k].shape)
+        if got != want:
+            raise GentoolError(f"tensor {k} has shape {got}, config.json implies {want}", path=path,
+                               hint="the checkpoint is corrupt")
+    model.load_state_dict({k: state[k] for k in expected}, strict=False, assign=True)
+    if tied:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.init_buffers(device)
+    model.to(device)
     model.eval()
     return LoadedLM(model, config, path, find_tokenizer(path), manifest, "gentool" if manifest else "hf")
-
-
-def n_params_summary(config: LMConfig) -> dict[str, Any]:
-    return {"n_params": config.n_params(), "n_params_non_embedding": config.n_params(non_embedding=True)}

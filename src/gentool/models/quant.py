@@ -1,7 +1,7 @@
 """Quantized linear layers (int8, int4, NF4, FP8) and the functions that swap them into a model from outside.
 
 A `QuantLinear` keeps exactly the tensors a quantized checkpoint stores (`weight` codes plus `weight_scale`,
-`weight_zero`, `weight_absmax*`; see quant_pack.py), so `state_dict()` *is* the file layout. Kernel layouts are
+`weight_zero`, `weight_absmax*`; see quant_codecs.py), so `state_dict()` *is* the file layout. Kernel layouts are
 derived from them on the device the layer lives on (`_prepare`, rerun after every `.to()`):
 - int8: torch's `_weight_int8pack_mm` on CPU; on CUDA a dequantize-fused GEMV under torch.compile for decoding
   (x·(q·s) as a multiply-and-sum inductor fuses, reading int8) and dequantize + matmul otherwise.
@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gentool.errors import GentoolError, UsageProblem
-from gentool.models import quant_pack as qp
+from gentool.models import quant_codecs as qp
 
 DEFAULT_SKIP = ("embed_tokens", "lm_head")
 COMPANIONS = {"int8": ("weight", "weight_scale"), "int4": ("weight", "weight_scale", "weight_zero"),
@@ -283,57 +283,3 @@ def install_from_state(model: nn.Module, state: dict[str, torch.Tensor], qconfig
                                    path=where, hint="the checkpoint is corrupt")
         model.set_submodule(name, layer)
     return names
-
-
-# --- quantized checkpoints on disk --------------------------------------------------------------------------------------
-def quantization_config(path) -> dict | None:
-    """config.json's `quantization_config` block, or None for a plain checkpoint."""
-    import json
-    from pathlib import Path
-
-    f = Path(path) / "config.json"
-    try:
-        q = json.loads(f.read_text(encoding="utf-8")).get("quantization_config") if f.is_file() else None
-    except (ValueError, UnicodeDecodeError):
-        return None  # read_config reports the bad JSON
-    if q is not None and q.get("quant_method") != "gentool":
-        raise UsageProblem(f"quantization method {q.get('quant_method')!r} is not supported", path=f,
-                           hint="gentool reads its own quantized checkpoints (gentool quantize) and 16-bit models")
-    return q
-
-
-def load_quantized(path, *, device="cpu", dtype: torch.dtype | None = None, verify: bool = True, causal: bool = True):
-    """Load a gentool quantized-checkpoint: the model with its quantized layers swapped in, on `device`, computing
-    in `dtype` (float32 by default). Returns a checkpoint.LoadedLM."""
-    from pathlib import Path
-
-    from gentool.artifacts import MANIFEST, read_artifact
-    from gentool.models.checkpoint import LoadedLM, find_tokenizer, read_config, read_tensors, weight_files
-    from gentool.models.transformer import Transformer
-
-    path = Path(path)
-    dtype = dtype or torch.float32
-    manifest = read_artifact(path, "quantized-checkpoint", verify=verify) if (path / MANIFEST).is_file() else None
-    qconfig = quantization_config(path)
-    config = read_config(path)
-    state = read_tensors(weight_files(path))  # as stored: codes and scales keep their dtypes
-    with torch.device("meta"):
-        model = Transformer(config, causal=causal)
-    qnames = set(install_from_state(model, state, qconfig, dtype=dtype, where=path))
-    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-    if config.tie_word_embeddings and not isinstance(model.lm_head, QuantLinear):
-        state.pop("lm_head.weight", None)
-        if "model.embed_tokens.weight" in state:
-            state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    expected = {k for k in model.state_dict() if k.rsplit(".", 1)[0] not in qnames}
-    missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
-    if missing or extra:
-        raise GentoolError(f"weights do not fit config.json: missing {missing[:3]}, unexpected {extra[:3]}",
-                           path=path, hint="the checkpoint is corrupt")
-    model.load_state_dict(state, strict=False, assign=True)
-    if config.tie_word_embeddings and not isinstance(model.lm_head, QuantLinear):
-        model.lm_head.weight = model.model.embed_tokens.weight
-    model.init_buffers(device)
-    model.to(device)
-    model.eval()
-    return LoadedLM(model, config, path, find_tokenizer(path), manifest, "gentool")

@@ -1,6 +1,6 @@
 """Sample quality without a downloaded network: sliced Wasserstein-2 distance and kernel MMD between samples and
 held-out data, on raw values (2-D points, pixels) and, for 8x8 digits, on the hidden features of a small classifier
-that gentool trains on the bundled digits and ships (`python -m gentool.diffusion.score --train-classifier`).
+that gentool trains on the bundled digits and ships (`python -m gentool.diffusion.metrics --train-classifier`).
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ if __name__ == "__main__":
     import sys
 
     if "--train-classifier" not in sys.argv:
-        sys.exit("usage: python -m gentool.diffusion.score --train-classifier")
+        sys.exit("usage: python -m gentool.diffusion.metrics --train-classifier")
     from safetensors.torch import save_file
 
     model, accuracy = train_classifier()

@@ -1,4 +1,4 @@
-"""LoRA adapters in PEFT's on-disk format: reading, checking against a base, writing, merging.
+"""LoRA adapters in PEFT's on-disk format: reading, checking against a base, writing, applying to a model.
 
 An adapter directory holds `adapter_config.json` (a PEFT LoraConfig) and `adapter_model.safetensors` whose keys are
 the model's own names behind PEFT's prefix: `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`.
@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from gentool.errors import GentoolError, UsageProblem
-from gentool.models.lora import OUTPUT_HEAD, LoRAConfig, in_modules_to_save, is_target, rank_alpha
+from gentool.models.lora import LoRAConfig, in_modules_to_save, is_target, rank_alpha
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -228,44 +228,6 @@ class _Lin:
         return None
 
 
-def merge_tensors(base: dict[str, torch.Tensor], adapters: list[tuple[Adapter, float]],
-                  dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """W' = W + Σ_i w_i ΔW_i, each ΔW_i relative to the base the adapter was trained on, in float32.
-
-    LoRA: ΔW = s·B A. DoRA: ΔW = m ⊙ (W + s·B A)/‖W + s·B A‖_row − W. modules_to_save: ΔW = M − W.
-    A single full-weight adapter (DoRA or modules_to_save) at weight 1 gives its tensor exactly.
-    """
-    deltas: dict[str, list] = {}
-    for ad, w in adapters:
-        for module, p in ad.lora.items():
-            key = f"{module}.weight"
-            delta = ad.scaling(module) * (p["B"].float() @ p["A"].float())
-            if "m" in p:
-                merged = base[key].float() + delta
-                merged = merged * (p["m"].float() / torch.linalg.norm(merged, dim=1)).unsqueeze(1)
-                deltas.setdefault(key, []).append(("full", w, merged))
-            else:
-                deltas.setdefault(key, []).append(("delta", w, delta))
-        for key, t in ad.saved.items():
-            deltas.setdefault(key, []).append(("full", w, t.float()))
-    out = {}
-    for key, t in base.items():
-        target = dtype if dtype is not None and t.is_floating_point() else t.dtype
-        if key not in deltas:
-            out[key] = t.to(target)
-            continue
-        parts = deltas[key]
-        if len(parts) == 1 and parts[0][0] == "full" and parts[0][1] == 1.0:
-            out[key] = parts[0][2].to(target)
-            continue
-        w0 = t.float()
-        acc = w0.clone()
-        for kind, w, d in parts:
-            acc += w * (d - w0 if kind == "full" else d)
-        out[key] = acc.to(target)
-    return out
-
-
 def write_adapter(directory: Path, tensors: dict[str, torch.Tensor], cfg: LoRAConfig, *, base_name: str) -> None:
     """adapter_config.json + adapter_model.safetensors (PEFT key names) into `directory`."""
     (directory / ADAPTER_CONFIG).write_text(json.dumps(config_to_peft(cfg, base_name=base_name), indent=2,
@@ -319,81 +281,6 @@ def attach_adapter(model: torch.nn.Module, base_path: str | Path, adapter_path: 
     return ad
 
 
-# --- fine-tuning: options in, adapter artifact out ----------------------------------------------------------------
-
-def lora_config_from_options(*, rank: int, alpha: float | None, targets: str, dropout: float = 0.0,
-                             rslora: bool = False, patterns: list[str] | None = None,
-                             modules_to_save: str | None = None) -> LoRAConfig:
-    """The LoRAConfig asked for on the command line (train-lm's --lora-* options).
-
-    targets: comma-separated module names (q_proj,v_proj) or "all-linear"; patterns: "REGEX=RANK[:ALPHA]" items,
-    PEFT's rank_pattern/alpha_pattern ("o_proj=4", "layers\\.0\\..*=8:16", "down_proj=:32" sets alpha only).
-    """
-    if rank < 1:
-        raise UsageProblem(f"--lora-rank must be at least 1, got {rank}")
-    if not 0.0 <= dropout < 1.0:
-        raise UsageProblem(f"--lora-dropout must be in [0, 1), got {dropout}")
-    names = [t.strip() for t in targets.split(",") if t.strip()]
-    if not names:
-        raise UsageProblem("--lora-targets is empty", hint="e.g. q_proj,v_proj or all-linear")
-    rank_pattern, alpha_pattern = {}, {}
-    for item in patterns or []:
-        key, sep, value = item.rpartition("=")
-        r_txt, _, a_txt = value.partition(":")
-        try:
-            if not sep or not key or not (r_txt or a_txt):
-                raise ValueError
-            if r_txt:
-                rank_pattern[key] = int(r_txt)
-            if a_txt:
-                alpha_pattern[key] = float(a_txt)
-        except ValueError:
-            raise UsageProblem(f"bad --lora-pattern {item!r}", hint="use REGEX=RANK, REGEX=RANK:ALPHA or "
-                                                                    "REGEX=:ALPHA") from None
-    return LoRAConfig(r=rank, alpha=float(alpha if alpha is not None else 2 * rank),
-                      target_modules="all-linear" if names == ["all-linear"] else names, dropout=dropout,
-                      use_rslora=rslora, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
-                      modules_to_save=[m.strip() for m in (modules_to_save or "").split(",") if m.strip()])
-
-
-def prepare_lora(model: torch.nn.Module, cfg: LoRAConfig) -> dict:
-    """Freeze the base and wrap its targets (gentool train-lm --lora-*). Returns facts for the log and manifest.
-
-    An "all-linear" target list is spelled out as the module names it matched, so the adapter's config reads
-    the same in any PEFT version.
-    """
-    from gentool.models.lora import count_trainable, inject_lora
-
-    try:
-        names = inject_lora(model, cfg)
-    except ValueError as e:
-        raise UsageProblem(str(e), hint="--lora-targets takes module names such as q_proj,v_proj or all-linear")
-    if cfg.target_modules == "all-linear":
-        cfg.target_modules = sorted({n.rpartition(".")[2] for n in names})
-    trainable, total = count_trainable(model)
-    return {"lora_modules": len(names), "n_trainable_params": trainable, "n_params": total,
-            "trainable_fraction": trainable / total}
-
-
-def save_lora(directory: Path, model: torch.nn.Module, cfg: LoRAConfig, *, base_name: str) -> None:
-    """Write the adapter files of a LoRA-wrapped model into an artifact directory being built."""
-    from gentool.models.lora import adapter_state_dict
-
-    write_adapter(directory, adapter_state_dict(model, cfg), cfg, base_name=base_name)
-
-
-def adapter_contents(cfg: LoRAConfig, info: dict, base: Base) -> dict:
-    """The lora-adapter manifest's `contents`: what lora-merge and --adapter check against."""
-    return {"base_id": getattr(base.manifest, "id", None), "base_sha256": base.sha256, "base_path": str(base.path),
-            "base_model_relation": "adapter", "r": cfg.r, "alpha": cfg.alpha, "target_modules": cfg.target_modules,
-            "use_rslora": cfg.use_rslora, "use_dora": cfg.use_dora, "n_trainable_params": info["n_trainable_params"]}
-
-
-# --- merging into a checkpoint directory ------------------------------------------------------------------------
-
-BASE_FILES = ("config.json", "generation_config.json", "tokenizer.model", "tokenizer.json", "tokenizer_config.json",
-              "special_tokens_map.json")
-
 
 @dataclass
 class Base:
@@ -410,21 +297,13 @@ def read_base(path: str | Path, *, verify: bool = True) -> Base:
     import hashlib
 
     from gentool.artifacts import read_artifact, sha256_file
+    from gentool.models.checkpoint import weight_files
 
     path = Path(path)
     manifest = read_artifact(path, "lm-checkpoint", verify=verify) if (path / "manifest.json").is_file() else None
     if manifest is None and not path.is_dir():
         raise UsageProblem("no such checkpoint directory", path=path, hint="pass an lm-checkpoint or HF Llama directory")
-    index = path / "model.safetensors.index.json"
-    if (path / "model.safetensors").is_file():
-        files = [path / "model.safetensors"]
-    elif index.is_file():
-        try:
-            files = [path / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-        except (OSError, ValueError, KeyError, AttributeError) as e:
-            raise UsageProblem(f"malformed model.safetensors.index.json ({e})", path=index) from None
-    else:
-        raise UsageProblem("no model.safetensors", path=path, hint="pass an lm-checkpoint or HF Llama directory")
+    files = weight_files(path)
     if not (path / "config.json").is_file():
         raise UsageProblem("no config.json", path=path, hint="pass an lm-checkpoint or HF Llama directory")
     hashes = []
@@ -447,93 +326,3 @@ def read_base(path: str | Path, *, verify: bool = True) -> Base:
 
 
 _DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
-
-
-def parse_adapter_arg(arg: str) -> tuple[Path, float]:
-    """`DIR` or `DIR:WEIGHT` (the weight a float)."""
-    head, sep, tail = arg.rpartition(":")
-    if sep and head:
-        try:
-            return Path(head), float(tail)
-        except ValueError:
-            pass
-    return Path(arg), 1.0
-
-
-def merge_checkpoint(base_path: Path, adapter_args: list[str], out: Path, *, dtype: torch.dtype | None = None,
-                     force: bool = False, ignore_base_mismatch: bool = False, verify: bool = True) -> dict:
-    """`gentool lora-merge`: base + Σ w_i adapter_i written as an lm-checkpoint (HF layout). Returns a summary."""
-    import shutil
-    import time
-
-    from gentool.artifacts import check_output, create_artifact, input_ref
-
-    t0 = time.perf_counter()
-    check_output(out, force=force)
-    base = read_base(base_path, verify=verify)
-    specs = [parse_adapter_arg(a) for a in adapter_args]
-    adapters = []
-    for p, w in specs:
-        ad = read_adapter(p, verify=verify)
-        check_adapter(ad, base.shapes, base_sha256=base.sha256, ignore_base_mismatch=ignore_base_mismatch,
-                      base_path=base.path)
-        if len(specs) > 1 and ad.cfg.use_dora:
-            from gentool.console import warn
-
-            warn(f"{p}: a DoRA adapter merged with others: its change is taken against the base and added")
-        adapters.append((ad, w))
-    tensors: dict[str, torch.Tensor] = {}
-    for f in base.weight_files:
-        with safe_open(f, "pt") as sf:
-            tensors.update({k: sf.get_tensor(k) for k in sf.keys()})  # noqa: SIM118
-    merged = merge_tensors(tensors, adapters, dtype)
-    bad = [k for k, v in merged.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise GentoolError(f"the merged weight {bad[0]} has NaN/inf values", path=specs[0][0],
-                           hint="the adapter is broken or its weight too large for the dtype")
-    inputs = [input_ref("base", base.manifest or base.path)] + [input_ref("adapter", a.path) for a, _ in adapters]
-    adapters_cfg = [{"path": str(a.path), "weight": w, "base_sha256": a.base.get("sha256")} for a, w in adapters]
-    dtype_name = str(dtype).removeprefix("torch.") if dtype else None
-    with create_artifact(out, "lm-checkpoint", force=force, inputs=inputs,
-                         config={"init": "lora-merge", "adapters": [{"weight": w} for _, w in adapters],
-                                 "dtype": dtype_name}) as b:
-        for name in BASE_FILES:
-            if (base.path / name).is_file():
-                shutil.copyfile(base.path / name, b.dir / name)
-        if dtype is not None:
-            cfg = json.loads((b.dir / "config.json").read_text())
-            cfg.update({"torch_dtype": dtype_name, "dtype": dtype_name})
-            (b.dir / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-        save_file({k: v.contiguous() for k, v in merged.items()}, str(b.dir / "model.safetensors"),
-                  metadata={"format": "pt", "gentool.format": "gentool.lm-checkpoint"})
-        contents = dict(base.manifest.contents) if base.manifest is not None else {"architecture": "llama"}
-        contents.update(merged_adapters=adapters_cfg, base_sha256=base.sha256)
-        if dtype_name:
-            contents["dtype"] = dtype_name
-        b.contents = contents
-        b.metrics = {"merge_seconds": round(time.perf_counter() - t0, 3)}
-    return {"output": str(out), "base": str(base.path), "adapters": len(adapters),
-            "modules_merged": sum(len(a.lora) for a, _ in adapters),
-            "tensors_replaced": sum(len(a.saved) for a, _ in adapters),
-            "dtype": dtype_name or str(next(iter(merged.values())).dtype).removeprefix("torch."),
-            "seconds": round(time.perf_counter() - t0, 3)}
-
-
-__all__ = [
-    "ADAPTER_CONFIG",
-    "ADAPTER_WEIGHTS",
-    "OUTPUT_HEAD",
-    "PEFT_PREFIX",
-    "Adapter",
-    "Base",
-    "apply_adapter",
-    "check_adapter",
-    "config_from_peft",
-    "config_to_peft",
-    "merge_checkpoint",
-    "merge_tensors",
-    "parse_adapter_arg",
-    "read_adapter",
-    "read_base",
-    "write_adapter",
-]

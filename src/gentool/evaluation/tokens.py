@@ -1,0 +1,86 @@
+"""The tokens an evaluation scores: one split of a token-shards artifact, or text files / stdin encoded with the
+model's tokenizer, with the UTF-8 bytes they stand for (for bits per byte)."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gentool import console
+from gentool.artifacts import MANIFEST
+from gentool.errors import UsageProblem
+
+
+@dataclass
+class EvalTokens:
+    ids: torch.Tensor                 # (N,) int64, the stream to score (its first token is context only)
+    total_bytes: int | None           # exact UTF-8 bytes of the scored tokens, when known
+    bytes_per_token: float | None     # average UTF-8 bytes per token of the data, for partial scoring
+    source: dict[str, Any] = field(default_factory=dict)   # for reports: {"data": ..., "split": ...}
+    from_shards: bool = False
+
+
+def is_shards(p: str | Path) -> bool:
+    path = Path(p)
+    return path.is_dir() and (path / MANIFEST).is_file()
+
+
+def load_text_ids(paths: list[str], tokenizer) -> tuple[torch.Tensor, int]:
+    """Token ids of text files or stdin ("-"), BOS first, and the UTF-8 byte count of the text."""
+    ids: list[int] = []
+    n_bytes = 0
+    for p in paths:
+        data = sys.stdin.buffer.read() if p == "-" else Path(p).read_bytes()
+        text = data.decode("utf-8", errors="replace")
+        ids.extend(tokenizer.encode(text, bos=tokenizer.bos_id is not None))
+        n_bytes += len(text.encode())
+    return torch.tensor(ids, dtype=torch.long), n_bytes
+
+
+def load_eval_tokens(data: list[str], tokenizer, *, vocab_size: int, split: str = "val",
+                     max_tokens: int | None = None, verify: bool = True, allow_tokenizer_mismatch: bool = False,
+                     leading_eos: bool = True, where: Path | None = None) -> EvalTokens:
+    """Tokens to score from `data`: one token-shards artifact (its `split`, checked against `tokenizer`) or text
+    files / "-". Shards' documents end with EOS, so with `leading_eos` one EOS in front makes the first token
+    scored like every other (the masked LM, which scores whole windows, passes False). At most `max_tokens`
+    tokens are scored."""
+    if not data:
+        raise UsageProblem("no data to score", hint="pass a token-shards directory, text files, or - for stdin")
+    if len(data) == 1 and is_shards(data[0]):
+        from gentool.data.shards import open_shards
+
+        shards = open_shards(data[0], split, verify=verify)
+        if tokenizer is None or shards.tokenizer_id != tokenizer.sha256:
+            if not allow_tokenizer_mismatch:
+                raise UsageProblem("the shards were encoded with a different tokenizer than the checkpoint's"
+                                   if tokenizer else "the checkpoint has no tokenizer to compare with the shards",
+                                   path=data[0], hint="use shards from the checkpoint's tokenizer, or pass "
+                                                      "--allow-tokenizer-mismatch")
+            console.warn("scoring shards from another tokenizer (--allow-tokenizer-mismatch)")
+        n = len(shards) if max_tokens is None else min(len(shards), max_tokens)
+        ids = torch.from_numpy(shards.tokens(0, n))
+        total_bytes = None
+        if leading_eos:
+            ids = torch.cat([torch.tensor([shards.eos_id]), ids])
+            total_bytes = shards.bytes if n == len(shards) else None
+        out = EvalTokens(ids, total_bytes, shards.bytes / max(1, len(shards)), {"data": str(data[0]), "split": split},
+                         from_shards=True)
+    else:
+        if tokenizer is None:
+            raise UsageProblem("the checkpoint has no tokenizer.model or tokenizer.json", path=where,
+                               hint="score token shards instead of text")
+        ids, n_bytes = load_text_ids(data, tokenizer)
+        if max_tokens is not None:
+            ids = ids[: max_tokens + 1]
+        out = EvalTokens(ids, n_bytes if max_tokens is None else None, n_bytes / max(1, len(ids)),
+                         {"data": [str(d) for d in data]})
+    if len(out.ids) < 2:
+        raise UsageProblem("the data holds fewer than two tokens", hint="pass more text")
+    if int(out.ids.max()) >= vocab_size:
+        raise UsageProblem(f"token id {int(out.ids.max())} is outside the model's vocabulary ({vocab_size})",
+                           hint="the data was encoded with another tokenizer")
+    return out

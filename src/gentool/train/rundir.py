@@ -1,0 +1,66 @@
+"""The run directory of a training command, the same for every trainer.
+
+While a run is going it lives in OUTPUT.partial/: run.json (the recipe), state/step-N/ (resumable state),
+metrics.jsonl. At the end rank 0 builds the OUTPUT artifact in a temporary sibling (manifest last, then rename)
+and removes OUTPUT.partial/. An existing OUTPUT is refused without --force, an unfinished run without --resume
+or --force, and --resume only continues a run made with the same recipe.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from gentool import console
+from gentool.artifacts import ArtifactBuilder, canonical_json, create_artifact
+from gentool.errors import UsageProblem
+from gentool.train import distributed
+
+RECIPE = "run.json"
+
+
+class RunDir:
+    def __init__(self, out: str | Path, *, resume: bool = False, force: bool = False):
+        self.out = Path(out)
+        self.partial = self.out.with_name(self.out.name + ".partial")
+        self.resume, self.force = resume, force
+
+    def check(self) -> None:
+        """Before any work: the output and the unfinished run this command would replace."""
+        if self.out.exists() and not self.force:
+            raise UsageProblem("output exists", path=self.out, hint="use --force to replace it")
+        if self.partial.exists() and not (self.resume or self.force):
+            raise UsageProblem("an unfinished run is here", path=self.partial,
+                               hint="continue it with --resume, or --force")
+
+    def begin(self, recipe: dict[str, Any]) -> None:
+        """Rank 0 creates OUTPUT.partial/ with the recipe, or on --resume checks the unfinished run's recipe. Under
+        torchrun every rank has run check() before the directory appears, and none goes on before it exists."""
+        distributed.barrier()
+        if distributed.rank() == 0:
+            saved_file = self.partial / RECIPE
+            if self.resume and self.partial.exists():
+                saved = json.loads(saved_file.read_text()) if saved_file.is_file() else None
+                if saved != json.loads(canonical_json(recipe)):
+                    raise UsageProblem("the unfinished run was started with a different configuration",
+                                       path=self.partial, hint="repeat the original options, or start over with "
+                                                               "--force")
+            else:
+                if self.resume:
+                    console.log(f"nothing to resume in {self.partial}; starting a new run")
+                shutil.rmtree(self.partial, ignore_errors=True)
+                self.partial.mkdir(parents=True)
+                saved_file.write_text(canonical_json(recipe))
+        distributed.barrier()
+
+    @contextmanager
+    def finish(self, kind: str, *, config: dict[str, Any], inputs: list[dict]) -> Iterator[ArtifactBuilder]:
+        """Rank 0: the final artifact, with the run's metrics.jsonl; OUTPUT.partial/ goes once it is in place."""
+        with create_artifact(self.out, kind, force=True, config=config, inputs=inputs) as art:
+            yield art
+            shutil.copy(self.partial / "metrics.jsonl", art.dir / "metrics.jsonl")
+        shutil.rmtree(self.partial, ignore_errors=True)
