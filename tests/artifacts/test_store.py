@@ -119,3 +119,28 @@ def test_fuzz_manifest_parser_never_crashes(tmp_path_factory, text):
         assert "\n" not in e.one_line()
     else:
         assert m.format.startswith("gentool.") and m.format_version >= 1
+
+
+def test_unknown_manifest_fields_warn_but_load(tmp_path, capsys):
+    out, _ = _make(tmp_path)
+    data = json.loads((out / MANIFEST).read_text())
+    data["from_the_future"] = {"x": 1}
+    (out / MANIFEST).write_text(json.dumps(data))
+    assert read_artifact(out, "tokenizer").kind == "tokenizer"
+    assert "unknown manifest field(s) 'from_the_future'" in capsys.readouterr().err
+    _make(tmp_path, "clean")
+    read_artifact(tmp_path / "clean")
+    assert capsys.readouterr().err == ""  # what gentool writes itself never warns
+
+
+def test_manifests_record_the_invocation(tmp_path):
+    from gentool.artifacts import INVOCATION
+
+    token = INVOCATION.set({"command": "x", "arguments": {}, "options": {"seed": 3}})
+    try:
+        _, m = _make(tmp_path)
+    finally:
+        INVOCATION.reset(token)
+    assert read_artifact(m.path).invocation == {"command": "x", "arguments": {}, "options": {"seed": 3}}
+    _, plain = _make(tmp_path, "plain")
+    assert plain.invocation == {} and plain.fingerprint == m.fingerprint  # how it was asked is not the recipe

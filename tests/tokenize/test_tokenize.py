@@ -19,11 +19,9 @@ from gentool.tokenize import bundled_corpus, encode_corpus, parse_ids, train_tok
 COMEDIES = "builtin:shakespeare/comedies"
 
 
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    out = tmp_path_factory.mktemp("t") / "tok"
-    train_tokenizer([COMEDIES], out, vocab_size=400)
-    return out
+@pytest.fixture
+def tok(tiny_tokenizer):
+    return tiny_tokenizer
 
 
 def leftovers(directory):
