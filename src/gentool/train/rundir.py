@@ -12,6 +12,7 @@ import json
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,21 @@ from gentool.errors import UsageProblem
 from gentool.train import distributed
 
 RECIPE = "run.json"
+
+
+@dataclass(kw_only=True)
+class RunOptions:
+    """What every training command takes besides its data, model and objective (the CLI flags of these names)."""
+
+    out: Path
+    eval_every: int = 0          # 0: a few times per run
+    save_every: int = 0          # 0: at the end only
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str | None = None     # autocast dtype; None: bfloat16 on CUDA, float32 on CPU
+    compile: bool = False
+    resume: bool = False
+    force: bool = False
 
 
 class RunDir:
