@@ -40,7 +40,21 @@ def nearest_int_exact(v: np.ndarray) -> np.ndarray:
 
 
 def _clip_rint(v: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """clamp(nearest_int(v)) in place, for arguments known to lie within |v| < 2**22."""
     np.rint(v, out=v)
+    np.maximum(v, f32(lo), out=v)
+    np.minimum(v, f32(hi), out=v)
+    return v
+
+
+def _clip_nearest(v: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """clamp(nearest_int(v)) in place for any float32 argument: C's wrapped result of a huge argument is
+    (bits(v + 1.5*2**23) & 0x7fffff) - 2**22, rebuilt here as a float in the [2**23, 2**24) binade."""
+    v += _MAGIC
+    bits = v.view(np.int32)
+    bits &= 0x007FFFFF
+    bits |= 0x4B000000
+    v -= _MAGIC
     np.maximum(v, f32(lo), out=v)
     np.minimum(v, f32(hi), out=v)
     return v
@@ -115,11 +129,11 @@ def make_qkx(X: np.ndarray, W: np.ndarray, nmax: int, rmin: float, rdelta: float
     with np.errstate(all="ignore"):
         iscale = nm / (mx - mn)
         scale = f32(1.0) / iscale
-        L = _clip_rint(iscale * (X - mn), 0, nmax)
+        L = _clip_rint(iscale * (X - mn), 0, nmax)  # bounded: mn is still min(x)
         best = err(scale, mn, L)
         for step in range(nstep + 1):
             iscale = ((f32(rmin) + f32(rdelta) * f32(step)) + nm) / (mx - mn)
-            La = _clip_rint(iscale * (X - mn), 0, nmax)
+            La = _clip_nearest(iscale * (X - mn), 0, nmax)  # unbounded once mn moved towards 0
             WL = W * La
             sum_l, sum_l2, sum_xl = seqsum(WL), seqsum(WL * La), seqsum(WL * X)
             D = sum_w * sum_l2 - sum_l * sum_l
