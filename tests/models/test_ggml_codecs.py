@@ -7,7 +7,7 @@ import json
 import os
 import subprocess
 import sys
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +23,7 @@ FIX = Path(__file__).resolve().parents[1] / "fixtures" / "ggml"
 TYPES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"]
 
 
-@lru_cache(maxsize=None)
+@cache
 def fixtures():
     spec = importlib.util.spec_from_file_location("ggml_make_fixtures", FIX / "make_fixtures.py")
     mod = importlib.util.module_from_spec(spec)
@@ -31,12 +31,12 @@ def fixtures():
     return mod
 
 
-@lru_cache(maxsize=None)
+@cache
 def manifest():
     return json.loads((FIX / "manifest.json").read_text())
 
 
-@lru_cache(maxsize=None)
+@cache
 def model(tied=False):
     return fixtures().model_tensors(tied=tied)
 
@@ -160,11 +160,24 @@ def test_chunking_does_not_change_bytes(monkeypatch):
         assert np.array_equal(gc.quantize(w, t, imatrix=im), q)
 
 
+def test_expert_tensors_take_one_imatrix_row_per_expert():
+    rng = np.random.default_rng(10)
+    w = (rng.standard_normal((3, 4, 256)) * 0.1).astype(np.float32)
+    im = rng.random((3, 256)).astype(np.float32)
+    q = gc.quantize(w, "Q4_K", imatrix=im)
+    assert np.array_equal(q, np.concatenate([gc.quantize(w[e], "Q4_K", imatrix=im[e]) for e in range(3)]))
+    assert np.array_equal(gc.quantize(w, "Q4_K", imatrix=im.reshape(-1)), q)
+    assert np.array_equal(gc.quantize(w, "Q4_K", imatrix=im[0]), gc.quantize(w.reshape(12, 256), "Q4_K",
+                                                                              imatrix=im[0]))
+
+
 def test_nan_and_shape_errors_are_clear():
     w = np.ones((2, 256), np.float32)
     w[1, 3] = np.nan
-    with pytest.raises(GentoolError, match="NaN"):
+    with pytest.raises(GentoolError, match="blk.0.attn_q.weight holds NaN"):
         gc.quantize(w, "Q4_K", name="blk.0.attn_q.weight")
+    with pytest.raises(GentoolError, match="infinite"):
+        gc.quantize(np.full((1, 32), np.inf, np.float32), "F16")
     with pytest.raises(UsageProblem, match="divisible by 256.*blk.1.ffn_down.weight.*96") as e:
         gc.quantize(np.ones((4, 96), np.float32), "Q4_K", name="blk.1.ffn_down.weight")
     assert "Q5_0" in e.value.hint
@@ -218,7 +231,7 @@ def _bin():
 needs_llama = pytest.mark.skipif(_bin() is None, reason="llama.cpp tools not built (see shared/tools/build-llama-cpp)")
 
 
-@lru_cache(maxsize=None)
+@cache
 def _libggml():
     lib = ctypes.CDLL(str(_bin() / "libggml-base.so"))
     lib.ggml_quantize_chunk.restype = ctypes.c_size_t
@@ -304,5 +317,5 @@ def test_live_speed_is_within_a_few_times_of_ggml():
 
 def test_fixture_script_reports_missing_tools(tmp_path):
     res = subprocess.run([sys.executable, str(FIX / "make_fixtures.py"), "--bin", str(tmp_path)],
-                         capture_output=True, text=True)
+                         capture_output=True, text=True, check=False)
     assert res.returncode == 2 and "not found" in res.stderr

@@ -30,8 +30,16 @@ from dataclasses import dataclass
 import numpy as np
 
 from gentool.errors import GentoolError, UsageProblem
-from gentool.models.ggml_search import (GROUP_MAX_EPS, f32, make_qkx, make_qp, make_qx, nearest_int_exact,
-                                        running_max, seqsum)
+from gentool.models.ggml_search import (
+    GROUP_MAX_EPS,
+    f32,
+    make_qkx,
+    make_qp,
+    make_qx,
+    nearest_int_exact,
+    running_max,
+    seqsum,
+)
 
 QK_K = 256
 CHUNK_WEIGHTS = 1 << 18  # weights per vectorised pass: keeps the search temporaries in cache
@@ -324,35 +332,41 @@ _QUANT = {
 def quantize(w, qtype, *, imatrix=None, name: str | None = None) -> np.ndarray:
     """Quantize a weight matrix (rows, cols) — cols is the input dimension, GGML's ne[0] — to GGUF bytes
     (rows, row_bytes) uint8, equal to llama-quantize's. `imatrix` (cols,) is the mean squared activation of each
-    input column; Q8_0 and the float types ignore it, as llama.cpp does. N-d input quantizes its last axis."""
+    input column; Q8_0 and the float types ignore it, as llama.cpp does. N-d input quantizes its last axis; a 3-d
+    (experts, rows, cols) tensor may take one imatrix row per expert ((experts, cols) or flat, as llama.cpp's)."""
     t = ggml_type(qtype)
     a = np.asarray(w)
+    label = f"tensor {name}" if name else "tensor"
     if a.ndim == 0:
-        raise UsageProblem(f"cannot quantize a scalar{f' ({name})' if name else ''}")
-    X = np.ascontiguousarray(a.reshape(-1, a.shape[-1]), dtype=f32)
-    rows, cols = X.shape
+        raise UsageProblem(f"cannot quantize a scalar ({label})")
+    rows, cols = int(np.prod(a.shape[:-1])), a.shape[-1]
     check_fits(t, cols, name)
-    if not np.isfinite(X).all():
-        raise GentoolError(f"tensor {name or ''} holds NaN or infinite values".replace("  ", " "),
-                           hint="quantize finite weights only (llama-quantize refuses them too)")
     qw = None
     if imatrix is not None and t.name not in ("F32", "F16", "Q8_0"):
         qw = np.ascontiguousarray(imatrix, dtype=f32).reshape(-1)
-        if qw.shape[0] != cols:
-            raise UsageProblem(f"importance matrix for {name or 'tensor'} has {qw.shape[0]} values, "
-                               f"the tensor has {cols} input columns", hint="it was made for another model")
+        per_expert = a.ndim == 3 and qw.shape[0] == a.shape[0] * cols != cols
+        if qw.shape[0] != cols and not per_expert:
+            raise UsageProblem(f"importance matrix for {label} has {qw.shape[0]} values, the tensor has {cols} input "
+                               "columns", hint="the importance matrix was computed for another model")
         if not np.isfinite(qw).all():
-            raise UsageProblem(f"importance matrix for {name or 'tensor'} holds non-finite values")
-    if t.name == "F32":
-        return X.view(np.uint8).reshape(rows, -1).copy()
-    if t.name == "F16":
-        return _fp16_bytes(X).reshape(rows, -1)
+            raise UsageProblem(f"importance matrix for {label} holds non-finite values")
+        if per_expert:
+            return np.concatenate([quantize(a[e], t, imatrix=qw[e * cols:(e + 1) * cols], name=name)
+                                   for e in range(a.shape[0])])
+    X = a.reshape(rows, cols)
     out = np.empty((rows, row_bytes(t, cols)), np.uint8)
     step = max(1, CHUNK_WEIGHTS // cols)
-    fn = _QUANT[t.name]
     for r0 in range(0, rows, step):
-        part = X[r0:r0 + step]
-        out[r0:r0 + step] = fn(part, qw).reshape(len(part), -1)
+        part = np.ascontiguousarray(X[r0:r0 + step], dtype=f32)
+        if not np.isfinite(part).all():
+            raise GentoolError(f"{label} holds NaN or infinite values",
+                               hint="quantize finite weights only (llama-quantize refuses them too)")
+        if t.name == "F32":
+            out[r0:r0 + step] = part.view(np.uint8)
+        elif t.name == "F16":
+            out[r0:r0 + step] = _fp16_bytes(part).reshape(len(part), -1)
+        else:
+            out[r0:r0 + step] = _QUANT[t.name](part, qw).reshape(len(part), -1)
     return out
 
 

@@ -71,7 +71,7 @@ def running_max(a: np.ndarray, start: float = 0.0) -> np.ndarray:
 def make_qx(X: np.ndarray, nmax: int, W: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """make_qx_quants(n, nmax, x, L, rmse_type=1, qw=W): symmetric levels 0..2*nmax-1 with a signed scale.
     Weights are x*x without W. Returns (scale (B,), L (n, B))."""
-    n, B = X.shape
+    B = X.shape[1]
     A = np.abs(X)
     idx = A.argmax(axis=0)
     cols = np.arange(B)
@@ -110,7 +110,7 @@ def make_qx(X: np.ndarray, nmax: int, W: np.ndarray | None = None) -> tuple[np.n
 def make_qkx(X: np.ndarray, W: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int):
     """make_qkx2_quants / make_qkx3_quants (with weights, use_mad=false): levels 0..nmax, x ~ scale*L + min, min <= 0,
     trying nstep+1 grid scales each refined by weighted least squares. Returns (scale, the_min = -min, L)."""
-    n, B = X.shape
+    n = X.shape[0]
     mn0 = np.minimum(X.min(axis=0), f32(0.0))
     mn = mn0.copy()
     mx = X.max(axis=0)

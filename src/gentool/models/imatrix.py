@@ -207,10 +207,10 @@ def read_imatrix(path: str | Path) -> Imatrix:
                 into[tname[:-len(suffix)]] = arr
     if not sums or set(sums) != set(counts):
         raise GentoolError("imatrix GGUF needs matching <name>.in_sum2 and <name>.counts tensors", path=path)
-    for name in sums:
+    for name, s in sums.items():
         c = counts[name].reshape(-1).astype(np.float64)
         counts[name] = (np.sign(c) * np.floor(np.abs(c) + 0.5)).astype(np.int64)  # std::lround
-        sums[name] = sums[name].reshape(len(c), -1)
+        sums[name] = s.reshape(len(c), -1)
     ds = meta.get("imatrix.datasets", [])
     return Imatrix(sums, counts, datasets=list(ds) if isinstance(ds, list) else [str(ds)],
                    chunk_count=int(meta.get("imatrix.chunk_count", 0)), chunk_size=int(meta.get("imatrix.chunk_size", 0)))
