@@ -366,7 +366,8 @@ def quantize(w, qtype, *, imatrix=None, name: str | None = None) -> np.ndarray:
         elif t.name == "F16":
             out[r0:r0 + step] = _fp16_bytes(part).reshape(len(part), -1)
         else:
-            out[r0:r0 + step] = _QUANT[t.name](part, qw).reshape(len(part), -1)
+            with np.errstate(all="ignore"):  # C's IEEE float32 semantics (overflow to inf, 0/0) are the spec
+                out[r0:r0 + step] = _QUANT[t.name](part, qw).reshape(len(part), -1)
     return out
 
 
@@ -425,5 +426,6 @@ def dequantize(data, qtype, cols: int) -> np.ndarray:
     if t.name == "F16":
         return raw.view("<f2").reshape(rows, cols).astype(f32)
     blocks = raw.reshape(-1, t.bytes_per_block)
-    out = _dq_k(blocks, t.name) if t.block_size == QK_K else _dq_32(blocks, t.name)
+    with np.errstate(all="ignore"):
+        out = _dq_k(blocks, t.name) if t.block_size == QK_K else _dq_32(blocks, t.name)
     return out.reshape(rows, cols)
