@@ -196,7 +196,7 @@ def test_tables_and_fallbacks():
     assert gc.row_bytes("Q6_K", 512) == 420
     assert [gc.fallback_type(t, (5, 96)) for t in ("Q4_K", "Q5_K", "Q6_K", "Q8_0")] == ["Q5_0", "Q5_1", "Q8_0", "Q8_0"]
     assert gc.fallback_type("Q4_K", (5, 100)) == "F16" and gc.fallback_type("Q4_K", (5, 512)) == "Q4_K"
-    assert gc.ggml_type(12) is gc.TYPES["Q4_K"] and gc.ggml_type("q6_k").name == "Q6_K"
+    assert gc.ggml_type(np.int64(12)) is gc.TYPES["Q4_K"] and gc.ggml_type("q6_k").name == "Q6_K"
 
 
 finite = st.floats(-1e4, 1e4, allow_nan=False, width=32)

@@ -71,7 +71,7 @@ def ggml_type(qtype: str | int | GGMLType) -> GGMLType:
     """Look a type up by name (any case), ggml enum value, or pass one through."""
     if isinstance(qtype, GGMLType):
         return qtype
-    t = TYPES_BY_ID.get(qtype) if isinstance(qtype, int) else TYPES.get(str(qtype).upper())
+    t = TYPES_BY_ID.get(int(qtype)) if isinstance(qtype, (int, np.integer)) else TYPES.get(str(qtype).upper())
     if t is None:
         raise UsageProblem(f"unknown GGML type {qtype!r}", hint="use one of " + ", ".join(TYPES))
     return t
