@@ -6,7 +6,8 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 BASE = {"gentool", "gentool.errors", "gentool.console", "gentool.devices", "gentool.config"}
-CORE = ("gentool.artifacts", "gentool.data", "gentool.models", "gentool.train", "gentool.evaluation")
+CORE = ("gentool.artifacts", "gentool.codecs", "gentool.data", "gentool.models", "gentool.train",
+        "gentool.evaluation")
 CLI = ("gentool.cli", "gentool.__main__")
 
 

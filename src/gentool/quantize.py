@@ -22,7 +22,7 @@ from gentool.evaluation.compare import damage_report
 from gentool.models.checkpoint import load_lm, quantization_config, save_lm, weight_files
 from gentool.models.quant import (DEFAULT_SKIP, dequantize_model, keep_16bit_patterns, quantize_model,
                                   quantized_modules)
-from gentool.models.quant_codecs import INT4_GROUP_SIZES, SCHEMES
+from gentool.codecs.quant import INT4_GROUP_SIZES, SCHEMES
 
 SCHEME_NAMES = {"int8": "int8-channel", "int4": "int4-group", "nf4": "nf4", "fp8": "fp8-e4m3"}
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gentool.errors import GentoolError, UsageProblem
-from gentool.models.ggml_search import (
+from gentool.codecs.ggml_search import (
     GROUP_MAX_EPS,
     f32,
     make_qkx,

@@ -4,7 +4,7 @@ Legend
     mix        a llama-quantize file type by name: q4_0 q4_1 q5_0 q5_1 q8_0 q4_k_s q4_k_m q5_k_s q5_k_m q6_k
                (q4_k and q5_k are its aliases for the _m mixes)
     name       GGUF tensor name, e.g. "blk.3.attn_v.weight"; shape is numpy's (rows, cols), cols = GGML ne[0]
-    result     GGML type name ("Q4_K", "Q6_K", "F32", ...) as in ggml_codecs.TYPES
+    result     GGML type name ("Q4_K", "Q6_K", "F32", ...) as in codecs.ggml.TYPES
 
 What it reproduces (src/llama-quant.cpp, `llama_tensor_get_type`):
     * only 2-D+ tensors whose name ends in "weight" and is not a norm (and a few named exceptions) are quantized;
@@ -26,7 +26,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from gentool.errors import UsageProblem
-from gentool.models.ggml_codecs import TYPES, block_size, fallback_type
+from gentool.codecs.ggml import TYPES, block_size, fallback_type
 
 # mix -> (default GGML type, llama_ftype written to general.file_type)
 MIXES: dict[str, tuple[str, int]] = {

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from gentool.errors import GentoolError, UsageProblem
-from gentool.models.imatrix import check_imatrix, load_imatrix, read_imatrix, write_imatrix
+from gentool.codecs.imatrix import check_imatrix, load_imatrix, read_imatrix, write_imatrix
 
 FIX = Path(__file__).resolve().parents[1] / "fixtures" / "ggml"
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from gentool.errors import UsageProblem
-from gentool.models.ggml_mixes import MIXES, allows_quantization, mix_info, parse_tensor_type, tensor_type, tensor_types
+from gentool.codecs.ggml_mixes import MIXES, allows_quantization, mix_info, parse_tensor_type, tensor_type, tensor_types
 
 FIX = Path(__file__).resolve().parents[1] / "fixtures" / "ggml"
 

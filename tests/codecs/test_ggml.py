@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gentool.errors import GentoolError, UsageProblem
-from gentool.models import ggml_codecs as gc
-from gentool.models.imatrix import load_imatrix
+from gentool.codecs import ggml as gc
+from gentool.codecs.imatrix import load_imatrix
 
 FIX = Path(__file__).resolve().parents[1] / "fixtures" / "ggml"
 TYPES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"]
@@ -260,7 +260,7 @@ def test_live_llama_quantize_on_fresh_random_model(tmp_path, imatrix):
     mf.write_model(src, tensors)
     sums, counts = mf.imatrix_sums(tensors, seed=seed)
     im_path = tmp_path / "imatrix.gguf"
-    from gentool.models.imatrix import write_imatrix
+    from gentool.codecs.imatrix import write_imatrix
 
     write_imatrix(im_path, sums, counts, datasets=["t"], chunk_count=1, chunk_size=1)
     imx = load_imatrix(im_path) if imatrix else {}
