@@ -31,6 +31,40 @@ _COMMANDS: list[tuple[str, str]] = [
 class _Group(TyperGroup):
     """Turns errors a user can cause into one line and an exit code (tracebacks only with --debug)."""
 
+    def main(self, args: Any = None, prog_name: Any = None, complete_var: Any = None, standalone_mode: bool = True,
+             **extra: Any) -> Any:
+        """Usage errors (unknown option, bad value, missing argument) as one line, exit 2, keeping Click's "did you
+        mean" suggestion; Typer would draw a boxed panel of five lines."""
+        from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
+        from typer.exceptions import Abort
+
+        try:
+            rv = super().main(args=args, prog_name=prog_name, complete_var=complete_var, standalone_mode=False,
+                              **extra)
+        except NoArgsIsHelpError as e:  # Typer has printed the help already
+            if not standalone_mode:
+                raise
+            sys.exit(e.exit_code)
+        except UsageError as e:
+            if not standalone_mode:
+                raise
+            where = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
+            console.err_console().print(f"error: {e.format_message()}{where}", markup=False, highlight=False)
+            sys.exit(e.exit_code)
+        except ClickException as e:
+            if not standalone_mode:
+                raise
+            console.err_console().print(f"error: {e.format_message()}", markup=False, highlight=False)
+            sys.exit(e.exit_code)
+        except Abort:
+            if not standalone_mode:
+                raise
+            console.err_console().print("error: aborted", markup=False)
+            sys.exit(1)
+        if standalone_mode:  # without it Click returns what it would have exited with
+            sys.exit(rv if isinstance(rv, int) else 0)
+        return rv
+
     def invoke(self, ctx: Any) -> Any:
         try:
             return super().invoke(ctx)

@@ -18,6 +18,7 @@ from typing import Any
 
 from gentool import console
 from gentool.artifacts import ArtifactBuilder, canonical_json, create_artifact
+from gentool.artifacts.store import check_not_an_input
 from gentool.errors import UsageProblem
 from gentool.train import distributed
 
@@ -45,8 +46,11 @@ class RunDir:
         self.partial = self.out.with_name(self.out.name + ".partial")
         self.resume, self.force = resume, force
 
-    def check(self) -> None:
-        """Before any work: the output and the unfinished run this command would replace."""
+    def check(self, sources=()) -> None:
+        """Before any work: the output and the unfinished run this command would replace, and that neither is one
+        of the run's inputs (`sources`, paths)."""
+        check_not_an_input(self.out, sources)
+        check_not_an_input(self.partial, sources)
         if self.out.exists() and not self.force:
             raise UsageProblem("output exists", path=self.out, hint="use --force to replace it")
         if self.partial.exists() and not (self.resume or self.force):
