@@ -28,6 +28,10 @@ _COMMANDS: list[tuple[str, str]] = [
 ]
 
 
+# optional packages (pyproject.toml extras): top-level module -> extra
+_EXTRAS = {"gguf": "gguf", "google": "gguf", "matplotlib": "plot", "tokenizers": "hf", "jinja2": "hf"}
+
+
 class _Group(TyperGroup):
     """Turns errors a user can cause into one line and an exit code (tracebacks only with --debug)."""
 
@@ -84,6 +88,11 @@ class _Group(TyperGroup):
         except Exception as e:
             if console.is_debug() or type(e).__module__.split(".")[0] in ("typer", "click"):
                 raise
+            top = (getattr(e, "name", None) or "").split(".")[0]
+            if isinstance(e, ModuleNotFoundError) and top in _EXTRAS:
+                console.err_console().print(f"error: this needs the optional package {top}; install it with pip "
+                                            f"install 'gentool[{_EXTRAS[top]}]'", markup=False, highlight=False)
+                raise typer.Exit(2) from None
             console.err_console().print(f"error: internal error: {type(e).__name__}: {e} (rerun with --debug for "
                                         f"the traceback, and please report it)", markup=False, highlight=False)
             raise typer.Exit(1) from None
