@@ -11,7 +11,7 @@ from typer.core import TyperGroup
 
 from gentool import __version__, console
 from gentool.cli._recipe import recorded
-from gentool.errors import GentoolError
+from gentool.errors import GentoolError, Terminated
 
 # (module under gentool.cli, attribute): a function becomes a command, a Typer becomes a command group.
 _COMMANDS: list[tuple[str, str]] = [
@@ -77,11 +77,12 @@ class _Group(TyperGroup):
                 raise
             console.err_console().print(e.one_line(), markup=False, style="red", highlight=False)
             raise typer.Exit(e.exit_code) from None
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
             if console.is_debug():
                 raise
-            console.err_console().print("error: interrupted", markup=False)
-            raise typer.Exit(130) from None
+            terminated = isinstance(e, Terminated)
+            console.err_console().print("error: terminated" if terminated else "error: interrupted", markup=False)
+            raise typer.Exit(143 if terminated else 130) from None
         except BrokenPipeError:
             sys.stderr.close()  # the reader went away (`| head`): quiet, as Click does
             raise typer.Exit(1) from None
@@ -133,5 +134,12 @@ for _module, _attr in _COMMANDS:
         app.command(epilog=getattr(_obj, "epilog", None))(recorded(_obj))
 
 
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
 def main() -> None:
+    import signal
+
+    signal.signal(signal.SIGTERM, _terminate)  # unwind like Ctrl-C: temporary outputs are removed, state is saved
     app(prog_name="gentool")
