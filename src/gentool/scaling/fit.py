@@ -146,6 +146,14 @@ def budgets(c: np.ndarray, tol: float = 0.05) -> list[list[int]]:
     return groups
 
 
+def isoflop_vertex(n: np.ndarray, y: np.ndarray) -> float | None:
+    """N at the minimum of the parabola of y in log N (None: fewer than 3 sizes, or not convex)."""
+    if len(np.unique(n)) < 3:
+        return None
+    k2, k1, _ = np.polyfit(np.log(n), y, 2)
+    return math.exp(-k1 / (2 * k2)) if k2 > 0 else None
+
+
 def fit_isoflop(n: np.ndarray, c: np.ndarray, y: np.ndarray, init=None) -> Fit:
     cs, nopt, lopt, warnings = [], [], [], []
     for g in budgets(c):
@@ -227,7 +235,7 @@ def bootstrap(form: str, cols: dict[str, np.ndarray], runs: np.ndarray, fit: Fit
     Returns 95% percentile intervals of every parameter and derived quantity, and the refitted parameter sets
     (for bands in the plot). A quantity whose refits failed more than half of the time gets no interval."""
     rng = np.random.default_rng(seed)
-    ids = np.unique(runs)
+    ids = np.array(list(dict.fromkeys(runs)))   # in the caller's (canonical) order, not sorted by name
     members = {r: np.flatnonzero(runs == r) for r in ids}
     draws: dict[str, list[float]] = {}
     fits: list[dict[str, float]] = []
@@ -256,3 +264,15 @@ def holdout_errors(runs: np.ndarray, actual: np.ndarray, predicted: np.ndarray) 
     return [{"run": str(r), "predicted": float(p), "actual": float(a), "abs_err": float(abs(p - a)),
              "rel_err": float(abs(p - a) / abs(a)) if a else math.inf}
             for r, a, p in zip(runs, actual, predicted)]
+
+
+def holdout_summary(rows: list[dict[str, Any]]) -> dict[str, float] | None:
+    """Mean and max relative error of the held-out predictions, and their bias: the mean of (predicted - actual) /
+    actual (positive: the law predicts too high)."""
+    rows = [r for r in rows if r["actual"]]
+    if not rows:
+        return None
+    rel = np.array([r["rel_err"] for r in rows])
+    signed = np.array([(r["predicted"] - r["actual"]) / abs(r["actual"]) for r in rows])
+    return {"n": len(rows), "mean_rel_err": float(rel.mean()), "max_rel_err": float(rel.max()),
+            "bias": float(signed.mean())}

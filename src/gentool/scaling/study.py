@@ -15,7 +15,8 @@ from gentool import console
 from gentool.artifacts import check_output, create_artifact, input_ref
 from gentool.errors import GentoolError, UsageProblem
 from gentool.scaling import laws
-from gentool.scaling.fit import Fit, bootstrap, fit_form, holdout_errors, largest_runs
+from gentool.scaling.fit import (Fit, bootstrap, budgets, fit_form, holdout_errors, holdout_summary, isoflop_vertex,
+                                 largest_runs)
 from gentool.scaling.io import read_table
 
 DEFAULT_COLUMNS = {"x": "C", "y": "loss", "n": "N", "d": "D", "c": "C"}
@@ -33,6 +34,10 @@ class StudyOptions:
     holdout: int = 0
     predict: list[str] = field(default_factory=list)
     seed: int = 0
+    keep_duplicates: bool = False
+    best_of: str | None = None
+    skip: float = 0.0
+    smooth: int = 1
 
 
 def parse_predict(items: list[str]) -> list[dict[str, float]]:
@@ -83,6 +88,29 @@ def _check_points(form: str, n_points: int, n_runs: int, holdout: int) -> None:
                            hint="add runs, lower --holdout, or check the column mapping (--x/--y/--n/--d/--c)")
 
 
+def canonical(points: list) -> tuple[list, np.ndarray]:
+    """Points in an order that depends on their values only, and run ids ranked by their points' values (so the
+    bootstrap, which draws runs in id order, never depends on the row order of the inputs)."""
+    by_run: dict[str, list] = {}
+    for p in sorted(points, key=lambda p: (p.key(), p.run)):
+        by_run.setdefault(p.run, []).append(p)
+    order = sorted(by_run, key=lambda r: ([p.key() for p in by_run[r]], r))
+    pts = [p for r in order for p in by_run[r]]
+    return pts, np.array([p.run for p in pts])
+
+
+def _report_notes(notes: dict[str, Any]) -> None:
+    for how in notes.get("derived", []):
+        console.log(f"derived {how} (the input has no such column)")
+    if notes.get("duplicates"):
+        kept = notes.get("duplicates_kept")
+        console.warn(f"{notes['duplicates']} exact duplicate rows ({notes.get('duplicate_example', 'inputs given twice')})"
+                     + ("; kept (--keep-duplicates): they count as independent runs" if kept
+                        else "; dropped (--keep-duplicates keeps them)"))
+    if notes.get("best_of_dropped"):
+        console.log(f"--best-of: dropped {notes['best_of_dropped']} points of worse sweep settings")
+
+
 def run_study(opts: StudyOptions, out: Path | None = None, *, force: bool = False) -> dict[str, Any]:
     if opts.form not in laws.FORMS:
         raise UsageProblem(f"unknown --form {opts.form!r}", hint="use " + ", ".join(laws.FORMS))
@@ -93,19 +121,24 @@ def run_study(opts: StudyOptions, out: Path | None = None, *, force: bool = Fals
     cols_map = {r: opts.columns.get(r) or DEFAULT_COLUMNS[r] for r in laws.ROLES[opts.form]}
     at_points = parse_predict(opts.predict)
     table = read_table(opts.inputs, cols_map, point=opts.point, filters=opts.filters,
-                       positive=laws.POSITIVE[opts.form])
+                       positive=laws.POSITIVE[opts.form], keep_duplicates=opts.keep_duplicates, best_of=opts.best_of,
+                       skip=opts.skip, smooth=opts.smooth, best="max" if opts.form == "sigmoid" else "min")
     for line in table.skipped:
         console.warn(f"skipped {line}")
+    _report_notes(table.notes)
     if table.skipped and opts.strict:
         raise GentoolError(f"{len(table.skipped)} malformed rows (first: {table.skipped[0]})",
                            hint="fix them, or drop --strict to skip them")
     _check_points(opts.form, len(table.points), len({p.run for p in table.points}), 0)
-    # a canonical order, so that the row order of the inputs never changes the result
-    points = sorted(table.points, key=lambda p: (p.run, sorted(p.values.items())))
+    points, runs = canonical(table.points)
     cols = {r: np.array([p.values[r] for p in points]) for r in laws.ROLES[opts.form]}
-    runs = np.array([p.run for p in points])
     size = cols["c"] if "c" in cols else cols["x"] if "x" in cols else 6 * cols["n"] * cols["d"]
-    held = largest_runs(runs, size, opts.holdout) if opts.holdout else []
+    if opts.form == "isoflop" and opts.holdout:   # hold out whole budgets, the largest
+        groups = budgets(cols["c"])
+        runs_by_budget = [sorted(set(runs[g])) for g in groups]
+        held = [r for g in runs_by_budget[::-1][: opts.holdout] for r in g]
+    else:
+        held = largest_runs(runs, size, opts.holdout) if opts.holdout else []
     train = ~np.isin(runs, held)
     train_cols = {r: v[train] for r, v in cols.items()}
     _check_points(opts.form, int(train.sum()), len(set(runs[train])), opts.holdout)
@@ -135,14 +168,23 @@ def run_study(opts: StudyOptions, out: Path | None = None, *, force: bool = Fals
             row["fitted"], row["residual"] = float(f_), float(row["y"] - f_)
         residuals = (cols["y"] - fitted)[train]
     holdout = []
-    if held:
-        if opts.form == "isoflop":
-            console.warn("--holdout has no loss to compare for isoflop fits (they predict N_opt); use chinchilla")
-        else:
-            holdout = holdout_errors(runs[~train], cols["y"][~train], fitted[~train])
+    if held and opts.form == "isoflop":
+        for g in budgets(cols["c"][~train]):
+            idx = np.flatnonzero(~train)[g]
+            actual = isoflop_vertex(cols["n"][idx], cols["y"][idx])
+            budget = float(np.exp(np.mean(np.log(cols["c"][idx]))))
+            if actual is None:
+                console.warn(f"the held-out budget C={budget:.3g} has no convex isoFLOP curve to compare with")
+                continue
+            holdout += holdout_errors(np.array([f"C={budget:.4g}"]), np.array([actual]),
+                                      np.array([float(laws.isoflop_nopt(fit.params, budget))]))
+            holdout[-1]["quantity"] = "N_opt"
+    elif held:
+        holdout = holdout_errors(runs[~train], cols["y"][~train], fitted[~train])
     result = {"form": opts.form, "n_points": int(train.sum()), "n_runs": len(set(runs[train])), "n_holdout": len(held),
               "skipped": len(table.skipped), "params": params, "fit_loss": fit.loss, "converged": fit.converged,
               "warnings": fit.warnings, "predictions": preds, "holdout": holdout,
+              "holdout_summary": holdout_summary(holdout), "notes": table.notes,
               "rmse": float(np.sqrt(np.mean(residuals**2))) if residuals is not None else None,
               "max_abs_residual": float(np.abs(residuals).max()) if residuals is not None else None,
               "bootstrap": {"resamples": opts.bootstrap, "succeeded": len(draws), "seed": opts.seed},
