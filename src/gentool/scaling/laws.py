@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import numpy as np
+from scipy.special import expit
 
 FORMS = ("power", "chinchilla", "isoflop", "sigmoid")
 ROLES = {"power": ("x", "y"), "chinchilla": ("n", "d", "y"), "isoflop": ("n", "c", "y"), "sigmoid": ("x", "y")}
@@ -88,7 +89,7 @@ def isoflop_dopt(p: dict[str, float], c: np.ndarray) -> np.ndarray:
 
 
 def sigmoid(p: dict[str, float], x: np.ndarray) -> np.ndarray:
-    return p["lo"] + (p["hi"] - p["lo"]) / (1 + np.exp(-p["k"] * (x - p["x0"])))
+    return p["lo"] + (p["hi"] - p["lo"]) * expit(p["k"] * (np.asarray(x, float) - p["x0"]))   # no overflow
 
 
 def predict(form: str, p: dict[str, float], cols: dict[str, np.ndarray]) -> np.ndarray:

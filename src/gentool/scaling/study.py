@@ -15,11 +15,20 @@ from gentool import console
 from gentool.artifacts import check_output, create_artifact, input_ref
 from gentool.errors import GentoolError, UsageProblem
 from gentool.scaling import laws
-from gentool.scaling.fit import (Fit, bootstrap, budgets, fit_form, holdout_errors, holdout_summary, isoflop_vertex,
+from gentool.scaling.ci import METHOD, law_intervals
+from gentool.scaling.fit import (Fit, budgets, fit_form, holdout_errors, holdout_summary, isoflop_vertex,
                                  largest_runs)
 from gentool.scaling.io import read_table
 
 DEFAULT_COLUMNS = {"x": "C", "y": "loss", "n": "N", "d": "D", "c": "C"}
+INTERVAL_MEANING = {
+    "power": "95% profile-likelihood interval: the values not rejected by an F test of the least-squares fit at 5%, "
+             "assuming the law holds and the points have independent errors of similar relative size",
+    "sigmoid": "95% profile-likelihood interval: the values not rejected by an F test of the least-squares fit at "
+               "5%, assuming the law holds and the points have independent errors of similar size",
+    "chinchilla": "95% BCa bootstrap interval over runs: refits on runs resampled with replacement, bias-corrected "
+                  "and accelerated (jackknife over runs)",
+    "isoflop": "95% Student-t interval of the log N_opt - log C regression over the budgets (needs 3 or more)"}
 
 
 @dataclass
@@ -38,6 +47,7 @@ class StudyOptions:
     best_of: str | None = None
     skip: float = 0.0
     smooth: int = 1
+    bounds: tuple[float, float] | None = None   # sigmoid floor and ceiling
 
 
 def parse_predict(items: list[str]) -> list[dict[str, float]]:
@@ -142,7 +152,7 @@ def run_study(opts: StudyOptions, out: Path | None = None, *, force: bool = Fals
     train = ~np.isin(runs, held)
     train_cols = {r: v[train] for r, v in cols.items()}
     _check_points(opts.form, int(train.sum()), len(set(runs[train])), opts.holdout)
-    fit = fit_form(opts.form, train_cols)
+    fit = fit_form(opts.form, train_cols, bounds=opts.bounds)
     for w in fit.warnings:
         console.warn(w)
 
@@ -152,14 +162,23 @@ def run_study(opts: StudyOptions, out: Path | None = None, *, force: bool = Fals
             d.update({f"predict{i}.{k}": v for k, v in prediction(f.form, f.params, at).items()})
         return d
 
-    ci, draws = bootstrap(opts.form, train_cols, runs[train], fit, opts.bootstrap, opts.seed, derive) \
-        if opts.bootstrap else ({}, [])
+    ivs, band = law_intervals(opts.form, train_cols, runs[train], fit, at_points, opts.bootstrap, opts.seed,
+                              derive) if opts.bootstrap else ({}, None)
     values = derive(fit)
-    params = {k: {"value": v, "ci95": ci.get(k)} for k, v in {**fit.params, **values}.items()
-              if not k.startswith("predict")}
-    preds = [{"at": at, **{k: {"value": values[f"predict{i}.{k}"],   # inputs echoed back (x, given N/D): no CI
-                               "ci95": None if k == "x" or k in at else ci.get(f"predict{i}.{k}")}
+
+    def entry(name: str, v: float, given: bool = False) -> dict[str, Any]:
+        iv = None if given else ivs.get(name)
+        return {"value": v, "ci95": None} if iv is None else {"value": v, **iv.as_dict()}
+
+    params = {k: entry(k, v) for k, v in {**fit.params, **values}.items() if not k.startswith("predict")}
+    preds = [{"at": at, **{k: entry(f"predict{i}.{k}", values[f"predict{i}.{k}"], k == "x" or k in at)
                            for k in prediction(opts.form, fit.params, at)}} for i, at in enumerate(at_points)]
+    for name, iv in ivs.items():
+        if iv.open_lo or iv.open_hi:
+            console.warn(f"the 95% interval of {name} reaches "
+                         + (f"a bound in {iv.bound_hits} bootstrap resamples" if iv.bound_hits else "a parameter bound")
+                         + f": its {' and '.join(e for e, o in (('lower', iv.open_lo), ('upper', iv.open_hi)) if o)}"
+                         + " end is not determined by the data")
     data = [{"run": p.run, **p.values, "held_out": bool(h)} for p, h in zip(points, ~train)]
     residuals = None
     if opts.form != "isoflop":
@@ -187,17 +206,19 @@ def run_study(opts: StudyOptions, out: Path | None = None, *, force: bool = Fals
               "holdout_summary": holdout_summary(holdout), "notes": table.notes,
               "rmse": float(np.sqrt(np.mean(residuals**2))) if residuals is not None else None,
               "max_abs_residual": float(np.abs(residuals).max()) if residuals is not None else None,
-              "bootstrap": {"resamples": opts.bootstrap, "succeeded": len(draws), "seed": opts.seed},
+              "interval": {"level": 0.95, "method": METHOD[opts.form] if opts.bootstrap else None,
+                           "meaning": INTERVAL_MEANING[opts.form] if opts.bootstrap else "no intervals (--bootstrap 0)",
+                           **({"resamples": opts.bootstrap, "seed": opts.seed} if opts.form == "chinchilla" else {})},
               "columns": cols_map, "point": opts.point, "sources": table.sources, "data": data,
               **({"isoflop": fit.extra} if fit.extra else {})}
     if not math.isfinite(fit.loss):
         raise GentoolError("the fit's loss is not finite", hint="check the data for extreme values")
     if out is not None:
-        _write(out, opts, result, cols, runs, held, fit, draws, force)
+        _write(out, opts, result, cols, runs, held, fit, band, force)
     return result
 
 
-def _write(out: Path, opts: StudyOptions, result: dict, cols, runs, held, fit: Fit, draws, force: bool) -> None:
+def _write(out: Path, opts: StudyOptions, result: dict, cols, runs, held, fit: Fit, band, force: bool) -> None:
     inputs = [input_ref("run" if s["kind"] == "run" else "table", s["path"]) if s["path"] != "-" else
               {"role": "table", "path": "-"} for s in result["sources"]]
     config = {"law": opts.form, "columns": result["columns"], "point": opts.point, "filters": opts.filters,
@@ -220,7 +241,7 @@ def _write(out: Path, opts: StudyOptions, result: dict, cols, runs, held, fit: F
         try:
             from gentool.scaling.plot import plot_fit
 
-            plot_fit(art.dir / "plot.png", result, cols, runs, held, fit, draws)
+            plot_fit(art.dir / "plot.png", result, cols, runs, held, fit, band)
         except ImportError:
             console.warn("matplotlib is not installed: no plot.png (pip install 'gentool[plot]' to get one)")
         art.contents.update(form=opts.form, params={k: v["value"] for k, v in result["params"].items()},
