@@ -94,7 +94,8 @@ def test_isoflop_t_intervals_cover_95_percent():
     hits = {"kN": [], "aN": [], "predict0.N_opt": []}
     for seed in range(300):
         rows = _isoflop_rows(seed)
-        fit = fit_form("isoflop", {k: np.array([r[c] for r in rows]) for k, c in (("n", "N"), ("c", "C"), ("y", "loss"))})
+        cols = {k: np.array([r[c] for r in rows]) for k, c in (("n", "N"), ("c", "C"), ("y", "loss"))}
+        fit = fit_form("isoflop", cols)
         iv = isoflop_intervals(fit, [{"C": 1e20}])
         for k, v in (("kN", 0.1), ("aN", 0.5), ("predict0.N_opt", 0.1 * 1e20**0.5)):
             hits[k].append(iv[k].lo <= v <= iv[k].hi)

@@ -1,6 +1,7 @@
 """Messy inputs: one point per named run, duplicates, derived columns, --best-of, --skip/--smooth, row order."""
 
 import importlib.util
+import json
 import random
 from pathlib import Path
 
@@ -43,7 +44,7 @@ def test_point_final_and_min_pick_one_row_per_named_run(csv_file):
     assert len(read_table([path], cols, point="all").points) == 24
     # JSON lines with a `name` column, no step: ordered by C
     (Path(path).parent / "c.jsonl").write_text("\n".join(
-        '{"name": "%s", "C": %r, "loss": %r}' % (r["run"], r["C"], r["loss"]) for r in rows))
+        json.dumps({"name": r["run"], "C": r["C"], "loss": r["loss"]}) for r in rows))
     t = read_table([str(Path(path).parent / "c.jsonl")], cols)
     assert len(t.points) == 6 and {p.values["x"] for p in t.points} == {10.0 ** (12 + i) for i in range(6)}
 

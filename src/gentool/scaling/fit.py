@@ -190,9 +190,6 @@ def sigmoid_bounds(y: np.ndarray, bounds: tuple[float, float] | None) -> tuple[f
         lo, hi = bounds
         if not lo < hi:
             raise UsageProblem(f"--bounds {lo:g},{hi:g}: the floor must be below the ceiling")
-        if y.min() < lo or y.max() > hi:
-            raise UsageProblem(f"--bounds {lo:g},{hi:g}: the data reach [{y.min():.4g}, {y.max():.4g}], outside them",
-                               hint="widen --bounds")
         return float(lo), float(hi)
     if y.min() >= 0 and y.max() <= 1:
         return 0.0, 1.0
@@ -233,6 +230,9 @@ def fit_sigmoid(x: np.ndarray, y: np.ndarray, init: dict[str, float] | None = No
             if math.isfinite(edge) and abs(p[name] - edge) <= tol:
                 fit.warnings.append(f"the asymptote {name}={p[name]:.4g} sits on the {what} {edge:g}: the data do not "
                                     f"determine it (set --bounds, or add points further along x)")
+    outside = int(np.sum((y < floor) | (y > ceil)))
+    if outside:
+        fit.warnings.append(f"{outside} points lie outside the bounds [{floor:g}, {ceil:g}] (noise around chance?)")
     if abs(abs(p["k"]) - kmax) < 1e-6 * kmax:
         fit.warnings.append(f"the slope k={p['k']:.4g} sits at its limit (a step, not a sigmoid)")
     if not x.min() <= p["x0"] <= x.max():

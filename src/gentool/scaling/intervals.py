@@ -134,13 +134,15 @@ def _constrained_min(problem: LSProblem, q: Quantity, v: float, start: np.ndarra
     return float(2 * r.cost) if r.cost < 1e11 else math.inf, th
 
 
-def profile_interval(problem: LSProblem, q: Quantity, n: int, level: float = LEVEL, max_steps: int = 40) -> Interval:
-    """The profile-t interval of q: {v : SSE_q(v) <= SSE_min (1 + t^2 / dof)}, dof = n - p."""
+def profile_interval(problem: LSProblem, q: Quantity, n: int, level: float = LEVEL, max_steps: int = 40,
+                     inflation: float = 1.0) -> Interval:
+    """The profile-t interval of q: {v : SSE_q(v) <= SSE_min (1 + inflation t^2 / dof)}, dof = n - p.
+    inflation > 1 widens it for correlated residuals (the variance inflation of an AR(1) series)."""
     p = len(problem.theta)
     dof = max(n - p, 1)
     sse_min = problem.sse(problem.theta)
     t = stats.t.ppf(0.5 + level / 2, dof)
-    limit = sse_min * (1 + t * t / dof) if sse_min > 0 else 1e-300
+    limit = sse_min * (1 + inflation * t * t / dof) if sse_min > 0 else 1e-300
     ends, opens = [], []
     for sign in (-1, 1):
         v_in, th_in = q.value, problem.theta.copy()
@@ -165,8 +167,8 @@ def profile_interval(problem: LSProblem, q: Quantity, n: int, level: float = LEV
             opens.append(True)
             continue
 
-        def g(v):
-            return _constrained_min(problem, q, v, th_in)[0] - limit
+        def g(v, start=th_in):
+            return _constrained_min(problem, q, v, start)[0] - limit
 
         try:
             ends.append(optimize.brentq(g, v_in, v_out, xtol=1e-10 * max(1.0, abs(q.value)) + 1e-14 * abs(q.scale),

@@ -109,7 +109,8 @@ def _run_records(path: Path, point: str, y_col: str = "loss", problems: list[str
 
     def rec(r: dict[str, Any]) -> dict[str, Any]:
         return {**base, "D": r.get("tokens"), "C": r.get("flops"), "loss": r.get("val_loss"),
-                "val_loss": r.get("val_loss"), "train_loss": r.get("loss"), "step": r.get("step"), "lr_now": r.get("lr")}
+                "val_loss": r.get("val_loss"), "train_loss": r.get("loss"), "step": r.get("step"),
+                "lr_now": r.get("lr")}
 
     if point == "all":
         return [rec(r) for r in curve]
@@ -244,7 +245,8 @@ def read_table(inputs: list[str], columns: dict[str, str], *, point: str = "fina
             table.sources.append({"path": str(path), "kind": "run", **({"unfinished": True} if partial else {})})
             raw += [(f"{path}[{i}]", run_id, r, curve_dirs, ()) for i, r in enumerate(records)]
             if not records:
-                table.skipped.append(f"{path}: no evaluation logged yet" + ("" if y_col == "train_loss" else " (--y train_loss uses the training loss)"))
+                table.skipped.append(f"{path}: no evaluation logged yet" + (
+                    "" if y_col == "train_loss" else " (--y train_loss uses the training loss)"))
         else:
             rows, names, n = _table_rows(src, path)
             table.sources.append({"path": src, "kind": "table", "rows": n})

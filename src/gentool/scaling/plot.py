@@ -162,3 +162,87 @@ def _contours(fig, ax, cols, held_mask, p, result) -> None:
     ax.axvspan(d[~held_mask].max(), dg[-1], color="grey", alpha=0.06, lw=0)
     ax.axhspan(n[~held_mask].max(), ng[-1], color="grey", alpha=0.06, lw=0)
     finish(ax, "D (tokens)", "N (parameters)", "iso-loss contours (shaded: beyond the runs used)")
+
+
+def plot_curve(path: Path, result: dict, fit) -> None:
+    """A forecast: the evaluations (the fitted ones filled), the law over the whole schedule with its 95% band, the
+    future shaded, the predictions and the reference's final loss; the learning rate on a second axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.6), dpi=120)
+    steps = np.array([d["step"] for d in result["data"]])
+    ys = np.array([d["y"] for d in result["data"]])
+    first = max(int(fit.t_fit.min() // 2), 1)
+    grid = np.unique(np.linspace(first, result["steps"], 300).round().astype(int))
+    ax.plot(grid, fit.predict(grid), color="C0", label="multi-power law fit")
+    marks = np.unique(np.linspace(fit.observed_step, result["steps"], 5).round().astype(int))
+    if result["interval"]["method"] and len(marks) > 1:
+        ivs = [fit.interval(int(s)) for s in marks]
+        ax.fill_between(marks, [i.lo for i in ivs], [i.hi for i in ivs], color="C0", alpha=0.2, lw=0,
+                        label="95% band")
+    fitted = np.isin(steps, fit.t_fit)
+    ax.scatter(steps[~fitted], ys[~fitted], s=10, facecolors="none", edgecolors="grey", label="evaluations")
+    ax.scatter(steps[fitted], ys[fitted], s=12, color="C0", label="evaluations fitted", zorder=3)
+    _extrapolation(ax, fit.observed_step, result["steps"])
+    for pr in result["predictions"]:
+        v, ci = pr["loss"]["value"], pr["loss"]["ci95"]
+        ax.errorbar([pr["at"]["step"]], [v], yerr=None if not ci else [[v - ci[0]], [ci[1] - v]], fmt="D",
+                    color="C2", capsize=3, label="prediction", zorder=4)
+    if "stop" in result:
+        ax.axhline(result["stop"]["reference_final"], color="C3", ls="--", lw=1, label="reference final loss")
+    lo = min(ys[steps >= first].min() if (steps >= first).any() else ys.min(),
+             min(p["loss"]["ci95"][0] if p["loss"]["ci95"] else p["loss"]["value"] for p in result["predictions"]))
+    ax.set_ylim(lo - 0.02 * abs(lo), float(np.percentile(ys[steps >= first], 98)) if (steps >= first).any() else None)
+    ax2 = ax.twinx()
+    ax2.plot(np.arange(1, result["steps"] + 1), fit.schedule.eta * fit.schedule.peak, color="C1", lw=0.8, alpha=0.6)
+    ax2.set_ylabel("learning rate", color="C1")
+    finish(ax, "step", "validation loss" if result["y"] != "train_loss" else "training loss",
+           f"forecast at {100 * result['fraction']:.0f}% of the run")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_downstream(path: Path, result: dict, cols: dict[str, np.ndarray], runs: np.ndarray, held: list[str],
+                    parts: dict) -> None:
+    """Two panels: step 1, loss against compute (power law); step 2, accuracy against loss (bounded sigmoid); the
+    predictions with their propagated intervals, held-out runs marked, extrapolation shaded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.6), dpi=120)
+    f1, f2 = parts["step1"], parts["step2"]
+    used = ~np.isin(runs, held)
+    far = max([cols["x"].max()] + [p["x"]["value"] for p in result["predictions"]])
+    grid = np.geomspace(cols["x"].min(), far, 300)
+    a1.plot(grid, laws.power(f1.params, grid), color="C0", label="step 1: L = a C^b + c")
+    a1.scatter(cols["x"][used], cols["v"][used], s=18, color="C0", label="runs used", zorder=3)
+    _extrapolation(a1, cols["x"][used].max(), far)
+    lgrid = np.linspace(min([cols["v"].min()] + parts["losses"]), cols["v"].max(), 300)
+    a2.plot(lgrid, laws.sigmoid(f2.params, lgrid), color="C1", label="step 2: bounded sigmoid")
+    a2.scatter(cols["v"][used], cols["y"][used], s=18, color="C1", label="runs used", zorder=3)
+    for b in result["bounds"]:
+        if np.isfinite(b):
+            a2.axhline(b, color="k", lw=0.6, ls="--")
+    lo_used = cols["v"][used].min()
+    if lgrid[0] < lo_used:
+        a2.axvspan(lgrid[0], lo_used, color="grey", alpha=0.08, lw=0, label="extrapolation")
+    for ax, xs, ys in ((a1, cols["x"], cols["v"]), (a2, cols["v"], cols["y"])):
+        if (~used).any():
+            ax.scatter(xs[~used], ys[~used], marker="*", s=120, color="C3", label="held out (actual)", zorder=5)
+    for pr in result["predictions"]:
+        for ax, xv, q in ((a1, pr["x"]["value"], pr["loss"]), (a2, pr["loss"]["value"], pr["y"])):
+            ci = q["ci95"]
+            ax.errorbar([xv], [q["value"]], yerr=None if not ci else [[q["value"] - ci[0]], [ci[1] - q["value"]]],
+                        fmt="D", color="C2", capsize=3, label="prediction", zorder=4)
+    a1.set_xscale("log")
+    finish(a1, result["columns"]["x"], result["columns"]["v"], "step 1: loss against compute")
+    finish(a2, result["columns"]["v"], result["columns"]["y"], "step 2: accuracy against loss")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -126,9 +126,9 @@ def select(points: list, point: str, skip: float, smooth: int, notes: dict[str, 
         else:
             out.append(p)
     reduced = 0
-    for run, pts in groups.items():
+    for pts in groups.values():
         pts = _curve_order(pts)
-        pts = pts[int(math.floor(skip * len(pts))):] or pts[-1:]
+        pts = pts[math.floor(skip * len(pts)):] or pts[-1:]
         if smooth > 1:
             y = np.array([p.values["y"] for p in pts])
             c = np.concatenate([[0.0], np.cumsum(y)])

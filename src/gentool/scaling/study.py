@@ -1,4 +1,5 @@
-"""`gentool scale-fit` end to end: read points, hold out the largest runs, fit, bootstrap, predict, write."""
+"""`gentool scale-fit` end to end: read points, hold out the largest runs, fit, intervals, predict, write.
+--form curve is forecast.py's (one run's learning curve), --form downstream is downstream.py's two-step fit."""
 
 from __future__ import annotations
 
@@ -14,13 +15,12 @@ import numpy as np
 from gentool import console
 from gentool.artifacts import check_output, create_artifact, input_ref
 from gentool.errors import GentoolError, UsageProblem
-from gentool.scaling import laws
+from gentool.scaling import downstream, laws
 from gentool.scaling.ci import METHOD, law_intervals
-from gentool.scaling.fit import (Fit, budgets, fit_form, holdout_errors, holdout_summary, isoflop_vertex,
-                                 largest_runs)
+from gentool.scaling.fit import Fit, budgets, fit_form, holdout_errors, holdout_summary, isoflop_vertex, largest_runs
 from gentool.scaling.io import read_table
 
-DEFAULT_COLUMNS = {"x": "C", "y": "loss", "n": "N", "d": "D", "c": "C"}
+DEFAULT_COLUMNS = {"x": "C", "y": "loss", "n": "N", "d": "D", "c": "C", "v": "loss"}
 INTERVAL_MEANING = {
     "power": "95% profile-likelihood interval: the values not rejected by an F test of the least-squares fit at 5%, "
              "assuming the law holds and the points have independent errors of similar relative size",
@@ -28,7 +28,8 @@ INTERVAL_MEANING = {
                "5%, assuming the law holds and the points have independent errors of similar size",
     "chinchilla": "95% BCa bootstrap interval over runs: refits on runs resampled with replacement, bias-corrected "
                   "and accelerated (jackknife over runs)",
-    "isoflop": "95% Student-t interval of the log N_opt - log C regression over the budgets (needs 3 or more)"}
+    "isoflop": "95% Student-t interval of the log N_opt - log C regression over the budgets (needs 3 or more)",
+    "downstream": downstream.MEANING}
 
 
 @dataclass
@@ -48,6 +49,10 @@ class StudyOptions:
     skip: float = 0.0
     smooth: int = 1
     bounds: tuple[float, float] | None = None   # sigmoid floor and ceiling
+    follow: bool = False                        # --form curve: forecast.ForecastOptions
+    poll: float = 30.0
+    stop_if_worse_than: str | None = None
+    alpha: float = 0.05
 
 
 def parse_predict(items: list[str]) -> list[dict[str, float]]:
@@ -114,7 +119,8 @@ def _report_notes(notes: dict[str, Any]) -> None:
         console.log(f"derived {how} (the input has no such column)")
     if notes.get("duplicates"):
         kept = notes.get("duplicates_kept")
-        console.warn(f"{notes['duplicates']} exact duplicate rows ({notes.get('duplicate_example', 'inputs given twice')})"
+        example = notes.get("duplicate_example", "inputs given twice")
+        console.warn(f"{notes['duplicates']} exact duplicate rows ({example})"
                      + ("; kept (--keep-duplicates): they count as independent runs" if kept
                         else "; dropped (--keep-duplicates keeps them)"))
     if notes.get("best_of_dropped"):
@@ -126,13 +132,26 @@ def run_study(opts: StudyOptions, out: Path | None = None, *, force: bool = Fals
         raise UsageProblem(f"unknown --form {opts.form!r}", hint="use " + ", ".join(laws.FORMS))
     if opts.bootstrap < 0 or opts.holdout < 0:
         raise UsageProblem("--bootstrap and --holdout must be >= 0")
+    if opts.form == "curve":
+        from gentool.scaling.forecast import ForecastOptions, run_forecast
+
+        if len(opts.inputs) != 1:
+            raise UsageProblem("--form curve forecasts one run", hint="give RUN or RUN/metrics.jsonl")
+        return run_forecast(ForecastOptions(opts.inputs[0], y=opts.columns.get("y", "loss"), predict=opts.predict,
+                                            follow=opts.follow, poll=opts.poll,
+                                            stop_if_worse_than=opts.stop_if_worse_than, alpha=opts.alpha,
+                                            intervals=opts.bootstrap > 0), out, force=force)
+    if opts.follow or opts.stop_if_worse_than:
+        raise UsageProblem("--follow and --stop-if-worse-than forecast one run", hint="add --form curve")
     if out is not None:
         check_output(out, force=force)
-    cols_map = {r: opts.columns.get(r) or DEFAULT_COLUMNS[r] for r in laws.ROLES[opts.form]}
+    cols_map = {r: opts.columns.get(r) or ("acc" if opts.form == "downstream" and r == "y" else DEFAULT_COLUMNS[r])
+                for r in laws.ROLES[opts.form]}
     at_points = parse_predict(opts.predict)
     table = read_table(opts.inputs, cols_map, point=opts.point, filters=opts.filters,
                        positive=laws.POSITIVE[opts.form], keep_duplicates=opts.keep_duplicates, best_of=opts.best_of,
-                       skip=opts.skip, smooth=opts.smooth, best="max" if opts.form == "sigmoid" else "min")
+                       skip=opts.skip, smooth=opts.smooth,
+                       best="max" if opts.form in ("sigmoid", "downstream") else "min")
     for line in table.skipped:
         console.warn(f"skipped {line}")
     _report_notes(table.notes)
@@ -152,6 +171,19 @@ def run_study(opts: StudyOptions, out: Path | None = None, *, force: bool = Fals
     train = ~np.isin(runs, held)
     train_cols = {r: v[train] for r, v in cols.items()}
     _check_points(opts.form, int(train.sum()), len(set(runs[train])), opts.holdout)
+    common = {"n_points": int(train.sum()), "n_runs": len(set(runs[train])), "n_holdout": len(held),
+              "skipped": len(table.skipped), "notes": table.notes, "columns": cols_map, "point": opts.point,
+              "sources": table.sources,
+              "interval": {"level": 0.95, "method": METHOD.get(opts.form, "two-step propagation")
+                           if opts.bootstrap else None,
+                           "meaning": INTERVAL_MEANING[opts.form] if opts.bootstrap else "no intervals (--bootstrap 0)",
+                           **({"resamples": opts.bootstrap, "seed": opts.seed} if opts.form == "chinchilla" else {})}}
+    if opts.form == "downstream":
+        result, parts = downstream.downstream_result(cols, runs, train, at_points, opts.bounds, opts.bootstrap > 0)
+        result = {"form": "downstream", **common, **{k: v for k, v in result.items() if k != "form"}}
+        if out is not None:
+            _write(out, opts, result, cols, runs, held, parts, None, force)
+        return result
     fit = fit_form(opts.form, train_cols, bounds=opts.bounds)
     for w in fit.warnings:
         console.warn(w)
@@ -200,16 +232,12 @@ def run_study(opts: StudyOptions, out: Path | None = None, *, force: bool = Fals
             holdout[-1]["quantity"] = "N_opt"
     elif held:
         holdout = holdout_errors(runs[~train], cols["y"][~train], fitted[~train])
-    result = {"form": opts.form, "n_points": int(train.sum()), "n_runs": len(set(runs[train])), "n_holdout": len(held),
-              "skipped": len(table.skipped), "params": params, "fit_loss": fit.loss, "converged": fit.converged,
+    result = {"form": opts.form, **common, "params": params, "fit_loss": fit.loss, "converged": fit.converged,
               "warnings": fit.warnings, "predictions": preds, "holdout": holdout,
-              "holdout_summary": holdout_summary(holdout), "notes": table.notes,
+              "holdout_summary": holdout_summary(holdout),
               "rmse": float(np.sqrt(np.mean(residuals**2))) if residuals is not None else None,
               "max_abs_residual": float(np.abs(residuals).max()) if residuals is not None else None,
-              "interval": {"level": 0.95, "method": METHOD[opts.form] if opts.bootstrap else None,
-                           "meaning": INTERVAL_MEANING[opts.form] if opts.bootstrap else "no intervals (--bootstrap 0)",
-                           **({"resamples": opts.bootstrap, "seed": opts.seed} if opts.form == "chinchilla" else {})},
-              "columns": cols_map, "point": opts.point, "sources": table.sources, "data": data,
+              "data": data,
               **({"isoflop": fit.extra} if fit.extra else {})}
     if not math.isfinite(fit.loss):
         raise GentoolError("the fit's loss is not finite", hint="check the data for extreme values")
@@ -224,7 +252,8 @@ def _write(out: Path, opts: StudyOptions, result: dict, cols, runs, held, fit: F
     config = {"law": opts.form, "columns": result["columns"], "point": opts.point, "filters": opts.filters,
               "objective": f"huber(delta={laws.HUBER_DELTA}) on log L, L-BFGS-B" if opts.form == "chinchilla"
               else {"power": "least squares on relative residuals", "isoflop": "parabolas in log N, log-log fits",
-                    "sigmoid": "least squares"}[opts.form],
+                    "sigmoid": "bounded least squares", "downstream": "power law L(C), then bounded sigmoid acc(L)"
+                    }[opts.form],
               "bootstrap": opts.bootstrap, "holdout": opts.holdout, "seed": opts.seed}
     with create_artifact(out, "scale-fit", force=force, config=config, inputs=inputs) as art:
         (art.dir / "fit.json").write_text(json.dumps(json.loads(console.dumps(result)), indent=2) + "\n")
@@ -239,12 +268,15 @@ def _write(out: Path, opts: StudyOptions, result: dict, cols, runs, held, fit: F
             for h in result["holdout"]:
                 w.writerow(["holdout", h["run"], "y", h["predicted"], "", "", h["actual"], h["abs_err"], h["rel_err"]])
         try:
-            from gentool.scaling.plot import plot_fit
+            from gentool.scaling.plot import plot_downstream, plot_fit
 
-            plot_fit(art.dir / "plot.png", result, cols, runs, held, fit, band)
+            if opts.form == "downstream":
+                plot_downstream(art.dir / "plot.png", result, cols, runs, held, fit)
+            else:
+                plot_fit(art.dir / "plot.png", result, cols, runs, held, fit, band)
         except ImportError:
             console.warn("matplotlib is not installed: no plot.png (pip install 'gentool[plot]' to get one)")
         art.contents.update(form=opts.form, params={k: v["value"] for k, v in result["params"].items()},
                             n_points=result["n_points"], n_holdout=result["n_holdout"])
-        art.metrics.update(fit_loss=result["fit_loss"], rmse=result["rmse"],
+        art.metrics.update(fit_loss=result["fit_loss"], rmse=result["rmse"], holdout_summary=result["holdout_summary"],
                            holdout_rel_err=[h["rel_err"] for h in result["holdout"]])
