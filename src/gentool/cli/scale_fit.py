@@ -67,7 +67,7 @@ def scale_fit(
     force: Force = False,
     json_: Json = False,
 ) -> None:
-    """Fit a scaling law to run logs, or forecast a run before it ends.
+    """Fit a scaling law to run logs, with CIs, holdout and predictions.
 
     Reads N, D, C and losses straight from gentool run directories (manifest.json, metrics.jsonl) or any CSV /
     JSON lines with column mapping. Malformed rows are skipped with a reason on stderr (--strict refuses them);

@@ -180,7 +180,16 @@ def run_forecast(opts: ForecastOptions, out: Path | None = None, *, force: bool 
     ref = reference_final(opts.stop_if_worse_than, opts.y) if opts.stop_if_worse_than else None
     seen = -1
     while True:
-        run = _run_dir(Path(opts.input))
+        try:
+            run = _run_dir(Path(opts.input))
+        except UsageProblem:
+            if not opts.follow:
+                raise
+            if seen == -1:
+                console.log(f"{opts.input}: no run directory yet; waiting for it")
+                seen = -2
+            time.sleep(opts.poll)
+            continue
         t, _, _ = read_curve(run, opts.y)
         latest = int(t.max()) if len(t) else 0
         if latest != seen:
