@@ -222,6 +222,7 @@ def read_table(inputs: list[str], columns: dict[str, str], *, point: str = "fina
     curve_dirs = bool(skip) or smooth > 1
     expanded = _expand(inputs)
     seen_dirs: set[str] = set()
+    run_keys: set[str] = set()
     raw: list[tuple[str, str, dict, bool, tuple]] = []   # where, run, record, grouped, roles to derive
     for src in expanded:
         path = Path(src)
@@ -244,6 +245,7 @@ def read_table(inputs: list[str], columns: dict[str, str], *, point: str = "fina
             run_id = str(path)[: -len(".partial")] if partial else str(path)
             table.sources.append({"path": str(path), "kind": "run", **({"unfinished": True} if partial else {})})
             raw += [(f"{path}[{i}]", run_id, r, curve_dirs, ()) for i, r in enumerate(records)]
+            run_keys.update(k for r in records for k in r)
             if not records:
                 table.skipped.append(f"{path}: no evaluation logged yet" + (
                     "" if y_col == "train_loss" else " (--y train_loss uses the training loss)"))
@@ -252,6 +254,8 @@ def read_table(inputs: list[str], columns: dict[str, str], *, point: str = "fina
             table.sources.append({"path": src, "kind": "table", "rows": n})
             roles = prep.check_columns(src, names, columns, best_of, table.notes) if names else ()
             raw += [(*r, roles) for r in rows]
+    if run_keys and all(s["kind"] == "run" for s in table.sources):   # a column no run directory has: one error
+        prep.check_columns("run directories", run_keys, columns, best_of, {})
     raw = prep.drop_duplicates(raw, keep_duplicates, table.notes)
     for where, run, rec, grouped, roles in raw:
         if not rec:
