@@ -121,6 +121,7 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=200)
     ap.add_argument("--bootstrap", type=int, default=200)
     ap.add_argument("--forms", default=",".join(FORMS))
+    ap.add_argument("--first-seed", type=int, default=0, help="data sets first-seed .. first-seed + trials - 1")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
     warnings.simplefilter("ignore")
@@ -130,7 +131,7 @@ def main() -> None:
     for form in args.forms.split(","):
         hits: dict[str, list[bool]] = {}
         times = []
-        for seed in range(args.trials):
+        for seed in range(args.first_seed, args.first_seed + args.trials):
             t0 = time.perf_counter()
             trial = {"downstream": _downstream_trial, "curve": _curve_trial}.get(form)
             res = trial(seed, args.bootstrap) if trial else _law_trial(form, seed, args.bootstrap)

@@ -85,6 +85,7 @@ class CurveFit:
     observed_step: int
     rmse: float
     warnings: list[str] = field(default_factory=list)
+    _b0: float = 0.0             # the prior's centre, log B
 
     def predict(self, steps: np.ndarray, theta: np.ndarray | None = None) -> np.ndarray:
         s, d = self.schedule.features(steps)
@@ -106,12 +107,43 @@ class CurveFit:
 
         value = float(law(self.theta, np.array([s]), np.array([d]))[0])
         scale = max(self.noise, 1e-4) * 3
-        q = Quantity("loss", value, 1, solve, scale, 0.0, math.inf)
+        q = Quantity("loss", value, 1, solve, scale, 0.0, math.inf, profile=self._profile(s, d))
         r = self.predict(self.t_fit) - self.y_fit
         rho = float(np.corrcoef(r[:-1], r[1:])[0, 1]) if len(r) > 3 and np.std(r) > 0 else 0.0
         inflation = min(max((1 + rho) / (1 - rho), 1.0), 10.0) if rho < 1 else 10.0
         with np.errstate(all="ignore"):
             return profile_interval(self.problem, q, len(self.t_fit) + 1, level=level, inflation=inflation)
+
+
+    def _profile(self, s_at: float, d_at: float):
+        """min over the parameters of the penalised SSE with the loss at (s_at, d_at) pinned to v: variable
+        projection again (L0 in closed form, A from the pin) over (alpha, log B) from several starts, because the
+        (L0, A, alpha) valley defeats a local search from the previous point."""
+        s, d = self.schedule.features(self.t_fit)
+        y, noise, b0 = self.y_fit, self.noise, self._b0
+        l0_max = float(y.min())
+
+        def resid(q, v):
+            alpha, log_b = q
+            b = math.exp(log_b)
+            u = (s / s_at) ** -alpha            # A s^-alpha = (v - L0 + B d_at) u
+            x, z = 1 - u, y - (v + b * d_at) * u + b * d
+            l0 = float(x @ z / (x @ x)) if x @ x > 0 else 0.0
+            l0 = min(max(l0, 0.0), l0_max, v + b * d_at - 1e-12)
+            fitted = l0 * x + (v + b * d_at) * u - b * d
+            return np.concatenate([(fitted - y) / noise, [(log_b - b0) / PRIOR_SIGMA]])
+
+        def profile(v: float) -> float:
+            best = math.inf
+            starts = [(self.theta[2], self.theta[3])] + [(a, b0) for a in (0.05, 0.2, 0.5, 1.0, 2.0)]
+            with np.errstate(all="ignore"):
+                for q0 in starts:
+                    r = optimize.least_squares(resid, np.clip(q0, [1e-3, -30.0], [5.0, 5.0]), args=(v,),
+                                               bounds=([1e-3, -30.0], [5.0, 5.0]), method="trf", max_nfev=200)
+                    best = min(best, 2 * float(r.cost))
+            return best
+
+        return profile
 
 
 def noise_sd(y: np.ndarray) -> float:
@@ -178,7 +210,8 @@ def fit_curve(schedule: Schedule, t: np.ndarray, y: np.ndarray) -> CurveFit:
     fitted = law(theta, s, dsum)
     params = {"L0": float(theta[0]), "A": float(math.exp(theta[1])), "alpha": float(theta[2]),
               "B": float(math.exp(theta[3])), "tau": TAU, "beta": BETA, "gamma": GAMMA}
-    fit = CurveFit(params, theta, prob, schedule, tf, yf, noise, t_obs, float(np.sqrt(np.mean((fitted - yf) ** 2))))
+    fit = CurveFit(params, theta, prob, schedule, tf, yf, noise, t_obs, float(np.sqrt(np.mean((fitted - yf) ** 2))),
+                   _b0=b0)
     if theta[0] <= 1e-9:
         fit.warnings.append("the irreducible loss L0 sits at 0: the curve so far looks like a pure power law")
     decayed = 1 - float(schedule.eta[min(t_obs, schedule.steps) - 1])

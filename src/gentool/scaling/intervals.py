@@ -56,6 +56,7 @@ class Quantity:
     scale: float = 1.0         # a typical step (the Wald standard error) to bracket the interval
     lower: float = -math.inf   # q's own range (a parameter's bounds)
     upper: float = math.inf
+    profile: Callable[[float], float] | None = None   # min SSE with q = v, when the form computes it itself
 
 
 def param_quantity(name: str, theta: np.ndarray, j: int, se: float, lo: float, hi: float) -> Quantity:
@@ -154,7 +155,7 @@ def profile_interval(problem: LSProblem, q: Quantity, n: int, level: float = LEV
             if (sign < 0 and v <= edge) or (sign > 0 and v >= edge):
                 v = edge
                 at_bound = True
-            s, th = _constrained_min(problem, q, v, th_in)
+            s, th = (q.profile(v), th_in) if q.profile else _constrained_min(problem, q, v, th_in)
             if s > limit:
                 v_out, found = v, True
                 break
@@ -168,7 +169,7 @@ def profile_interval(problem: LSProblem, q: Quantity, n: int, level: float = LEV
             continue
 
         def g(v, start=th_in):
-            return _constrained_min(problem, q, v, start)[0] - limit
+            return (q.profile(v) if q.profile else _constrained_min(problem, q, v, start)[0]) - limit
 
         try:
             ends.append(optimize.brentq(g, v_in, v_out, xtol=1e-10 * max(1.0, abs(q.value)) + 1e-14 * abs(q.scale),
