@@ -5,9 +5,10 @@
 For each form, `trials` data sets are drawn from known parameters plus noise (the tests' generators), fitted, and
 the fraction of 95% intervals that contain the truth is printed (0.95 would be exact; the goal is 0.93-0.97) with
 its binomial standard error and the median seconds per fit + intervals. The methods are the ones scale-fit uses
-(ci.py): profile likelihood for power and sigmoid, BCa over runs for chinchilla (--bootstrap resamples), Student t
-for isoflop, two-step propagation for downstream, and for curve the forecast's profile interval on curves drawn
-from the multi-power law with B drawn from the forecast's prior (cut at 25% and 50% of cosine / WSD runs).
+(ci.py): profile likelihood for power and sigmoid, percentile bootstrap over runs for chinchilla (--bootstrap
+resamples), Student t for isoflop, two-step propagation for downstream, and for curve the forecast's profile
+interval on curves drawn from the multi-power law with B drawn from the forecast's prior (cut at 25% and 50% of
+cosine / WSD runs).
 CPU only: scale-fit has no GPU part (--device is accepted and ignored)."""
 
 from __future__ import annotations

@@ -27,9 +27,9 @@ def scale_fit(
     predict: Annotated[list[str] | None, _opt("Predict at C=1e21, N=..,D=.., X=.. or, for curve, step=FINAL "
                                                  "or step=N (repeatable).")] = None,
     holdout: Annotated[int, _opt("Fit without the K largest runs (isoflop: budgets) and report their error.")] = 0,
-    bootstrap: Annotated[int, _opt("Resamples of chinchilla's BCa bootstrap; 0: no intervals for any form. The "
+    bootstrap: Annotated[int, _opt("Resamples of chinchilla's bootstrap over runs; 0: no intervals for any form. The "
                                    "intervals are 95%: profile likelihood for power, sigmoid, downstream and curve, "
-                                   "BCa over runs for chinchilla, Student t for isoflop (fit.json's "
+                                   "percentile bootstrap over runs for chinchilla, Student t for isoflop (fit.json's "
                                    "interval.meaning says what they assume).")] = 200,
     bounds: Annotated[str | None, _opt("Sigmoid floor,ceiling, e.g. 0.25,1 (default 0,1 when all y lie in "
                                           "[0, 1]).")] = None,

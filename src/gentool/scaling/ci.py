@@ -2,8 +2,10 @@
 their measured coverage):
 
 - power, sigmoid: profile likelihood of the least-squares fit (parameters and predictions);
-- chinchilla: BCa bootstrap over runs (jackknife over runs for the acceleration), with the resamples that end on a
-  parameter bound counted and such intervals opened at that end;
+- chinchilla: percentile bootstrap over runs, with the resamples that end on a parameter bound counted and such
+  intervals opened at that end. BCa (jackknife acceleration) was measured too, on the same 200 data sets: it
+  under-covered B, beta and the prediction (0.915-0.92), where the percentile interval gives 0.94-0.95; the
+  percentile interval over-covers A and alpha (0.985), which is the safer error;
 - isoflop: Student-t intervals of the second stage (log N_opt against log C).
 
 Also the band drawn in plot.png: pointwise intervals of the fitted curve on a grid.
@@ -20,10 +22,11 @@ import numpy as np
 from gentool.errors import UsageProblem
 from gentool.scaling import laws
 from gentool.scaling.fit import Fit, fit_form
-from gentool.scaling.intervals import Interval, bca_interval, linear_t_intervals
+from gentool.scaling.intervals import Interval, linear_t_intervals
 from gentool.scaling.profiles import power_problem, profile_all, sigmoid_problem
 
-METHOD = {"power": "profile likelihood", "sigmoid": "profile likelihood", "chinchilla": "BCa bootstrap over runs",
+METHOD = {"power": "profile likelihood", "sigmoid": "profile likelihood",
+          "chinchilla": "percentile bootstrap over runs",
           "isoflop": "Student t (second stage)"}
 _CHIN_INDEX = {"A": 0, "B": 1, "E": 2, "alpha": 3, "beta": 4}
 
@@ -67,32 +70,16 @@ def bootstrap_draws(form: str, cols: dict[str, np.ndarray], runs: np.ndarray, fi
     return draws, fits, hits
 
 
-def _jackknife(form: str, cols: dict[str, np.ndarray], runs: np.ndarray, fit: Fit,
-               derive: Callable[[Fit], dict[str, float]]) -> dict[str, np.ndarray]:
-    """Leave-one-run-out estimates (at most 60 groups of runs) for the BCa acceleration."""
-    out: dict[str, list[float]] = {}
-    for g in _group_ids(runs, 60):
-        keep = np.ones(len(runs), bool)
-        keep[g] = False
-        try:
-            f = fit_form(form, {c: v[keep] for c, v in cols.items()}, init=fit.params)
-        except (UsageProblem, ValueError, np.linalg.LinAlgError):
-            continue
-        for name, v in {**f.params, **derive(f)}.items():
-            out.setdefault(name, []).append(v)
-    return {k: np.array(v, float) for k, v in out.items()}
-
-
-def bca_intervals(form: str, cols: dict[str, np.ndarray], runs: np.ndarray, fit: Fit, k: int, seed: int,
-                  derive: Callable[[Fit], dict[str, float]]) -> tuple[dict[str, Interval], list[dict]]:
+def bootstrap_intervals(form: str, cols: dict[str, np.ndarray], runs: np.ndarray, fit: Fit, k: int, seed: int,
+                        derive: Callable[[Fit], dict[str, float]]) -> tuple[dict[str, Interval], list[dict]]:
+    """Percentile intervals of the bootstrap over runs (BCa measured worse for Chinchilla: see the module doc)."""
     draws, fits, hits = bootstrap_draws(form, cols, runs, fit, k, seed, derive)
-    jack = _jackknife(form, cols, runs, fit, derive)
     est = {**fit.params, **derive(fit)}
     out = {}
     for name, v in draws.items():
         if len(v) < max(2, k // 2) or not math.isfinite(est.get(name, math.nan)):
             continue   # refits failed more than half of the time: no interval
-        lo, hi = bca_interval(np.array(v), est[name], jack.get(name, np.array([])))
+        lo, hi = (float(e) for e in np.percentile(np.array(v), [2.5, 97.5]))
         iv = Interval(lo, hi, METHOD[form])
         if name in hits:
             n_lo, n_hi = hits[name]
@@ -151,4 +138,4 @@ def law_intervals(form: str, cols: dict[str, np.ndarray], runs: np.ndarray, fit:
             return np.exp(v - r["t"] * se), np.exp(v + r["t"] * se)
 
         return isoflop_intervals(fit, at), iso_band
-    return bca_intervals(form, cols, runs, fit, k, seed, derive)
+    return bootstrap_intervals(form, cols, runs, fit, k, seed, derive)

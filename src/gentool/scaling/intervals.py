@@ -5,9 +5,9 @@
   a residual sum of squares within the F-test's threshold SSE_min (1 + t^2_{n-p} / (n - p)). Exact for linear
   models; for nonlinear ones it follows the curvature that Wald and percentile intervals miss. A profile that
   reaches a parameter's bound before the threshold leaves that end open: the interval runs to the bound, flagged.
-- BCa bootstrap over runs (Efron 1987: bias-corrected and accelerated; acceleration from the jackknife over runs)
-  for Chinchilla, whose Huber objective has no likelihood to profile; resamples that end on a parameter's bound
-  are counted, and an interval that reaches a bound is flagged open at that end.
+- the percentile bootstrap over runs for Chinchilla, whose Huber objective has no likelihood to profile (ci.py;
+  BCa was measured and did worse there); resamples that end on a parameter's bound are counted, and an interval
+  that reaches a bound is flagged open at that end.
 - Student-t intervals of the second-stage regression for isoFLOP (linear in log C).
 
 Every interval is 95%, and every returned interval is [lo, hi] with the flags open_lo / open_hi.
@@ -178,26 +178,6 @@ def profile_interval(problem: LSProblem, q: Quantity, n: int, level: float = LEV
             ends.append(0.5 * (v_in + v_out))
         opens.append(False)
     return Interval(min(ends), max(ends), "profile likelihood", open_lo=opens[0], open_hi=opens[1])
-
-
-# ---------------------------------------------------------------- BCa bootstrap over runs
-
-def bca_interval(draws: np.ndarray, estimate: float, jack: np.ndarray, level: float = LEVEL) -> tuple[float, float]:
-    """Efron's BCa interval from bootstrap draws and jackknife (leave-one-run-out) estimates."""
-    draws = np.asarray(draws, float)
-    below = np.mean(draws < estimate) + 0.5 * np.mean(draws == estimate)
-    z0 = stats.norm.ppf(np.clip(below, 1.0 / (len(draws) + 1), 1 - 1.0 / (len(draws) + 1)))
-    jack = np.asarray(jack, float)
-    jack = jack[np.isfinite(jack)]
-    d = jack.mean() - jack if len(jack) > 2 else np.zeros(1)
-    den = 6.0 * float(np.sum(d * d)) ** 1.5
-    acc = float(np.sum(d**3)) / den if den > 0 else 0.0
-    out = []
-    for a in ((1 - level) / 2, (1 + level) / 2):
-        z = stats.norm.ppf(a)
-        adj = stats.norm.cdf(z0 + (z0 + z) / (1 - acc * (z0 + z)))
-        out.append(float(np.percentile(draws, 100 * np.clip(adj, 0, 1))))
-    return out[0], out[1]
 
 
 # ---------------------------------------------------------------- linear regression (isoFLOP's second stage)

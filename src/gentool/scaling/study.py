@@ -26,8 +26,8 @@ INTERVAL_MEANING = {
              "assuming the law holds and the points have independent errors of similar relative size",
     "sigmoid": "95% profile-likelihood interval: the values not rejected by an F test of the least-squares fit at "
                "5%, assuming the law holds and the points have independent errors of similar size",
-    "chinchilla": "95% BCa bootstrap interval over runs: refits on runs resampled with replacement, bias-corrected "
-                  "and accelerated (jackknife over runs)",
+    "chinchilla": "95% percentile bootstrap interval over runs: the 2.5-97.5% range of refits on runs resampled "
+                  "with replacement (an end on a parameter bound is flagged open)",
     "isoflop": "95% Student-t interval of the log N_opt - log C regression over the budgets (needs 3 or more)",
     "downstream": downstream.MEANING}
 
