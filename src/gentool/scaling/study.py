@@ -137,6 +137,8 @@ def run_study(opts: StudyOptions, out: Path | None = None, *, force: bool = Fals
 
         if len(opts.inputs) != 1:
             raise UsageProblem("--form curve forecasts one run", hint="give RUN or RUN/metrics.jsonl")
+        if opts.holdout:
+            raise UsageProblem("--holdout does not apply to --form curve", hint="cut the run with --predict step=N")
         return run_forecast(ForecastOptions(opts.inputs[0], y=opts.columns.get("y", "loss"), predict=opts.predict,
                                             follow=opts.follow, poll=opts.poll,
                                             stop_if_worse_than=opts.stop_if_worse_than, alpha=opts.alpha,
