@@ -48,7 +48,11 @@ def test_cli_stdin_json_and_strict(tmp_path, cli):
     assert "skipped -:21: missing or non-numeric 'val'" in r.stderr
     r = cli("scale-fit", "-", "--x", "flops", "--y", "val", "--strict", input=text)
     assert r.exit_code == 1 and "1 malformed rows" in r.stderr
-    r = cli("scale-fit", "-", "--form", "chinchilla", input=text)
+    r = cli("scale-fit", "-", "--form", "chinchilla", input=text)   # one message naming the columns there are
+    assert r.exit_code == 2 and "no column 'N'; the columns are: flops, val" in r.stderr
+    assert r.stderr.count("\n") == 1 and "warning" not in r.stderr
+    r = cli("scale-fit", "-", "--form", "chinchilla", "--n", "flops", "--d", "flops", "--y", "val", "--filter",
+            "flops<1e13", input=text)
     assert r.exit_code == 2 and "needs at least 6 points" in r.stderr
 
 

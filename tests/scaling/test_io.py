@@ -95,6 +95,10 @@ def test_run_directories(tmp_path):
     (t_min,) = read_table([str(tmp_path / "a")], cols, point="min").points
     assert t_min.values["y"] == 3.1
     assert [p.run for p in read_table([str(tmp_path / "*")], cols, filters=["run=b"]).points] == [str(tmp_path / "b")]
+    with pytest.raises(UsageProblem, match="no column 'acc'; the columns are: .*N_total.*val_loss"):
+        read_table([str(tmp_path / "*")], {"x": "C", "y": "acc"})   # one error, not one skip per run
+    # --best-of works on the recipe's columns of run directories (lr, schedule, ...)
+    assert len(read_table([str(tmp_path / "*")], cols, best_of="seed").points) == 2
 
 
 def test_unfinished_runs(tmp_path):

@@ -16,7 +16,6 @@ import contextlib
 import ctypes
 import itertools
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -146,6 +145,14 @@ def budgets(c: np.ndarray, tol: float = 0.05) -> list[list[int]]:
     return groups
 
 
+def isoflop_vertex(n: np.ndarray, y: np.ndarray) -> float | None:
+    """N at the minimum of the parabola of y in log N (None: fewer than 3 sizes, or not convex)."""
+    if len(np.unique(n)) < 3:
+        return None
+    k2, k1, _ = np.polyfit(np.log(n), y, 2)
+    return math.exp(-k1 / (2 * k2)) if k2 > 0 else None
+
+
 def fit_isoflop(n: np.ndarray, c: np.ndarray, y: np.ndarray, init=None) -> Fit:
     cs, nopt, lopt, warnings = [], [], [], []
     for g in budgets(c):
@@ -176,39 +183,73 @@ def fit_isoflop(n: np.ndarray, c: np.ndarray, y: np.ndarray, init=None) -> Fit:
                {"budgets": cs, "n_opt": nopt, "d_opt": list(np.exp(ld_opt)), "loss_opt": lopt})
 
 
-def fit_sigmoid(x: np.ndarray, y: np.ndarray, init: dict[str, float] | None = None) -> Fit:
+def sigmoid_bounds(y: np.ndarray, bounds: tuple[float, float] | None) -> tuple[float, float]:
+    """The floor and ceiling of a sigmoid's asymptotes: as given, else [0, 1] when every y lies in it (accuracy),
+    else unbounded."""
+    if bounds is not None:
+        lo, hi = bounds
+        if not lo < hi:
+            raise UsageProblem(f"--bounds {lo:g},{hi:g}: the floor must be below the ceiling")
+        return float(lo), float(hi)
+    if y.min() >= 0 and y.max() <= 1:
+        return 0.0, 1.0
+    return -math.inf, math.inf
+
+
+def fit_sigmoid(x: np.ndarray, y: np.ndarray, init: dict[str, float] | None = None,
+                bounds: tuple[float, float] | None = None) -> Fit:
+    """Least squares of y = lo + (hi - lo) sigmoid(k (x - x0)) with floor <= lo, hi <= ceiling (see sigmoid_bounds),
+    from both signs of the slope; reported with lo <= hi."""
+    floor, ceil = sigmoid_bounds(y, bounds)
     span = float(np.ptp(x)) or 1.0
+    kmax = 200.0 / span
+    lower = np.array([floor, floor, -kmax, x.min() - 3 * span])
+    upper = np.array([ceil, ceil, kmax, x.max() + 3 * span])
+
+    def resid(t):
+        return laws.sigmoid(dict(zip(("lo", "hi", "k", "x0"), t)), x) - y
+
+    ymin, ymax = float(y.min()), float(y.max())
     starts = [[init[k] for k in ("lo", "hi", "k", "x0")]] if init else \
-        [[y.min(), y.max(), s * 8 / span, float(np.median(x))] for s in (-1, 1)]
-    best, loss = None, math.inf
+        [[ymin, ymax, s * 8 / span, float(np.median(x))] for s in (-1, 1)]
+    best = None
     for p0 in starts:
-        try:
-            popt, _ = optimize.curve_fit(lambda x, lo, hi, k, x0: laws.sigmoid({"lo": lo, "hi": hi, "k": k, "x0": x0}, x),
-                                         x, y, p0=p0, maxfev=20000)
-        except (RuntimeError, optimize.OptimizeWarning):
-            continue
-        p = dict(zip(("lo", "hi", "k", "x0"), (float(v) for v in popt)))
-        sse = float(((laws.sigmoid(p, x) - y) ** 2).sum())
-        if sse < loss:
-            best, loss = p, sse
-    if best is None:
-        p = dict(zip(("lo", "hi", "k", "x0"), (float(v) for v in starts[0])))
-        return Fit("sigmoid", p, float(((laws.sigmoid(p, x) - y) ** 2).sum()), False,
-                   ["the sigmoid fit did not converge"])
-    if best["lo"] > best["hi"]:  # (lo, hi, k) and (hi, lo, -k) are one curve: report lo <= hi
-        best = {"lo": best["hi"], "hi": best["lo"], "k": -best["k"], "x0": best["x0"]}
-    fit = Fit("sigmoid", best, loss, True)
-    if not x.min() <= best["x0"] <= x.max():
-        fit.warnings.append(f"the midpoint x0={best['x0']:.4g} lies outside the data [{x.min():.4g}, {x.max():.4g}]")
+        p0 = np.clip(np.array(p0, float), lower + 1e-9 * (upper - lower), upper - 1e-9 * (upper - lower))
+        r = optimize.least_squares(resid, np.nan_to_num(p0), bounds=(lower, upper), method="trf", x_scale="jac",
+                                   max_nfev=2000)
+        if best is None or r.cost < best.cost:
+            best = r
+    p = dict(zip(("lo", "hi", "k", "x0"), (float(v) for v in best.x)))
+    if p["lo"] > p["hi"]:  # (lo, hi, k) and (hi, lo, -k) are one curve: report lo <= hi
+        p = {"lo": p["hi"], "hi": p["lo"], "k": -p["k"], "x0": p["x0"]}
+    fit = Fit("sigmoid", p, float(2 * best.cost), bool(best.success),
+              extra={"bounds": [floor, ceil], "lower": lower.tolist(), "upper": upper.tolist()})
+    tol = 1e-6 * (ceil - floor) if math.isfinite(ceil - floor) else 0
+    for name in ("lo", "hi"):
+        for edge, what in ((floor, "floor"), (ceil, "ceiling")):
+            if math.isfinite(edge) and abs(p[name] - edge) <= tol:
+                fit.warnings.append(f"the asymptote {name}={p[name]:.4g} sits on the {what} {edge:g}: the data do not "
+                                    f"determine it (set --bounds, or add points further along x)")
+    outside = int(np.sum((y < floor) | (y > ceil)))
+    if outside:
+        fit.warnings.append(f"{outside} points lie outside the bounds [{floor:g}, {ceil:g}] (noise around chance?)")
+    if abs(abs(p["k"]) - kmax) < 1e-6 * kmax:
+        fit.warnings.append(f"the slope k={p['k']:.4g} sits at its limit (a step, not a sigmoid)")
+    if not x.min() <= p["x0"] <= x.max():
+        fit.warnings.append(f"the midpoint x0={p['x0']:.4g} lies outside the data [{x.min():.4g}, {x.max():.4g}]")
+    if not best.success:
+        fit.warnings.append(f"the sigmoid fit did not converge: {best.message}")
     return fit
 
 
-def fit_form(form: str, cols: dict[str, np.ndarray], init: dict[str, float] | None = None) -> Fit:
-    with single_threaded_blas():
-        return _fit_form(form, cols, init)
+def fit_form(form: str, cols: dict[str, np.ndarray], init: dict[str, float] | None = None,
+             bounds: tuple[float, float] | None = None) -> Fit:
+    with single_threaded_blas(), np.errstate(all="ignore"):
+        return _fit_form(form, cols, init, bounds)
 
 
-def _fit_form(form: str, cols: dict[str, np.ndarray], init: dict[str, float] | None = None) -> Fit:
+def _fit_form(form: str, cols: dict[str, np.ndarray], init: dict[str, float] | None = None,
+              bounds: tuple[float, float] | None = None) -> Fit:
     if form == "power":
         return fit_power(cols["x"], cols["y"], init)
     if form == "chinchilla":
@@ -216,34 +257,8 @@ def _fit_form(form: str, cols: dict[str, np.ndarray], init: dict[str, float] | N
     if form == "isoflop":
         return fit_isoflop(cols["n"], cols["c"], cols["y"])
     if form == "sigmoid":
-        return fit_sigmoid(cols["x"], cols["y"], init)
+        return fit_sigmoid(cols["x"], cols["y"], init, bounds)
     raise UsageProblem(f"unknown --form {form!r}", hint="use " + ", ".join(laws.FORMS))
-
-
-def bootstrap(form: str, cols: dict[str, np.ndarray], runs: np.ndarray, fit: Fit, k: int, seed: int,
-              derive: Callable[[Fit], dict[str, float]]) -> tuple[dict[str, list[float]], list[dict[str, float]]]:
-    """Resample whole runs with replacement k times (seeded) and refit from the full fit's optimum.
-
-    Returns 95% percentile intervals of every parameter and derived quantity, and the refitted parameter sets
-    (for bands in the plot). A quantity whose refits failed more than half of the time gets no interval."""
-    rng = np.random.default_rng(seed)
-    ids = np.unique(runs)
-    members = {r: np.flatnonzero(runs == r) for r in ids}
-    draws: dict[str, list[float]] = {}
-    fits: list[dict[str, float]] = []
-    for _ in range(k):
-        idx = np.concatenate([members[r] for r in rng.choice(ids, size=len(ids), replace=True)])
-        try:
-            f = fit_form(form, {c: v[idx] for c, v in cols.items()}, init=fit.params)
-        except (UsageProblem, ValueError, np.linalg.LinAlgError):
-            continue
-        fits.append(f.params)
-        for name, v in {**f.params, **derive(f)}.items():
-            if math.isfinite(v):
-                draws.setdefault(name, []).append(v)
-    ci = {name: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] for name, v in draws.items()
-          if len(v) >= max(2, k // 2)}
-    return ci, fits
 
 
 def largest_runs(runs: np.ndarray, size: np.ndarray, k: int) -> list[str]:
@@ -256,3 +271,15 @@ def holdout_errors(runs: np.ndarray, actual: np.ndarray, predicted: np.ndarray) 
     return [{"run": str(r), "predicted": float(p), "actual": float(a), "abs_err": float(abs(p - a)),
              "rel_err": float(abs(p - a) / abs(a)) if a else math.inf}
             for r, a, p in zip(runs, actual, predicted)]
+
+
+def holdout_summary(rows: list[dict[str, Any]]) -> dict[str, float] | None:
+    """Mean and max relative error of the held-out predictions, and their bias: the mean of (predicted - actual) /
+    actual (positive: the law predicts too high)."""
+    rows = [r for r in rows if r["actual"]]
+    if not rows:
+        return None
+    rel = np.array([r["rel_err"] for r in rows])
+    signed = np.array([(r["predicted"] - r["actual"]) / abs(r["actual"]) for r in rows])
+    return {"n": len(rows), "mean_rel_err": float(rel.mean()), "max_rel_err": float(rel.max()),
+            "bias": float(signed.mean())}

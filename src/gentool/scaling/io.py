@@ -20,6 +20,14 @@ from gentool.errors import GentoolError, UsageProblem
 class Point:
     run: str                 # bootstrap and holdout resample whole runs
     values: dict[str, float]
+    where: str = ""          # source:line
+    order: float | None = None   # position along its run's curve (step, tokens or compute), for --point
+    tag: Any = None          # the --best-of column's value
+    grouped: bool = False    # one of several points of a named run's curve (--point picks among them)
+
+    def key(self) -> tuple:
+        """A canonical sort key from the values alone (never the row's position), for row-order invariance."""
+        return tuple(sorted(self.values.items()))
 
 
 @dataclass
@@ -27,6 +35,7 @@ class Table:
     points: list[Point] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)   # "source:line: reason"
     sources: list[dict[str, Any]] = field(default_factory=list)
+    notes: dict[str, Any] = field(default_factory=dict)   # derived columns, duplicates dropped, --best-of, ...
 
 
 def _num(v: Any) -> float | None:
@@ -73,15 +82,17 @@ def _run_records(path: Path, point: str, y_col: str = "loss", problems: list[str
     (--point all: the training curve); otherwise only the steps with an evaluation."""
     manifest = _read_json(path / "manifest.json")
     contents, metrics = _dict(manifest.get("contents")), _dict(manifest.get("metrics"))
+    recipe = _dict(manifest.get("config")) if manifest else _read_json(path / "run.json")
+    train = _dict(recipe.get("train"))
     base = {"N": contents.get("n_params_non_embedding", contents.get("n_params")), "N_total": contents.get("n_params"),
-            "seed": _dict(_dict(manifest.get("config")).get("train")).get("seed"), "run": path.name}
+            "run": path.name, **{k: train.get(k) for k in ("seed", "lr", "schedule", "steps", "warmup",
+                                                           "min_lr_ratio", "weight_decay")},
+            "batch_tokens": recipe.get("batch_tokens")}
     if not manifest:  # RUN.partial: the counts come from the recipe train-lm saved
-        recipe = _read_json(path / "run.json")
         try:
             base["N"], base["N_total"] = _llama_params(_dict(recipe.get("model")))
         except (KeyError, TypeError, ValueError, ZeroDivisionError):
             pass
-        base["seed"] = _dict(recipe.get("train")).get("seed")
     lines = []
     if (path / "metrics.jsonl").is_file():
         for i, raw in enumerate((path / "metrics.jsonl").read_text(encoding="utf-8", errors="replace").splitlines()):
@@ -98,7 +109,8 @@ def _run_records(path: Path, point: str, y_col: str = "loss", problems: list[str
 
     def rec(r: dict[str, Any]) -> dict[str, Any]:
         return {**base, "D": r.get("tokens"), "C": r.get("flops"), "loss": r.get("val_loss"),
-                "val_loss": r.get("val_loss"), "train_loss": r.get("loss"), "step": r.get("step")}
+                "val_loss": r.get("val_loss"), "train_loss": r.get("loss"), "step": r.get("step"),
+                "lr_now": r.get("lr")}
 
     if point == "all":
         return [rec(r) for r in curve]
@@ -167,65 +179,111 @@ def _apply_filter(rec: dict[str, Any], filters: list[str]) -> bool:
     return True
 
 
+def _table_rows(src: str, path: Path) -> tuple[list[tuple[str, str, dict, bool]], set[str], int]:
+    """(where, run, record, grouped) of one CSV / JSON-lines source, the column names it has, its row count.
+    grouped: the row names its run (a `run` or `name` column), so several rows can be one run's curve."""
+    try:
+        text = sys.stdin.read() if src == "-" else path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise GentoolError(f"cannot read ({e})", path=src) from None
+    parsed = _parse_text(text, src)
+    jsonl = text.lstrip().startswith("{")
+    names: set[str] = set()
+    rows = []
+    for i, r in enumerate(parsed):
+        where = f"{src}:{i + 1 if jsonl else i + 2}"
+        if isinstance(r, dict) and "__error__" not in r:
+            names.update(k for k in r if k is not None)
+        named = isinstance(r, dict) and r.get("run", r.get("name")) not in (None, "")
+        run = str(r.get("run", r.get("name"))) if named else where
+        rows.append((where, run, r, named))
+    return rows, names, len(parsed)
+
+
 def read_table(inputs: list[str], columns: dict[str, str], *, point: str = "final", filters: list[str] = (),
-               positive: tuple[str, ...] = ()) -> Table:
-    """Rows with every mapped column numeric; `positive` columns must also be > 0 (logs are taken)."""
+               positive: tuple[str, ...] = (), keep_duplicates: bool = False, best_of: str | None = None,
+               skip: float = 0.0, smooth: int = 1, best: str = "min") -> Table:
+    """Rows with every mapped column numeric; `positive` columns must also be > 0 (logs are taken).
+
+    A missing D, C (or an X mapped to C) is derived from the others (C = 6ND); a mapped column that no row has is one
+    error naming the columns there are. Exact duplicate rows are dropped (warned) unless keep_duplicates. Rows that
+    name their run (a run or name column) and run directories with skip/smooth are curves: per run, the first `skip`
+    fraction is dropped, y is smoothed by a trailing mean of `smooth` points, and `point` picks final / min / all.
+    best_of: per value of the other mapped columns, keep only the points of the best (`best`: min or max y) value
+    of that column (a learning-rate sweep)."""
+    from gentool.scaling import prep
+
     if point not in ("final", "min", "all"):
         raise UsageProblem(f"unknown --point {point!r}", hint="use final, min or all")
+    if not 0 <= skip < 1 or smooth < 1:
+        raise UsageProblem("--skip must be in [0, 1) and --smooth at least 1")
     table = Table()
     y_col = columns.get("y", "loss")
+    curve_dirs = bool(skip) or smooth > 1
     expanded = _expand(inputs)
+    seen_dirs: set[str] = set()
+    run_keys: set[str] = set()
+    raw: list[tuple[str, str, dict, bool, tuple]] = []   # where, run, record, grouped, roles to derive
     for src in expanded:
         path = Path(src)
         if src != "-" and path.is_dir():
             if not ((path / "manifest.json").is_file() or (path / "metrics.jsonl").is_file()):
                 raise UsageProblem("not a gentool run directory (no manifest.json or metrics.jsonl)", path=path)
+            if str(path.resolve()) in seen_dirs:
+                table.notes["duplicates"] = table.notes.get("duplicates", 0) + 1
+                table.skipped.append(f"{path}: given twice; counted once")
+                continue
+            seen_dirs.add(str(path.resolve()))
             partial = path.name.endswith(".partial")
             if partial and str(path.with_name(path.name[: -len(".partial")])) in map(str, map(Path, expanded)):
                 table.skipped.append(f"{path}: an unfinished copy of a finished run that is also given; ignored")
                 continue
             try:
-                records = _run_records(path, point, y_col, table.skipped)
+                records = _run_records(path, "all" if curve_dirs else point, y_col, table.skipped)
             except (ValueError, OSError) as e:
                 raise GentoolError(f"cannot read the run ({e})", path=path) from None
             run_id = str(path)[: -len(".partial")] if partial else str(path)
             table.sources.append({"path": str(path), "kind": "run", **({"unfinished": True} if partial else {})})
-            rows = [(f"{path}[{i}]", run_id, r) for i, r in enumerate(records)]
+            raw += [(f"{path}[{i}]", run_id, r, curve_dirs, ()) for i, r in enumerate(records)]
+            run_keys.update(k for r in records for k in r)
             if not records:
-                table.skipped.append(f"{path}: no evaluation logged yet" + ("" if y_col == "train_loss" else " (--y train_loss uses the training loss)"))
+                table.skipped.append(f"{path}: no evaluation logged yet" + (
+                    "" if y_col == "train_loss" else " (--y train_loss uses the training loss)"))
         else:
-            try:
-                text = sys.stdin.read() if src == "-" else path.read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as e:
-                raise GentoolError(f"cannot read ({e})", path=src) from None
-            parsed = _parse_text(text, src)
-            table.sources.append({"path": src, "kind": "table", "rows": len(parsed)})
-            rows = []
-            for i, r in enumerate(parsed):
-                run = str(r.get("run", r.get("name", f"{src}:{i + 2}"))) if isinstance(r, dict) else f"{src}:{i}"
-                rows.append((f"{src}:{i + 2 if not text.lstrip().startswith('{') else i + 1}", run, r))
-        for where, run, rec in rows:
-            if not rec:
-                continue
-            if "__error__" in rec:
-                table.skipped.append(f"{where}: {rec['__error__']}")
-                continue
-            if filters and not _apply_filter(rec, list(filters)):
-                continue
-            values, reason = {}, None
-            for role, col in columns.items():
-                v = _num(rec.get(col))
-                if v is None:
-                    reason = f"missing or non-numeric {col!r}"
-                elif not math.isfinite(v):
-                    reason = f"{col!r} is {v}"
-                elif role in positive and v <= 0:
-                    reason = f"{col!r} must be positive, got {v:g}"
-                if reason:
-                    break
-                values[role] = v
+            rows, names, n = _table_rows(src, path)
+            table.sources.append({"path": src, "kind": "table", "rows": n})
+            roles = prep.check_columns(src, names, columns, best_of, table.notes) if names else ()
+            raw += [(*r, roles) for r in rows]
+    if run_keys and all(s["kind"] == "run" for s in table.sources):   # a column no run directory has: one error
+        prep.check_columns("run directories", run_keys, columns, best_of, {})
+    raw = prep.drop_duplicates(raw, keep_duplicates, table.notes)
+    for where, run, rec, grouped, roles in raw:
+        if not rec:
+            continue
+        if "__error__" in rec:
+            table.skipped.append(f"{where}: {rec['__error__']}")
+            continue
+        if filters and not _apply_filter(rec, list(filters)):
+            continue
+        rec = prep.derive(rec, columns, roles)
+        values, reason = {}, None
+        for role, col in columns.items():
+            v = _num(rec.get(col))
+            if v is None:
+                reason = f"missing or non-numeric {col!r}"
+            elif not math.isfinite(v):
+                reason = f"{col!r} is {v}"
+            elif role in positive and v <= 0:
+                reason = f"{col!r} must be positive, got {v:g}"
             if reason:
-                table.skipped.append(f"{where}: {reason}")
-            else:
-                table.points.append(Point(run, values))
+                break
+            values[role] = v
+        if reason:
+            table.skipped.append(f"{where}: {reason}")
+            continue
+        tag = None if best_of is None else rec.get(best_of)
+        table.points.append(Point(run, values, where, prep.order_of(rec, columns), tag, grouped))
+    table.points = prep.select(table.points, point, skip, smooth, table.notes)
+    if best_of:
+        table.points = prep.keep_best(table.points, best, table.notes)
     return table

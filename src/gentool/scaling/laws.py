@@ -13,11 +13,14 @@
 from __future__ import annotations
 
 import numpy as np
+from scipy.special import expit
 
-FORMS = ("power", "chinchilla", "isoflop", "sigmoid")
-ROLES = {"power": ("x", "y"), "chinchilla": ("n", "d", "y"), "isoflop": ("n", "c", "y"), "sigmoid": ("x", "y")}
-POSITIVE = {"power": ("x", "y"), "chinchilla": ("n", "d", "y"), "isoflop": ("n", "c", "y"), "sigmoid": ()}
-MIN_POINTS = {"power": 4, "chinchilla": 6, "isoflop": 6, "sigmoid": 5}   # more points than free parameters
+FORMS = ("power", "chinchilla", "isoflop", "sigmoid", "downstream", "curve")   # curve: curve.py; downstream: both
+ROLES = {"power": ("x", "y"), "chinchilla": ("n", "d", "y"), "isoflop": ("n", "c", "y"), "sigmoid": ("x", "y"),
+         "downstream": ("x", "v", "y")}   # downstream: x compute, v loss (--via), y accuracy
+POSITIVE = {"power": ("x", "y"), "chinchilla": ("n", "d", "y"), "isoflop": ("n", "c", "y"), "sigmoid": (),
+            "downstream": ("x", "v")}
+MIN_POINTS = {"power": 4, "chinchilla": 6, "isoflop": 6, "sigmoid": 5, "downstream": 5}   # more points than parameters
 HUBER_DELTA = 1e-3
 # Hoffmann et al. 2022's grid of initialisations for (a, b, e, alpha, beta)
 CHIN_GRID = (np.arange(0, 26, 5.0), np.arange(0, 26, 5.0), np.arange(-1, 1.01, 0.5), np.arange(0, 2.01, 0.5),
@@ -88,7 +91,7 @@ def isoflop_dopt(p: dict[str, float], c: np.ndarray) -> np.ndarray:
 
 
 def sigmoid(p: dict[str, float], x: np.ndarray) -> np.ndarray:
-    return p["lo"] + (p["hi"] - p["lo"]) / (1 + np.exp(-p["k"] * (x - p["x0"])))
+    return p["lo"] + (p["hi"] - p["lo"]) * expit(p["k"] * (np.asarray(x, float) - p["x0"]))   # no overflow
 
 
 def predict(form: str, p: dict[str, float], cols: dict[str, np.ndarray]) -> np.ndarray:
