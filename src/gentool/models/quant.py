@@ -9,7 +9,8 @@ derived from them on the device the layer lives on (`_prepare`, rerun after ever
 - fp8:  `torch._scaled_mm` with row-wise scales (activations quantized per row on the fly) on GPUs with FP8;
   dequantize + matmul elsewhere.
 - nf4:  dequantize + matmul (the QLoRA base layer).
-Whenever gradients must flow to the input (LoRA on a quantized base) the dequantize + matmul path is used.
+Whenever gradients must flow to the input (LoRA on a quantized base) the dequantize + matmul path is used, and
+the dense weight is dequantized again in backward rather than kept (QLoRA's memory saving).
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
-        y = self._dense(x2) if x.requires_grad and torch.is_grad_enabled() else self._mm(x2)
+        y = _DequantLinear.apply(x2, self) if x.requires_grad and torch.is_grad_enabled() else self._mm(x2)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*shape[:-1], self.out_features)
@@ -102,6 +103,20 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         g = f", group_size={self.group_size}" if self.group_size else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme}{g}"
+
+
+class _DequantLinear(torch.autograd.Function):
+    """x·dequant(W)ᵀ for a frozen W whose dense copy is rebuilt in backward instead of kept: between the passes
+    only the codes stay in memory, which is QLoRA's saving (bitsandbytes' MatMul4Bit does the same)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: QuantLinear) -> torch.Tensor:
+        ctx.layer = layer
+        return layer._dense(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad @ ctx.layer.dequantize(grad.dtype), None
 
 
 class Int8Linear(QuantLinear):
