@@ -135,6 +135,11 @@ def _check_bases(base: Base, adapters: list[Source], tuned: list[Source], ignore
             log(f"{s.path}: trained on a quantized copy of this base (QLoRA); merging into the 16-bit original")
         check_adapter(s.adapter, base.shapes, base_sha256=base.sha256, ignore_base_mismatch=ignore or of_original,
                       base_path=base.path)
+    check_fine_tunes(base, tuned, ignore)
+
+
+def check_fine_tunes(base: Base, tuned: list[Source], ignore: bool) -> None:
+    """Fine-tuned checkpoints must have the base's tensors and shapes, and (when recorded) come from it."""
     for s in tuned:
         if set(s.tuned.shapes) != set(base.shapes):
             key = sorted(set(s.tuned.shapes) ^ set(base.shapes))[0]
