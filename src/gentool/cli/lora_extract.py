@@ -60,9 +60,9 @@ def lora_extract(
     no_verify: NoVerify = False,
     json_: Json = False,
 ) -> None:
-    """Extract a LoRA adapter from a base and its fine-tune by truncated SVD of each weight's change.
+    """Extract a LoRA adapter from a base and its fine-tune (truncated SVD).
 
-    Writes a lora-adapter (PEFT layout) with B = U√S, A = √S Vᵀ of the top singular values and scaling 1;
+    Each targeted weight's change is replaced by its truncated SVD. Writes a lora-adapter (PEFT layout) with B = U√S, A = √S Vᵀ of the top singular values and scaling 1;
     per-module ranks (--energy) go into PEFT's rank_pattern. The report lists each module's relative
     reconstruction error ‖ΔW − BA‖/‖ΔW‖ and kept energy; with --eval, KL(TUNED ‖ BASE + adapter), top-1
     agreement and ΔPPL on the data, beside the base's own KL against TUNED. Changed tensors that are not linear
@@ -99,7 +99,7 @@ def lora_resize(
     no_verify: NoVerify = False,
     json_: Json = False,
 ) -> None:
-    """Change an adapter's rank by truncated SVD of each module's s·B A.
+    """Change an adapter's rank by truncated SVD of each module's change.
 
     The result is the best approximation of each module's change at the new rank (computed from the factors,
     never forming the dense matrix), written with scaling 1; modules_to_save are copied. --rank cannot exceed a
