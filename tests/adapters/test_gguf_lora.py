@@ -217,3 +217,28 @@ def test_llama_cpp_loads_the_adapter_as_gentool_merges_it(cli, tmp_path, tiny_to
     plain = _ppl(tmp_path / "base.gguf", text)
     assert with_lora == pytest.approx(merged, rel=2e-3)
     assert abs(plain / merged - 1) > 0.05  # the adapter changes the model, so the check can fail
+
+
+def test_reader_refuses_damaged_files_with_one_error(tmp_path):
+    """Truncated or corrupted copies of the fixture give a GentoolError, never another exception."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from gentool.adapters.gguf_lora import read_gguf_adapter
+    from gentool.errors import GentoolError
+
+    data = (FIXTURE / "adapter.gguf").read_bytes()
+
+    @settings(max_examples=60, deadline=None)
+    @given(cut=st.integers(0, len(data) - 1), pos=st.integers(0, 2000), byte=st.integers(0, 255))
+    def check(cut, pos, byte):
+        f = tmp_path / "bad.gguf"
+        damaged = bytearray(data)
+        damaged[pos] = byte
+        f.write_bytes(bytes(damaged[:cut]) if cut > 8 else bytes(damaged))
+        try:
+            read_gguf_adapter(f)
+        except GentoolError:
+            pass
+
+    check()

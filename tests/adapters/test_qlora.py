@@ -87,7 +87,7 @@ def test_merge_onto_the_quantized_base_is_16bit_and_equals_the_unmerged_adapter(
     from gentool.adapters import attach_adapter
     from gentool.models.checkpoint import load_lm
 
-    d, tokens = qlora
+    d, _ = qlora
     r = cli("lora-merge", d / "nf4", d / "ad", "-o", tmp_path / "m", "--json")
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)

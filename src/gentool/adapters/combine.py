@@ -142,7 +142,7 @@ def check_fine_tunes(base: Base, tuned: list[Source], ignore: bool) -> None:
     """Fine-tuned checkpoints must have the base's tensors and shapes, and (when recorded) come from it."""
     for s in tuned:
         if set(s.tuned.shapes) != set(base.shapes):
-            key = sorted(set(s.tuned.shapes) ^ set(base.shapes))[0]
+            key = min(set(s.tuned.shapes) ^ set(base.shapes))
             raise UsageProblem(f"tensor {key} is in only one of this checkpoint and the base", path=s.path,
                                hint="merge fine-tunes of the base, with the same architecture")
         for key, shape in base.shapes.items():

@@ -19,7 +19,7 @@ import torch
 
 from gentool.adapters.combine import Source, check_fine_tunes
 from gentool.adapters.methods import energy_rank, lowrank_svd, svd_factors
-from gentool.adapters.peft import (Base, _Lin, linear_modules, read_adapter, read_base, write_adapter)
+from gentool.adapters.peft import Base, _Lin, linear_modules, read_adapter, read_base, write_adapter
 from gentool.errors import UsageProblem
 from gentool.models.lora import LoRAConfig, is_target
 

@@ -116,7 +116,7 @@ def read_gguf_adapter(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, n
         raise UsageProblem("no such file", path=path, hint="pass a .gguf LoRA adapter")
     try:
         reader = gguf.GGUFReader(path)
-    except Exception as e:  # the reader raises ValueError/IndexError/struct errors on truncated or foreign files
+    except Exception as e:  # noqa: BLE001 (the reader raises ValueError/IndexError/struct errors on bad files)
         raise GentoolError(f"not a readable GGUF file ({type(e).__name__}: {e})", path=path,
                            hint="the file is truncated or not GGUF") from None
 
