@@ -156,7 +156,7 @@ def merge_time(shape: dict, r: int, dtype_name: str) -> dict:
 # weights dominate: 8 layers of 768 x 2048 (57M linear weights) against a 400-token vocabulary and 64-token batches
 QSHAPE = {"hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 8, "num_attention_heads": 12,
           "num_key_value_heads": 12, "max_position_embeddings": 128}
-SMALL = {"hidden_size": 128, "intermediate_size": 352, "num_hidden_layers": 4, "num_attention_heads": 4,
+SMALL = {"hidden_size": 128, "intermediate_size": 352, "num_hidden_layers": 2, "num_attention_heads": 4,
          "num_key_value_heads": 4, "max_position_embeddings": 128}
 
 
@@ -197,8 +197,9 @@ def _dims(shape: dict) -> list[str]:
 
 
 def qlora_child(args) -> dict:
-    """One QLoRA/LoRA training run in this process: load the base in bf16 (codes stay NF4), LoRA r=8 on every
-    linear layer with float32 adapter weights, AdamW, fixed windows of the comedies."""
+    """One LoRA training run in this process on the checkpoint given (bf16 or NF4 base, bf16 compute): LoRA on
+    every linear layer with float32 adapter weights, AdamW, fixed random windows of the train split; then the
+    mean validation NLL on the first val windows."""
     import numpy as np
     import torch
     import torch.nn.functional as F
@@ -211,7 +212,7 @@ def qlora_child(args) -> dict:
     torch.set_num_threads(2)
     base_kb = _status_kb("VmRSS:")
     lm = load_lm(args.ckpt, dtype=torch.bfloat16)
-    prepare_lora(lm.model, LoRAConfig(r=8, alpha=16, target_modules="all-linear"))
+    prepare_lora(lm.model, LoRAConfig(r=args.rank, alpha=2 * args.rank, target_modules="all-linear"))
     for _, m in lora_modules(lm.model):
         m.lora_A.float(), m.lora_B.float()
     params = [p for p in lm.model.parameters() if p.requires_grad]
@@ -234,54 +235,87 @@ def qlora_child(args) -> dict:
         opt.zero_grad(set_to_none=True)
         losses.append(float(loss))
     dt = time.perf_counter() - t0
+    peak = (_status_kb("VmHWM:") - base_kb) / 1024
+    lm.model.eval()
+    val = open_shards(args.tokens, "val", verify=False)
+    ids = torch.from_numpy(val.tokens(0, min(len(val) - 1, 64 * (args.seq + 1)))).long()
+    ids = ids[: len(ids) // (args.seq + 1) * (args.seq + 1)].view(-1, args.seq + 1)
+    with torch.no_grad():
+        val_nll = float(F.cross_entropy(lm.model(ids[:, :-1]).float().flatten(0, 1), ids[:, 1:].flatten()))
     weights = sum(t.numel() * t.element_size() for n, t in lm.model.state_dict().items() if "lora_" not in n)
-    return {"final_loss": float(np.mean(losses[-5:])), "first_loss": losses[0],
-            "peak_mb": (_status_kb("VmHWM:") - base_kb) / 1024, "weights_mb": weights / 2**20,
+    return {"final_loss": float(np.mean(losses[-10:])), "first_loss": losses[0], "val_nll": val_nll,
+            "peak_mb": peak, "weights_mb": weights / 2**20,
             "tokens_per_s": args.batch * args.seq * (args.steps - 1) / dt}
 
 
-def part_qlora(args, work: Path) -> None:
+def _bf16_and_nf4(src: Path, work: Path, tag: str) -> tuple[Path, Path]:
+    """A bf16 copy of a checkpoint (the 16-bit base) and its NF4 quantization (embeddings, head kept 16-bit)."""
     import torch
 
-    from gentool.config import LMConfig
+    from gentool.models.checkpoint import load_lm, save_lm
     from gentool.quantize import quantize_checkpoint
 
-    data = _data(work)
-    base = work / "qbase"
-    if not (base / "manifest.json").is_file():  # a short pre-training of the weights-heavy shape on the tragedies
-        _gentool("train-lm", data / "tra", "-o", base, *_dims(QSHAPE), "--seq-len", "32", "--micro-batch", "4",
-                 "--steps", str(args.pretrain_steps), "--lr", "3e-3", "--device", "cpu", "--eval-tokens", "256")
-    bf16 = work / "qbase-bf16"
-    if not (bf16 / "manifest.json").is_file():
-        from gentool.models.checkpoint import load_lm, save_lm
-
-        lm = load_lm(base)
+    bf16, nf4 = work / f"{tag}-bf16", work / f"{tag}-nf4"
+    if not (bf16 / "config.json").is_file():
+        lm = load_lm(src)
         bf16.mkdir(exist_ok=True)
         save_lm(lm.model, lm.config, bf16, dtype=torch.bfloat16)
         shutil.copy(lm.tokenizer_path, bf16 / lm.tokenizer_path.name)
-    nf4 = work / "qbase-nf4"
     if not (nf4 / "manifest.json").is_file():
         quantize_checkpoint(bf16, nf4, scheme="nf4")
-    rows = {}
-    for name, ckpt in (("LoRA, bf16 base", bf16), ("QLoRA, NF4 base", nf4)):
-        cmd = [sys.executable, __file__, "--qlora-child", str(ckpt), "--tokens", str(data / "com"),
-               "--steps", str(args.qlora_steps), "--batch", "2", "--seq", "32", "--lr", "2e-3"]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if proc.returncode:
-            raise RuntimeError(proc.stderr[-3000:])
-        rows[name] = json.loads(proc.stdout.strip().splitlines()[-1])
-    ref = rows["LoRA, bf16 base"]
+    return bf16, nf4
+
+
+def _child(ckpt: Path, tokens: Path, steps: int, batch: int, seq: int, rank: int, lr: float) -> dict:
+    cmd = [sys.executable, __file__, "--qlora-child", str(ckpt), "--tokens", str(tokens), "--steps", str(steps),
+           "--batch", str(batch), "--seq", str(seq), "--rank", str(rank), "--lr", str(lr)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode:
+        raise RuntimeError(proc.stderr[-3000:])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def part_qlora(args, work: Path) -> None:
+    """Loss on a trained model (the 2 x 128 base of the merge part); memory and speed on a model where weights
+    dominate (random weights: its size, not its knowledge, is what matters there)."""
+    from gentool.config import LMConfig
+    from gentool.models.checkpoint import save_lm
+    from gentool.models.transformer import Transformer
+
+    data, small = _small(args, work)
+    s16, s4 = _bf16_and_nf4(small, work, "small")
+    loss = {name: _child(ck, data / "com", args.qlora_steps, 8, 64, 8, 3e-3)
+            for name, ck in (("LoRA, bf16 base", s16), ("QLoRA, NF4 base", s4))}
+    big = work / "qbig"
+    if not (big / "config.json").is_file():
+        cfg = LMConfig(vocab_size=400, **QSHAPE)
+        model = Transformer(cfg)
+        model.init_weights(0)
+        big.mkdir()
+        save_lm(model, cfg, big)
+        shutil.copy(data / "tok" / "tokenizer.model", big / "tokenizer.model")
+    b16, b4 = _bf16_and_nf4(big, work, "big")
+    mem = {name: _child(ck, data / "com", args.memory_steps, 2, 32, 4, 2e-3)
+           for name, ck in (("LoRA, bf16 base", b16), ("QLoRA, NF4 base", b4))}
     n = LMConfig(vocab_size=400, **QSHAPE).n_params()
-    print(f"\n## QLoRA vs LoRA: {n / 1e6:.1f}M-parameter model (8 x 768, FFN 2048, vocab 400), pre-trained "
-          f"{args.pretrain_steps} steps of 4 x 32 tokens on the tragedies; LoRA r=8 all-linear on the comedies, {args.qlora_steps} "
-          f"steps of 2 x 32 tokens, bf16 compute, float32 adapters, AdamW lr 2e-3, CPU")
-    print("| run | first loss | final loss (mean of last 5) | vs LoRA | base weights | peak memory above baseline "
-          "| vs LoRA | tokens/s | vs LoRA |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for name, r in rows.items():
-        print(f"| {name} | {r['first_loss']:.4f} | {r['final_loss']:.4f} | {r['final_loss'] / ref['final_loss']:.4f} "
-              f"| {r['weights_mb']:.1f} MB | {r['peak_mb']:.1f} MB | {r['peak_mb'] / ref['peak_mb']:.2f}x | "
-              f"{r['tokens_per_s']:.0f} | {r['tokens_per_s'] / ref['tokens_per_s']:.2f}x |")
+    print("\n## QLoRA vs LoRA, bf16 compute, float32 adapters, AdamW, CPU; same data, windows and steps")
+    print(f"Loss: the 2 x 128 model pre-trained {args.base_steps} steps on all Shakespeare, LoRA r=8 all-linear on "
+          f"the comedies, {args.qlora_steps} steps of 8 x 64 tokens, lr 3e-3; val NLL on 4,160 comedies val tokens.")
+    print("| run | first loss | final train loss (last 10) | val NLL | val NLL vs LoRA |")
+    print("|---|---|---|---|---|")
+    ref = loss["LoRA, bf16 base"]
+    for name, r in loss.items():
+        print(f"| {name} | {r['first_loss']:.4f} | {r['final_loss']:.4f} | {r['val_nll']:.4f} "
+              f"| {r['val_nll'] / ref['val_nll']:.4f} |")
+    print(f"\nMemory and speed: {n / 1e6:.1f}M parameters (8 x 768, FFN 2048, vocab 400; random weights), LoRA r=4 "
+          f"all-linear, {args.memory_steps} steps of 2 x 32 tokens; peak RSS during training above the process's "
+          f"baseline after imports.")
+    print("| run | base weights in memory | peak memory | vs LoRA | tokens/s | vs LoRA |")
+    print("|---|---|---|---|---|---|")
+    ref = mem["LoRA, bf16 base"]
+    for name, r in mem.items():
+        print(f"| {name} | {r['weights_mb']:.1f} MB | {r['peak_mb']:.1f} MB | {r['peak_mb'] / ref['peak_mb']:.2f}x "
+              f"| {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / ref['tokens_per_s']:.2f}x |")
 
 
 # --- merge methods and extraction on a small model ----------------------------------------------------------------
@@ -290,7 +324,7 @@ def _small(args, work: Path) -> tuple[Path, Path]:
     data = _data(work)
     base = work / "sbase"
     if not (base / "manifest.json").is_file():
-        _gentool("train-lm", data / "all", "-o", base, *_dims(SMALL), "--seq-len", "64", "--micro-batch", "16",
+        _gentool("train-lm", data / "all", "-o", base, *_dims(SMALL), "--seq-len", "64", "--micro-batch", "8",
                  "--steps", str(args.base_steps), "--lr", "3e-3", "--device", "cpu", "--eval-tokens", "4096")
     return data, base
 
@@ -308,7 +342,7 @@ def part_merge(args, work: Path) -> None:
         ads[name] = work / f"lora-{name}"
         if not (ads[name] / "manifest.json").is_file():
             _gentool("train-lm", data / name, "-o", ads[name], "--init-from", base, "--lora-rank", "8",
-                     "--lora-targets", "all-linear", "--seq-len", "64", "--micro-batch", "16", "--steps",
+                     "--lora-targets", "all-linear", "--seq-len", "64", "--micro-batch", "8", "--steps",
                      str(args.adapter_steps), "--lr", "3e-3", "--device", "cpu", "--eval-tokens", "2048")
     t, c = ads["tra"], ads["com"]
     methods = [("task_arithmetic 1, 1", ["--method", "task_arithmetic"], (1, 1)),
@@ -331,9 +365,10 @@ def part_merge(args, work: Path) -> None:
         rows.append((name, _nll(out, data / "tra"), _nll(out, data / "com")))
         shutil.rmtree(out)
     bt, bc = rows[1][1], rows[2][2]
-    print("\n## Merging two adapters of one base (4 x 128 model pre-trained on all Shakespeare; LoRA r=8 "
-          f"all-linear, {args.adapter_steps} steps on the tragedies / the comedies): NLL (nats/token) on 8192 val "
-          "tokens of each task, window 64")
+    print(f"\n## Merging two adapters of one base (2 x 128 model pre-trained {args.base_steps} steps of 8 x 64 "
+          "tokens on all Shakespeare; LoRA r=8 "
+          f"all-linear, {args.adapter_steps} steps of 8 x 64 on the tragedies / the comedies): NLL (nats/token) "
+          "on 8192 val tokens of each task, window 64")
     print("| model | NLL tragedies | vs tragedies adapter | NLL comedies | vs comedies adapter | mean |")
     print("|---|---|---|---|---|---|")
     for name, nt, nc in rows:
@@ -344,9 +379,9 @@ def part_extract(args, work: Path) -> None:
     data, base = _small(args, work)
     full = work / "full-com"
     if not (full / "manifest.json").is_file():
-        _gentool("train-lm", data / "com", "-o", full, "--init-from", base, "--seq-len", "64", "--micro-batch", "16",
+        _gentool("train-lm", data / "com", "-o", full, "--init-from", base, "--seq-len", "64", "--micro-batch", "8",
                  "--steps", str(args.adapter_steps), "--lr", "1e-3", "--device", "cpu", "--eval-tokens", "2048")
-    print(f"\n## lora-extract of a full fine-tune (4 x 128 model, {args.adapter_steps} steps on the comedies): "
+    print(f"\n## lora-extract of a full fine-tune (2 x 128 model, {args.adapter_steps} steps on the comedies): "
           "KL(fine-tune || base + adapter) on 8192 comedies val tokens, window 64")
     print("| R | adapter params | mean rel. error | max rel. error | energy kept | KL mean | KL p99 | top-1 agree "
           "| ΔPPL % | KL of the base | KL recovered |")
@@ -428,10 +463,10 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
-    ap.add_argument("--pretrain-steps", type=int, default=20)
-    ap.add_argument("--qlora-steps", type=int, default=40)
-    ap.add_argument("--base-steps", type=int, default=300)
-    ap.add_argument("--adapter-steps", type=int, default=150)
+    ap.add_argument("--qlora-steps", type=int, default=60)
+    ap.add_argument("--memory-steps", type=int, default=8)
+    ap.add_argument("--base-steps", type=int, default=150)
+    ap.add_argument("--adapter-steps", type=int, default=80)
     ap.add_argument("--impl", help=argparse.SUPPRESS)
     ap.add_argument("--mode", help=argparse.SUPPRESS)
     ap.add_argument("--qlora-child", dest="ckpt", help=argparse.SUPPRESS)
