@@ -48,6 +48,15 @@ def test_lora_on_a_quantized_layer_gets_the_dense_gradients_and_keeps_no_dense_w
     assert (64, 128) not in saved and (128, 64) not in saved, saved  # the frozen weight is rebuilt, not kept
 
 
+def test_nf4_layer_dequantizes_bit_for_bit_like_the_codec():
+    from gentool.codecs.quant import dequantize_nf4
+
+    torch.manual_seed(0)
+    q = LAYERS["nf4"].from_linear(torch.nn.Linear(192, 96, bias=False))
+    assert torch.equal(q.dequantize(torch.float32), dequantize_nf4(q.stored()))
+    assert torch.equal(q.to(torch.bfloat16).dequantize(), dequantize_nf4(q.stored()).to(torch.bfloat16))
+
+
 @pytest.fixture(scope="module")
 def qlora(tmp_path_factory, tiny_tokens):
     from typer.testing import CliRunner

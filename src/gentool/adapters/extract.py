@@ -165,8 +165,8 @@ def _kl(reference: Path, base_path: Path, adapter_dir: Path, data: list[str], op
             "kl_recovered": 1 - got["kl_mean"] / plain["kl_mean"] if plain["kl_mean"] > 0 else None}
 
 
-def resize_adapter(adapter_path: Path, out: Path, *, rank: int, energy: float | None = None, base_path: Path | None = None,
-                   eval_data: list[str] | None = None, eval_options: dict | None = None, force: bool = False,
+def resize_adapter(adapter_path: Path, out: Path, *, rank: int, energy: float | None = None,
+                   base_path: Path | None = None, eval_data: list[str] | None = None, eval_options: dict | None = None, force: bool = False,
                    verify: bool = True) -> dict[str, Any]:
     """`gentool lora-resize ADAPTER -o OUT --rank R`: each module's s·B A truncated by SVD to rank ≤ R."""
     from gentool.artifacts import check_output, create_artifact, input_ref

@@ -200,7 +200,8 @@ def _write_plain(b, base: Base, merged32: dict, stored: dict, dtype: torch.dtype
         (b.dir / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     out = {k: v.to(dtype if dtype is not None and v.is_floating_point() else stored[k].dtype).contiguous()
            for k, v in merged32.items()}
-    save_file(out, str(b.dir / "model.safetensors"), metadata={"format": "pt", "gentool.format": "gentool.lm-checkpoint"})
+    save_file(out, str(b.dir / "model.safetensors"),
+              metadata={"format": "pt", "gentool.format": "gentool.lm-checkpoint"})
     contents = dict(base.manifest.contents) if base.manifest is not None else {"architecture": "llama"}
     if dtype is not None:
         contents["dtype"] = _name(dtype)

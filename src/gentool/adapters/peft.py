@@ -308,7 +308,8 @@ def read_base(path: str | Path, *, verify: bool = True) -> Base:
 
     path = Path(path)
     if not path.is_dir():
-        raise UsageProblem("no such checkpoint directory", path=path, hint="pass an lm-checkpoint or HF Llama directory")
+        raise UsageProblem("no such checkpoint directory", path=path,
+                           hint="pass an lm-checkpoint or HF Llama directory")
     qconf = quantization_config(path)
     kind = "quantized-checkpoint" if qconf else "lm-checkpoint"
     manifest = read_artifact(path, kind, verify=verify) if (path / "manifest.json").is_file() else None

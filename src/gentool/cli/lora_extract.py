@@ -62,11 +62,12 @@ def lora_extract(
 ) -> None:
     """Extract a LoRA adapter from a base and its fine-tune (truncated SVD).
 
-    Each targeted weight's change is replaced by its truncated SVD. Writes a lora-adapter (PEFT layout) with B = U√S, A = √S Vᵀ of the top singular values and scaling 1;
-    per-module ranks (--energy) go into PEFT's rank_pattern. The report lists each module's relative
-    reconstruction error ‖ΔW − BA‖/‖ΔW‖ and kept energy; with --eval, KL(TUNED ‖ BASE + adapter), top-1
-    agreement and ΔPPL on the data, beside the base's own KL against TUNED. Changed tensors that are not linear
-    targets (norms, embeddings) are named: an adapter cannot hold them.
+    Each targeted weight's change is replaced by its truncated SVD. Writes a lora-adapter (PEFT layout) with
+    B = U√S, A = √S Vᵀ of the top singular values and scaling 1; per-module ranks (--energy) go into PEFT's
+    rank_pattern. The report lists each module's relative reconstruction error ‖ΔW − BA‖/‖ΔW‖ and kept energy;
+    with --eval, KL(TUNED ‖ BASE + adapter), top-1 agreement and ΔPPL on the data, beside the base's own KL
+    against TUNED. Changed tensors that are not linear targets (norms, embeddings) are named: an adapter cannot
+    hold them.
     """
     from gentool.adapters.extract import extract_adapter
 
