@@ -359,9 +359,10 @@ def _small(args, work: Path) -> tuple[Path, Path]:
 
 
 def _nll(ckpt: Path, data: Path, adapter: Path | None = None) -> float:
-    extra = ["--adapter", adapter] if adapter else []
-    return _gentool("perplexity", ckpt, data, "--max-tokens", "8192", "--window", "64", "--device", "cpu",
-                    *extra)["nll"]
+    """`gentool perplexity CKPT DATA --max-tokens 8192 --window 64 [--adapter A]`, in this process."""
+    from gentool.lm.perplexity import score_checkpoint
+
+    return score_checkpoint(ckpt, [str(data)], window=64, max_tokens=8192, adapter=adapter, verify=False)["nll"]
 
 
 def part_merge(args, work: Path) -> None:

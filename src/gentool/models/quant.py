@@ -172,9 +172,9 @@ class NF4Linear(QuantLinear):
         self._pairs = torch.stack((self._code[byte >> 4], self._code[byte & 15]), dim=-1)  # (256, 2)
 
     def dequantize(self, dtype=None):
-        values = F.embedding(self.weight.int(), self._pairs).reshape(-1, qp.NF4_BLOCK)
-        w = (values * qp.nf4_absmax(self.stored())[:, None]).reshape(self.out_features, self.in_features)
-        return w.to(dtype or self.compute_dtype)
+        values = F.embedding(self.weight.int(), self._pairs).view(-1, qp.NF4_BLOCK)
+        values.mul_(qp.nf4_absmax(self.stored())[:, None])  # in place: one float32 copy of the layer at a time
+        return values.view(self.out_features, self.in_features).to(dtype or self.compute_dtype)
 
 
 class FP8Linear(QuantLinear):
