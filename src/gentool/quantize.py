@@ -71,7 +71,7 @@ def quantize_checkpoint(ckpt: Path, out: Path, *, scheme: str | None, group_size
                         eval_data: list[str] | None = None, eval_options: dict | None = None, force: bool = False,
                         verify: bool = True) -> dict[str, Any]:
     ckpt = Path(ckpt)
-    check_output(out, force=force)
+    check_output(out, force=force, sources=[ckpt, *(eval_data or [])])
     qconf = quantization_config(ckpt) if ckpt.is_dir() else None
     if qconf is not None and not dequantize:
         raise UsageProblem(f"the checkpoint is already quantized ({qconf.get('scheme')})", path=ckpt,

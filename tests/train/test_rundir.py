@@ -31,10 +31,15 @@ def test_unfinished_runs_need_resume_with_the_same_recipe(tmp_path):
         RunDir(tmp_path / "out").check()
     with pytest.raises(UsageProblem, match="different configuration"):
         _run(tmp_path, {"lr": 2}, resume=True)
+    with pytest.raises(UsageProblem, match="saved no state to resume from"):  # killed before its first save
+        _run(tmp_path, {"lr": 1}, resume=True)
+    (tmp_path / "out.partial" / "state" / "step-00000010").mkdir(parents=True)
+    (tmp_path / "out.partial" / "state" / "step-00000010" / "state.json").write_text("{}")
     run = _run(tmp_path, {"lr": 1}, resume=True)
-    (run.partial / "state").mkdir()
     run = _run(tmp_path, {"lr": 2}, force=True)  # --force starts over
     assert not (run.partial / "state").exists()
+    with pytest.raises(UsageProblem, match="nothing to resume"):
+        _run(tmp_path / "new", {"lr": 1}, resume=True)
 
 
 def test_a_failed_finish_keeps_the_run(tmp_path):

@@ -71,7 +71,7 @@ def extract_adapter(base_path: Path, tuned_path: Path, out: Path, *, rank: int, 
     from gentool.models.checkpoint import read_tensors
 
     t0 = time.perf_counter()
-    check_output(out, force=force)
+    check_output(out, force=force, sources=[base_path, tuned_path])
     _check_rank(rank, energy)
     target_spec = _targets(targets)
     base, tuned = read_base(base_path, verify=verify), read_base(tuned_path, verify=verify)
@@ -172,7 +172,7 @@ def resize_adapter(adapter_path: Path, out: Path, *, rank: int, energy: float | 
     from gentool.artifacts import check_output, create_artifact, input_ref
 
     t0 = time.perf_counter()
-    check_output(out, force=force)
+    check_output(out, force=force, sources=[adapter_path] + ([base_path] if base_path is not None else []))
     _check_rank(rank, energy)
     ad = read_adapter(adapter_path, verify=verify)
     if ad.cfg.use_dora:

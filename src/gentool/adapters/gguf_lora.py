@@ -54,7 +54,10 @@ def export_adapter(adapter_path: Path, out: Path, *, base_path: Path, qtype: str
     """A lora-adapter (or PEFT adapter) of BASE -> a GGUF LoRA file llama.cpp loads with --lora."""
     import gguf
 
+    from gentool.artifacts.store import check_not_an_input
+
     out = Path(out)
+    check_not_an_input(out, [adapter_path, base_path])
     if out.exists() and not force:
         raise UsageProblem("output exists", path=out, hint="use --force to replace it")
     if qtype not in ("f32", "f16"):
@@ -170,7 +173,7 @@ def import_adapter(src: Path, base_path: Path, out: Path, *, force: bool = False
     from gentool.adapters.peft import write_adapter
     from gentool.artifacts import check_output, create_artifact, input_ref
 
-    check_output(out, force=force)
+    check_output(out, force=force, sources=[src, base_path])
     meta, pairs = read_gguf_adapter(src)
     base = read_base(base_path, verify=verify)
     _, n_head, n_kv = _heads(base.path)

@@ -108,7 +108,7 @@ def merge_checkpoint(base_path: Path, adapter_args: list[str], out: Path, *, met
     from gentool.artifacts import check_output, create_artifact, input_ref
 
     t0 = time.perf_counter()
-    check_output(out, force=force)
+    check_output(out, force=force, sources=[base_path, *(parse_source_arg(a)[0] for a in adapter_args)])
     base = read_base(base_path, verify=verify)
     if requantize and base.quantization is None:
         raise UsageProblem("--requantize applies to a quantized base", path=base.path,

@@ -134,7 +134,7 @@ def run_train_diffusion(opts: TrainDiffusionOptions) -> dict[str, Any]:
     device = distributed.init_from_env(opts.device)
     rank, world = distributed.rank(), distributed.world_size()
     run = RunDir(opts.out, resume=opts.resume, force=opts.force)
-    run.check()
+    run.check(sources=[opts.data, opts.reflow_from])
     if opts.steps < 1 or opts.batch_size < 1:
         raise UsageProblem("--steps and --batch-size must be at least 1")
     teacher = load_diffusion(opts.reflow_from, device=device) if opts.reflow_from else None

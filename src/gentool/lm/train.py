@@ -169,7 +169,7 @@ def run_train_lm(opts: LMRunOptions, objective: Objective | None = None) -> dict
         val_shards: TokenShards | None = open_shards(opts.tokens_dir, "val", verify=False)
     except UsageProblem:
         val_shards = None
-    run.check()
+    run.check(sources=[opts.tokens_dir, opts.init_from])
     if not objective.allows_init and (opts.init_from or opts.lora):
         raise UsageProblem("--init-from and LoRA are for autoregressive LMs", hint="train the masked LM from scratch")
     if opts.init_from and opts.lora is None and quantization_config(opts.init_from):
