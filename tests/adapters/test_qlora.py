@@ -52,9 +52,10 @@ def test_nf4_layer_dequantizes_bit_for_bit_like_the_codec():
     from gentool.codecs.quant import dequantize_nf4
 
     torch.manual_seed(0)
-    q = LAYERS["nf4"].from_linear(torch.nn.Linear(192, 96, bias=False))
-    assert torch.equal(q.dequantize(torch.float32), dequantize_nf4(q.stored()))
-    assert torch.equal(q.to(torch.bfloat16).dequantize(), dequantize_nf4(q.stored()).to(torch.bfloat16))
+    for shape in ((96, 192), (1056, 1024)):  # the second spans several dequantization chunks
+        q = LAYERS["nf4"].from_linear(torch.nn.Linear(shape[1], shape[0], bias=False))
+        assert torch.equal(q.dequantize(torch.float32), dequantize_nf4(q.stored()))
+        assert torch.equal(q.to(torch.bfloat16).dequantize(), dequantize_nf4(q.stored()).to(torch.bfloat16))
 
 
 @pytest.fixture(scope="module")

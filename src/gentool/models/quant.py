@@ -161,6 +161,9 @@ class Int4Linear(QuantLinear):
         return y.to(x.dtype)
 
 
+_NF4_CHUNK = 1 << 19  # bytes of NF4 codes dequantized at a time (a multiple of a block's 32 bytes)
+
+
 class NF4Linear(QuantLinear):
     scheme = "nf4"
 
@@ -172,9 +175,16 @@ class NF4Linear(QuantLinear):
         self._pairs = torch.stack((self._code[byte >> 4], self._code[byte & 15]), dim=-1)  # (256, 2)
 
     def dequantize(self, dtype=None):
-        values = F.embedding(self.weight.int(), self._pairs).view(-1, qp.NF4_BLOCK)
-        values.mul_(qp.nf4_absmax(self.stored())[:, None])  # in place: one float32 copy of the layer at a time
-        return values.view(self.out_features, self.in_features).to(dtype or self.compute_dtype)
+        # in chunks of whole blocks written straight into the output: the float32 intermediates stay ~4 MB however
+        # large the layer (QLoRA's peak memory), and the values equal dequantize_nf4's bit for bit
+        codes = self.weight.view(-1)                                           # bytes, two codes each
+        absmax = qp.nf4_absmax(self.stored())                                  # (n_blocks,)
+        out = torch.empty(2 * codes.numel(), dtype=dtype or self.compute_dtype, device=codes.device)
+        for i in range(0, codes.numel(), _NF4_CHUNK):
+            values = F.embedding(codes[i:i + _NF4_CHUNK].int(), self._pairs).view(-1, qp.NF4_BLOCK)
+            values.mul_(absmax[2 * i // qp.NF4_BLOCK:2 * i // qp.NF4_BLOCK + values.shape[0], None])
+            out[2 * i:2 * i + values.numel()] = values.view(-1)
+        return out.view(self.out_features, self.in_features)
 
 
 class FP8Linear(QuantLinear):
