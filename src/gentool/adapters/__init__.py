@@ -1,4 +1,6 @@
-"""LoRA adapters: PEFT's format in and out (peft), fine-tuning with train-lm (finetune), merging (merge)."""
+"""LoRA adapters: PEFT's format in and out (peft), fine-tuning with train-lm (finetune), merging (merge: what
+combine.py checks and combines by the methods of methods.py), extraction and resizing (extract), llama.cpp's GGUF
+adapters (gguf_lora)."""
 
 from gentool.adapters.finetune import adapter_contents, lora_config_from_options, prepare_lora, save_lora
 from gentool.adapters.merge import merge_checkpoint, merge_tensors, parse_adapter_arg

@@ -74,6 +74,12 @@ def save_lora(directory: Path, model: torch.nn.Module, cfg: LoRAConfig, *, base_
 
 def adapter_contents(cfg: LoRAConfig, info: dict, base: Base) -> dict:
     """The lora-adapter manifest's `contents`: what lora-merge and --adapter check against."""
-    return {"base_id": getattr(base.manifest, "id", None), "base_sha256": base.sha256, "base_path": str(base.path),
-            "base_model_relation": "adapter", "r": cfg.r, "alpha": cfg.alpha, "target_modules": cfg.target_modules,
-            "use_rslora": cfg.use_rslora, "use_dora": cfg.use_dora, "n_trainable_params": info["n_trainable_params"]}
+    out = {"base_id": getattr(base.manifest, "id", None), "base_sha256": base.sha256, "base_path": str(base.path),
+           "base_kind": base.kind, "base_model_relation": "adapter", "r": cfg.r, "alpha": cfg.alpha,
+           "target_modules": cfg.target_modules, "use_rslora": cfg.use_rslora, "use_dora": cfg.use_dora,
+           "n_trainable_params": info["n_trainable_params"]}
+    if base.quantization:  # QLoRA: the quantized base is the base; its own 16-bit original is kept for reference
+        q, mc = base.quantization, base.manifest.contents if base.manifest is not None else {}
+        out["base_quantization"] = {"scheme": q.get("scheme"), "group_size": q.get("group_size")}
+        out["base_quantized_from"] = {"id": mc.get("base_id"), "sha256": mc.get("base_sha256")}
+    return out

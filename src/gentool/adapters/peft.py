@@ -101,7 +101,8 @@ def read_adapter(path: str | Path, *, verify: bool = True) -> Adapter:
 
         manifest = read_artifact(path, "lora-adapter", verify=verify)
         c = manifest.contents
-        base = {"id": c.get("base_id"), "sha256": c.get("base_sha256"), "path": c.get("base_path")}
+        base = {"id": c.get("base_id"), "sha256": c.get("base_sha256"), "path": c.get("base_path"),
+                "quantized_from": (c.get("base_quantized_from") or {}).get("sha256")}
     elif not path.is_dir():
         raise UsageProblem("no such adapter directory", path=path, hint="pass a lora-adapter or PEFT adapter directory")
     cfg_file, weights = path / ADAPTER_CONFIG, path / ADAPTER_WEIGHTS
@@ -284,21 +285,30 @@ class Base:
     manifest: object | None          # the lm-checkpoint Manifest, None for a plain Hugging Face directory
     weight_files: list[Path]
     sha256: str                      # of the weights (one file: its sha256; shards: sha256 of their hashes)
-    shapes: dict[str, tuple]
+    shapes: dict[str, tuple]         # a quantized layer's weight counts as its dense (out, in) weight
     dtypes: dict[str, torch.dtype]
+    quantization: dict | None = None  # config.json's quantization_config of a gentool quantized-checkpoint
+
+    @property
+    def kind(self) -> str:
+        return "quantized-checkpoint" if self.quantization else "lm-checkpoint"
 
 
 def read_base(path: str | Path, *, verify: bool = True) -> Base:
-    """A gentool lm-checkpoint or a Hugging Face Llama directory: its weight files, hash and tensor shapes."""
+    """A gentool lm-checkpoint, a quantized-checkpoint (QLoRA's base) or a Hugging Face Llama directory: its weight
+    files, hash and tensor shapes."""
     import hashlib
 
     from gentool.artifacts import read_artifact, sha256_file
-    from gentool.models.checkpoint import weight_files
+    from gentool.models.checkpoint import quantization_config, weight_files
 
     path = Path(path)
-    manifest = read_artifact(path, "lm-checkpoint", verify=verify) if (path / "manifest.json").is_file() else None
-    if manifest is None and not path.is_dir():
-        raise UsageProblem("no such checkpoint directory", path=path, hint="pass an lm-checkpoint or HF Llama directory")
+    if not path.is_dir():
+        raise UsageProblem("no such checkpoint directory", path=path,
+                           hint="pass an lm-checkpoint or HF Llama directory")
+    qconf = quantization_config(path)
+    kind = "quantized-checkpoint" if qconf else "lm-checkpoint"
+    manifest = read_artifact(path, kind, verify=verify) if (path / "manifest.json").is_file() else None
     files = weight_files(path)
     if not (path / "config.json").is_file():
         raise UsageProblem("no config.json", path=path, hint="pass an lm-checkpoint or HF Llama directory")
@@ -312,7 +322,28 @@ def read_base(path: str | Path, *, verify: bool = True) -> Base:
         for k, info in read_header(f).items():
             shapes[k] = tuple(info["shape"])
             dtypes[k] = _DTYPES.get(info["dtype"], torch.float32)
-    return Base(path, manifest, files, sha, shapes, dtypes)
+    if qconf:
+        _dense_shapes(qconf, shapes, dtypes, path)
+    return Base(path, manifest, files, sha, shapes, dtypes, qconf)
+
+
+def _dense_shapes(qconf: dict, shapes: dict, dtypes: dict, where: Path) -> None:
+    """Replace a quantized layer's codes and companions by its dense `.weight` shape (int4/NF4 pack two codes per
+    byte along the input dimension)."""
+    from gentool.models.quant import COMPANIONS
+
+    scheme = qconf.get("scheme")
+    if scheme not in COMPANIONS:
+        raise GentoolError(f"unknown quantization scheme {scheme!r} in config.json", path=where,
+                           hint="the checkpoint was written by a newer gentool or is corrupt")
+    marker = COMPANIONS[scheme][1]
+    for name in [k[:-len(marker) - 1] for k in list(shapes) if k.endswith("." + marker)]:
+        out_f, cols = shapes[f"{name}.weight"]
+        for c in COMPANIONS[scheme]:
+            shapes.pop(f"{name}.{c}", None)
+            dtypes.pop(f"{name}.{c}", None)
+        shapes[f"{name}.weight"] = (out_f, cols * 2 if scheme in ("int4", "nf4") else cols)
+        dtypes[f"{name}.weight"] = torch.float32
 
 
 _DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}

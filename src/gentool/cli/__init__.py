@@ -23,6 +23,8 @@ _COMMANDS: list[tuple[str, str]] = [
     ("quantize", "quantize"),
     ("scale_fit", "scale_fit"),
     ("lora_merge", "lora_merge"),
+    ("lora_extract", "lora_extract"),
+    ("lora_extract", "lora_resize"),
     ("gguf_io", "import_gguf"),
     ("gguf_io", "export_gguf"),
 ]

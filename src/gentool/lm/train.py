@@ -22,7 +22,7 @@ from gentool.artifacts import input_ref
 from gentool.config import LMConfig, config_from_preset
 from gentool.data.shards import TokenShards, open_shards
 from gentool.errors import UsageProblem
-from gentool.models.checkpoint import load_lm, save_lm
+from gentool.models.checkpoint import load_lm, quantization_config, save_lm
 from gentool.models.transformer import Transformer
 from gentool.train import SCHEDULES, Task, TrainConfig, distributed, train
 from gentool.train.rundir import RunDir, RunOptions
@@ -172,6 +172,9 @@ def run_train_lm(opts: LMRunOptions, objective: Objective | None = None) -> dict
     run.check(sources=[opts.tokens_dir, opts.init_from])
     if not objective.allows_init and (opts.init_from or opts.lora):
         raise UsageProblem("--init-from and LoRA are for autoregressive LMs", hint="train the masked LM from scratch")
+    if opts.init_from and opts.lora is None and quantization_config(opts.init_from):
+        raise UsageProblem("a quantized-checkpoint cannot be fine-tuned in full: its weights are frozen codes",
+                           path=opts.init_from, hint="train LoRA adapters on it (QLoRA) with --lora-rank R")
     init = load_lm(opts.init_from) if opts.init_from else None
     config = init.config if init else config_from_preset(
         opts.preset if opts.preset or any(v is not None for v in opts.dims.values()) else "small",
