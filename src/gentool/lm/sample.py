@@ -248,8 +248,9 @@ class Generator:
                 decode_step(model, state, _p, _fused)
             if not self.compile:
                 self._steps[key] = step
-            else:  # True: inductor + CUDA graphs; a string names another torch.compile backend (tests: "eager")
-                how = {"backend": self.compile} if isinstance(self.compile, str) else {"mode": "reduce-overhead"}
+            else:  # True: inductor (+ CUDA graphs on CUDA); a string names another backend (tests: "eager")
+                how = {"backend": self.compile} if isinstance(self.compile, str) else \
+                    {"mode": "reduce-overhead"} if self.device.startswith("cuda") else {}
                 self._steps[key] = torch.compile(step, fullgraph=True, dynamic=False, **how)
         return self._steps[key]
 
