@@ -385,9 +385,15 @@ def configure_inductor() -> None:
 # --- measuring ----------------------------------------------------------------------------------------------------
 def decode_weight_bytes(model: nn.Module) -> int:
     """Bytes of weights one batch-1 decode step reads: all but the input embedding (one row of it is read);
-    a tied output head is counted once, as it is read in full."""
+    a tied output head is counted once, as it is read in full; quantized layers count their codes and scales."""
+    from gentool.models.quant import QuantLinear
+
+    tensors = list(model.named_parameters(remove_duplicate=False))
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            tensors += [(f"{name}.{k}", t) for k, t in m.stored().items()]
     seen, total = set(), 0
-    for name, p in model.named_parameters(remove_duplicate=False):
+    for name, p in tensors:
         if "embed_tokens" in name or p.data_ptr() in seen:
             continue
         seen.add(p.data_ptr())

@@ -1,0 +1,106 @@
+"""Every CPU speed path of batch-1 decoding gives the reference path's tokens and log-probabilities: the traced
+step (multiply-and-sum GEMV, fused int8 GEMV) against eager decoding, the specialised forward over quantized
+layers against Transformer.forward, and the compiled (inductor) step against eager decoding."""
+
+import pytest
+import torch
+
+from gentool.config import config_from_preset
+from gentool.lm.sample import Generator, SamplingParams, decode_weight_bytes
+from gentool.models.decode import decode_forward, gemv
+from gentool.models.quant import quantize_model
+from gentool.models.transformer import Transformer
+
+PROMPT = [1, 17, 5, 99, 230, 8, 41]
+
+
+class IdTok:
+    """Prompts as ids; no text."""
+    bos_id, eos_id, pad_id, eos_ids, add_bos = 1, 2, 0, {2}, True
+
+    def decode(self, ids):
+        return ""
+
+
+def model(scheme=None, dtype=torch.float32, seed=0):
+    cfg = config_from_preset("tiny", vocab_size=400, max_position_embeddings=96)
+    m = Transformer(cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # large weights: peaked distributions, greedy choices far from ties
+        for p in m.parameters():
+            if p.dim() > 1:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.25)
+    if scheme:
+        quantize_model(m, scheme, group_size=32, skip=("embed_tokens",))
+    return m.to(dtype).eval()
+
+
+def decode(m, compile, fuse=None, n=24):
+    gen = Generator(m, IdTok(), device="cpu", compile=compile, fuse=fuse)
+    out = gen.generate_ids([("", PROMPT)], SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True))[0]
+    m.reset_cache()
+    return out
+
+
+@pytest.mark.parametrize("scheme,dtype", [(None, torch.float32), (None, torch.bfloat16), ("int8", torch.float32),
+                                          ("int8", torch.bfloat16), ("int4", torch.bfloat16)])
+def test_traced_step_equals_eager_decoding(scheme, dtype):
+    """compile="eager" traces the step as torch.compile does (torch.compiler.is_compiling() is true), so the
+    compiled-only code paths run and are compared with eager decoding on the same weights."""
+    m = model(scheme, dtype)
+    ref = decode(m, False)
+    got = decode(m, "eager")
+    assert got.token_ids == ref.token_ids
+    tol = 1e-4 if dtype == torch.float32 else 0.05
+    assert got.logprobs == pytest.approx(ref.logprobs, abs=tol)
+
+
+@pytest.mark.parametrize("scheme", [None, "int8", "int4"])
+def test_decode_forward_over_quantized_layers_equals_general_forward(scheme):
+    m = model(scheme)
+    fused = decode(m, False, fuse=True)
+    general = decode(m, False, fuse=False)
+    assert fused.token_ids == general.token_ids
+    assert fused.logprobs == pytest.approx(general.logprobs, abs=1e-5)
+
+
+def test_gemv_under_tracing_matches_linear():
+    torch.manual_seed(0)
+    x, w = torch.randn(1, 1, 96), torch.randn(200, 96)
+    traced = torch.compile(gemv, backend="eager", fullgraph=True)
+    torch.testing.assert_close(traced(x, w), torch.nn.functional.linear(x, w), rtol=1e-5, atol=1e-5)
+    xb, wb = x.bfloat16(), w.bfloat16()  # bfloat16 weights, float32 accumulation
+    torch.testing.assert_close(traced(xb, wb).float(), (x.bfloat16().float() @ wb.float().T), rtol=1e-2, atol=1e-2)
+    x8 = torch.randn(8, 1, 96)  # more rows than a GEMV: F.linear
+    torch.testing.assert_close(traced(x8, w), torch.nn.functional.linear(x8, w))
+
+
+def test_decode_weight_bytes_counts_quantized_codes():
+    m = model()
+    dense = decode_weight_bytes(m)
+    q = model("int8")
+    # every linear is int8 (1 byte + a 4-byte scale per row) instead of 4 bytes; norms stay float32
+    lin = [mod for mod in m.modules() if isinstance(mod, torch.nn.Linear)]
+    want = dense - sum(4 * l.weight.numel() for l in lin) + sum(l.weight.numel() + 4 * l.out_features for l in lin)
+    assert decode_weight_bytes(q) == want
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scheme,dtype", [(None, torch.float32), ("int8", torch.float32), ("int4", torch.bfloat16)])
+def test_inductor_step_equals_eager_decoding(scheme, dtype):
+    m = model(scheme, dtype, seed=1)
+    ref = decode(m, False)
+    got = decode(m, True)
+    assert got.token_ids == ref.token_ids
+    assert got.logprobs == pytest.approx(ref.logprobs, abs=1e-4 if dtype == torch.float32 else 0.05)
+
+
+def test_fused_decode_forward_logits_equal_forward_with_quantized_layers():
+    m = model("int8")
+    m.setup_cache(1, 32)
+    ids = torch.tensor([PROMPT])
+    full = m(ids)[:, -1]
+    m.setup_cache(1, 32)
+    m(ids[:, :-1], input_pos=torch.arange(len(PROMPT) - 1))
+    one = decode_forward(m, ids[:, -1:], torch.tensor([len(PROMPT) - 1]))
+    torch.testing.assert_close(one, full, rtol=1e-5, atol=1e-5)
