@@ -86,13 +86,28 @@ def test_decode_weight_bytes_counts_quantized_codes():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("scheme,dtype", [(None, torch.float32), ("int8", torch.float32), ("int4", torch.bfloat16)])
-def test_inductor_step_equals_eager_decoding(scheme, dtype):
-    m = model(scheme, dtype, seed=1)
+@pytest.mark.parametrize("scheme", [None, "int8", "int4"])
+def test_inductor_step_equals_eager_decoding(scheme):
+    m = model(scheme, seed=1)
     ref = decode(m, False)
     got = decode(m, True)
     assert got.token_ids == ref.token_ids
-    assert got.logprobs == pytest.approx(ref.logprobs, abs=1e-4 if dtype == torch.float32 else 0.05)
+    assert got.logprobs == pytest.approx(ref.logprobs, abs=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scheme", [None, "int8", "int4"])
+def test_inductor_bfloat16_logits_close_to_eager(scheme):
+    """In bfloat16 inductor keeps fused intermediates in float32 where eager rounds every op to bfloat16, so long
+    greedy runs may part at a near-tie: compare one step's logits instead."""
+    m = model(scheme, torch.bfloat16, seed=2)
+    ids = torch.tensor([PROMPT])
+    m.setup_cache(1, 32)
+    m(ids[:, :-1], input_pos=torch.arange(len(PROMPT) - 1))
+    args = (ids[:, -1:], torch.tensor([len(PROMPT) - 1]))
+    ref = decode_forward(m, *args).float()
+    got = torch.compile(decode_forward, fullgraph=True)(m, *args).float()
+    torch.testing.assert_close(got, ref, rtol=0.03, atol=0.03 * ref.abs().max().item())
 
 
 def test_fused_decode_forward_logits_equal_forward_with_quantized_layers():
@@ -104,3 +119,41 @@ def test_fused_decode_forward_logits_equal_forward_with_quantized_layers():
     m(ids[:, :-1], input_pos=torch.arange(len(PROMPT) - 1))
     one = decode_forward(m, ids[:, -1:], torch.tensor([len(PROMPT) - 1]))
     torch.testing.assert_close(one, full, rtol=1e-5, atol=1e-5)
+
+
+def test_prompt_lookup_drafts_from_the_latest_occurrence():
+    from gentool.lm.sample import PromptLookup
+
+    p = PromptLookup([5, 6, 7, 8, 5, 6, 9, 1, 5, 6])
+    assert p.draft(3) == [9, 1, 5]  # the latest "5 6" was followed by 9 (the 3-gram "1 5 6" never occurred)
+    p.extend([9])
+    assert p.draft(2) == [1, 5]     # "5 6 9" occurred before, followed by 1
+    assert PromptLookup([1, 2, 3]).draft(4) == [] and PromptLookup([]).draft(2) == []
+    q = PromptLookup([4, 4, 4])
+    assert q.draft(5) == [4]        # "4 4" last seen ending at index 1, followed by one 4
+
+
+@pytest.mark.parametrize("scheme", [None, "int8"])
+@pytest.mark.parametrize("residual", [1.0, 0.0])
+def test_prompt_lookup_decoding_equals_greedy(scheme, residual):
+    """residual 1: a random model, whose drafts are mostly rejected (the cache past the kept tokens must not leak
+    into later steps); residual 0: attention and MLP outputs zeroed, so the next token is a function of the current
+    one and greedy decoding falls into a cycle that the drafts predict."""
+    m = model()
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                p.mul_(residual)
+    if scheme:
+        quantize_model(m, scheme, skip=("embed_tokens",))
+    plain = Generator(m, IdTok(), device="cpu")
+    fast = Generator(m, IdTok(), device="cpu", prompt_lookup=5)
+    accepted = 0
+    for prompt in (PROMPT, PROMPT * 3, [1] + [7, 8, 9] * 6):
+        params = SamplingParams(max_new_tokens=40, temperature=0, ignore_eos=True)
+        ref = plain.generate_ids([("", prompt)], params)[0]
+        got = fast.generate_ids([("", prompt)], params)[0]
+        assert got.token_ids == ref.token_ids
+        assert got.logprobs == pytest.approx(ref.logprobs, abs=1e-4)
+        accepted += fast.stats["draft_tokens_accepted"]
+    assert accepted > (10 if residual == 0 else -1)
