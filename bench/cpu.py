@@ -81,7 +81,7 @@ def train_small(work: Path) -> Path:
     sh(PY + ["tokenize", "train", "builtin:shakespeare", "-o", work / "tok", "--vocab-size", "4096", "--force"])
     sh(PY + ["tokenize", "encode", "builtin:shakespeare", "--tokenizer", work / "tok", "-o", work / "shards",
              "--force"])
-    sh(PY + ["train-lm", work / "shards", "-o", run, "--preset", "base", "--steps", "150", "--seq-len", "128",
+    sh(PY + ["train-lm", work / "shards", "-o", run, "--preset", "base", "--steps", "40", "--seq-len", "128",
              "--batch-tokens", "2048", "--micro-batch", "16", "--force"])
     return run
 

@@ -157,3 +157,31 @@ def test_prompt_lookup_decoding_equals_greedy(scheme, residual):
         assert got.logprobs == pytest.approx(ref.logprobs, abs=1e-4)
         accepted += fast.stats["draft_tokens_accepted"]
     assert accepted > (10 if residual == 0 else -1)
+
+
+def test_cli_prompt_lookup_same_text(tmp_path, cli):
+    import io
+    import json
+
+    import sentencepiece as spm
+
+    from gentool.data.text import bundled_corpus
+    from gentool.models.checkpoint import save_lm
+
+    m = model()
+    (tmp_path / "lm").mkdir()
+    save_lm(m, m.config, tmp_path / "lm")
+    buf = io.BytesIO()  # a tokenizer whose ids fit the tiny model
+    text = (bundled_corpus() / "tragedies" / "hamlet.txt").read_text()[:100_000]
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(text.splitlines()),
+                                   model_writer=buf, vocab_size=400, byte_fallback=True, unk_id=0, bos_id=1, eos_id=2,
+                                   pad_id=3, minloglevel=2, num_threads=1)
+    (tmp_path / "lm" / "tokenizer.model").write_bytes(buf.getvalue())
+    args = ("sample", tmp_path / "lm", "-p", "to be", "--temperature", "0", "--max-new-tokens", "30", "--json",
+            "--device", "cpu")
+    plain, fast = cli(*args), cli(*args, "--prompt-lookup", "4")
+    assert plain.exit_code == 0 and fast.exit_code == 0, fast.output
+    a, b = json.loads(plain.stdout), json.loads(fast.stdout)
+    assert (a["completion"], a["tokens"]) == (b["completion"], b["tokens"])
+    assert b["sum_logprob"] == pytest.approx(a["sum_logprob"], abs=1e-3)
+    assert cli(*args, "--prompt-lookup", "-1").exit_code == 2
