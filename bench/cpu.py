@@ -184,13 +184,20 @@ def llama_bench(gguf: Path, prompt: int, new: int, threads: int) -> tuple[float,
 
 
 def llama_perplexity(gguf: Path, text: Path, ctx: int, chunks: int, batch: int, threads: int) -> tuple[float, float]:
-    """(tokens/s of prompt evaluation, final perplexity)."""
-    r = sh([LLAMA_BIN / "llama-perplexity", "-m", gguf, "-f", text, "-c", ctx, "-b", ctx * batch, "--chunks",
-            chunks, "-t", threads])
-    out = r.stdout + r.stderr
-    tps = float(re.search(r"prompt eval time =.*?([\d.]+) tokens per second", out).group(1))
-    ppl = float(re.search(r"Final estimate: PPL = ([\d.]+)", out).group(1))
-    return tps, ppl
+    """(tokens/s, final perplexity): tokens evaluated (chunks x ctx) over the time from "calculating perplexity"
+    to "Final estimate" in its timestamped log (tokenized ids to result, as gentool's row is timed)."""
+    log_file = text.parent / "llama-perplexity.log"
+    for _ in range(3):  # its asynchronous logger has been seen to lose the last lines under heavy load
+        log_file.unlink(missing_ok=True)
+        sh([LLAMA_BIN / "llama-perplexity", "-m", gguf, "-f", text, "-c", ctx, "-b", ctx * batch, "--chunks", chunks,
+            "-t", threads, "--log-file", log_file])
+        out = log_file.read_text(errors="replace")
+        start = re.search(r"^(\d+)\.(\d+)\.(\d+)\.(\d+) I perplexity: calculating perplexity", out, re.M)
+        end = re.search(r"(\d+)\.(\d+)\.(\d+)\.(\d+) I Final estimate: PPL = ([\d.]+)", out)
+        if start and end:
+            t = [60 * int(m[1]) + int(m[2]) + int(m[3]) / 1e3 + int(m[4]) / 1e6 for m in (start, end)]
+            return chunks * ctx / (t[1] - t[0]), float(end[5])
+    raise RuntimeError("llama-perplexity printed no timing (see its log)")
 
 
 # --- the run ------------------------------------------------------------------------------------------------------
