@@ -185,3 +185,20 @@ def test_cli_prompt_lookup_same_text(tmp_path, cli):
     assert (a["completion"], a["tokens"]) == (b["completion"], b["tokens"])
     assert b["sum_logprob"] == pytest.approx(a["sum_logprob"], abs=1e-3)
     assert cli(*args, "--prompt-lookup", "-1").exit_code == 2
+
+
+def test_onednn_linears_same_outputs_state_dict_and_gradients():
+    from gentool.models.decode import OneDNNLinear, use_onednn_linears
+
+    m = model()
+    x = torch.randint(0, 400, (2, 12))
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with torch.no_grad():
+        ref = m(x)
+        use_onednn_linears(m)
+        got = m(x)
+    assert isinstance(m.lm_head, OneDNNLinear) and isinstance(m.model.layers[0].mlp.up_proj, OneDNNLinear)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    assert all(torch.equal(m.state_dict()[k], v) for k, v in before.items())
+    m(x).logsumexp(-1).mean().backward()  # with gradients: plain F.linear, autograd intact
+    assert m.model.layers[0].self_attn.q_proj.weight.grad is not None

@@ -125,6 +125,10 @@ def token_nlls(model: torch.nn.Module, ids: torch.Tensor, *, window: int, stride
         plan = plan_hf_strided(len(ids), window, stride)
     else:
         plan = plan_windows(len(ids), window, stride)
+    if device == "cpu":  # float32 inference through oneDNN rather than MKL (models/decode.py)
+        from gentool.models.decode import use_onednn_linears
+
+        use_onednn_linears(model)
     nll = nll or nll_fn(model, compile=compile)
     out: list[torch.Tensor] = []
     autocast = device.startswith("cuda") and dtype != torch.float32

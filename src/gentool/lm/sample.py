@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from gentool import console
 from gentool.errors import UsageProblem
-from gentool.models.decode import can_fuse, decode_forward, fuse_projections
+from gentool.models.decode import can_fuse, decode_forward, fuse_projections, use_onednn_linears
 
 M32 = 0xFFFFFFFF
 
@@ -260,6 +260,8 @@ class Generator:
         self.fused = can_fuse(model) if fuse is None else fuse
         if self.fused:
             fuse_projections(model)
+        if device == "cpu":
+            use_onednn_linears(model)
         self.context = model.config.max_position_embeddings
         self.compile = device.startswith("cuda") if compile is None else compile
         self.check_every = check_every

@@ -10,7 +10,9 @@ LoRA, biased) are not fused: the forward calls the layers themselves.
 
 Under torch.compile on a CPU, each dense matrix-vector product is written as a multiply-and-sum over the weight's
 rows (`gemv`), which inductor turns into one vectorised loop that streams the weight once; MKL's sgemm at M=1
-reaches about half the memory bandwidth (bench/cpu.py). Eagerly, and on CUDA, it is `F.linear`.
+reaches about half the memory bandwidth (bench/cpu.py). Eagerly, float32 products on a CPU go through oneDNN
+(`use_onednn_linears`, also for prefill and scoring: MKL's float32 GEMM is 2-3x slower on AMD CPUs); on CUDA it
+is `F.linear`.
 
 It computes what `Transformer.forward(token, input_pos=pos, attention_mask=...)` does with a cache set up (the
 tests compare the two).
@@ -30,13 +32,46 @@ from gentool.models.transformer import Transformer, rotate_half
 GEMV_MAX_ROWS = 4  # up to this many rows (B·T), the compiled CPU matrix-vector product is used
 
 
+def onednn_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear through oneDNN (inference only: no autograd), F.linear where oneDNN does not take it. torch's
+    float32 matmul on a CPU is MKL's sgemm, which runs 2-3x slower than oneDNN on AMD CPUs (bench/cpu.py)."""
+    try:
+        return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [None], "")
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return F.linear(x, w, b)
+
+
+def _onednn_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
+    return (x.device.type == "cpu" and x.dtype == w.dtype == torch.float32 and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling() and torch.backends.mkldnn.is_available())
+
+
+class OneDNNLinear(nn.Linear):
+    """An nn.Linear whose float32 inference on a CPU goes through oneDNN; with gradients, under torch.compile and
+    elsewhere it is F.linear. Same parameters, same state dict."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _onednn_ok(x, self.weight):
+            return onednn_linear(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+
+def use_onednn_linears(model: nn.Module) -> nn.Module:
+    """Make every plain nn.Linear of `model` a OneDNNLinear, in place (the class only: parameters, hooks and
+    state dict are untouched). Idempotent."""
+    for m in model.modules():
+        if type(m) is nn.Linear:
+            m.__class__ = OneDNNLinear
+    return model
+
+
 def can_fuse(model: nn.Module) -> bool:
     """Whether `decode_forward` applies: a causal Transformer (its projections may be any layers)."""
     return isinstance(model, Transformer) and model.causal
 
 
 def _plain(lin: nn.Module) -> bool:
-    return type(lin) is nn.Linear and lin.bias is None
+    return type(lin) in (nn.Linear, OneDNNLinear) and lin.bias is None
 
 
 def fuse_projections(model: Transformer) -> None:
@@ -62,7 +97,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     fused loop reading w once, in its own dtype); otherwise F.linear."""
     if torch.compiler.is_compiling() and x.device.type == "cpu" and x[..., 0].numel() <= GEMV_MAX_ROWS:
         return (x.float()[..., None, :] * w.float()).sum(-1).to(x.dtype)
-    return F.linear(x, w)
+    return onednn_linear(x, w) if _onednn_ok(x, w) else F.linear(x, w)
 
 
 def _linear(lin: nn.Module, x: torch.Tensor) -> torch.Tensor:
