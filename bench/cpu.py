@@ -17,7 +17,8 @@ trained here on the bundled corpus with the CLI). gentool's int8/int4 rows quant
 the output head (as llama.cpp's Q8_0/Q4_0 do; the input embedding stays float: one row is read per token).
 
 Rows: gentool eager and compiled (torch.compile, CPU inductor) in float32, bfloat16, int8 (per-row scales) and
-int4 (groups of 32, like Q4_0's blocks); transformers `generate` (greedy, float32, SDPA); llama.cpp's
+int4 (groups of 32, like Q4_0's blocks), and float32 compiled with prompt-lookup decoding (greedy, same tokens;
+its speed depends on how much the continuation repeats the text); transformers `generate` (greedy, float32, SDPA); llama.cpp's
 `llama-bench` (-p prompt -n new tokens) on each GGUF. Decode tokens/s excludes the prompt (gentool: the steps
 after the first token; transformers: after the first token, timed with a streamer; llama-bench: its tg test).
 Perplexity: gentool's `token_nlls` under the llama.cpp protocol (chunks of --ppl-ctx tokens, second half scored)
@@ -138,11 +139,13 @@ def gentool_generator(ckpt: Path, dtype: str, scheme: str | None, compile: bool)
     return Generator(lm.model.eval(), _IdTok(tok), device="cpu", compile=compile), tok
 
 
-def gentool_run(gen, prompt: list[int], new: int) -> tuple[float, float]:
+def gentool_run(gen, prompt: list[int], new: int, lookup: int = 0) -> tuple[float, float]:
     """(prefill tokens/s, decode tokens/s) of one greedy generation of exactly `new` tokens."""
     from gentool.lm.sample import SamplingParams
 
+    gen.prompt_lookup = lookup
     gen.generate_ids([("", prompt)], SamplingParams(max_new_tokens=new, temperature=0, ignore_eos=True))
+    gen.prompt_lookup = 0
     s = gen.stats
     return len(prompt) / s["prefill_s"], s["decode_tokens_per_s"]
 
@@ -232,6 +235,10 @@ def model_rows(label: str, ckpt: Path, files: dict[str, Path], args) -> list[Row
         log(f"[{label}] {name}: warm-up {time.perf_counter() - t0:.1f} s")
         rows.append(Row(label, name, bits, decode_weight_bytes(gen.model),
                         lambda gen=gen, prompt=prompt: gentool_run(gen, prompt, args.new_tokens)))
+        if compile and dtype == "float32" and not scheme and args.prompt_lookup:
+            rows.append(Row(label, name + f", prompt lookup {args.prompt_lookup}", bits, rows[-1].read_bytes,
+                            lambda gen=gen, prompt=prompt: gentool_run(gen, prompt, args.new_tokens,
+                                                                       args.prompt_lookup)))
     if not args.no_transformers:
         hf = transformers_model(ckpt)
         prompt = prompt_ids(tok, args.prompt_tokens)
@@ -299,6 +306,7 @@ def main() -> None:
     p.add_argument("--ppl-ctx", type=int, default=256, help="llama.cpp protocol chunk length")
     p.add_argument("--ppl-chunks", type=int, default=8)
     p.add_argument("--ppl-batch", type=int, default=4, help="chunks per forward (llama-perplexity -b = ctx x this)")
+    p.add_argument("--prompt-lookup", type=int, default=8, help="draft length of the prompt-lookup row (0: no row)")
     p.add_argument("--models", default="smol,trained")
     p.add_argument("--trained", type=Path, default=None, help="an lm-checkpoint (default: train one in --work)")
     p.add_argument("--work", type=Path, default=ROOT / "bench" / "work" / "cpu", help="converted models, GGUFs")
