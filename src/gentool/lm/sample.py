@@ -4,7 +4,9 @@ The decode step is one function over fixed-shape state (`DecodeState`): forward 
 logits, draw the next token, record it and its log-probability, advance the position. Nothing in it syncs with
 the host or changes shape, so on CUDA `torch.compile(mode="reduce-overhead")` captures the whole step, sampling
 included, as one CUDA graph over the static cache (gpt-fast's recipe, taken one step further); the host only
-replays it and looks at the tokens every few steps. On CPU the same step runs eagerly and incrementally.
+replays it and looks at the tokens every few steps. On a CPU the same step runs eagerly, or compiled by inductor
+(`compile=True`: no CUDA graphs; the matrix-vector products become streaming loops, models/decode.py), and greedy
+decoding of one row can check tokens drafted from its own text in one forward (`prompt_lookup`).
 
 Randomness is counter-based: the Gumbel noise for row r, generation step n and token v is a hash of
 (seed, sample index, n, v), so `--seed` alone fixes the output, a prompt's samples do not depend on what else is
