@@ -4,7 +4,8 @@
     python bench/tokenize_bench.py --mb 1000   # bigger corpus: peak memory should not grow with it
 
 The corpus is the bundled Shakespeare, its blank-line documents shuffled into 16 MB files until --mb is reached.
-A tokenizer (BPE, --vocab-size) is trained on the bundled corpus. Every run is its own process, timed wall-clock;
+A tokenizer (BPE, --vocab-size) is trained on the bundled corpus. Every run is its own process, timed wall-clock,
+and the runs are interleaved over --repeats rounds (best and median of each are printed);
 CPU seconds (user + system, workers included) give "MB per CPU-s", which a busy shared machine disturbs less than
 MB/s. Memory is sampled every 50 ms over the process and its children: peak RSS of the main process, and peak total PSS
 (proportional set size: shared pages split between the processes, so forked workers are not double-counted).
@@ -29,6 +30,7 @@ import json
 import random
 import resource
 import shutil
+import statistics
 import subprocess
 import tempfile
 import time
@@ -125,6 +127,7 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="the all-cores run's worker count")
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--device", default="cpu", help="ignored: tokenization runs on the CPU")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved rounds (best and median are reported)")
     p.add_argument("--tmp", default=None, help="where to put the corpus (default: the system temp dir)")
     args = p.parse_args()
 
@@ -145,32 +148,48 @@ def main() -> None:
         if args.workers > 1:
             runs.append(("gentool encode", args.workers,
                          gentool + ["-o", str(tmp / f"w{args.workers}"), "--workers", str(args.workers)]))
-        rows, tokens = [], {}
-        for name, workers, cmd in runs:
-            print(f"running: {name}, {workers} worker(s)", file=sys.stderr)
-            r = measure(cmd)
-            if name.startswith("plain"):
-                tokens[name, workers] = int(r["stdout"])
-            else:
-                splits = json.loads(r["stdout"])["contents"]["splits"]
-                tokens[name, workers] = sum(s["tokens"] for s in splits.values())
-            rows.append({"run": name, "workers": workers, "MB/s": n_bytes / 1e6 / r["seconds"],
-                         "seconds": r["seconds"], "MB per CPU-s": n_bytes / 1e6 / r["cpu"],
-                         "peak RSS main (MB)": r["rss_mb"], "peak PSS all (MB)": r["pss_mb"],
-                         "Mtokens": tokens[name, workers] / 1e6})
-            shutil.rmtree(tmp / "w1", ignore_errors=True)  # free the disk between runs
-            (tmp / "plain.bin").unlink(missing_ok=True)
-        base = rows[0]["MB/s"]
+        results: dict[int, list[dict]] = {i: [] for i in range(len(runs))}
+        tokens = {}
+        for rnd in range(args.repeats):  # interleaved: a shared machine's load falls on every run alike
+            for i, (name, workers, cmd) in enumerate(runs):
+                print(f"round {rnd + 1}/{args.repeats}: {name}, {workers} worker(s) (load average "
+                      f"{os.getloadavg()[0]:.1f})", file=sys.stderr)
+                r = measure(cmd)
+                if name.startswith("plain"):
+                    tokens[name, workers] = int(r["stdout"])
+                else:
+                    splits = json.loads(r["stdout"])["contents"]["splits"]
+                    tokens[name, workers] = sum(s["tokens"] for s in splits.values())
+                results[i].append(r)
+                for d in ("w1", f"w{args.workers}"):  # free the disk between runs
+                    shutil.rmtree(tmp / d, ignore_errors=True)
+                (tmp / "plain.bin").unlink(missing_ok=True)
+        rows = []
+        for i, (name, workers, _) in enumerate(runs):
+            rs = results[i]
+            secs = sorted(r["seconds"] for r in rs)
+            cpus = sorted(r["cpu"] for r in rs)
+            rows.append({"run": name, "workers": workers, "MB/s best": n_bytes / 1e6 / secs[0],
+                         "MB/s median": n_bytes / 1e6 / statistics.median(secs), "CPU-s best": cpus[0],
+                         "MB per CPU-s": n_bytes / 1e6 / cpus[0],
+                         "peak RSS main (MB)": max(r["rss_mb"] for r in rs),
+                         "peak PSS all (MB)": max(r["pss_mb"] for r in rs), "Mtokens": tokens[name, workers] / 1e6,
+                         "_secs": secs})
+        base = rows[0]
         for r in rows:
-            r["vs plain"] = r["MB/s"] / base
+            r["vs plain (best)"] = r["MB/s best"] / base["MB/s best"]
+            r["vs plain (median)"] = r["MB/s median"] / base["MB/s median"]
+            r["CPU vs plain"] = r["CPU-s best"] / base["CPU-s best"]
         if len(rows) > 2:
-            rows[2]["vs 1 worker"] = rows[2]["MB/s"] / rows[1]["MB/s"]
-            rows[2]["scaling eff."] = rows[2]["vs 1 worker"] / args.workers
+            rows[2]["vs 1 worker"] = rows[2]["MB/s best"] / rows[1]["MB/s best"]
+        for r in rows:
+            del r["_secs"]
         same = len(set(tokens.values())) == 1
 
     date = _dt.date.today().isoformat()
     print(f"\n## tokenize encode ({date}; {n_bytes / 1e6:.0f} MB generated Shakespeare corpus, BPE vocab "
-          f"{args.vocab_size}, {os.cpu_count()} cores)\n")
+          f"{args.vocab_size}, {os.cpu_count()} cores, {args.repeats} interleaved rounds, load average now "
+          f"{os.getloadavg()[0]:.1f})\n")
     cols = list(dict.fromkeys(k for r in rows for k in r))
     print("| " + " | ".join(cols) + " |")
     print("|" + "|".join("---" for _ in cols) + "|")

@@ -4,9 +4,10 @@ Text is read as UTF-8; invalid bytes are replaced by U+FFFD and counted (a warni
 Documents (see gentool.data.text): blank-line-separated blocks of a text file (default), whole files (`file`), or
 JSONL records' text field (`jsonl`, the default for .jsonl files); each ends with EOS in the shards.
 
-Encoding is a pipeline: the parent reads and batches segments, a pool of processes encodes batches (at most
-IN_FLIGHT per worker queued), and the parent writes results in submission order. The train/val split hashes each
-document's index, so the shards are byte-identical whatever the worker count.
+Encoding is a pipeline: the main thread reads and batches segments, a pool of threads encodes batches
+(SentencePiece releases the GIL; at most IN_FLIGHT per worker queued), and the main thread writes results in
+submission order. The train/val split hashes each document's index, so the shards are byte-identical whatever the
+worker count.
 """
 
 from __future__ import annotations
@@ -15,13 +16,10 @@ import io
 import json
 import os
 import re
-import signal
-import sys
 import time
 from collections import deque
 from collections.abc import Iterator
-from itertools import chain
-from multiprocessing import get_context
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -130,32 +128,22 @@ def _training_error(message: str) -> UsageProblem:
 
 # --- encoding --------------------------------------------------------------------------------------------------------
 
-BATCH_CHARS = 1 << 18   # text per task sent to a worker
+BATCH_CHARS = 1 << 18   # text per encoding task
 IN_FLIGHT = 4           # tasks per worker queued at most: bounds memory whatever the corpus size
 
-_worker_tok: Tokenizer | None = None
 
-
-def _init_worker(model_file: str, ignore_sigint: bool) -> None:
-    global _worker_tok
-    if ignore_sigint:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    _worker_tok = Tokenizer(model_file)
-
-
-def _encode_batch(texts: list[str], lasts: list[bool], dtype: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _encode_batch(sp, texts: list[str], lasts: list[bool], eos: int, dtype: str
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Encode segments; EOS follows each document's last segment. (flat tokens, tokens per segment, UTF-8 bytes
-    per segment): one array each, so results cross process boundaries cheaply."""
-    assert _worker_tok is not None
-    eos = _worker_tok.eos_id
-    ids = _worker_tok.sp.encode(texts, num_threads=1)
-    for seg, last in zip(ids, lasts):
-        if last:
-            seg.append(eos)
-    counts = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-    flat = np.array(list(chain.from_iterable(ids)), dtype=np.dtype(dtype))
+    per segment). SentencePiece releases the GIL while it encodes and returns int32 buffers (no Python int per
+    token), so a few threads encode in parallel in one process."""
+    ids = sp.encode(texts, num_threads=1, out_type="numpy")
+    last = np.fromiter(lasts, dtype=bool, count=len(lasts))
+    lens = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    flat = np.concatenate(ids) if ids else np.zeros(0, np.int32)
+    flat = np.insert(flat, np.cumsum(lens)[last], eos).astype(np.dtype(dtype), copy=False)
     nbytes = np.fromiter((len(t.encode()) for t in texts), dtype=np.int64, count=len(texts))
-    return flat, counts, nbytes
+    return flat, lens + last, nbytes
 
 
 def val_mask(doc_index: np.ndarray, seed: int, fraction: float) -> np.ndarray:
@@ -220,20 +208,6 @@ def _batches(segments: Iterator[tuple[str, bool]]) -> Iterator[tuple[list[str], 
         yield texts, lasts, size
 
 
-def _context():
-    """fork on Linux (instant, shares the parent's pages; the pool is made before any thread starts), spawn
-    elsewhere (fork is unsafe on macOS)."""
-    return get_context("fork" if sys.platform == "linux" else "spawn")
-
-
-class _Ready:
-    def __init__(self, value):
-        self.value = value
-
-    def get(self):
-        return self.value
-
-
 def encode_corpus(inputs: list[str], tokenizer: Path, out: Path, *, val_fraction: float = 0.05, split_seed: int = 0,
                   unit: str = "auto", text_field: str = "text", shard_tokens: int = 1 << 24, workers: int = 0,
                   glob: str = "*.txt", force: bool = False, segment_chars: int | None = None):
@@ -268,16 +242,13 @@ def encode_corpus(inputs: list[str], tokenizer: Path, out: Path, *, val_fraction
                          inputs=[input_ref("tokenizer", tok_manifest)] + [input_ref("corpus", s) for s in sources]
                          ) as art:
         writers = {s: _ShardWriter(art.dir, s, shard_tokens, dtype) for s in ("train", "val")}
-        pool = _context().Pool(workers, _init_worker, (str(model_file), True)) if workers > 1 else None
-        if pool is None:
-            _init_worker(str(model_file), False)
         pending: deque = deque()
         next_doc = 0
 
         def collect() -> int:
             nonlocal next_doc
-            result, lasts = pending.popleft()
-            flat, counts, nbytes = result.get()
+            future, lasts = pending.popleft()
+            flat, counts, nbytes = future.result()
             lasts = np.asarray(lasts, dtype=bool)
             doc = next_doc + np.cumsum(lasts) - lasts  # document index of every segment
             next_doc += int(lasts.sum())
@@ -288,25 +259,21 @@ def encode_corpus(inputs: list[str], tokenizer: Path, out: Path, *, val_fraction
                     writers[split].add(tokens, int(lasts[mask].sum()), int(nbytes[mask].sum()))
             return int(nbytes.sum())
 
+        # Threads, not processes: the encoder runs without the GIL, so `workers` threads encode in parallel while
+        # this one reads ahead and writes; nothing is pickled and nothing is forked.
+        pool = ThreadPoolExecutor(workers, thread_name_prefix="encode")
         try:
             with console.progress("encoding (MB)", total_bytes and round(total_bytes / 1e6, 1)) as bar:
                 done = 0
                 for texts, lasts, _ in _batches(iter_segments(sources, unit, text_field, stats, segment_chars)):
-                    if pool is None:
-                        pending.append((_Ready(_encode_batch(texts, lasts, dtype.str)), lasts))
-                    else:
-                        pending.append((pool.apply_async(_encode_batch, (texts, lasts, dtype.str)), lasts))
-                    while len(pending) >= IN_FLIGHT * workers or (pool is None and pending):
+                    pending.append((pool.submit(_encode_batch, tok.sp, texts, lasts, tok.eos_id, dtype.str), lasts))
+                    while len(pending) >= IN_FLIGHT * workers:
                         done += collect()
                         bar.update(completed=round(done / 1e6, 1))
                 while pending:
                     done += collect()
-            if pool is not None:
-                pool.close()
-                pool.join()
-        finally:
-            if pool is not None:
-                pool.terminate()
+        finally:  # on an error or Ctrl-C: drop queued tasks; running ones end within one batch
+            pool.shutdown(wait=True, cancel_futures=True)
         for w in writers.values():
             w.flush()
         if next_doc == 0:

@@ -47,6 +47,9 @@ def sample(
                                              "samples, fewer calls).", rich_help_panel=LM)] = True,
     bench: Annotated[bool, typer.Option(help="Report tokens/s against the memory-bandwidth roofline.",
                                         rich_help_panel=LM)] = False,
+    prompt_lookup: Annotated[int, typer.Option(help="Greedy, one sequence: draft up to N tokens from the text so far "
+                                                    "and check them in one forward (same output; 0 = off).",
+                                               rich_help_panel=LM)] = 0,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Diffusion: write a samples artifact "
                                                    "(safetensors + grid/scatter PNG).", rich_help_panel=DIFF)] = None,
     sampler: Annotated[Optional[str], typer.Option(help="ddpm, ddim, euler, heun, dpm++2m (default ddim); flow: "
@@ -64,8 +67,10 @@ def sample(
     seed: Seed = 0,
     device: Device = "auto",
     dtype: Dtype = None,
-    compile_: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="CUDA-graph the decode step "
-                                                     "(default: on CUDA).", rich_help_panel=RUNTIME)] = None,
+    compile_: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="Compile the decode step: "
+                                                     "CUDA graphs on CUDA (default there); on a CPU about 2x faster "
+                                                     "after a first compile of minutes.", rich_help_panel=RUNTIME)] \
+        = None,
     force: Force = False,
     config: Config = None,
     json_: Json = False,
@@ -83,6 +88,7 @@ def sample(
     from gentool.artifacts import MASKED_LM, probe
     from gentool.cli._prompts import read_prompts
     from gentool.devices import resolve_device
+    from gentool.errors import UsageProblem
 
     found, dev = probe(checkpoint), resolve_device(device)
     if found.is_denoiser:
@@ -109,7 +115,10 @@ def sample(
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                             min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, stop=stop or [])
     check_params(params, num_samples=n, batch_size=batch_size)
+    if prompt_lookup < 0:
+        raise UsageProblem("--prompt-lookup must be 0 (off) or more")
     gen = open_generator(checkpoint, device=dev, dtype=dtype, compile=compile_, adapter=adapter, tokenizer=tokenizer)
+    gen.prompt_lookup = prompt_lookup
     rows, samples = encode_prompts(gen, prompts, max_new_tokens=max_new_tokens, num_samples=n, chat=chat)
     if len(rows) == 1 and not json_:  # one sample: stream it
         sys.stdout.write(prompts[0])
@@ -129,5 +138,6 @@ def sample(
 
 sample.epilog = examples("gentool sample runs/lm --prompt 'ROMEO.' --max-new-tokens 100",
                          "gentool sample runs/lm -p 'To be' --temperature 0 --json",
+                         "gentool sample runs/lm -p 'To be' --temperature 0 --prompt-lookup 8 --compile",
                          "printf 'HAMLET.\\nOPHELIA.\\n' | gentool sample runs/lm --num-samples 2 --json",
                          "gentool sample runs/digits -o samples --sampler dpm++2m --steps 20 --score auto")

@@ -7,7 +7,8 @@ Fixed relative to the Hugging Face perplexity guide's loop:
   shift, which biases the average; we sum token NLLs and divide by the count of scored tokens;
 - its last window can re-score tokens an earlier window scored; ours never does;
 - the first token of the stream has no context and is not scored (with BOS prepended it is);
-- transformers' loss upcasts the whole (B, T, V) logits to float32 at once; `window_nll` does it per row chunk.
+- transformers' loss upcasts the whole (B, T, V) logits to float32 at once; `window_nll` does it per row chunk,
+  and only for positions some window scores.
 Windows of equal length go through the model in batches; `--compile` compiles `window_nll` for a fixed shape.
 """
 
@@ -88,24 +89,27 @@ class PerplexityResult:
                 "protocol": self.protocol, "bos": self.bos}
 
 
-def window_nll(model: torch.nn.Module, x_BT: torch.Tensor, *, chunk_rows: int = 4096) -> torch.Tensor:
-    """NLL (B, T-1) in float32 of x[:, 1:] given x[:, :-1]: the output head and the log-softmax run over chunks
-    of rows, so a (B·T, V) float32 logits tensor never exists (a 1.1B model at 8 x 2048 would need 2 GB)."""
+def window_nll(model: torch.nn.Module, x_BT: torch.Tensor, *, chunk_rows: int = 4096, first: int = 0) -> torch.Tensor:
+    """NLL (B, T-1-first) in float32 of x[:, first+1:] given the tokens before them. Only positions from `first`
+    go through the output head (a protocol that scores the second half of each window skips the head for the first
+    half, as llama.cpp does), and the head and log-softmax run over chunks of rows, so a (B·T, V) float32 logits
+    tensor never exists (a 1.1B model at 8 x 2048 would need 2 GB)."""
     if not hasattr(model, "hidden_states"):  # any module returning logits
-        logits = model(x_BT[:, :-1])
-        return F.cross_entropy(logits.float().transpose(1, 2), x_BT[:, 1:], reduction="none")
-    h_ND = model.hidden_states(x_BT[:, :-1]).flatten(0, 1)
-    y_N = x_BT[:, 1:].flatten()
+        logits = model(x_BT[:, :-1])[:, first:]
+        return F.cross_entropy(logits.float().transpose(1, 2), x_BT[:, first + 1:], reduction="none")
+    h_ND = model.hidden_states(x_BT[:, :-1])[:, first:].flatten(0, 1)
+    y_N = x_BT[:, first + 1:].flatten()
     out = [F.cross_entropy(model.lm_head(h_ND[i:i + chunk_rows]).float(), y_N[i:i + chunk_rows], reduction="none")
            for i in range(0, len(y_N), chunk_rows)]
     return torch.cat(out).view(x_BT.shape[0], -1)
 
 
 def nll_fn(model: torch.nn.Module, *, compile: bool = False):
-    """`window_nll` bound to `model`, optionally under torch.compile (fuses the norms, rotary, SwiGLU and the
-    float32 log-softmax; fixed shapes, so `token_nlls` pads the last batch rather than recompile)."""
-    def fn(x_BT):
-        return window_nll(model, x_BT)
+    """`window_nll` bound to `model` (called as fn(x_BT, first)), optionally under torch.compile (fuses the norms,
+    rotary, SwiGLU and the float32 log-softmax; fixed shapes, so `token_nlls` pads the last batch rather than
+    recompile)."""
+    def fn(x_BT, first=0):
+        return window_nll(model, x_BT, first=first)
     return torch.compile(fn, dynamic=False) if compile else fn
 
 
@@ -121,6 +125,10 @@ def token_nlls(model: torch.nn.Module, ids: torch.Tensor, *, window: int, stride
         plan = plan_hf_strided(len(ids), window, stride)
     else:
         plan = plan_windows(len(ids), window, stride)
+    if device == "cpu":  # float32 inference through oneDNN rather than MKL (models/decode.py)
+        from gentool.models.decode import use_onednn_linears
+
+        use_onednn_linears(model)
     nll = nll or nll_fn(model, compile=compile)
     out: list[torch.Tensor] = []
     autocast = device.startswith("cuda") and dtype != torch.float32
@@ -138,10 +146,11 @@ def token_nlls(model: torch.nn.Module, ids: torch.Tensor, *, window: int, stride
             x[:, 0] = bos_id
         if compile and len(group) < batch_size:  # pad with copies: one compiled shape
             x = torch.cat([x, x[:1].expand(batch_size - len(group), -1)])
+        first = min(w.score_from - w.start - 1 for w in group)  # positions before it are scored by no row
         with torch.autocast(device_type=device.split(":")[0], dtype=dtype, enabled=autocast):
-            nll_BT = nll(x)
+            nll_BT = nll(x, first)
         for row, w in zip(nll_BT, group):
-            out.append(row[w.score_from - w.start - 1:].double())
+            out.append(row[w.score_from - w.start - 1 - first:].double())
     return torch.cat(out).cpu() if out else torch.zeros(0, dtype=torch.float64)
 
 

@@ -4,7 +4,9 @@ The decode step is one function over fixed-shape state (`DecodeState`): forward 
 logits, draw the next token, record it and its log-probability, advance the position. Nothing in it syncs with
 the host or changes shape, so on CUDA `torch.compile(mode="reduce-overhead")` captures the whole step, sampling
 included, as one CUDA graph over the static cache (gpt-fast's recipe, taken one step further); the host only
-replays it and looks at the tokens every few steps. On CPU the same step runs eagerly and incrementally.
+replays it and looks at the tokens every few steps. On a CPU the same step runs eagerly, or compiled by inductor
+(`compile=True`: no CUDA graphs; the matrix-vector products become streaming loops, models/decode.py), and greedy
+decoding of one row can check tokens drafted from its own text in one forward (`prompt_lookup`).
 
 Randomness is counter-based: the Gumbel noise for row r, generation step n and token v is a hash of
 (seed, sample index, n, v), so `--seed` alone fixes the output, a prompt's samples do not depend on what else is
@@ -26,9 +28,13 @@ import torch.nn as nn
 
 from gentool import console
 from gentool.errors import UsageProblem
-from gentool.models.decode import can_fuse, decode_forward, fuse_projections
+from gentool.models.decode import can_fuse, decode_forward, fuse_projections, use_onednn_linears
 
 M32 = 0xFFFFFFFF
+# Inductor on a CPU: store every pointwise result before its consumer rather than recompute it inside it. A
+# matrix-vector product reads its input vector once per weight row, so an inlined RMSNorm or SiLU·up producer is
+# recomputed rows x columns times (the fp32 decode step of SmolLM2-135M: 66 -> 56 ms per token; bench/cpu.py).
+CPU_INDUCTOR = {"realize_opcount_threshold": 0}
 
 
 @dataclass
@@ -199,6 +205,33 @@ class TextStream:
         return self._release(final=True)
 
 
+# --- prompt-lookup drafts -------------------------------------------------------------------------------------------
+class PromptLookup:
+    """Draft tokens for greedy decoding from the text so far (prompt lookup, Saxena 2023): the tokens that followed
+    the most recent earlier occurrence of the longest suffix n-gram (n = max_ngram .. 1). An index from each n-gram
+    to the position after its latest occurrence keeps a lookup O(1) per token."""
+
+    def __init__(self, ids: list[int], max_ngram: int = 3):
+        self.ids: list[int] = []
+        self.max_ngram = max_ngram
+        self.follow: list[dict] = [{} for _ in range(max_ngram + 1)]
+        self.extend(ids)
+
+    def extend(self, ids) -> None:
+        for t in ids:
+            self.ids.append(int(t))
+            j = len(self.ids) - 1  # the n-grams ending just before position j are followed by ids[j]
+            for n in range(1, min(self.max_ngram, j) + 1):
+                self.follow[n][tuple(self.ids[j - n:j])] = j
+
+    def draft(self, k: int) -> list[int]:
+        for n in range(min(self.max_ngram, len(self.ids)), 0, -1):
+            j = self.follow[n].get(tuple(self.ids[-n:]))
+            if j is not None:
+                return self.ids[j:j + k]
+        return []
+
+
 # --- the generator ----------------------------------------------------------------------------------------------
 @dataclass
 class Completion:
@@ -221,14 +254,20 @@ class Generator:
 
     check_every: look at the generated tokens (EOS, stop strings) every this many steps; each look syncs with the
     device, so on CUDA it is 16 unless text is streamed (1 on CPU, where syncing is free).
-    fuse: decode with fused projections (models/decode.py); default whenever the model allows it."""
+    fuse: decode with fused projections (models/decode.py); default whenever the model allows it.
+    prompt_lookup: greedy decoding of one row drafts up to this many tokens from its own text (`PromptLookup`) and
+    checks them in one forward; the accepted ones are exactly the greedy choices, so the output is that of plain
+    greedy decoding (up to floating-point ties between a one-token and a multi-token forward)."""
 
     def __init__(self, model: nn.Module, tokenizer, *, device: str = "cpu", compile: bool | str | None = None,
-                 check_every: int | None = None, fuse: bool | None = None):
+                 check_every: int | None = None, fuse: bool | None = None, prompt_lookup: int = 0):
         self.model, self.tok, self.device = model, tokenizer, device
+        self.prompt_lookup = prompt_lookup
         self.fused = can_fuse(model) if fuse is None else fuse
         if self.fused:
             fuse_projections(model)
+        if device == "cpu":
+            use_onednn_linears(model)
         self.context = model.config.max_position_embeddings
         self.compile = device.startswith("cuda") if compile is None else compile
         self.check_every = check_every
@@ -248,8 +287,9 @@ class Generator:
                 decode_step(model, state, _p, _fused)
             if not self.compile:
                 self._steps[key] = step
-            else:  # True: inductor + CUDA graphs; a string names another torch.compile backend (tests: "eager")
-                how = {"backend": self.compile} if isinstance(self.compile, str) else {"mode": "reduce-overhead"}
+            else:  # True: inductor (+ CUDA graphs on CUDA); a string names another backend (tests: "eager")
+                how = {"backend": self.compile} if isinstance(self.compile, str) else \
+                    {"mode": "reduce-overhead"} if self.device.startswith("cuda") else {"options": CPU_INDUCTOR}
                 self._steps[key] = torch.compile(step, fullgraph=True, dynamic=False, **how)
         return self._steps[key]
 
@@ -320,7 +360,10 @@ class Generator:
         ends: list[int | None] = [None] * b       # tokens kept per row once finished
         why = ["length"] * b
         eos = set(self.eos) if not params.ignore_eos else set()
-        check = self.check_every or (1 if on_text or not self.device.startswith("cuda") else 16)
+        lookup = PromptLookup(rows[0][1]) if (self.prompt_lookup > 0 and b == 1 and params.temperature <= 0
+                                              and params.repetition_penalty == 1.0) else None
+        check = 1 if lookup else self.check_every or (1 if on_text or not self.device.startswith("cuda") else 16)
+        accepted = 0
 
         _sync(self.device)
         t0 = time.perf_counter()
@@ -333,6 +376,8 @@ class Generator:
         while True:
             if n - read >= check or n == n_new:
                 new = s.out[:, read:n].tolist()  # the one sync per check
+                if lookup:
+                    lookup.extend(new[0])
                 for r in range(b):
                     for k, t in enumerate(new[r], start=read):
                         if ends[r] is not None:
@@ -349,12 +394,18 @@ class Generator:
                 read = n
                 if n == n_new or all(e is not None for e in ends):
                     break
-            step(self.model, s)
-            n += 1
+            draft = lookup.draft(min(self.prompt_lookup, n_new - n - 1)) if lookup else []
+            if draft:
+                got = self._verify(s, draft)
+                n += got
+                accepted += got - 1
+            else:
+                step(self.model, s)
+                n += 1
         _sync(self.device)
         t2 = time.perf_counter()
         self.stats = {"prefill_s": t1 - t0, "decode_s": t2 - t1, "decode_steps": n - 1,
-                      "decode_tokens_per_s": b * (n - 1) / max(t2 - t1, 1e-9)}
+                      "decode_tokens_per_s": b * (n - 1) / max(t2 - t1, 1e-9), "draft_tokens_accepted": accepted}
         out, logprobs = s.out[:, :n].tolist(), s.logprobs[:, :n].double().tolist()
         results = []
         for r, (prompt, _) in enumerate(rows):
@@ -365,6 +416,25 @@ class Generator:
             results.append(Completion(prompt, streams[r].text, end, float(sum(logprobs[r][:end])),
                                       end / max(t2 - t0, 1e-9), why[r], out[r][:end], logprobs[r][:end]))
         return results
+
+    def _verify(self, s: DecodeState, draft: list[int]) -> int:
+        """Greedy, one row: forward the current token and the draft in one pass over the cache, keep the draft's
+        longest prefix that greedy decoding would have chosen, plus the model's own next token. Cache entries past
+        the kept tokens are masked (keys <= query position) and overwritten later. Returns the tokens added."""
+        tokens = torch.tensor([[int(s.token)] + draft], device=self.device)
+        logits = self.model(tokens, input_pos=s.pos + torch.arange(len(draft) + 1, device=self.device))[0].float()
+        pred = logits.argmax(-1).tolist()
+        a = 0
+        while a < len(draft) and draft[a] == pred[a]:
+            a += 1
+        new = torch.tensor(draft[:a] + [pred[a]], device=self.device)
+        c = int(s.count)
+        s.out[0, c:c + len(new)] = new
+        s.logprobs[0, c:c + len(new)] = logits[:a + 1].log_softmax(-1).gather(-1, new[:, None])[:, 0]
+        s.token.fill_(int(new[-1]))
+        s.pos += len(new)
+        s.count += len(new)
+        return len(new)
 
 
 def _sync(device: str) -> None:
@@ -384,9 +454,15 @@ def configure_inductor() -> None:
 # --- measuring ----------------------------------------------------------------------------------------------------
 def decode_weight_bytes(model: nn.Module) -> int:
     """Bytes of weights one batch-1 decode step reads: all but the input embedding (one row of it is read);
-    a tied output head is counted once, as it is read in full."""
+    a tied output head is counted once, as it is read in full; quantized layers count their codes and scales."""
+    from gentool.models.quant import QuantLinear
+
+    tensors = list(model.named_parameters(remove_duplicate=False))
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            tensors += [(f"{name}.{k}", t) for k, t in m.stored().items()]
     seen, total = set(), 0
-    for name, p in model.named_parameters(remove_duplicate=False):
+    for name, p in tensors:
         if "embed_tokens" in name or p.data_ptr() in seen:
             continue
         seen.add(p.data_ptr())

@@ -5,10 +5,17 @@ So, per layer: q/k/v are one matrix-vector product (as gpt-fast's `wqkv`) and ga
 attention groups the query heads over their shared key/value head instead of expanding the cache (what SDPA's
 GQA fallback does with a mask); everything else is left to the compiler to fuse. The fused matrices are made
 once, and the original projection weights become views into them, so no memory is doubled and the state dict,
-HF parameter names included, is unchanged.
+HF parameter names included, is unchanged. Projections that are not plain bias-free `nn.Linear`s (quantized,
+LoRA, biased) are not fused: the forward calls the layers themselves.
+
+Under torch.compile on a CPU, each dense matrix-vector product is written as a multiply-and-sum over the weight's
+rows (`gemv`), which inductor turns into one vectorised loop that streams the weight once; MKL's sgemm at M=1
+reaches about half the memory bandwidth (bench/cpu.py). Eagerly, float32 products on a CPU go through oneDNN
+(`use_onednn_linears`, also for prefill and scoring: MKL's float32 GEMM is 2-3x slower on AMD CPUs); on CUDA it
+is `F.linear`.
 
 It computes what `Transformer.forward(token, input_pos=pos, attention_mask=...)` does with a cache set up (the
-tests compare the two); models with LoRA, quantized or biased projections keep the general forward.
+tests compare the two).
 Shape legend: B batch, S cache length, D hidden, H heads, K kv heads, G = H/K, E head dim, V vocab.
 """
 
@@ -22,24 +29,60 @@ import torch.nn.functional as F
 
 from gentool.models.transformer import Transformer, rotate_half
 
+GEMV_MAX_ROWS = 4  # up to this many rows (B·T), the compiled CPU matrix-vector product is used
+
+
+def onednn_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear through oneDNN (inference only: no autograd), F.linear where oneDNN does not take it. torch's
+    float32 matmul on a CPU is MKL's sgemm, which runs 2-3x slower than oneDNN on AMD CPUs (bench/cpu.py)."""
+    try:
+        return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [None], "")
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return F.linear(x, w, b)
+
+
+def _onednn_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
+    return (x.device.type == "cpu" and x.dtype == w.dtype == torch.float32 and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling() and torch.backends.mkldnn.is_available())
+
+
+class OneDNNLinear(nn.Linear):
+    """An nn.Linear whose float32 inference on a CPU goes through oneDNN; with gradients, under torch.compile and
+    elsewhere it is F.linear. Same parameters, same state dict."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _onednn_ok(x, self.weight):
+            return onednn_linear(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+
+def use_onednn_linears(model: nn.Module) -> nn.Module:
+    """Make every plain nn.Linear of `model` a OneDNNLinear, in place (the class only: parameters, hooks and
+    state dict are untouched). Idempotent."""
+    for m in model.modules():
+        if type(m) is nn.Linear:
+            m.__class__ = OneDNNLinear
+    return model
+
 
 def can_fuse(model: nn.Module) -> bool:
-    if not isinstance(model, Transformer) or not model.causal:
-        return False
-    return all(type(lin) is nn.Linear and lin.bias is None for layer in model.model.layers
-               for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
-                           layer.mlp.gate_proj, layer.mlp.up_proj))
+    """Whether `decode_forward` applies: a causal Transformer (its projections may be any layers)."""
+    return isinstance(model, Transformer) and model.causal
+
+
+def _plain(lin: nn.Module) -> bool:
+    return type(lin) in (nn.Linear, OneDNNLinear) and lin.bias is None
 
 
 def fuse_projections(model: Transformer) -> None:
-    """Give each layer `self_attn.wqkv` and `mlp.w13` (non-persistent buffers); the q/k/v and gate/up weights
-    become views into them. Idempotent."""
+    """Give each layer whose q/k/v (gate/up) are plain bias-free linears `self_attn.wqkv` (`mlp.w13`), as
+    non-persistent buffers; the q/k/v and gate/up weights become views into them. Idempotent."""
     for layer in model.model.layers:
         for parent, names, fused in [(layer.self_attn, ("q_proj", "k_proj", "v_proj"), "wqkv"),
                                      (layer.mlp, ("gate_proj", "up_proj"), "w13")]:
-            if hasattr(parent, fused):
-                continue
             lins = [getattr(parent, n) for n in names]
+            if hasattr(parent, fused) or not all(_plain(lin) for lin in lins):
+                continue
             w = torch.cat([lin.weight.detach() for lin in lins])
             start = 0
             for lin in lins:
@@ -47,6 +90,25 @@ def fuse_projections(model: Transformer) -> None:
                 lin.weight = nn.Parameter(w[start:start + rows], requires_grad=False)
                 start += rows
             parent.register_buffer(fused, w, persistent=False)
+
+
+def gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x (..., K) @ w (N, K)ᵀ. Compiled for a CPU with few rows: a float32 multiply-and-sum over w's rows (one
+    fused loop reading w once, in its own dtype); otherwise F.linear."""
+    if torch.compiler.is_compiling() and x.device.type == "cpu" and x[..., 0].numel() <= GEMV_MAX_ROWS:
+        return (x.float()[..., None, :] * w.float()).sum(-1).to(x.dtype)
+    return onednn_linear(x, w) if _onednn_ok(x, w) else F.linear(x, w)
+
+
+def _linear(lin: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return gemv(x, lin.weight) if _plain(lin) else lin(x)
+
+
+def _project(parent: nn.Module, fused: str, names: tuple[str, ...], x: torch.Tensor) -> torch.Tensor:
+    w = getattr(parent, fused, None)
+    if w is not None:
+        return gemv(x, w)
+    return torch.cat([_linear(getattr(parent, n), x) for n in names], dim=-1)
 
 
 def decode_forward(model: Transformer, token_B1: torch.Tensor, pos_1: torch.Tensor,
@@ -69,7 +131,7 @@ def decode_forward(model: Transformer, token_B1: torch.Tensor, pos_1: torch.Tens
     scale = 1.0 / math.sqrt(e)
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
-        qkv = F.linear(layer.input_layernorm(x), attn.wqkv)                 # (B, 1, (H + 2K) E)
+        qkv = _project(attn, "wqkv", ("q_proj", "k_proj", "v_proj"), layer.input_layernorm(x))  # (B, 1, (H+2K) E)
         q, k, v = qkv.split([h * e, k_heads * e, k_heads * e], dim=-1)
         q = q.view(b, k_heads, g, e)                                        # heads j*G .. j*G+G-1 share kv head j
         k = k.view(b, k_heads, 1, e)
@@ -80,7 +142,7 @@ def decode_forward(model: Transformer, token_B1: torch.Tensor, pos_1: torch.Tens
         scores = (q.to(k_cache.dtype) @ k_cache.transpose(-1, -2)).float() * scale  # (B, K, G, S)
         p = scores.masked_fill(~valid, float("-inf")).softmax(-1)
         y = (p.to(v_cache.dtype) @ v_cache).reshape(b, 1, h * e)            # (B, 1, H E)
-        x = x + attn.o_proj(y.to(x.dtype))
-        gate, up = F.linear(layer.post_attention_layernorm(x), mlp.w13).chunk(2, dim=-1)
-        x = x + mlp.down_proj(F.silu(gate) * up)
-    return model.lm_head(model.model.norm(x))[:, -1]                         # (B, V)
+        x = x + _linear(attn.o_proj, y.to(x.dtype))
+        gate, up = _project(mlp, "w13", ("gate_proj", "up_proj"), layer.post_attention_layernorm(x)).chunk(2, -1)
+        x = x + _linear(mlp.down_proj, F.silu(gate) * up)
+    return _linear(model.lm_head, model.model.norm(x))[:, -1]               # (B, V)

@@ -3,9 +3,11 @@
 A `QuantLinear` keeps exactly the tensors a quantized checkpoint stores (`weight` codes plus `weight_scale`,
 `weight_zero`, `weight_absmax*`; see codecs/quant.py), so `state_dict()` *is* the file layout. Kernel layouts are
 derived from them on the device the layer lives on (`_prepare`, rerun after every `.to()`):
-- int8: torch's `_weight_int8pack_mm` on CPU; on CUDA a dequantize-fused GEMV under torch.compile for decoding
-  (x·(q·s) as a multiply-and-sum inductor fuses, reading int8) and dequantize + matmul otherwise.
-- int4: torch's `_weight_int4pack_mm_for_cpu` / `_weight_int4pack_mm` (tinygemm) layouts, converted at load time.
+- int8: decoding under torch.compile, a dequantize-fused GEMV (x·(q·s) as a multiply-and-sum inductor fuses,
+  reading int8; on a CPU for float32 activations); otherwise torch's `_weight_int8pack_mm` on CPU for 16-bit
+  activations (its float32 path is slow) and dequantize + matmul elsewhere.
+- int4: torch's `_weight_int4pack_mm_for_cpu` (16-bit activations; float32 ones dequantize) / `_weight_int4pack_mm`
+  (tinygemm) layouts, converted at load time.
 - fp8:  `torch._scaled_mm` with row-wise scales (activations quantized per row on the fly) on GPUs with FP8;
   dequantize + matmul elsewhere.
 - nf4:  dequantize + matmul (the QLoRA base layer).
@@ -124,10 +126,17 @@ class Int8Linear(QuantLinear):
 
     def _mm(self, x):
         s = self.weight_scale.to(x.dtype)
-        if x.device.type == "cpu" or (x.device.type == "cuda" and INT8_CUDA_KERNEL == "aten"):
-            return torch.ops.aten._weight_int8pack_mm(x.contiguous(), self.weight, s)
-        if torch.compiler.is_compiling() and x.shape[0] <= 4:  # decoding: one fused int8 GEMV
+        cpu = x.device.type == "cpu"
+        # decoding under torch.compile: one fused int8 GEMV (on a CPU only for float32 activations: inductor's
+        # bfloat16 version is slower than the aten kernel, which is fast for bfloat16 and slow for float32)
+        fused = torch.compiler.is_compiling() and x.shape[0] <= 4 and (x.dtype == torch.float32 if cpu else
+                                                                       INT8_CUDA_KERNEL != "aten")
+        if fused:
             return (x[:, None, :] * self.weight.to(x.dtype)[None]).sum(-1) * s
+        if cpu and x.dtype == torch.float32:  # aten's float32 path is a slow reference loop: dequantize instead
+            return F.linear(x, self.weight.to(x.dtype)) * s
+        if cpu or INT8_CUDA_KERNEL == "aten":
+            return torch.ops.aten._weight_int8pack_mm(x.contiguous(), self.weight, s)
         return F.linear(x, self.weight.to(x.dtype)) * s
 
 
@@ -152,8 +161,8 @@ class Int4Linear(QuantLinear):
             self._packed = self._sz = None
 
     def _mm(self, x):
-        if self._packed is None:
-            return self._dense(x)
+        if self._packed is None or (x.device.type == "cpu" and x.dtype == torch.float32):
+            return self._dense(x)  # aten's CPU kernel is fast for 16-bit activations, a slow loop for float32
         if x.device.type == "cpu":
             sz = self._sz if self._sz.dtype == x.dtype else self._sz.to(x.dtype)
             return torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), self._packed, self.group_size, sz)

@@ -181,8 +181,8 @@ class Transformer(nn.Module):
 
     # --- static KV cache for decoding ---------------------------------------------------------------------------
     def setup_cache(self, max_batch_size: int, max_seq_len: int, dtype=None, device=None) -> None:
-        dtype = dtype or self.lm_head.weight.dtype
-        device = device or self.lm_head.weight.device
+        dtype = dtype or self.model.norm.weight.dtype  # the compute dtype (a quantized head stores codes)
+        device = device or self.model.norm.weight.device
         c = self.config
         for layer in self.model.layers:
             layer.self_attn.kv_cache = KVCache(max_batch_size, c.num_key_value_heads, max_seq_len, c.head_dim,
