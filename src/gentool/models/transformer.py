@@ -181,7 +181,7 @@ class Transformer(nn.Module):
 
     # --- static KV cache for decoding ---------------------------------------------------------------------------
     def setup_cache(self, max_batch_size: int, max_seq_len: int, dtype=None, device=None) -> None:
-        dtype = dtype or self.lm_head.weight.dtype
+        dtype = dtype or self.model.norm.weight.dtype  # a quantized head's weight holds codes
         device = device or self.lm_head.weight.device
         c = self.config
         for layer in self.model.layers:
