@@ -15,6 +15,7 @@ few floats per scored token for the percentiles. `kl_tokens` writes each scored 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -26,6 +27,7 @@ import torch
 from gentool.errors import UsageProblem
 from gentool.evaluation.tokens import load_eval_tokens
 from gentool.evaluation.windows import plan_hf_strided, plan_llamacpp, plan_windows
+from gentool.models.quant_ggml import llama_cpp_arithmetic
 
 
 def _mean_and_uncertainty(s: float, s2: float, n: int) -> tuple[float, float]:
@@ -135,7 +137,9 @@ def compare_logits(base: torch.nn.Module, quant: torch.nn.Module, ids: torch.Ten
                    stride: int | None = None, batch_size: int = 8, device: str = "cpu",
                    dtype: torch.dtype = torch.float32, protocol: str = "gentool", bos_id: int | None = None,
                    kl_tokens: str | Path | None = None, chunk_rows: int = 256) -> dict[str, Any]:
-    """Score every token of `ids` the evaluation windows pick under both models; llama.cpp's figures."""
+    """Score every token of `ids` the evaluation windows pick under both models; llama.cpp's figures. The
+    llama.cpp protocol also rounds the GGML layers' activations as llama.cpp's CPU backend does, so its figures
+    for the same GGUF files come out the same."""
     if protocol == "llama.cpp":
         plan = plan_llamacpp(len(ids), window)
     elif protocol == "hf-strided":
@@ -145,7 +149,9 @@ def compare_logits(base: torch.nn.Module, quant: torch.nn.Module, ids: torch.Ten
     out = open(kl_tokens, "w", encoding="utf-8") if kl_tokens else None
     stats = KLStats(out)
     autocast = device.startswith("cuda") and dtype != torch.float32
+    arithmetic = llama_cpp_arithmetic(base, quant) if protocol == "llama.cpp" else contextlib.nullcontext()
     try:
+        arithmetic.__enter__()
         for i in range(0, len(plan), batch_size):
             group = plan[i:i + batch_size]
             lengths = {w.end - w.start for w in group}  # equal lengths batch together; a short last one alone
@@ -166,6 +172,7 @@ def compare_logits(base: torch.nn.Module, quant: torch.nn.Module, ids: torch.Ten
                             pos = torch.arange(w.start + 1 + rows.start, w.start + 1 + rows.stop)
                             stats.add(lb, lq, x[j, 1:][rows], pos)
     finally:
+        arithmetic.__exit__(None, None, None)
         if out is not None:
             out.close()
     return {**stats.report(), "window": window, "protocol": protocol}
@@ -204,3 +211,20 @@ def compare_checkpoints(quant: Path, reference: Path, data: list[str], *, device
     qc = q.manifest.contents if q.manifest is not None and q.manifest.kind == "quantized-checkpoint" else {}
     extra = {k: qc[k] for k in ("scheme", "bits_per_weight", "bytes", "compression_ratio") if k in qc}
     return {"checkpoint": str(quant), "reference": str(reference), **extra, **report}
+
+
+def llama_logits_tokens(path: str | Path) -> tuple[int, int, torch.Tensor]:
+    """n_ctx, n_vocab and the tokens of a `llama-perplexity --kl-divergence-base` file (its header: "_logits_",
+    u32 n_ctx, i32 n_vocab, i32 n_chunk, then n_ctx·n_chunk i32 tokens), to score exactly llama.cpp's tokens."""
+    import struct
+
+    with open(path, "rb") as f:
+        head = f.read(20)
+        if len(head) < 20 or head[:8] != b"_logits_":
+            raise UsageProblem("not a llama-perplexity logits file", path=path,
+                               hint="write one with llama-perplexity --kl-divergence-base FILE")
+        n_ctx, n_vocab, n_chunk = struct.unpack("<Iii", head[8:])
+        data = f.read(4 * n_ctx * n_chunk)
+    if len(data) < 4 * n_ctx * n_chunk:
+        raise UsageProblem("truncated llama-perplexity logits file", path=path)
+    return n_ctx, n_vocab, torch.from_numpy(np.frombuffer(data, "<i4").astype(np.int64))

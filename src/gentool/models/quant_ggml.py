@@ -125,10 +125,34 @@ def int4_planes(raw: torch.Tensor, qtype: str, cols: int) -> list[dict[str, torc
     return planes
 
 
+def ggml_activations(x: torch.Tensor, qtype: str) -> torch.Tensor:
+    """x (M, K) as ggml's CPU backend rounds it before a dot product with `qtype` weights (its vec_dot_type):
+    Q8_0/Q8_1 blocks of 32 (x86 quantize_row_q8_0: id = 127/amax, round half to even, d = fp16(amax/127)) for the
+    32-weight types, Q8_K blocks of 256 (quantize_row_q8_K_ref: iscale = -127/max, d = 1/iscale) for K-quants."""
+    m, k = x.shape
+    xf = x.float()
+    if _CODES[qtype][2] == 16 or qtype in ("Q4_K", "Q5_K"):
+        b = xf.reshape(m, k // QK_K, QK_K)
+        idx = b.abs().argmax(-1, keepdim=True)
+        mx = b.gather(-1, idx)                                           # the signed value of largest magnitude
+        iscale = torch.where(mx != 0, -127.0 / mx, torch.zeros_like(mx))
+        q = torch.round(iscale * b).clamp_(max=127)
+        d = torch.where(mx != 0, 1 / iscale, torch.zeros_like(mx))
+    else:
+        b = xf.reshape(m, k // 32, 32)
+        amax = b.abs().amax(-1, keepdim=True)
+        idv = torch.where(amax != 0, 127.0 / amax, torch.zeros_like(amax))
+        q = torch.round(b * idv)
+        d = (amax / 127.0).half().float()
+    return (q * d).reshape(m, k).to(x.dtype)
+
+
 class GGMLLinear(QuantLinear):
-    """y = x·dequant(W)ᵀ + b with W stored as GGUF blocks of one GGML type."""
+    """y = x·dequant(W)ᵀ + b with W stored as GGUF blocks of one GGML type. With `cpu_arithmetic`, the input is
+    first rounded as llama.cpp's CPU backend rounds it (`ggml_activations`), to reproduce its figures."""
 
     scheme = "ggml"
+    cpu_arithmetic = False
 
     def __init__(self, in_features: int, out_features: int, weight: torch.Tensor, qtype: str,
                  bias: torch.Tensor | None = None, *, dtype=torch.float32):
@@ -156,6 +180,8 @@ class GGMLLinear(QuantLinear):
         self._packed = self.dequantize()
 
     def _mm(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cpu_arithmetic:
+            x = ggml_activations(x, self.qtype)
         if self._kernels:
             y = self._kernels[0]._mm(x)
             for k in self._kernels[1:]:
@@ -260,3 +286,20 @@ def dequantize_embeddings(model: nn.Module) -> nn.Module:
         emb.weight.copy_(w)
         model.set_submodule(name, emb)
     return model
+
+
+class llama_cpp_arithmetic:
+    """Within the block, the GGML layers of `models` compute as llama.cpp's CPU backend does (activations rounded
+    to Q8_0/Q8_K before each quantized dot product)."""
+
+    def __init__(self, *models: nn.Module):
+        self.layers = [m for model in models for m in model.modules() if isinstance(m, GGMLLinear)]
+
+    def __enter__(self):
+        for m in self.layers:
+            m.cpu_arithmetic = True
+        return self
+
+    def __exit__(self, *exc):
+        for m in self.layers:
+            m.__dict__.pop("cpu_arithmetic", None)

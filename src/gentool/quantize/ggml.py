@@ -19,7 +19,7 @@ import torch
 
 from gentool import console
 from gentool.codecs import ggml
-from gentool.codecs.ggml_mixes import _ALIASES, MIXES, mix_info, tensor_types
+from gentool.codecs.ggml_mixes import _ALIASES, MIXES, allows_quantization, mix_info, tensor_types
 from gentool.codecs.gguf_names import gguf_name, hf_name
 from gentool.devices import dtype_name
 from gentool.errors import UsageProblem
@@ -57,6 +57,10 @@ def plan_types(shapes: dict[str, tuple[int, ...]], mix: str, *, n_layer: int, n_
             raise UsageProblem(f"--tensor-type type {t} cannot be written by gentool",
                                hint="use one of " + ", ".join(SUPPORTED + FLOAT_TYPES))
     gg = {gguf_name(k): s for k, s in shapes.items()}
+    for name, shape in gg.items():  # an explicit choice that does not fit is an error; the mixes fall back
+        t = next((t for pattern, t in parsed if pattern.search(name)), None)
+        if t is not None and t not in FLOAT_TYPES and allows_quantization(name, shape):
+            ggml.check_fits(t, shape, name)
     types = tensor_types(gg, mix, n_layer=n_layer, n_head=n_head, n_head_kv=n_kv, overrides=parsed,
                          has_imatrix=has_imatrix)
     return {hf_name(k): t for k, t in types.items()}
@@ -65,11 +69,6 @@ def plan_types(shapes: dict[str, tuple[int, ...]], mix: str, *, n_layer: int, n_
 def plan_for(model: torch.nn.Module, config, mix: str, **kw) -> dict[str, str]:
     return plan_types(weight_shapes(model, config), mix, n_layer=config.num_hidden_layers,
                       n_head=config.num_attention_heads, n_kv=config.num_key_value_heads, **kw)
-
-
-def check_type_fits(name: str, shape, qtype: str) -> None:
-    """One clear line for a type that does not fit, offering llama.cpp's fallback (used for explicit choices)."""
-    ggml.check_fits(qtype, shape, gguf_name(name) or name)
 
 
 def quantize_tensor(w: torch.Tensor, qtype: str, name: str, imatrix: np.ndarray | None = None) -> torch.Tensor:
