@@ -3,8 +3,6 @@ the checkpoint loading in sample/perplexity, export-gguf copying the blocks, imp
 refusals. Live checks against the llama.cpp build ($GENTOOL_LLAMA_CPP_BIN or .anchors/) skip without it."""
 
 import json
-import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -15,36 +13,16 @@ import torch
 from gentool.codecs import ggml
 from gentool.codecs.ggml_mixes import tensor_types
 from gentool.codecs.gguf_names import gguf_name, permute_qk
-from gentool.config import config_from_preset
-from gentool.models.checkpoint import load_lm, save_lm
+from gentool.models.checkpoint import load_lm
 from gentool.models.transformer import Transformer
 
 gguf = pytest.importorskip("gguf")
+import importlib.util
 
-
-def llama_bin() -> Path | None:
-    for cand in (os.environ.get("GENTOOL_LLAMA_CPP_BIN"),
-                 Path(__file__).resolve().parents[2] / ".anchors" / "llama.cpp" / "build" / "bin"):
-        if cand and (Path(cand) / "llama-quantize").is_file():
-            return Path(cand)
-    return None
-
-
-needs_llama = pytest.mark.skipif(llama_bin() is None, reason="llama.cpp tools not built ($GENTOOL_LLAMA_CPP_BIN)")
-
-
-def make_lm(directory: Path, tokenizer: Path, *, tie=False, hidden=256, inter=512, layers=2, seed=0) -> Path:
-    from gentool.artifacts import create_artifact
-
-    cfg = config_from_preset("tiny", vocab_size=400, hidden_size=hidden, intermediate_size=inter,
-                             num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=layers,
-                             max_position_embeddings=128, tie_word_embeddings=tie)
-    m = Transformer(cfg)
-    m.init_weights(seed)
-    with create_artifact(directory, "lm-checkpoint", config={"test": True}) as art:
-        save_lm(m, cfg, art.dir)
-        shutil.copy(tokenizer / "tokenizer.model", art.dir / "tokenizer.model")
-    return directory
+_spec = importlib.util.spec_from_file_location("_qhelpers", Path(__file__).with_name("_helpers.py"))
+_h = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_h)
+gguf_tensors, llama_bin, make_lm, needs_llama = _h.gguf_tensors, _h.llama_bin, _h.make_lm, _h.needs_llama
 
 
 @pytest.fixture(scope="module")
@@ -54,12 +32,6 @@ def base(tmp_path_factory, tiny_tokenizer):
     make_lm(d / "tied", tiny_tokenizer, tie=True, seed=1)
     (d / "text.txt").write_text("Now is the winter of our discontent made glorious summer by this sun of York. " * 6)
     return d
-
-
-def gguf_tensors(path):
-    r = gguf.GGUFReader(path)
-    return {t.name: (t.tensor_type.name, np.asarray(t.data).view(np.uint8).reshape(len(t.data), -1)
-                     if t.tensor_type.name not in ("F32", "F16") else np.asarray(t.data)) for t in r.tensors}
 
 
 def test_q4_k_m_types_bytes_and_loading(cli, base, tmp_path):

@@ -32,8 +32,9 @@ class Calibration:
     source: dict[str, Any] = field(default_factory=dict)          # data, split, id, tokens
 
     def values(self) -> dict[str, np.ndarray]:
-        """HF weight name -> mean squared activation per input column (float32), what the quantizers weigh by."""
-        return {k: (s / max(self.counts[k], 1)).float().numpy() for k, s in self.sums.items()}
+        """HF weight name -> mean squared activation per input column: float32 sums over float32 counts, the
+        numbers llama-quantize computes from the imatrix file, so both tools quantize with the same values."""
+        return {k: s.float().numpy() / np.float32(max(self.counts[k], 1)) for k, s in self.sums.items()}
 
 
 def calibration_ids(lm, data: list[str], *, split: str = "train", max_tokens: int = DEFAULT_TOKENS,
