@@ -18,7 +18,7 @@ def import_gguf(
     force: Force = False,
     json_: Json = False,
 ) -> None:
-    """Convert a llama.cpp GGUF file into an lm-checkpoint (or a quantized-checkpoint).
+    """Convert a llama.cpp GGUF file into a gentool checkpoint.
 
     Every block type the gguf package reads is dequantized to float32 (with --keep-quantized the types gentool
     decodes stay as they are, so export-gguf writes them back byte for byte); llama.cpp's q/k row permutation is

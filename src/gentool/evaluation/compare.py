@@ -136,22 +136,24 @@ def _hidden(model, x):
 def compare_logits(base: torch.nn.Module, quant: torch.nn.Module, ids: torch.Tensor, *, window: int,
                    stride: int | None = None, batch_size: int = 8, device: str = "cpu",
                    dtype: torch.dtype = torch.float32, protocol: str = "gentool", bos_id: int | None = None,
-                   kl_tokens: str | Path | None = None, chunk_rows: int = 256) -> dict[str, Any]:
+                   kl_tokens: str | Path | None = None, chunk_rows: int = 256,
+                   llama_arithmetic: bool | None = None) -> dict[str, Any]:
     """Score every token of `ids` the evaluation windows pick under both models; llama.cpp's figures. The
-    llama.cpp protocol also rounds the GGML layers' activations as llama.cpp's CPU backend does, so its figures
-    for the same GGUF files come out the same."""
+    llama.cpp protocol also rounds the GGML layers' activations as llama.cpp's CPU backend does (unless
+    `llama_arithmetic` is False), so its figures for the same GGUF files come out the same."""
     if protocol == "llama.cpp":
         plan = plan_llamacpp(len(ids), window)
     elif protocol == "hf-strided":
         plan = plan_hf_strided(len(ids), window, stride or window)
     else:
         plan = plan_windows(len(ids), window, stride or max(1, window // 2))
-    out = open(kl_tokens, "w", encoding="utf-8") if kl_tokens else None
-    stats = KLStats(out)
+    if llama_arithmetic is None:
+        llama_arithmetic = protocol == "llama.cpp"
     autocast = device.startswith("cuda") and dtype != torch.float32
-    arithmetic = llama_cpp_arithmetic(base, quant) if protocol == "llama.cpp" else contextlib.nullcontext()
-    try:
-        arithmetic.__enter__()
+    with contextlib.ExitStack() as stack:
+        stats = KLStats(stack.enter_context(open(kl_tokens, "w", encoding="utf-8")) if kl_tokens else None)
+        if llama_arithmetic:
+            stack.enter_context(llama_cpp_arithmetic(base, quant))
         for i in range(0, len(plan), batch_size):
             group = plan[i:i + batch_size]
             lengths = {w.end - w.start for w in group}  # equal lengths batch together; a short last one alone
@@ -171,10 +173,6 @@ def compare_logits(base: torch.nn.Module, quant: torch.nn.Module, ids: torch.Ten
                             lq = quant.lm_head(hq[j, rows]) if hasattr(quant, "hidden_states") else hq[j, rows]
                             pos = torch.arange(w.start + 1 + rows.start, w.start + 1 + rows.stop)
                             stats.add(lb, lq, x[j, 1:][rows], pos)
-    finally:
-        arithmetic.__exit__(None, None, None)
-        if out is not None:
-            out.close()
     return {**stats.report(), "window": window, "protocol": protocol}
 
 

@@ -77,7 +77,7 @@ def read_gguf(path: str | Path, *, keep_quantized: bool = False) -> GGUFModel:
         raise UsageProblem("no such file", path=path, hint="pass a .gguf file")
     try:
         reader = gguf.GGUFReader(path)
-    except Exception as e:  # the reader raises ValueError/IndexError/struct errors on truncated or foreign files
+    except Exception as e:  # noqa: BLE001 -- the reader raises ValueError/IndexError/struct errors on truncated or foreign files
         raise GentoolError(f"not a readable GGUF file ({type(e).__name__}: {e})", path=path,
                            hint="the file is truncated or not GGUF; download it again") from None
     arch = _field(reader, "general.architecture")
@@ -318,7 +318,7 @@ def _read_float(ckpt: Path) -> dict[str, np.ndarray]:
     tensors: dict[str, np.ndarray] = {}
     for f in weight_files(ckpt):
         with safe_open(str(f), framework="pt") as handle:  # "pt" reads bf16, which numpy cannot
-            for key in handle.keys():
+            for key in handle.keys():  # noqa: SIM118 -- safe_open is not iterable
                 t = handle.get_tensor(key)
                 tensors[key] = t.numpy() if t.dtype.is_floating_point is False else t.float().numpy()
     return tensors

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn as nn
+from torch import nn
 
 from gentool import console
 from gentool.codecs import ggml
@@ -177,7 +177,7 @@ def choose_types(lm, ids: torch.Tensor, target: float, *, values: dict[str, np.n
     for t in types.values():
         counts[t] = counts.get(t, 0) + 1
     report = {"target_kl": target, "measured_kl": measured, "predicted_kl": predicted, "met": bool(ok),
-              "rounds": len(tried), "tokens": int(len(eval_ids)), "type_counts": dict(sorted(counts.items())),
+              "rounds": len(tried), "tokens": len(eval_ids), "type_counts": dict(sorted(counts.items())),
               "choices": {k: t for k, t in sorted(types.items()) if t not in FLOAT_TYPES}}
     return types, report
 
