@@ -59,6 +59,9 @@ def quantize(
     max_tokens: Annotated[int | None, typer.Option(help="--eval at most this many tokens.",
                                                       rich_help_panel=EVAL)] = None,
     batch_size: Annotated[int, typer.Option(help="--eval windows per forward pass.", rich_help_panel=EVAL)] = 8,
+    protocol: Annotated[str, typer.Option(help="--eval windows: gentool (every token once, sliding) or llama.cpp "
+                                               "(its chunks, BOS, second halves scored, its CPU arithmetic).",
+                                          rich_help_panel=EVAL)] = "gentool",
     kl_tokens: Annotated[Path | None, typer.Option(help="--eval: write every scored token's KL, NLLs and top-1 "
                                                            "match as JSON lines to this file.",
                                                       rich_help_panel=EVAL)] = None,
@@ -91,7 +94,8 @@ def quantize(
         calibrate_split=calibrate_split, calibrate_tokens=calibrate_tokens, imatrix=imatrix, target_kl=target_kl,
         dequantize=dequantize, eval_data=eval_, force=force, verify=not no_verify,
         eval_options={"split": split, "window": window, "max_tokens": max_tokens, "batch_size": batch_size,
-                      "device": dev, "dtype": resolve_dtype(dtype, dev), "kl_tokens": kl_tokens})
+                      "device": dev, "dtype": resolve_dtype(dtype, dev), "kl_tokens": kl_tokens,
+                      "protocol": protocol})
     console.emit(result, as_json=json_, title="quantize")
 
 

@@ -26,7 +26,7 @@ import torch
 
 from gentool.errors import UsageProblem
 from gentool.evaluation.tokens import load_eval_tokens
-from gentool.evaluation.windows import plan_hf_strided, plan_llamacpp, plan_windows
+from gentool.evaluation.windows import PROTOCOLS, plan_hf_strided, plan_llamacpp, plan_windows
 from gentool.models.quant_ggml import llama_cpp_arithmetic
 
 
@@ -180,6 +180,8 @@ def damage_report(base_lm, quant_lm, data: list[str], *, split: str = "val", win
                   stride: int | None = None, max_tokens: int | None = None, batch_size: int = 8,
                   device: str = "cpu", dtype: torch.dtype = torch.float32, verify: bool = True,
                   protocol: str = "gentool", kl_tokens: str | Path | None = None) -> dict[str, Any]:
+    if protocol not in PROTOCOLS:
+        raise UsageProblem(f"unknown --protocol {protocol!r}", hint="use " + ", ".join(PROTOCOLS))
     if base_lm.config.vocab_size != quant_lm.config.vocab_size:
         raise UsageProblem("the two models have different vocabularies", path=base_lm.path,
                            hint="--reference must be the checkpoint that was quantized")

@@ -143,8 +143,7 @@ def quantize_checkpoint(ckpt: Path, out: Path, *, scheme: str | None, group_size
             values = cal_.read_imatrix_file(Path(imatrix), shapes or _linear_shapes(lm.model))
         recipe = {"scheme": scheme if ggml else SCHEME_NAMES[scheme],
                   "group_size": group_size if scheme == "int4" else None,
-                  "method": ("gptq" if cal is not None else "importance" if values else method)
-                  if scheme == "int4" else ("imatrix" if values else "llama.cpp") if ggml else "rtn",
+                  "method": _method(scheme, ggml, method, calibrated=cal is not None, imatrix=values is not None),
                   "symmetric": scheme in ("int8", "fp8"), "skip": skip, "keep_16bit": list(keep_16bit or []),
                   "tensor_types": list(tensor_types), "target_kl": target_kl,
                   "calibration": cal.source if cal is not None else None,
@@ -216,6 +215,16 @@ def quantize_checkpoint(ckpt: Path, out: Path, *, scheme: str | None, group_size
             art.metrics.update(report)
             result.update(report)
     return result
+
+
+def _method(scheme: str, ggml: bool, method: str, *, calibrated: bool, imatrix: bool) -> str:
+    """What decided the codes: llama.cpp's search (with an imatrix or not), GPTQ, importance-weighted or data-free
+    int4 search, or round-to-nearest."""
+    if ggml:
+        return "imatrix" if imatrix else "llama.cpp"
+    if scheme == "int4":
+        return "gptq" if calibrated else "importance" if imatrix else method
+    return "rtn"
 
 
 def _targets(model, patterns, scheme: str, group_size: int) -> list[str]:

@@ -63,6 +63,11 @@ def plan_types(shapes: dict[str, tuple[int, ...]], mix: str, *, n_layer: int, n_
             ggml.check_fits(t, shape, name)
     types = tensor_types(gg, mix, n_layer=n_layer, n_head=n_head, n_head_kv=n_kv, overrides=parsed,
                          has_imatrix=has_imatrix)
+    block = ggml.block_size(mix_info(mix)[1])
+    odd = [k for k, s in gg.items() if allows_quantization(k, s) and s[-1] % block]
+    if odd:
+        console.log(f"{len(odd)} tensors have rows that {mix_info(mix)[1]}'s blocks of {block} do not divide (e.g. "
+                    f"{odd[0]}: {gg[odd[0]][-1]}); they get llama-quantize's fallback types")
     return {hf_name(k): t for k, t in types.items()}
 
 
