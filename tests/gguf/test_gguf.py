@@ -6,23 +6,20 @@ import pytest
 
 gguf = pytest.importorskip("gguf")
 
-from gentool.errors import GentoolError, UsageProblem  # noqa: E402
-from gentool.gguf import (pack_q4_0, pack_q8_0, permute_qk, read_gguf, unpack_q4_0, unpack_q8_0,  # noqa: E402
-                          unpermute_qk, write_gguf)
+from gentool.codecs import ggml
+from gentool.errors import GentoolError, UsageProblem
+from gentool.gguf import permute_qk, read_gguf, unpermute_qk, write_gguf
 
 QT = gguf.GGMLQuantizationType
 
 
-@pytest.mark.parametrize("pack,unpack,qtype", [(pack_q8_0, unpack_q8_0, QT.Q8_0), (pack_q4_0, unpack_q4_0, QT.Q4_0)])
-def test_block_packing_matches_llama_cpp_layout(pack, unpack, qtype):
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0"])
+def test_block_codecs_match_the_gguf_package(qtype):
     w = np.random.default_rng(0).standard_normal((16, 96)).astype(np.float32)
     w[3] = 0.0  # an all-zero block must not divide by zero
-    packed = pack(w)
-    assert np.array_equal(packed, gguf.quants.quantize(w, qtype))  # the gguf package's reference quantizer
-    assert np.array_equal(unpack(packed, 96), gguf.quants.dequantize(packed, qtype))
-    scale = np.abs(w.reshape(-1, 32)).max(1) / (127 if qtype == QT.Q8_0 else 8)
-    err = np.abs(unpack(packed, 96) - w).reshape(-1, 32).max(1)
-    assert np.all(err <= scale * (0.51 if qtype == QT.Q8_0 else 1.01) + 1e-3)
+    packed = ggml.quantize(w, qtype)
+    assert np.array_equal(packed, gguf.quants.quantize(w, QT[qtype]))  # the gguf package's reference quantizer
+    assert np.array_equal(ggml.dequantize(packed, qtype, 96), gguf.quants.dequantize(packed, QT[qtype]))
 
 
 def test_qk_permutation_inverse():
@@ -129,3 +126,35 @@ def test_cli_import_export_round_trip(tmp_path, cli):
     r = cli("import-gguf", bad, "-o", tmp_path / "m")
     assert r.exit_code == 2 and "architecture 'mistral' is not supported" in r.output
     assert not (tmp_path / "m").exists()
+
+
+def test_sentencepiece_model_read_and_written_without_protobuf(tmp_path, tiny_tokenizer):
+    """The in-repo ModelProto reader agrees with sentencepiece itself, and a written model loads and encodes the
+    same (what import-gguf rebuilds from a "llama" GGUF tokenizer)."""
+    import sentencepiece as spm
+
+    from gentool.gguf.tokenizer import read_sentencepiece, write_sentencepiece
+
+    path = tiny_tokenizer / "tokenizer.model"
+    sp = spm.SentencePieceProcessor(model_file=str(path))
+    got = read_sentencepiece(path)
+    assert [p for p, _, _ in got["pieces"]] == [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
+    assert all(abs(s - sp.get_score(i)) < 1e-6 for i, (_, s, _) in enumerate(got["pieces"]))
+    assert [t == 3 for _, _, t in got["pieces"]] == [sp.is_control(i) for i in range(sp.get_piece_size())]
+    assert (got["unk"], got["bos"], got["eos"]) == (sp.unk_id(), sp.bos_id(), sp.eos_id())
+    data = write_sentencepiece(got["pieces"], byte_fallback=True, unk=sp.unk_id(), bos=sp.bos_id(), eos=sp.eos_id(),
+                               pad=sp.pad_id(), add_dummy_prefix=got["add_dummy_prefix"])
+    (tmp_path / "t.model").write_bytes(data)
+    back = spm.SentencePieceProcessor(model_file=str(tmp_path / "t.model"))
+    text = "Now is the winter of our discontent, made glorious summer by this sun of York."
+    assert back.encode(text) == sp.encode(text) and back.decode(back.encode(text)) == text
+
+
+def test_keep_quantized_refuses_block_types_it_cannot_decode(tmp_path, cli):
+    model, cfg = _tiny_llama(tmp_path)
+    tensors = {k: v.numpy() for k, v in model.state_dict().items()}
+    raw = np.zeros((96, 84), np.uint8)  # one Q2_K block's bytes per row: only the type matters here
+    write_gguf(tmp_path / "m.gguf", cfg.to_dict(), tensors, qtype="f32", tokenizer=_gpt2_tok(64),
+               quantized={"model.layers.0.mlp.up_proj.weight": ("Q2_K", raw)})
+    r = cli("import-gguf", tmp_path / "m.gguf", "--keep-quantized", "-o", tmp_path / "out")
+    assert r.exit_code == 2 and "cannot decode block type Q2_K" in r.output and not (tmp_path / "out").exists()

@@ -15,6 +15,7 @@ from gentool.config import LMConfig
 from gentool.devices import dtype_name
 from gentool.errors import GentoolError, UsageProblem
 from gentool.models.quant import QuantLinear, install_from_state
+from gentool.models.quant_ggml import install_ggml
 from gentool.models.transformer import Transformer
 
 
@@ -143,7 +144,8 @@ def load_lm(path: str | Path, *, device: str | torch.device = "cpu", dtype: torc
         quantized: set[str] = set()
     else:  # codes and scales as stored; the rest cast below
         state = read_tensors(weight_files(path))
-        quantized = set(install_from_state(model, state, qconfig, dtype=dtype, where=path))
+        install = install_ggml if qconfig.get("scheme") == "ggml" else install_from_state
+        quantized = set(install(model, state, qconfig, dtype=dtype, where=path))
         state = {k: v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device)
                  for k, v in state.items()}
     tied = config.tie_word_embeddings and not isinstance(model.lm_head, QuantLinear)

@@ -29,7 +29,7 @@ from gentool.codecs import quant as qp
 DEFAULT_SKIP = ("embed_tokens", "lm_head")
 COMPANIONS = {"int8": ("weight", "weight_scale"), "int4": ("weight", "weight_scale", "weight_zero"),
               "nf4": ("weight", "weight_absmax", "weight_absmax_scale", "weight_absmax_mean"),
-              "fp8": ("weight", "weight_scale")}
+              "fp8": ("weight", "weight_scale"), "ggml": ("weight",)}  # ggml: GGUF blocks, models/quant_ggml.py
 INT8_CUDA_KERNEL = "compile"  # "compile" (fused GEMV when compiled, else dequantize) or "aten" (_weight_int8pack_mm)
 
 
