@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from gentool.lm.masked import (MaskSchedule, estimate_nelbo, filter_probs, masked_diffusion_loss, sample,
-                                      sample_blocks, subs_log_probs)
+from gentool.lm.diffusion.masked import MaskSchedule, estimate_nelbo, masked_diffusion_loss, subs_log_probs
+from gentool.lm.diffusion.samplers import filter_probs, sample, sample_blocks
 
 V, MASK = 5, 4  # tokens 0..3 plus the mask
 
