@@ -5,8 +5,9 @@ with one of four rules, and counts network calls (NFE):
 
 - ancestral: MDLM's ancestral sampler. From t to s < t each mask unmasks with probability
   (alpha(s) - alpha(t)) / (1 - alpha(t)) and takes a token drawn from p(x0 | z). The network has no time input,
-  so its output only changes when z does: with `cache` a step where nothing unmasked reuses the last
-  probabilities (MDLM's caching sampler: the same samples, fewer calls).
+  so its output only changes when z does: with `cache` (MDLM's caching sampler, made lazy) the network is called
+  only in a step where something unmasks and z changed since the last call, so NFE <= the number of masks; the
+  random draws do not depend on it, so the samples equal those without caching.
 - confidence / margin: confidence-ordered unmasking (MaskGIT; LLaDA's low-confidence remasking; Dream's top-k
   margin). Each step draws a token for every mask and keeps the k most confident, k spreading the masks evenly
   over the steps; confidence is the drawn token's probability (confidence) or the gap between the two most
@@ -102,7 +103,7 @@ def denoise(f: Logits, z: torch.Tensor, mask_id: int, schedule: MaskSchedule = M
     """Fill the masks of z (B, N) in `steps` steps; the other tokens stay. f maps a canvas to its logits."""
     z = z.clone()
     fixed = z != mask_id
-    nfe, probs, changed = 0, None, True
+    nfe, probs, stale = 0, None, True
     times = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
     for k in range(steps):
         masked = z == mask_id
@@ -122,19 +123,20 @@ def denoise(f: Logits, z: torch.Tensor, mask_id: int, schedule: MaskSchedule = M
             rank = conf.masked_fill(~masked, -math.inf).argsort(dim=1, descending=True).argsort(dim=1)
             z = torch.where(masked & (rank < take[:, None]), x, z)
             continue
-        if probs is None or changed or not cache or sampler.name == "remdm":
-            probs = _probs(f(z), mask_id, temperature, top_k, top_p)
-            nfe += 1
         a_t, a_s = schedule.alpha(times[k]).item(), schedule.alpha(times[k + 1]).item()
         sigma = min(sampler.eta, (1 - a_s) / a_t) if sampler.name == "remdm" and a_t > 0 else 0.0
         p_unmask = (a_s - (1 - sigma) * a_t) / (1 - a_t) if k < steps - 1 else 1.0
         u = torch.rand(z.shape, generator=generator, dtype=torch.float64, device=z.device)
-        candidate = _categorical(probs, generator)
         unmask = masked & (u < p_unmask)
-        changed = bool(unmask.any())
-        z = torch.where(unmask, candidate, z)
+        if not cache or (unmask.any() and stale):  # the caching sampler calls only when needed
+            probs = _probs(f(z), mask_id, temperature, top_k, top_p)
+            nfe, stale = nfe + 1, False
+        if unmask.any():
+            z, stale = torch.where(unmask, _categorical(probs, generator), z), True
         if sigma > 0:  # ReMDM: generated tokens go back to [MASK] with probability sigma (disjoint from unmask)
-            z = torch.where(~fixed & ~masked & (u < sigma), torch.full_like(z, mask_id), z)
+            remask = ~fixed & ~masked & (u < sigma)
+            if remask.any():
+                z, stale = torch.where(remask, torch.full_like(z, mask_id), z), True
     return SampleResult(z, nfe)
 
 
