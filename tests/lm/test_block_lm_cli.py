@@ -5,6 +5,8 @@ import json
 
 import pytest
 
+pytestmark = pytest.mark.slow  # trains a small model (~1 min on 2 CPU cores)
+
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
