@@ -65,6 +65,19 @@ def test_two_stream_logits_equal_transformers_with_explicit_mask(tmp_path, block
     assert torch.allclose(ours, ref, atol=1e-4, rtol=1e-4), (ours - ref).abs().max()
 
 
+def test_training_pass_sees_what_the_sampler_sees():
+    """Block b's logits in the two-stream training pass equal those of the sampler's one-stream block-causal pass
+    over [clean blocks before b, noised block b]."""
+    model, _ = _model()
+    x0 = torch.randint(0, MASK, (2, 12))
+    xt = torch.where(torch.rand(x0.shape) < 0.5, MASK, x0)
+    with torch.no_grad():
+        two = model(xt, block_size=4, clean_ids=x0)
+        for b in range(3):
+            one = model(torch.cat([x0[:, :4 * b], xt[:, 4 * b:4 * b + 4]], 1), block_size=4)[:, -4:]
+            assert torch.allclose(one, two[:, 4 * b:4 * b + 4], atol=1e-5)
+
+
 def test_block_size_1_equals_the_exact_ar_nll_of_the_same_weights():
     """With every token masked (t = 1) the block-1 objective is sum_l -log p(x_l | x_<l): the NLL of the AR model
     these weights define, computed here token by token with the causal transformer on [x_<l, MASK]."""

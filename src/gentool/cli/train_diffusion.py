@@ -110,6 +110,8 @@ def train_diffusion(
     else:
         from gentool.diffusion.train import TrainDiffusionOptions, run_train_diffusion
 
+        if block_size is not None or mask_range is not None:
+            raise UsageProblem("--block-size and --mask-range are for block-diffusion LMs on token shards")
         if family not in ("ddpm", "flow-matching"):
             raise UsageProblem(f"unknown --family {family!r}", hint="use ddpm or flow-matching")
         if schedule not in ("linear", "cosine"):
