@@ -74,6 +74,23 @@ def discrete_times(n: int, steps: int, *, generator: torch.Generator | None = No
     return i / steps, (i - 1) / steps
 
 
+def mask_counts(n: int, lo: int, hi: int, *, antithetic: bool = True, generator: torch.Generator | None = None,
+                device: str | torch.device = "cpu") -> torch.Tensor:
+    """n numbers of masks, uniform on {lo, ..., hi}; antithetic draws are stratified as in sample_times."""
+    if antithetic:
+        u = (torch.rand((), generator=generator, device=device) + torch.arange(n, device=device) / n) % 1.0
+    else:
+        u = torch.rand(n, generator=generator, device=device)
+    return lo + (u * (hi - lo + 1)).long().clamp_max(hi - lo)
+
+
+def mask_exactly(x0: torch.Tensor, k: torch.Tensor, mask_id: int,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """Mask k[...] positions of each row x0[..., :], chosen uniformly at random."""
+    ranks = torch.rand(x0.shape, generator=generator, device=x0.device).argsort(-1).argsort(-1)
+    return torch.where(ranks < k[..., None], torch.full_like(x0, mask_id), x0)
+
+
 def corrupt(x0: torch.Tensor, t: torch.Tensor, mask_id: int, schedule: MaskSchedule,
             generator: torch.Generator | None = None) -> torch.Tensor:
     """Mask each token of x0 (B, L) with probability 1 - alpha(t) (t is (B,))."""
@@ -96,16 +113,27 @@ def subs_log_probs(logits: torch.Tensor, xt: torch.Tensor, mask_id: int) -> torc
 
 def nelbo_per_sequence(model: Denoiser, x0: torch.Tensor, mask_id: int, schedule: MaskSchedule, *,
                        steps: int | None = None, antithetic: bool = True, generator: torch.Generator | None = None,
-                       eps: float = 1e-3) -> torch.Tensor:
-    """One Monte-Carlo draw of the NELBO in nats for each sequence of x0 (B, L); continuous time unless `steps`."""
-    n = x0.shape[0]
-    if steps is None:
-        t = sample_times(n, antithetic=antithetic, eps=eps, generator=generator, device=x0.device)
-        w = schedule.weight(t)
+                       eps: float = 1e-3, estimator: str = "count") -> torch.Tensor:
+    """One Monte-Carlo draw of the NELBO in nats for each sequence of x0 (B, L).
+
+    estimator "count" (the default): k masks, k uniform on 1..L, weight L/k. Integrating the continuous-time
+    NELBO over t given k masked tokens gives int_0^1 (1/t) C(L,k) t^k (1-t)^(L-k) dt = 1/k, so
+    NELBO = sum_k E[CE over the masks | k masked] / k (for any schedule: the continuous-time bound does not depend
+    on it), and this draw is unbiased for it without the rare few-mask draws weighted by 1/t that make the
+    per-token-Bernoulli estimator ("time", MDLM's) noisy. `steps`: the discrete-time bound of that schedule."""
+    n, length = x0.shape
+    if steps is None and estimator == "count":
+        k = mask_counts(n, 1, length, antithetic=antithetic, generator=generator, device=x0.device)
+        w = length / k
+        xt = mask_exactly(x0, k, mask_id, generator)
     else:
-        t, s = discrete_times(n, steps, generator=generator, device=x0.device)
-        w = steps * (schedule.alpha(s) - schedule.alpha(t)) / (1 - schedule.alpha(t))
-    xt = corrupt(x0, t, mask_id, schedule, generator)
+        if steps is None:
+            t = sample_times(n, antithetic=antithetic, eps=eps, generator=generator, device=x0.device)
+            w = schedule.weight(t)
+        else:
+            t, s = discrete_times(n, steps, generator=generator, device=x0.device)
+            w = steps * (schedule.alpha(s) - schedule.alpha(t)) / (1 - schedule.alpha(t))
+        xt = corrupt(x0, t, mask_id, schedule, generator)
     masked = xt == mask_id
     logits = model(xt)
     # cross-entropy only where masked; the mask logit is excluded (SUBS) by setting it to -inf
@@ -146,7 +174,7 @@ def estimate_nelbo(model: Denoiser, windows: torch.Tensor, mask_id: int, schedul
 # --- training ------------------------------------------------------------------------------------------------------
 
 class MaskedLMTask:
-    """Windows of seq_len tokens; loss = the continuous-time NELBO (nats/token) with antithetic times."""
+    """Windows of seq_len tokens; loss = the continuous-time NELBO (nats/token), antithetic mask counts."""
 
     def __init__(self, train: TokenShards, val: TokenShards | None, config, *, seq_len: int, micro_batch: int,
                  seed: int, world: int, device: str, eval_tokens: int, mask_id: int, schedule: str = "loglinear"):

@@ -112,9 +112,10 @@ def denoise(f: Logits, z: torch.Tensor, mask_id: int, schedule: MaskSchedule = M
             take = -(-left // (steps - k))                                   # ceil: the masks spread evenly
             if not take.any():
                 break
-            probs = _probs(f(z), mask_id, temperature, top_k, top_p)
+            logits = f(z)
             nfe += 1
-            x = _categorical(probs, generator)
+            x = _categorical(_probs(logits, mask_id, temperature, top_k, top_p), generator)
+            probs = _probs(logits, mask_id, temperature if temperature > 0 else 1.0, top_k, top_p)  # greedy: ranks
             if sampler.name == "confidence":
                 conf = probs.gather(-1, x[..., None])[..., 0]
             else:

@@ -70,8 +70,7 @@ def score_checkpoint(checkpoint: Path, data: list[str], *, split: str = "val", w
         if window % m.block_size:
             raise UsageProblem(f"--window {window} is not a multiple of the block size {m.block_size}")
         exact = m.block_size == 1
-        per_sequence = functools.partial(block_nelbo_per_sequence, block_size=m.block_size,
-                                         t_range=(1.0, 1.0) if exact else (1e-3, 1.0))
+        per_sequence = functools.partial(block_nelbo_per_sequence, block_size=m.block_size)
     ev = load_eval_tokens(data, m.tokenizer, vocab_size=m.mask_id + 1, split=split, max_tokens=max_tokens,
                           verify=verify, allow_tokenizer_mismatch=allow_tokenizer_mismatch, leading_eos=False,
                           where=checkpoint)
