@@ -15,6 +15,7 @@ ancestral sampler at the largest budget.
     python bench/diffusion_lm.py --device cuda --preset small --steps 3000 --blocks 16,8,4,2 --samples 32
 """
 
+import json
 import math
 import tempfile
 import time
@@ -91,6 +92,8 @@ def main():
     p.add_argument("--nfe", default="64,128,256")
     p.add_argument("--samplers", default="ancestral,confidence,margin,remdm")
     p.add_argument("--work", type=Path, default=None, help="keep tokenizer, shards and runs here (default: tmp)")
+    p.add_argument("--reuse", default="", help="comma-separated runs (AR, MDLM, block-B) to take from --work "
+                                               "instead of training them again (same recipe)")
     args = p.parse_args()
     dev, L = args.device, args.seq_len
     console.configure(quiet=True)
@@ -106,6 +109,12 @@ def main():
     t_all = time.time()
     for name, train in [("AR", lambda o: run_train_lm(o)), ("MDLM", train_masked_lm)] + \
             [(f"block-{b}", lambda o, b=b: train_block_lm(o, b)) for b in blocks]:
+        if name in args.reuse.split(","):
+            m = json.loads((tmp / name / "manifest.json").read_text())
+            assert m["config"]["train"]["steps"] == args.steps and m["config"]["seq_len"] == L, name
+            runs[name] = {**m["metrics"], "seconds": m["metrics"]["wall_seconds"]}
+            print(f"reused {name}: {runs[name]['tokens']:,} tokens, trained in {runs[name]['seconds']:.0f} s")
+            continue
         t0 = time.time()
         runs[name] = train(LMRunOptions(out=tmp / name, **common))
         runs[name]["seconds"] = time.time() - t0
