@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from gentool.config import config_from_preset
 from gentool.errors import UsageProblem
-from gentool.lm.diffusion.block import BlockObjective, block_nelbo_per_sequence, check_block_size, mask_count_range
+from gentool.lm.diffusion.block import (BlockObjective, block_nelbo_per_sequence, check_block_size,
+                                        default_mask_range)
 from gentool.lm.diffusion.masked import MaskSchedule, masked_diffusion_loss, nelbo_per_sequence
 from gentool.lm.diffusion.samplers import Sampler, denoise, generate_blocks, parse_sampler
 from gentool.models.transformer import Transformer
@@ -90,21 +91,27 @@ def test_block_size_1_equals_the_exact_ar_nll_of_the_same_weights():
             logits = ar(torch.cat([x0[:, :i], torch.full((3, 1), MASK)], 1))[:, -1].float()
             logits[:, MASK] = -math.inf
             ref += F.cross_entropy(logits, x0[:, i], reduction="none")
-        task_loss = block_nelbo_per_sequence(model, x0, MASK, MaskSchedule(), block_size=1,
-                                             generator=torch.Generator().manual_seed(0))
-    assert torch.allclose(task_loss, ref, rtol=1e-5, atol=1e-4), (task_loss, ref)
+        lo, hi = default_mask_range(1, 16)
+        train = block_nelbo_per_sequence(model, x0, MASK, MaskSchedule(), block_size=1, estimator="time",
+                                         t_range=(lo, hi), generator=torch.Generator().manual_seed(0))
+        bound = block_nelbo_per_sequence(model, x0, MASK, MaskSchedule(), block_size=1,
+                                         generator=torch.Generator().manual_seed(0))
+    assert (lo, hi) == (1.0, 1.0)
+    assert torch.allclose(train, ref, rtol=1e-5, atol=1e-4), (train, ref)  # the training loss...
+    assert torch.allclose(bound, ref, rtol=1e-5, atol=1e-4), (bound, ref)  # ...and the bound perplexity reports
 
 
 def test_block_size_equal_to_length_is_mdlm():
     model, _ = _model()
     x0 = torch.randint(0, MASK, (4, 16))
-    for seed in range(3):
+    for seed in range(3):  # the bound's draws (count estimator)
         ours = block_nelbo_per_sequence(model, x0, MASK, MaskSchedule(), block_size=16,
                                         generator=torch.Generator().manual_seed(seed))
         mdlm = nelbo_per_sequence(model, x0, MASK, MaskSchedule(), generator=torch.Generator().manual_seed(seed))
         assert torch.allclose(ours, mdlm, rtol=1e-5, atol=1e-4), (ours, mdlm)
-    ours = block_nelbo_per_sequence(model, x0, MASK, MaskSchedule(), block_size=16,
-                                    generator=torch.Generator().manual_seed(0))
+    assert default_mask_range(16, 16) == (1e-3, 1.0)
+    ours = block_nelbo_per_sequence(model, x0, MASK, MaskSchedule(), block_size=16, estimator="time",
+                                    t_range=default_mask_range(16, 16), generator=torch.Generator().manual_seed(0))
     loss = masked_diffusion_loss(model, x0, MASK, MaskSchedule(), generator=torch.Generator().manual_seed(0))
     assert math.isclose(loss.item(), ours.sum().item() / x0.numel(), rel_tol=1e-5)  # MDLM's training loss too
 
@@ -127,10 +134,8 @@ def test_bad_block_sizes_and_mask_ranges_are_one_line_usage_errors():
     with pytest.raises(UsageProblem, match="does not divide"):
         check_block_size(5, 128)
     with pytest.raises(UsageProblem, match="inside"):
-        BlockObjective(4, 16, (0.5, 1.5))
-    assert BlockObjective(4, 16).mask_range == (0.0, 1.0)
-    assert mask_count_range(4, (0.45, 0.95)) == (2, 4) and mask_count_range(16, (0.3, 0.8)) == (5, 13)
-    assert mask_count_range(1, (0.0, 1.0)) == (1, 1)
+        BlockObjective(4, 16, (0.0, 0.5))
+    assert BlockObjective(4, 16).mask_range == (0.45, 0.95) and BlockObjective(16, 64).mask_range == (0.3, 0.8)
 
 
 @pytest.mark.parametrize("sampler", ["ancestral", "confidence", "margin", "remdm:0.1"])

@@ -36,7 +36,7 @@ def test_trains_and_scores(run, data, cli):
     out, summary = run
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["contents"]["family"] == "block-lm"
-    assert manifest["contents"]["data_shape"]["block_size"] == 4 and manifest["contents"]["mask_range"] == [0.0, 1.0]
+    assert manifest["contents"]["data_shape"]["block_size"] == 4 and manifest["contents"]["mask_range"] == [0.45, 0.95]
     assert summary["val_loss"] < summary["val_unigram_entropy"], summary
     r = cli("perplexity", out, data / "tokens", "--samples", "2", "--max-tokens", "1024", "--device", "cpu", "--json")
     assert r.exit_code == 0, r.output

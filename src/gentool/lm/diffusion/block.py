@@ -6,16 +6,15 @@ each block, so a model interpolates between the AR model (B = 1) and MDLM (B = t
 The network is the train-lm transformer with block-causal attention (bidirectional inside a block, causal across
 blocks) and one extra vocabulary entry, the mask. Training runs the noised sequence x_t and the clean x0 through the
 network together (models/transformer.py's two-stream mask), so each block's loss conditions on the clean earlier
-blocks in one forward pass. Each block draws its own number of masks k, uniform on 1..B (antithetic over the
-batch's blocks), masks k of its tokens and weighs their cross-entropy by B/k: an unbiased draw of the continuous-time
-block NELBO (see masked.nelbo_per_sequence), with far less variance than masking each token with probability t and
-weighing by 1/t, the variance BD3-LM's clipped schedule was made to fight. --mask-range LO:HI still clips the
-training mask rates as BD3-LM does (a reweighted objective, no longer the bound); validation and `perplexity` use
-the full range.
+blocks in one forward pass. Training draws a time t per block (antithetic over the batch's blocks), masks each
+token of the block with probability t and weighs the cross-entropy at the masks by 1/t, with t clipped to BD3-LM's
+range for the block size (a variance reduction that makes the training loss a reweighted objective rather than
+the bound; --mask-range LO:HI sets it). The bound itself (validation, `perplexity`) is estimated with the count
+estimator of masked.nelbo_per_sequence per block: k masks, k uniform on 1..B, weight B/k.
 
-Block size 1 masks its one token with weight 1: the loss is exactly the NLL of the AR model the same weights define
-(p(x_l | x_<l) read at a [MASK] in position l, causal attention), and block size = the sequence length is exactly
-MDLM's objective (tests/lm/test_block_lm.py checks both).
+Block size 1 trains with t = 1, every token masked with weight 1: the loss is exactly the NLL of the AR model the
+same weights define (p(x_l | x_<l) read at a [MASK] in position l, causal attention), and block size = the sequence
+length is exactly MDLM's objective (tests/lm/test_block_lm.py checks both).
 """
 
 from __future__ import annotations
@@ -33,44 +32,62 @@ from gentool.errors import UsageProblem
 from gentool.lm.diffusion.masked import MaskedLMTask, MaskSchedule, discrete_times, mask_counts, mask_exactly
 from gentool.lm.train import LMRunOptions, Objective, run_train_lm
 
-# Mask rates of the NELBO, and of training by default, so that training minimises the bound it is scored on (the
-# count estimator removes the variance that BD3-LM's clipping fights); --mask-range 0.45:0.95 (B = 4) or 0.3:0.8
-# (B = 8, 16) is BD3-LM's clipped schedule (Table 8 of the paper).
-FULL = (0.0, 1.0)
+FULL = (1e-3, 1.0)  # the NELBO's times (MDLM's eps); the count estimator needs no eps
 
 
-def mask_count_range(block_size: int, mask_range: tuple[float, float]) -> tuple[int, int]:
-    """Masks per block for mask rates [lo, hi]: round(lo·B) .. round(hi·B), at least 1."""
-    lo = max(1, round(mask_range[0] * block_size))
-    return lo, max(lo, min(block_size, round(mask_range[1] * block_size)))
+def default_mask_range(block_size: int, seq_len: int) -> tuple[float, float]:
+    """Training mask rates t: every token masked for B = 1 (the loss is then the exact AR NLL), the full range for
+    B = L (MDLM's objective), otherwise BD3-LM's clipped ranges (Table 8 of the paper: [0.45, 0.95] for B <= 4,
+    [0.3, 0.8] for larger blocks)."""
+    if block_size == 1:
+        return 1.0, 1.0
+    if block_size >= seq_len:
+        return FULL
+    return (0.45, 0.95) if block_size <= 4 else (0.3, 0.8)
 
 
 def block_nelbo_per_sequence(model, x0: torch.Tensor, mask_id: int, schedule: MaskSchedule, *, block_size: int,
-                             mask_range: tuple[float, float] = FULL, steps: int | None = None,
+                             estimator: str = "count", t_range: tuple[float, float] = FULL, steps: int | None = None,
                              antithetic: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One draw of the block NELBO in nats for each sequence of x0 (N, L): for every block the count estimator of
-    masked.nelbo_per_sequence (k masks, k uniform on the range, weight B/k; antithetic over the batch's blocks),
-    all blocks in one forward pass over x_t and x0. Block size 1 masks its one token: the weight is 1 and the draw
-    is the exact AR NLL. `steps`: the discrete-time bound of the log-linear schedule instead."""
+    """One draw of the block NELBO in nats for each sequence of x0 (N, L), all blocks in one forward pass over x_t
+    and x0, each block with its own draw (antithetic over the batch's blocks):
+
+    - "count" (the bound's estimates): k masks, k uniform on 1..B, weight B/k (masked.nelbo_per_sequence);
+    - "time" (training): each token masked with probability t, t uniform on `t_range`, weight 1/t; a clipped
+      t_range is BD3-LM's reweighted training objective, t_range (1, 1) with B = 1 the exact AR NLL;
+    - `steps`: the discrete-time bound of the log-linear schedule (t on the grid i/T, weight 1/t)."""
     n, length = x0.shape
     nb = length // block_size
-    if steps is None:
-        lo, hi = mask_count_range(block_size, mask_range)
-        k = mask_counts(n * nb, lo, hi, antithetic=antithetic, generator=generator, device=x0.device)
+    if steps is None and estimator == "count":
+        k = mask_counts(n * nb, 1, block_size, antithetic=antithetic, generator=generator, device=x0.device)
         w = (block_size / k).view(n, nb)
         xt = mask_exactly(x0.view(n, nb, block_size), k.view(n, nb), mask_id, generator).view(n, length)
-    else:  # log-linear: T(alpha(s) - alpha(t)) / (1 - alpha(t)) = 1/t on the grid t = i/T
+    else:  # log-linear schedule: mask rate t, weight 1/t (= T(alpha(s) - alpha(t)) / (1 - alpha(t)) on the grid)
         assert schedule.kind == "loglinear", "block diffusion uses the log-linear schedule"
-        t, _ = discrete_times(n * nb, steps, generator=generator, device=x0.device)
-        w = 1 / t.view(n, nb)
-        p_mask = t.view(n, nb).repeat_interleave(block_size, dim=1)
-        xt = torch.where(torch.rand(x0.shape, generator=generator, device=x0.device) < p_mask, mask_id, x0)
+        if steps is None:
+            t = block_times(n * nb, *t_range, antithetic=antithetic, generator=generator, device=x0.device)
+        else:
+            t, _ = discrete_times(n * nb, steps, generator=generator, device=x0.device)
+        w = schedule.weight(t).view(n, nb)
+        p_mask = (1 - schedule.alpha(t)).view(n, nb).repeat_interleave(block_size, dim=1)     # (N, L)
+        u = torch.rand(x0.shape, generator=generator, device=x0.device)
+        xt = torch.where(u < p_mask, torch.full_like(x0, mask_id), x0)
     masked = xt == mask_id
     logits = model(xt, block_size=block_size, clean_ids=x0)                      # (N, L, V)
     logits = logits.float().masked_fill(
         F.one_hot(torch.tensor(mask_id, device=x0.device), logits.shape[-1]).bool(), -math.inf)  # SUBS
     nll = F.cross_entropy(logits.transpose(1, 2), x0, reduction="none")          # (N, L)
     return (w.repeat_interleave(block_size, dim=1) * nll * masked).sum(dim=1)
+
+
+def block_times(n: int, lo: float, hi: float, *, antithetic: bool = True, generator: torch.Generator | None = None,
+                device: str | torch.device = "cpu") -> torch.Tensor:
+    """n times in [lo, hi]; antithetic draws spread one uniform over n evenly spaced strata (masked.sample_times)."""
+    if antithetic:
+        u = (torch.rand((), generator=generator, device=device) + torch.arange(n, device=device) / n) % 1.0
+    else:
+        u = torch.rand(n, generator=generator, device=device)
+    return lo + (hi - lo) * u
 
 
 def parse_mask_range(spec: str | None) -> tuple[float, float] | None:
@@ -109,7 +126,7 @@ class BlockLMTask(MaskedLMTask):
         x0, noise_seed = batch
         g = torch.Generator(device=x0.device).manual_seed(noise_seed)
         nats = block_nelbo_per_sequence(model, x0, self.mask_id, self.schedule, block_size=self.block_size,
-                                        mask_range=self.mask_range, generator=g)
+                                        estimator="time", t_range=self.mask_range, generator=g)
         return nats.sum() / x0.numel()
 
 
@@ -123,9 +140,9 @@ class BlockObjective(Objective):
 
     def __init__(self, block_size: int, seq_len: int, mask_range: tuple[float, float] | None = None):
         check_block_size(block_size, seq_len)
-        lo, hi = mask_range or FULL
-        if not 0 <= lo <= hi <= 1:
-            raise UsageProblem(f"--mask-range {lo}:{hi} is not inside [0, 1]", hint="e.g. --mask-range 0.3:0.8")
+        lo, hi = mask_range or default_mask_range(block_size, seq_len)
+        if not 0 < lo <= hi <= 1:
+            raise UsageProblem(f"--mask-range {lo}:{hi} is not inside (0, 1]", hint="e.g. --mask-range 0.3:0.8")
         self.block_size, self.mask_range = block_size, (float(lo), float(hi))
 
     def task(self, train: TokenShards, val: TokenShards | None, config, **kw: Any) -> BlockLMTask:
