@@ -51,3 +51,27 @@ def cli():
         return runner.invoke(app, [str(a) for a in args], input=input)
 
     return run
+
+
+COMEDIES = "builtin:shakespeare/comedies"
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory):
+    """A SentencePiece tokenizer artifact (BPE, vocab 400) of the bundled comedies, shared by the whole session:
+    tests read it and never write into it."""
+    from gentool.tokenize import train_tokenizer
+
+    out = tmp_path_factory.mktemp("shared") / "tok"
+    train_tokenizer([COMEDIES], out, vocab_size=400)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_tokens(tiny_tokenizer, tmp_path_factory):
+    """Token shards (train + val) of the comedies made with `tiny_tokenizer`; read only, like it."""
+    from gentool.tokenize import encode_corpus
+
+    out = tmp_path_factory.mktemp("shared") / "tokens"
+    encode_corpus([COMEDIES], tiny_tokenizer, out, workers=1)
+    return out

@@ -7,6 +7,7 @@ import math
 import sys
 import time
 from contextlib import contextmanager
+from pathlib import PurePath
 from typing import Any, Iterator
 
 from rich.console import Console
@@ -100,20 +101,23 @@ def progress(description: str, total: float | None = None, *, every: float = 10.
         yield handle
 
 
-def _jsonable(obj: Any) -> Any:
+def jsonable(obj: Any) -> Any:
+    """What JSON can hold: NaN/Inf become null, tuples lists, paths POSIX strings, numpy/torch scalars numbers."""
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, PurePath):
+        return obj.as_posix()
     if hasattr(obj, "item") and callable(obj.item):  # numpy / torch scalars
-        return _jsonable(obj.item())
+        return jsonable(obj.item())
     return obj
 
 
 def dumps(obj: Any) -> str:
-    return json.dumps(_jsonable(obj), ensure_ascii=False, allow_nan=False)
+    return json.dumps(jsonable(obj), ensure_ascii=False, allow_nan=False)
 
 
 def _fmt(v: Any) -> str:

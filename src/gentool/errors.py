@@ -28,6 +28,11 @@ class GentoolError(ValueError):
         return self.one_line()[len("error: "):]
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what schedulers, `timeout` and container stops send) while a command runs: handled like Ctrl-C,
+    exit 143."""
+
+
 class UsageProblem(GentoolError):
     """Detectable before any work starts (bad option, missing input, wrong artifact kind, output exists): exit 2."""
 

@@ -22,7 +22,7 @@ from gentool.evaluation.compare import damage_report
 from gentool.models.checkpoint import load_lm, quantization_config, save_lm, weight_files
 from gentool.models.quant import (DEFAULT_SKIP, dequantize_model, keep_16bit_patterns, quantize_model,
                                   quantized_modules)
-from gentool.models.quant_codecs import INT4_GROUP_SIZES, SCHEMES
+from gentool.codecs.quant import INT4_GROUP_SIZES, SCHEMES
 
 SCHEME_NAMES = {"int8": "int8-channel", "int4": "int4-group", "nf4": "nf4", "fp8": "fp8-e4m3"}
 
@@ -71,7 +71,7 @@ def quantize_checkpoint(ckpt: Path, out: Path, *, scheme: str | None, group_size
                         eval_data: list[str] | None = None, eval_options: dict | None = None, force: bool = False,
                         verify: bool = True) -> dict[str, Any]:
     ckpt = Path(ckpt)
-    check_output(out, force=force)
+    check_output(out, force=force, sources=[ckpt, *(eval_data or [])])
     qconf = quantization_config(ckpt) if ckpt.is_dir() else None
     if qconf is not None and not dequantize:
         raise UsageProblem(f"the checkpoint is already quantized ({qconf.get('scheme')})", path=ckpt,

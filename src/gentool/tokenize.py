@@ -56,7 +56,7 @@ def train_tokenizer(inputs: list[str], out: Path, *, vocab_size: int = 4096, mod
         raise UsageProblem("--vocab-size must be positive")
     if any(s in ("", "<unk>", "<s>", "</s>", "<pad>") for s in user_symbols):
         raise UsageProblem("a --user-symbols entry is empty or a special token")
-    check_output(out, force=force)
+    check_output(out, force=force, sources=inputs)
     sources = expand_inputs(inputs, glob)
     t0 = time.time()
     threads = os.cpu_count() or 1
@@ -249,7 +249,7 @@ def encode_corpus(inputs: list[str], tokenizer: Path, out: Path, *, val_fraction
         raise UsageProblem("--workers must be 0 (all cores) or more")
     if unit not in ("auto", "file", "blank-line", "jsonl"):
         raise UsageProblem(f"unknown --document {unit!r}", hint="use auto, file, blank-line or jsonl")
-    check_output(out, force=force)
+    check_output(out, force=force, sources=[*inputs, tokenizer])
     tok_manifest = read_artifact(tokenizer, "tokenizer")
     model_file = tok_manifest.path / "tokenizer.model"
     tok = Tokenizer(model_file)

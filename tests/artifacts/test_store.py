@@ -119,3 +119,72 @@ def test_fuzz_manifest_parser_never_crashes(tmp_path_factory, text):
         assert "\n" not in e.one_line()
     else:
         assert m.format.startswith("gentool.") and m.format_version >= 1
+
+
+def test_unknown_manifest_fields_warn_but_load(tmp_path, capsys):
+    out, _ = _make(tmp_path)
+    data = json.loads((out / MANIFEST).read_text())
+    data["from_the_future"] = {"x": 1}
+    (out / MANIFEST).write_text(json.dumps(data))
+    assert read_artifact(out, "tokenizer").kind == "tokenizer"
+    assert "unknown manifest field(s) 'from_the_future'" in capsys.readouterr().err
+    _make(tmp_path, "clean")
+    read_artifact(tmp_path / "clean")
+    assert capsys.readouterr().err == ""  # what gentool writes itself never warns
+
+
+def test_manifests_record_the_invocation(tmp_path):
+    from gentool.artifacts import INVOCATION
+
+    token = INVOCATION.set({"command": "x", "arguments": {}, "options": {"seed": 3}})
+    try:
+        _, m = _make(tmp_path)
+    finally:
+        INVOCATION.reset(token)
+    assert read_artifact(m.path).invocation == {"command": "x", "arguments": {}, "options": {"seed": 3}}
+    _, plain = _make(tmp_path, "plain")
+    assert plain.invocation == {} and plain.fingerprint == m.fingerprint  # how it was asked is not the recipe
+
+
+def test_an_output_never_replaces_or_nests_in_an_input(tmp_path):
+    from gentool.artifacts import check_output
+
+    src = tmp_path / "lmA"
+    src.mkdir()
+    (tmp_path / "link").symlink_to(src)
+    for out, words in ((src, "is the input"), (tmp_path / "link", "is the input"), (src / "q8", "lies inside"),
+                       (tmp_path, "contains")):
+        with pytest.raises(UsageProblem, match=f"the output {words}"):
+            check_output(out, force=True, sources=[src, "-", "builtin:shakespeare", None])
+    check_output(tmp_path / "lmB", force=True, sources=[src])
+    with pytest.raises(UsageProblem, match="the output is the input"):
+        with create_artifact(src, "tokenizer", force=True, inputs=[{"role": "base", "path": str(src)}]):
+            pass
+    assert src.is_dir()
+
+
+def test_temporary_siblings_of_dead_processes_are_swept(tmp_path):
+    dead = tmp_path / ".art.tmp-999999999-abcd1234"  # no process has that id
+    alive = tmp_path / f".art.tmp-{os.getpid()}-abcd1234"
+    dead.mkdir()
+    alive.mkdir()
+    _make(tmp_path, "art")
+    assert not dead.exists() and alive.exists()
+
+
+def test_a_full_disk_is_a_clear_error_and_leaves_nothing(tmp_path, monkeypatch):
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    def full(*args, **kwargs):
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: '
+                              '"No space left on device" })')
+
+    monkeypatch.setattr("safetensors.torch.save_file", full)
+    with pytest.raises(GentoolError, match=r"cannot write output \(No space left on device\)"):
+        with create_artifact(tmp_path / "out", "tokenizer") as art:
+            import safetensors.torch
+
+            safetensors.torch.save_file({}, str(art.dir / "x.safetensors"))
+    assert list(tmp_path.iterdir()) == []
+    del save_file

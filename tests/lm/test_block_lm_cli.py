@@ -9,36 +9,26 @@ pytestmark = pytest.mark.slow  # trains a small model (~1 min on 2 CPU cores)
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    from gentool.tokenize import encode_corpus, train_tokenizer
-
-    d = tmp_path_factory.mktemp("bd3")
-    train_tokenizer(["builtin:shakespeare/comedies"], d / "tok", vocab_size=400)
-    encode_corpus(["builtin:shakespeare/comedies"], d / "tok", d / "tokens", workers=1)
-    return d
-
-
-@pytest.fixture(scope="module")
-def run(data, tmp_path_factory):
+def run(tiny_tokens, tmp_path_factory):
     from typer.testing import CliRunner
 
     from gentool.cli import app
 
     out = tmp_path_factory.mktemp("runs") / "bd3"
-    r = CliRunner().invoke(app, ["train-diffusion", str(data / "tokens"), "-o", str(out), "--block-size", "4",
+    r = CliRunner().invoke(app, ["train-diffusion", str(tiny_tokens), "-o", str(out), "--block-size", "4",
                                  "--preset", "tiny", "--seq-len", "32", "--steps", "150", "--batch-size", "16",
                                  "--lr", "1e-2", "--device", "cpu", "--json"])
     assert r.exit_code == 0, r.output
     return out, json.loads(r.stdout)
 
 
-def test_trains_and_scores(run, data, cli):
+def test_trains_and_scores(run, tiny_tokens, cli):
     out, summary = run
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["contents"]["family"] == "block-lm"
     assert manifest["contents"]["data_shape"]["block_size"] == 4 and manifest["contents"]["mask_range"] == [0.45, 0.95]
     assert summary["val_loss"] < summary["val_unigram_entropy"], summary
-    r = cli("perplexity", out, data / "tokens", "--samples", "2", "--max-tokens", "1024", "--device", "cpu", "--json")
+    r = cli("perplexity", out, tiny_tokens, "--samples", "2", "--max-tokens", "1024", "--device", "cpu", "--json")
     assert r.exit_code == 0, r.output
     res = json.loads(r.stdout)
     assert res["kind"].startswith("upper bound") and res["block_size"] == 4 and res["nll_stderr"] > 0
@@ -73,11 +63,11 @@ def test_stop_strings_cut_the_completion(run, cli):
     assert rec["stopped"] == "stop" and rec["completion"] == text[:text.find(stop)]
 
 
-def test_bad_input_is_one_line(run, data, cli, tmp_path):
+def test_bad_input_is_one_line(run, tiny_tokens, cli, tmp_path):
     from gentool.tokenize import encode_corpus, train_tokenizer
 
     out, _ = run
-    r = cli("train-diffusion", data / "tokens", "-o", tmp_path / "x", "--block-size", "5", "--seq-len", "32",
+    r = cli("train-diffusion", tiny_tokens, "-o", tmp_path / "x", "--block-size", "5", "--seq-len", "32",
             "--steps", "1")
     assert r.exit_code == 2 and "--block-size 5 does not divide" in r.output and not (tmp_path / "x").exists()
     assert len(r.output.strip().splitlines()) == 1
@@ -93,14 +83,14 @@ def test_bad_input_is_one_line(run, data, cli, tmp_path):
     assert r.exit_code == 0, r.output
 
 
-def test_block_size_one_scores_exactly_and_ar_models_refuse_diffusion_samplers(data, cli, tmp_path):
-    r = cli("train-diffusion", data / "tokens", "-o", tmp_path / "b1", "--block-size", "1", "--preset", "tiny",
+def test_block_size_one_scores_exactly_and_ar_models_refuse_diffusion_samplers(tiny_tokens, cli, tmp_path):
+    r = cli("train-diffusion", tiny_tokens, "-o", tmp_path / "b1", "--block-size", "1", "--preset", "tiny",
             "--seq-len", "16", "--steps", "3", "--batch-size", "4", "--device", "cpu")
     assert r.exit_code == 0, r.output
-    r = cli("perplexity", tmp_path / "b1", data / "tokens", "--max-tokens", "256", "--device", "cpu", "--json")
+    r = cli("perplexity", tmp_path / "b1", tiny_tokens, "--max-tokens", "256", "--device", "cpu", "--json")
     res = json.loads(r.stdout)
     assert res["kind"].startswith("exact") and res["samples"] == 1
-    r = cli("train-lm", data / "tokens", "-o", tmp_path / "ar", "--preset", "tiny", "--seq-len", "16", "--steps",
+    r = cli("train-lm", tiny_tokens, "-o", tmp_path / "ar", "--preset", "tiny", "--seq-len", "16", "--steps",
             "2", "--micro-batch", "2", "--device", "cpu")
     assert r.exit_code == 0, r.output
     r = cli("sample", tmp_path / "ar", "-p", "", "--sampler", "confidence", "--device", "cpu")

@@ -3,17 +3,12 @@ import json
 import pytest
 
 
-@pytest.fixture(scope="module")
-def tokens(tmp_path_factory):
-    from gentool.tokenize import encode_corpus, train_tokenizer
-
-    d = tmp_path_factory.mktemp("mdlm")
-    train_tokenizer(["builtin:shakespeare/comedies"], d / "tok", vocab_size=400)
-    encode_corpus(["builtin:shakespeare/comedies"], d / "tok", d / "tokens", workers=1)
-    return d / "tokens"
+@pytest.fixture
+def tokens(tiny_tokens):
+    return tiny_tokens
 
 
-def test_masked_lm_trains_scores_and_samples(tokens, tmp_path, cli):
+def test_masked_lm_trains_scores_and_samples(tokens, tiny_tokenizer, tmp_path, cli):
     run = tmp_path / "mdlm"
     r = cli("train-diffusion", tokens, "-o", run, "--kind", "masked-lm", "--preset", "mini", "--seq-len", "32",
             "--steps", "250", "--batch-size", "32", "--lr", "5e-3", "--device", "cpu", "--json")
@@ -44,5 +39,5 @@ def test_masked_lm_trains_scores_and_samples(tokens, tmp_path, cli):
     assert r.exit_code == 2 and "cannot sample a diffusion language model" in r.output
     r = cli("train-diffusion", tokens, "-o", tmp_path / "x", "--kind", "masked-lm", "--block-size", "4")
     assert r.exit_code == 2 and "--block-size and --mask-range are for --kind block-lm" in r.output
-    r = cli("train-diffusion", tokens.parent / "tok", "-o", tmp_path / "x", "--kind", "masked-lm", "--steps", "1")
+    r = cli("train-diffusion", tiny_tokenizer, "-o", tmp_path / "x", "--kind", "masked-lm", "--steps", "1")
     assert r.exit_code == 2 and "token-shards" in r.output and not (tmp_path / "x").exists()

@@ -1,4 +1,5 @@
 import json
+import shutil
 import math
 
 import pytest
@@ -13,12 +14,10 @@ from gentool.models.transformer import Transformer
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
+def ckpt(tmp_path_factory, tiny_tokenizer):
     """A tiny random model saved in the HF layout with a real SentencePiece tokenizer."""
-    from gentool.tokenize import train_tokenizer
-
     d = tmp_path_factory.mktemp("ck")
-    train_tokenizer(["builtin:shakespeare/comedies"], d / "tok", vocab_size=400)
+    shutil.copytree(tiny_tokenizer, d / "tok")
     cfg = config_from_preset("tiny", vocab_size=400, max_position_embeddings=64)
     m = Transformer(cfg)
     m.init_weights(0)

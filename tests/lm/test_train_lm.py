@@ -8,14 +8,9 @@ import torch
 from gentool.train.metrics import read_metrics
 
 
-@pytest.fixture(scope="module")
-def tokens(tmp_path_factory):
-    from gentool.tokenize import encode_corpus, train_tokenizer
-
-    d = tmp_path_factory.mktemp("data")
-    train_tokenizer(["builtin:shakespeare/comedies"], d / "tok", vocab_size=400)
-    encode_corpus(["builtin:shakespeare/comedies"], d / "tok", d / "tokens", workers=1)
-    return d / "tokens"
+@pytest.fixture
+def tokens(tiny_tokens):
+    return tiny_tokens
 
 
 def _losses(run):
@@ -111,7 +106,7 @@ def test_ddp_ranks_split_the_global_batch(tokens):
         assert not torch.equal(one.batch(step, 0, 0), one.batch(step, 1, 0))
 
 
-def test_bad_inputs(tokens, tmp_path, cli):
+def test_bad_inputs(tokens, tiny_tokenizer, tmp_path, cli):
     from gentool.config import config_from_preset
     from gentool.models.checkpoint import save_lm
     from gentool.models.transformer import Transformer
@@ -124,7 +119,7 @@ def test_bad_inputs(tokens, tmp_path, cli):
     short.mkdir()
     cfg = config_from_preset("tiny", vocab_size=512)
     save_lm(Transformer(cfg), cfg, short)
-    tok_dir = tokens.parent / "tok"
+    tok_dir = tiny_tokenizer
     x = tmp_path / "x"
     cases = [
         (["train-lm", tok_dir, "-o", x, "--steps", "1"], "expected gentool.token-shards"),

@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from gentool.config import config_from_preset
-from gentool.models import quant_codecs as qp
+from gentool.codecs import quant as qp
 from gentool.models.quant import FP8Linear, Int4Linear, Int8Linear, NF4Linear, dequantize_model, quantize_model
 from gentool.models.transformer import Transformer
 

@@ -19,11 +19,9 @@ from gentool.tokenize import bundled_corpus, encode_corpus, parse_ids, train_tok
 COMEDIES = "builtin:shakespeare/comedies"
 
 
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    out = tmp_path_factory.mktemp("t") / "tok"
-    train_tokenizer([COMEDIES], out, vocab_size=400)
-    return out
+@pytest.fixture
+def tok(tiny_tokenizer):
+    return tiny_tokenizer
 
 
 def leftovers(directory):
@@ -145,7 +143,7 @@ def test_bad_inputs(tok, tmp_path, cli):
     encode_corpus([COMEDIES], tok, tmp_path / "shards", workers=1)
     cases = [
         (["tokenize", "train", tmp_path / "missing.txt", "-o", tmp_path / "o1"], 2, "no such file"),
-        (["tokenize", "train", tmp_path, "--glob", "*.md", "-o", tmp_path / "o2"], 2, "no files matching"),
+        (["tokenize", "train", empty, "--glob", "*.md", "-o", tmp_path / "o2"], 2, "no files matching"),
         (["tokenize", "train", empty, "-o", tmp_path / "o3"], 2, "holds no text"),
         (["tokenize", "train", COMEDIES, "--vocab-size", "500000", "-o", tmp_path / "o4"], 2,
          "is more than this corpus supports"),
@@ -162,7 +160,9 @@ def test_bad_inputs(tok, tmp_path, cli):
         (["tokenize", "encode", COMEDIES, "--tokenizer", tok, "-o", tmp_path / "o6", "--document", "x"], 2,
          "unknown --document"),
         (["tokenize", "train", COMEDIES, "-o", tok], 2, "output exists"),
-        (["tokenize", "encode", COMEDIES, "--tokenizer", tok, "-o", tok], 2, "output exists"),
+        (["tokenize", "encode", COMEDIES, "--tokenizer", tok, "-o", tok], 2, "the output is the input"),
+        (["tokenize", "encode", COMEDIES, "--tokenizer", tok, "-o", tok, "--force"], 2, "the output is the input"),
+        (["tokenize", "train", empty, "-o", empty / "tok", "--force"], 2, "the output lies inside the input"),
         (["tokenize", "decode", tmp_path / "shards", "--tokenizer", other], 2, "another tokenizer"),
         (["tokenize", "decode", tmp_path / "shards", "--tokenizer", tok, "--split", "test"], 2, "no 'test' split"),
     ]

@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from gentool.adapters.peft import Adapter, check_adapter, read_adapter, read_base
+from gentool.artifacts.tensorfiles import load_tensors
 from gentool.errors import GentoolError
 
 BASE_FILES = ("config.json", "generation_config.json", "tokenizer.model", "tokenizer.json", "tokenizer_config.json",
@@ -75,9 +75,9 @@ def merge_checkpoint(base_path: Path, adapter_args: list[str], out: Path, *, dty
     from gentool.artifacts import check_output, create_artifact, input_ref
 
     t0 = time.perf_counter()
-    check_output(out, force=force)
-    base = read_base(base_path, verify=verify)
     specs = [parse_adapter_arg(a) for a in adapter_args]
+    check_output(out, force=force, sources=[base_path, *(p for p, _ in specs)])
+    base = read_base(base_path, verify=verify)
     adapters = []
     for p, w in specs:
         ad = read_adapter(p, verify=verify)
@@ -90,8 +90,7 @@ def merge_checkpoint(base_path: Path, adapter_args: list[str], out: Path, *, dty
         adapters.append((ad, w))
     tensors: dict[str, torch.Tensor] = {}
     for f in base.weight_files:
-        with safe_open(f, "pt") as sf:
-            tensors.update({k: sf.get_tensor(k) for k in sf.keys()})  # noqa: SIM118
+        tensors.update(load_tensors(f))
     merged = merge_tensors(tensors, adapters, dtype)
     bad = [k for k, v in merged.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:

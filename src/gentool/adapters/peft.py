@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
+from gentool.artifacts.tensorfiles import load_tensors, read_header
 from gentool.errors import GentoolError, UsageProblem
 from gentool.models.lora import LoRAConfig, in_modules_to_save, is_target, rank_alpha
 
@@ -118,11 +118,7 @@ def read_adapter(path: str | Path, *, verify: bool = True) -> Adapter:
     if not isinstance(raw, dict):
         raise UsageProblem(f"{ADAPTER_CONFIG} is not a JSON object", path=cfg_file)
     cfg = config_from_peft(raw, cfg_file)
-    try:
-        with safe_open(weights, "pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
-    except Exception as e:  # noqa: BLE001 (safetensors raises its own types for corrupt headers)
-        raise GentoolError(f"cannot read adapter weights ({e})", path=weights, hint="the file is corrupt") from None
+    tensors = load_tensors(weights)
     lora, saved = _split(tensors, cfg, weights)
     return Adapter(path=path, cfg=cfg, lora=lora, saved=saved, base=base, raw_config=raw)
 
@@ -313,15 +309,9 @@ def read_base(path: str | Path, *, verify: bool = True) -> Base:
     sha = hashes[0] if len(hashes) == 1 else hashlib.sha256("".join(hashes).encode()).hexdigest()
     shapes, dtypes = {}, {}
     for f in files:
-        if f.suffix != ".safetensors":
-            continue
-        try:
-            with safe_open(f, "pt") as sf:
-                for k in sf.keys():  # noqa: SIM118 (safe_open is not iterable)
-                    shapes[k] = tuple(sf.get_slice(k).get_shape())
-                    dtypes[k] = _DTYPES.get(sf.get_slice(k).get_dtype(), torch.float32)
-        except Exception as e:  # noqa: BLE001 (safetensors raises its own types)
-            raise GentoolError(f"cannot read weights ({e})", path=f, hint="the file is corrupt") from None
+        for k, info in read_header(f).items():
+            shapes[k] = tuple(info["shape"])
+            dtypes[k] = _DTYPES.get(info["dtype"], torch.float32)
     return Base(path, manifest, files, sha, shapes, dtypes)
 
 

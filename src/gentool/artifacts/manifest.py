@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,23 +19,8 @@ _KNOWN_KEYS = {"format", "format_version", "id", "fingerprint", "gentool_version
                "files", *_SECTIONS}
 
 
-def _clean(obj: Any) -> Any:
-    """NaN/Inf become null; tuples lists; paths strings: what canonical JSON can hold."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    if isinstance(obj, Path):
-        return obj.as_posix()
-    if hasattr(obj, "item") and callable(obj.item):
-        return _clean(obj.item())
-    return obj
-
-
 def canonical_json(obj: Any) -> str:
-    return json.dumps(_clean(obj), sort_keys=True, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+    return json.dumps(console.jsonable(obj), sort_keys=True, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
 
 
 def sha256_text(text: str) -> str:

@@ -157,16 +157,55 @@ class ArtifactBuilder:
             environment=environment(), invocation=INVOCATION.get() or {})
 
 
-def check_output(out: str | Path, *, force: bool) -> None:
-    """Refuse (exit 2) an existing output unless --force; call before any work."""
+def check_not_an_input(out: str | Path, sources) -> None:
+    """Refuse an output that is, contains or lies inside one of this command's inputs (symlinks resolved):
+    --force replaces an old output, never an input."""
+    o = Path(out).resolve()
+    for src in sources:
+        if src is None or str(src) == "-" or str(src).startswith("builtin:"):
+            continue
+        i = Path(src).resolve()
+        where = "is" if o == i else "lies inside" if i in o.parents else "contains" if o in i.parents else None
+        if where:
+            raise UsageProblem(f"the output {where} the input {src}", path=out,
+                               hint="write to another path (--force replaces old outputs, never inputs)")
+
+
+def check_output(out: str | Path, *, force: bool, sources=()) -> None:
+    """Refuse (exit 2) an existing output unless --force, and an output that is or overlaps an input (`sources`,
+    paths); call before any work."""
     out = Path(out)
     if str(out) == "-":
         raise UsageProblem("an artifact is a directory and cannot be written to stdout", path=out,
                            hint="pass a directory with -o")
+    check_not_an_input(out, sources)
     if out.exists() and not force:
         raise UsageProblem("output exists", path=out, hint="use --force to replace it")
     if not out.parent.exists():
         raise UsageProblem("parent directory does not exist", path=out.parent, hint="create it first")
+
+
+def sweep_stale(out: Path) -> None:
+    """Remove temporary siblings of `out` that a killed gentool left behind (their process is gone)."""
+    for tmp in out.parent.glob(f".{out.name}.tmp-*"):
+        try:
+            pid = int(tmp.name[len(f".{out.name}.tmp-"):].split("-")[0])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(tmp, ignore_errors=True)
+        except (ValueError, PermissionError, OSError):
+            continue
+
+
+def write_failure(e: BaseException) -> str | None:
+    """Why writing failed, when it failed for a reason outside gentool (disk full, permissions, I/O); safetensors
+    raises its own error type for those."""
+    if isinstance(e, OSError):
+        return e.strerror or str(e)
+    if type(e).__name__ == "SafetensorError":
+        text = str(e)
+        return "No space left on device" if "No space left" in text or "StorageFull" in text else text
+    return None
 
 
 def write_manifest(builder: ArtifactBuilder, directory: Path, final_path: Path) -> Manifest:
@@ -197,7 +236,8 @@ def create_artifact(out: str | Path, kind: str, *, force: bool = False, config: 
     On any exception (KeyboardInterrupt included) the temporary directory is removed and `out` is untouched.
     """
     out = Path(out)
-    check_output(out, force=force)
+    check_output(out, force=force, sources=[i.get("path") for i in inputs or ()])
+    sweep_stale(out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()
     builder = ArtifactBuilder(out, kind, tmp, dict(config or {}), list(inputs or []),
@@ -207,10 +247,12 @@ def create_artifact(out: str | Path, kind: str, *, force: bool = False, config: 
         builder.manifest = write_manifest(builder, tmp, out)
         _fsync_dir(tmp)
         replace_dir(tmp, out)
-    except OSError as e:
+    except Exception as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise GentoolError(f"cannot write output ({e.strerror or e})", path=out,
-                           hint="check free disk space and permissions") from e
+        if reason := write_failure(e):
+            raise GentoolError(f"cannot write output ({reason})", path=out,
+                               hint="check free disk space and permissions") from e
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -11,7 +11,7 @@ from typer.core import TyperGroup
 
 from gentool import __version__, console
 from gentool.cli._recipe import recorded
-from gentool.errors import GentoolError
+from gentool.errors import GentoolError, Terminated
 
 # (module under gentool.cli, attribute): a function becomes a command, a Typer becomes a command group.
 _COMMANDS: list[tuple[str, str]] = [
@@ -28,8 +28,46 @@ _COMMANDS: list[tuple[str, str]] = [
 ]
 
 
+# optional packages (pyproject.toml extras): top-level module -> extra
+_EXTRAS = {"gguf": "gguf", "google": "gguf", "matplotlib": "plot", "tokenizers": "hf", "jinja2": "hf"}
+
+
 class _Group(TyperGroup):
     """Turns errors a user can cause into one line and an exit code (tracebacks only with --debug)."""
+
+    def main(self, args: Any = None, prog_name: Any = None, complete_var: Any = None, standalone_mode: bool = True,
+             **extra: Any) -> Any:
+        """Usage errors (unknown option, bad value, missing argument) as one line, exit 2, keeping Click's "did you
+        mean" suggestion; Typer would draw a boxed panel of five lines."""
+        from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
+        from typer.exceptions import Abort
+
+        try:
+            rv = super().main(args=args, prog_name=prog_name, complete_var=complete_var, standalone_mode=False,
+                              **extra)
+        except NoArgsIsHelpError as e:  # Typer has printed the help already
+            if not standalone_mode:
+                raise
+            sys.exit(e.exit_code)
+        except UsageError as e:
+            if not standalone_mode:
+                raise
+            where = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
+            console.err_console().print(f"error: {e.format_message()}{where}", markup=False, highlight=False)
+            sys.exit(e.exit_code)
+        except ClickException as e:
+            if not standalone_mode:
+                raise
+            console.err_console().print(f"error: {e.format_message()}", markup=False, highlight=False)
+            sys.exit(e.exit_code)
+        except Abort:
+            if not standalone_mode:
+                raise
+            console.err_console().print("error: aborted", markup=False)
+            sys.exit(1)
+        if standalone_mode:  # without it Click returns what it would have exited with
+            sys.exit(rv if isinstance(rv, int) else 0)
+        return rv
 
     def invoke(self, ctx: Any) -> Any:
         try:
@@ -39,17 +77,23 @@ class _Group(TyperGroup):
                 raise
             console.err_console().print(e.one_line(), markup=False, style="red", highlight=False)
             raise typer.Exit(e.exit_code) from None
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
             if console.is_debug():
                 raise
-            console.err_console().print("error: interrupted", markup=False)
-            raise typer.Exit(130) from None
+            terminated = isinstance(e, Terminated)
+            console.err_console().print("error: terminated" if terminated else "error: interrupted", markup=False)
+            raise typer.Exit(143 if terminated else 130) from None
         except BrokenPipeError:
             sys.stderr.close()  # the reader went away (`| head`): quiet, as Click does
             raise typer.Exit(1) from None
         except Exception as e:
             if console.is_debug() or type(e).__module__.split(".")[0] in ("typer", "click"):
                 raise
+            top = (getattr(e, "name", None) or "").split(".")[0]
+            if isinstance(e, ModuleNotFoundError) and top in _EXTRAS:
+                console.err_console().print(f"error: this needs the optional package {top}; install it with pip "
+                                            f"install 'gentool[{_EXTRAS[top]}]'", markup=False, highlight=False)
+                raise typer.Exit(2) from None
             console.err_console().print(f"error: internal error: {type(e).__name__}: {e} (rerun with --debug for "
                                         f"the traceback, and please report it)", markup=False, highlight=False)
             raise typer.Exit(1) from None
@@ -90,5 +134,12 @@ for _module, _attr in _COMMANDS:
         app.command(epilog=getattr(_obj, "epilog", None))(recorded(_obj))
 
 
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
 def main() -> None:
+    import signal
+
+    signal.signal(signal.SIGTERM, _terminate)  # unwind like Ctrl-C: temporary outputs are removed, state is saved
     app(prog_name="gentool")

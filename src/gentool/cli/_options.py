@@ -18,6 +18,9 @@ Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N
 Seed = Annotated[int, typer.Option("--seed", help="Random seed: same seed, same result.")]
 Dtype = Annotated[Optional[str], typer.Option("--dtype", help="float32, bfloat16 or float16 (default: bfloat16 "
                                                                "on GPU, float32 on CPU).", rich_help_panel=RUNTIME)]
+Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the model (pays off on a GPU).",
+                                       rich_help_panel=RUNTIME)]
+Resume = Annotated[bool, typer.Option("--resume", help="Continue the unfinished run in OUTPUT.partial/.")]
 NoVerify = Annotated[bool, typer.Option("--no-verify", help="Skip sha256 checks of input files (sizes are "
                                                             "still checked).", rich_help_panel=ADVANCED)]
 

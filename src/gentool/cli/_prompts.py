@@ -18,14 +18,17 @@ def read_prompts(prompt: str | None, prompt_file: str | None, stdin) -> list[str
         return [""]
     name = "stdin" if prompt_file in (None, "-") else prompt_file
     try:
-        if name == "stdin":
-            lines = stdin.read().splitlines()
+        if name == "stdin":  # bytes, then strict UTF-8: a text-mode stdin smuggles undecodable bytes as surrogates
+            data = stdin.buffer.read() if hasattr(stdin, "buffer") else stdin.read().encode("utf-8", "surrogateescape")
         else:
-            lines = Path(name).read_text(encoding="utf-8").splitlines()
+            data = Path(name).read_bytes()
+        lines = data.decode("utf-8").splitlines()
     except FileNotFoundError:
         raise UsageProblem("no such prompt file", path=name, hint="pass an existing file, or - for stdin") from None
-    except UnicodeDecodeError:
-        raise UsageProblem("the prompt file is not UTF-8 text", path=name) from None
+    except IsADirectoryError:
+        raise UsageProblem("is a directory, not a prompt file", path=name) from None
+    except UnicodeError:
+        raise UsageProblem(f"the prompts ({name}) are not UTF-8 text", hint="pass text, one prompt per line") from None
     prompts = [line for line in lines if line.strip()]
     if not prompts:
         raise UsageProblem("empty input: no prompts (one per line expected)", path=name,

@@ -22,7 +22,7 @@ import typer
 from gentool.errors import UsageProblem
 
 try:  # typer >= 0.26 vendors its own click
-    from typer._click import get_current_context
+    from typer._click.globals import get_current_context
 except ImportError:  # pragma: no cover
     from click import get_current_context
 

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from gentool.cli._options import RUNTIME, Device, Dtype, Force, Json, Output, Seed, examples
+from gentool.cli._options import Compile, Device, Dtype, Force, Json, Output, Resume, Seed, examples
 from gentool.cli._recipe import Config
 
 Int = Optional[int]
@@ -61,9 +61,8 @@ def train_diffusion(
     seed: Seed = 0,
     device: Device = "auto",
     dtype: Dtype = None,
-    compile_: Annotated[bool, typer.Option("--compile", help="torch.compile the denoiser.",
-                                           rich_help_panel=RUNTIME)] = False,
-    resume: Annotated[bool, typer.Option(help="Continue the unfinished run in OUTPUT.partial/.")] = False,
+    compile_: Compile = False,
+    resume: Resume = False,
     force: Force = False,
     config: Config = None,
     json_: Json = False,

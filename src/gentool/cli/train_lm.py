@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from gentool.cli._options import RUNTIME, Device, Dtype, Force, Json, Output, Seed, examples
+from gentool.cli._options import Compile, Device, Dtype, Force, Json, Output, Resume, Seed, examples
 from gentool.cli._recipe import Config
 
 Int = Optional[int]
@@ -65,9 +65,8 @@ def train_lm(
     seed: Seed = 0,
     device: Device = "auto",
     dtype: Dtype = None,
-    compile_: Annotated[bool, typer.Option("--compile", help="torch.compile the model.",
-                                           rich_help_panel=RUNTIME)] = False,
-    resume: Annotated[bool, typer.Option(help="Continue the unfinished run in OUTPUT.partial/.")] = False,
+    compile_: Compile = False,
+    resume: Resume = False,
     force: Force = False,
     config: Config = None,
     json_: Json = False,

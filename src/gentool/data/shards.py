@@ -8,7 +8,6 @@ int64 copy of just that slice, ready for `torch.from_numpy`.
 
 from __future__ import annotations
 
-import json
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from gentool.artifacts import Manifest, read_artifact
+from gentool.artifacts.tensorfiles import read_header
 from gentool.errors import GentoolError, UsageProblem
 
 _DTYPES = {"U16": np.uint16, "U32": np.uint32, "I32": np.int32, "I64": np.int64}
@@ -34,22 +34,20 @@ def write_shard(path: Path, tokens: np.ndarray) -> None:
 def mmap_tokens(path: Path) -> np.ndarray:
     """The `tokens` tensor of a shard as a read-only memmap (the safetensors header says where it starts)."""
     try:
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n > 1 << 20:
-                raise ValueError("header too large")
-            header = json.loads(f.read(n))
-        info = header["tokens"]
-        start, end = info["data_offsets"]
-        dtype = np.dtype(_DTYPES[info["dtype"]])
-        count = (end - start) // dtype.itemsize
-        if len(info["shape"]) != 1 or info["shape"][0] != count or path.stat().st_size < 8 + n + end:
-            raise ValueError("size does not match the header")
-    except (OSError, ValueError, KeyError, TypeError, struct.error) as e:
-        raise GentoolError(f"not a valid token shard ({e})", path=path, hint="re-create the shards") from None
+        header = read_header(path)
+    except GentoolError as e:
+        raise GentoolError(f"not a valid token shard: {e.message}", path=path, hint="re-create the shards") from None
+    info = header.get("tokens")
+    if info is None or info["dtype"] not in _DTYPES or len(info["shape"]) != 1 or len(header) != 1:
+        raise GentoolError("not a valid token shard (one 1-D integer `tokens` tensor expected)", path=path,
+                           hint="re-create the shards")
+    dtype = np.dtype(_DTYPES[info["dtype"]])
+    count = info["shape"][0]
     if count == 0:
         return np.zeros(0, dtype=dtype)
-    return np.memmap(path, dtype=dtype, mode="r", offset=8 + n + start, shape=(count,))
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+    return np.memmap(path, dtype=dtype, mode="r", offset=8 + n + info["data_offsets"][0], shape=(count,))
 
 
 @dataclass

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from gentool.artifacts import Manifest, read_artifact
+from gentool.errors import GentoolError
 from gentool.diffusion.objectives import DiffusionSpec
 from gentool.models.denoisers import DenoiserConfig, build_denoiser
 
@@ -50,14 +51,18 @@ def save_diffusion(directory: Path, model: torch.nn.Module, ema: torch.nn.Module
 
 def load_diffusion(path: str | Path, *, device: str = "cpu", ema: bool = True, verify: bool = True) -> LoadedDiffusion:
     """The denoiser (EMA weights when present and `ema`) in eval mode, with its spec and data facts."""
-    from safetensors.torch import load_file
+    from gentool.artifacts.tensorfiles import load_tensors
 
     manifest = read_artifact(path, "diffusion-checkpoint", verify=verify)
-    config = json.loads(manifest.file("config.json").read_text())
-    denoiser = DenoiserConfig.from_dict(config["denoiser"])
-    spec = DiffusionSpec(**config["diffusion"])
-    with torch.device("meta"):
-        model = build_denoiser(denoiser)
+    try:
+        config = json.loads(manifest.file("config.json").read_text(encoding="utf-8"))
+        denoiser = DenoiserConfig.from_dict(config["denoiser"])
+        spec = DiffusionSpec(**config["diffusion"])
+        with torch.device("meta"):
+            model = build_denoiser(denoiser)
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise GentoolError(f"config.json is malformed ({type(e).__name__}: {e})", path=manifest.file("config.json"),
+                           hint="the checkpoint is corrupt; re-create it") from None
     weights = "ema.safetensors" if ema and manifest.file("ema.safetensors").is_file() else "model.safetensors"
-    model.load_state_dict(load_file(str(manifest.file(weights)), device=str(device)), assign=True)
+    model.load_state_dict(load_tensors(manifest.file(weights), device=device), assign=True)
     return LoadedDiffusion(model.eval(), spec, denoiser, config["data"], manifest)

@@ -84,7 +84,7 @@ def sample_checkpoint(checkpoint: str | Path, out: str | Path | None = None, *, 
                       guidance: float = 1.0, seed: int = 0, device: str = "cpu", score: str | None = None,
                       batch_size: int = 1024, force: bool = False, verify: bool = True) -> dict[str, Any]:
     if out is not None:
-        check_output(out, force=force)
+        check_output(out, force=force, sources=[checkpoint, score if score != "auto" else None])
     if num_samples < 1 or (score is not None and num_samples < 2):
         raise UsageProblem("--num-samples must be at least 1 (2 with --score)")
     if not 0.0 <= eta <= 1.0:

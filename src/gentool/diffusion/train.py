@@ -23,13 +23,12 @@ from gentool.diffusion.samplers import flow_sample
 from gentool.errors import UsageProblem
 from gentool.models.denoisers import DenoiserConfig, build_denoiser
 from gentool.train import TrainConfig, distributed, make_ema, train
-from gentool.train.rundir import RunDir
+from gentool.train.rundir import RunDir, RunOptions
 
 
-@dataclass
-class TrainDiffusionOptions:
+@dataclass(kw_only=True)
+class TrainDiffusionOptions(RunOptions):
     data: str
-    out: Path
     family: str = "ddpm"
     parameterization: str | None = None       # default: eps (ddpm), velocity (flow-matching)
     schedule: str = "linear"
@@ -50,14 +49,6 @@ class TrainDiffusionOptions:
     reflow_from: Path | None = None
     reflow_pairs: int | None = None
     reflow_steps: int = 50
-    eval_every: int = 0
-    save_every: int = 0
-    seed: int = 0
-    device: str = "cpu"
-    dtype: str | None = None
-    compile: bool = False
-    resume: bool = False
-    force: bool = False
 
 
 def default_denoiser(kind: str | None, shape: list[int], width: int | None, depth: int | None,
@@ -143,7 +134,7 @@ def run_train_diffusion(opts: TrainDiffusionOptions) -> dict[str, Any]:
     device = distributed.init_from_env(opts.device)
     rank, world = distributed.rank(), distributed.world_size()
     run = RunDir(opts.out, resume=opts.resume, force=opts.force)
-    run.check()
+    run.check(sources=[opts.data, opts.reflow_from])
     if opts.steps < 1 or opts.batch_size < 1:
         raise UsageProblem("--steps and --batch-size must be at least 1")
     teacher = load_diffusion(opts.reflow_from, device=device) if opts.reflow_from else None

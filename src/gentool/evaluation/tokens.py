@@ -31,6 +31,12 @@ def is_shards(p: str | Path) -> bool:
 
 def load_text_ids(paths: list[str], tokenizer) -> tuple[torch.Tensor, int]:
     """Token ids of text files or stdin ("-"), BOS first, and the UTF-8 byte count of the text."""
+    for p in paths:
+        if p != "-" and not Path(p).is_file():
+            what = "is a directory, not a token-shards artifact or a text file" if Path(p).is_dir() else \
+                "no such file"
+            raise UsageProblem(what, path=p, hint="pass token shards (gentool tokenize encode), text files or - "
+                                                  "for stdin")
     ids: list[int] = []
     n_bytes = 0
     for p in paths:
@@ -39,6 +45,14 @@ def load_text_ids(paths: list[str], tokenizer) -> tuple[torch.Tensor, int]:
         ids.extend(tokenizer.encode(text, bos=tokenizer.bos_id is not None))
         n_bytes += len(text.encode())
     return torch.tensor(ids, dtype=torch.long), n_bytes
+
+
+def _decoded_bytes(tokenizer, ids: torch.Tensor, encoded_with: str) -> int | None:
+    """UTF-8 bytes of the text a prefix of the stream stands for (gentool's tokenizers decode to exactly the text
+    they encoded); None when the tokens come from another tokenizer."""
+    if tokenizer is None or tokenizer.sha256 != encoded_with:
+        return None
+    return len(tokenizer.decode(ids.tolist()).encode())
 
 
 def load_eval_tokens(data: list[str], tokenizer, *, vocab_size: int, split: str = "val",
@@ -66,7 +80,7 @@ def load_eval_tokens(data: list[str], tokenizer, *, vocab_size: int, split: str 
         total_bytes = None
         if leading_eos:
             ids = torch.cat([torch.tensor([shards.eos_id]), ids])
-            total_bytes = shards.bytes if n == len(shards) else None
+            total_bytes = shards.bytes if n == len(shards) else _decoded_bytes(tokenizer, ids, shards.tokenizer_id)
         out = EvalTokens(ids, total_bytes, shards.bytes / max(1, len(shards)), {"data": str(data[0]), "split": split},
                          from_shards=True)
     else:
@@ -74,10 +88,11 @@ def load_eval_tokens(data: list[str], tokenizer, *, vocab_size: int, split: str 
             raise UsageProblem("the checkpoint has no tokenizer.model or tokenizer.json", path=where,
                                hint="score token shards instead of text")
         ids, n_bytes = load_text_ids(data, tokenizer)
-        if max_tokens is not None:
+        per_token = n_bytes / max(1, len(ids))
+        if max_tokens is not None and max_tokens + 1 < len(ids):
             ids = ids[: max_tokens + 1]
-        out = EvalTokens(ids, n_bytes if max_tokens is None else None, n_bytes / max(1, len(ids)),
-                         {"data": [str(d) for d in data]})
+            n_bytes = _decoded_bytes(tokenizer, ids, tokenizer.sha256)
+        out = EvalTokens(ids, n_bytes, per_token, {"data": [str(d) for d in data]})
     if len(out.ids) < 2:
         raise UsageProblem("the data holds fewer than two tokens", hint="pass more text")
     if int(out.ids.max()) >= vocab_size:

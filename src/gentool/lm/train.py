@@ -25,13 +25,12 @@ from gentool.errors import UsageProblem
 from gentool.models.checkpoint import load_lm, save_lm
 from gentool.models.transformer import Transformer
 from gentool.train import SCHEDULES, Task, TrainConfig, distributed, train
-from gentool.train.rundir import RunDir
+from gentool.train.rundir import RunDir, RunOptions
 
 
-@dataclass
-class LMRunOptions:
+@dataclass(kw_only=True)
+class LMRunOptions(RunOptions):
     tokens_dir: Path
-    out: Path
     preset: str | None = "small"
     dims: dict[str, Any] = field(default_factory=dict)   # explicit HF-named overrides
     seq_len: int = 256
@@ -46,16 +45,8 @@ class LMRunOptions:
     schedule: str = "cosine"
     weight_decay: float = 0.1
     grad_clip: float = 1.0
-    eval_every: int = 0
     eval_tokens: int = 65536
-    save_every: int = 0
     keep: int = 2
-    seed: int = 0
-    device: str = "cpu"
-    dtype: str | None = None
-    compile: bool = False
-    resume: bool = False
-    force: bool = False
     init_from: Path | None = None
     lora: dict[str, Any] | None = None
 
@@ -65,6 +56,7 @@ class LMTask:
     rank), so the data order is fixed by --seed and the step is the whole data cursor."""
 
     compile_loss = True  # with --compile the cross-entropy fuses with the output head
+    extra = 1            # a window holds one token more than the model reads: the last position's target
 
     def __init__(self, train: TokenShards, val: TokenShards | None, config: LMConfig, *, seq_len: int,
                  micro_batch: int, seed: int, world: int, device: str, eval_tokens: int):
@@ -73,16 +65,21 @@ class LMTask:
         self.tokens_per_micro = micro_batch * seq_len
         self.flops_per_micro = float(config.train_flops_per_token(seq_len) * self.tokens_per_micro)
         self.eval_windows = None
-        if val is not None and len(val) > seq_len + 1:
-            n = max(1, min(eval_tokens, len(val) - 1) // seq_len)
-            data = torch.from_numpy(val.tokens(0, n * seq_len + 1))
-            self.eval_windows = torch.stack([data[i * seq_len:(i + 1) * seq_len + 1] for i in range(n)])
+        if val is not None and len(val) >= seq_len + self.extra:
+            n = max(1, min(eval_tokens, len(val) - self.extra) // seq_len)
+            data = torch.from_numpy(val.tokens(0, n * seq_len + self.extra))
+            self.eval_windows = torch.stack([data[i * seq_len:(i + 1) * seq_len + self.extra] for i in range(n)])
         self.bytes_per_token = val.bytes / max(1, len(val)) if val is not None else None
 
-    def batch(self, step: int, micro: int, rank: int) -> torch.Tensor:
+    def windows(self, step: int, micro: int, rank: int) -> tuple[np.random.Generator, torch.Tensor]:
+        """The micro-batch's windows (CPU) and the generator that chose them (for any further randomness)."""
         rng = np.random.default_rng([self.seed, step, micro * self.world + rank])
-        starts = rng.integers(0, len(self.train) - self.seq_len - 1, size=self.micro)
-        rows = torch.from_numpy(np.stack([self.train.tokens(int(s), int(s) + self.seq_len + 1) for s in starts]))
+        starts = rng.integers(0, len(self.train) - self.seq_len - self.extra, size=self.micro)
+        span = self.seq_len + self.extra
+        return rng, torch.from_numpy(np.stack([self.train.tokens(int(s), int(s) + span) for s in starts]))
+
+    def batch(self, step: int, micro: int, rank: int) -> torch.Tensor:
+        rows = self.windows(step, micro, rank)[1]
         if self.device.startswith("cuda"):
             rows = rows.pin_memory()
         return rows.to(self.device, non_blocking=True)
@@ -97,6 +94,15 @@ class LMTask:
             return {}
         was = model.training
         model.eval()
+        nats = self.eval_nats(model)
+        model.train(was)
+        out = {"val_loss": nats}
+        if self.bytes_per_token:
+            out["val_bpb"] = nats / math.log(2) / self.bytes_per_token
+        return out
+
+    def eval_nats(self, model: torch.nn.Module) -> float:
+        """Mean validation loss in nats per token."""
         total, n = 0.0, 0
         for chunk in self.eval_windows.split(self.micro):
             chunk = chunk.to(self.device)
@@ -105,12 +111,7 @@ class LMTask:
                 logits = model(chunk[:, :-1])
             total += F.cross_entropy(logits.float().flatten(0, 1), chunk[:, 1:].flatten(), reduction="sum").item()
             n += chunk[:, 1:].numel()
-        model.train(was)
-        loss = total / n
-        out = {"val_loss": loss}
-        if self.bytes_per_token:
-            out["val_bpb"] = loss / math.log(2) / self.bytes_per_token
-        return out
+        return total / n
 
 
 def unigram_entropy(shards: TokenShards, limit: int = 1 << 22) -> float:
@@ -168,7 +169,7 @@ def run_train_lm(opts: LMRunOptions, objective: Objective | None = None) -> dict
         val_shards: TokenShards | None = open_shards(opts.tokens_dir, "val", verify=False)
     except UsageProblem:
         val_shards = None
-    run.check()
+    run.check(sources=[opts.tokens_dir, opts.init_from])
     if not objective.allows_init and (opts.init_from or opts.lora):
         raise UsageProblem("--init-from and LoRA are for autoregressive LMs", hint="train the masked LM from scratch")
     init = load_lm(opts.init_from) if opts.init_from else None

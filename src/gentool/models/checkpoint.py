@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from gentool.artifacts import MANIFEST, Manifest, read_artifact
+from gentool.artifacts.tensorfiles import load_tensors
 from gentool.config import LMConfig
 from gentool.devices import dtype_name
 from gentool.errors import GentoolError, UsageProblem
@@ -60,6 +61,9 @@ def read_config(path: Path) -> LMConfig:
         data = json.loads(f.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise GentoolError(f"config.json is not valid JSON ({e})", path=f, hint="the checkpoint is corrupt") from None
+    if not isinstance(data, dict):
+        raise GentoolError(f"config.json holds a JSON {type(data).__name__}, not an object", path=f,
+                           hint="the checkpoint is corrupt")
     return LMConfig.from_hf_dict(data, path=f)
 
 
@@ -67,9 +71,12 @@ def weight_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
         try:
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            names = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
             raise GentoolError(f"bad safetensors index ({e})", path=index, hint="the checkpoint is corrupt") from None
+        if not all(isinstance(n, str) and n and Path(n).name == n for n in names):
+            raise GentoolError("the safetensors index names a file outside the checkpoint", path=index,
+                               hint="the checkpoint is corrupt")
         return [path / n for n in names]
     if (path / "model.safetensors").is_file():
         return [path / "model.safetensors"]
@@ -81,23 +88,15 @@ def weight_files(path: Path) -> list[Path]:
 
 def read_tensors(files: list[Path], *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
                  ) -> dict[str, torch.Tensor]:
-    """Tensors from safetensors files, cast one by one (no full-precision copy of a bf16 model)."""
-    from safetensors import SafetensorError, safe_open
-
+    """Tensors from safetensors files (headers checked, weights finite), cast one by one to `dtype`."""
     out: dict[str, torch.Tensor] = {}
     for f in files:
         if not f.is_file():
             raise GentoolError("missing weight shard", path=f, hint="the checkpoint is incomplete")
-        try:
-            with safe_open(str(f), framework="pt", device="cpu") as handle:
-                for key in handle.keys():
-                    t = handle.get_tensor(key)
-                    if dtype is not None and t.is_floating_point():
-                        t = t.to(dtype)
-                    out[key] = t.to(device)
-        except (SafetensorError, OSError, RuntimeError, ValueError) as e:
-            raise GentoolError(f"cannot read safetensors ({e})", path=f,
-                               hint="the file is truncated or corrupt; re-create or re-download it") from None
+        for key, t in load_tensors(f, dtype=dtype, device=device).items():
+            if key in out:
+                raise GentoolError(f"tensor {key} is in two weight shards", path=f, hint="the checkpoint is corrupt")
+            out[key] = t
     return out
 
 

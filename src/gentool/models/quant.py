@@ -1,7 +1,7 @@
 """Quantized linear layers (int8, int4, NF4, FP8) and the functions that swap them into a model from outside.
 
 A `QuantLinear` keeps exactly the tensors a quantized checkpoint stores (`weight` codes plus `weight_scale`,
-`weight_zero`, `weight_absmax*`; see quant_codecs.py), so `state_dict()` *is* the file layout. Kernel layouts are
+`weight_zero`, `weight_absmax*`; see codecs/quant.py), so `state_dict()` *is* the file layout. Kernel layouts are
 derived from them on the device the layer lives on (`_prepare`, rerun after every `.to()`):
 - int8: torch's `_weight_int8pack_mm` on CPU; on CUDA a dequantize-fused GEMV under torch.compile for decoding
   (x·(q·s) as a multiply-and-sum inductor fuses, reading int8) and dequantize + matmul otherwise.
@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gentool.errors import GentoolError, UsageProblem
-from gentool.models import quant_codecs as qp
+from gentool.codecs import quant as qp
 
 DEFAULT_SKIP = ("embed_tokens", "lm_head")
 COMPANIONS = {"int8": ("weight", "weight_scale"), "int4": ("weight", "weight_scale", "weight_zero"),

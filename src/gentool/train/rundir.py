@@ -12,15 +12,32 @@ import json
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gentool import console
 from gentool.artifacts import ArtifactBuilder, canonical_json, create_artifact
+from gentool.artifacts.store import check_not_an_input
 from gentool.errors import UsageProblem
 from gentool.train import distributed
+from gentool.train.checkpoint import latest_state
 
 RECIPE = "run.json"
+
+
+@dataclass(kw_only=True)
+class RunOptions:
+    """What every training command takes besides its data, model and objective (the CLI flags of these names)."""
+
+    out: Path
+    eval_every: int = 0          # 0: a few times per run
+    save_every: int = 0          # 0: at the end only
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str | None = None     # autocast dtype; None: bfloat16 on CUDA, float32 on CPU
+    compile: bool = False
+    resume: bool = False
+    force: bool = False
 
 
 class RunDir:
@@ -29,8 +46,11 @@ class RunDir:
         self.partial = self.out.with_name(self.out.name + ".partial")
         self.resume, self.force = resume, force
 
-    def check(self) -> None:
-        """Before any work: the output and the unfinished run this command would replace."""
+    def check(self, sources=()) -> None:
+        """Before any work: the output and the unfinished run this command would replace, and that neither is one
+        of the run's inputs (`sources`, paths)."""
+        check_not_an_input(self.out, sources)
+        check_not_an_input(self.partial, sources)
         if self.out.exists() and not self.force:
             raise UsageProblem("output exists", path=self.out, hint="use --force to replace it")
         if self.partial.exists() and not (self.resume or self.force):
@@ -38,23 +58,26 @@ class RunDir:
                                hint="continue it with --resume, or --force")
 
     def begin(self, recipe: dict[str, Any]) -> None:
-        """Rank 0 creates OUTPUT.partial/ with the recipe, or on --resume checks the unfinished run's recipe. Under
-        torchrun every rank has run check() before the directory appears, and none goes on before it exists."""
+        """Rank 0 creates OUTPUT.partial/ with the recipe, or on --resume continues an unfinished run made with the
+        same recipe that saved a state. Every rank checks (so a refusal never leaves a peer waiting), and under
+        torchrun none goes on before the directory exists."""
+        saved_file = self.partial / RECIPE
+        if self.resume:
+            if not self.partial.exists():
+                raise UsageProblem("nothing to resume: no unfinished run", path=self.partial,
+                                   hint="drop --resume to start a new run")
+            saved = json.loads(saved_file.read_text()) if saved_file.is_file() else None
+            if saved != json.loads(canonical_json(recipe)):
+                raise UsageProblem("the unfinished run was started with a different configuration", path=self.partial,
+                                   hint="repeat the original options, or start over with --force")
+            if latest_state(self.partial / "state") is None:
+                raise UsageProblem("the unfinished run saved no state to resume from", path=self.partial,
+                                   hint="start it over with --force")
         distributed.barrier()
-        if distributed.rank() == 0:
-            saved_file = self.partial / RECIPE
-            if self.resume and self.partial.exists():
-                saved = json.loads(saved_file.read_text()) if saved_file.is_file() else None
-                if saved != json.loads(canonical_json(recipe)):
-                    raise UsageProblem("the unfinished run was started with a different configuration",
-                                       path=self.partial, hint="repeat the original options, or start over with "
-                                                               "--force")
-            else:
-                if self.resume:
-                    console.log(f"nothing to resume in {self.partial}; starting a new run")
-                shutil.rmtree(self.partial, ignore_errors=True)
-                self.partial.mkdir(parents=True)
-                saved_file.write_text(canonical_json(recipe))
+        if distributed.rank() == 0 and not self.resume:
+            shutil.rmtree(self.partial, ignore_errors=True)
+            self.partial.mkdir(parents=True)
+            saved_file.write_text(canonical_json(recipe))
         distributed.barrier()
 
     @contextmanager

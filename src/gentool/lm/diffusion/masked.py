@@ -25,14 +25,13 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from gentool.artifacts.probe import MASKED_LM
 from gentool.data.shards import TokenShards
 from gentool.errors import UsageProblem
-from gentool.lm.train import LMRunOptions, Objective, run_train_lm
+from gentool.lm.train import LMRunOptions, LMTask, Objective, run_train_lm
 
 Denoiser = Callable[[torch.Tensor], torch.Tensor]
 
@@ -176,28 +175,24 @@ def estimate_nelbo(model: Denoiser, windows: torch.Tensor, mask_id: int, schedul
 
 # --- training ------------------------------------------------------------------------------------------------------
 
-class MaskedLMTask:
-    """Windows of seq_len tokens; loss = the continuous-time NELBO (nats/token), antithetic mask counts."""
+class MaskedLMTask(LMTask):
+    """Windows of seq_len tokens; loss = MDLM's continuous-time NELBO (nats/token) with antithetic times; the
+    validation loss is the bound `per_sequence` estimates (the count estimator)."""
 
-    def __init__(self, train: TokenShards, val: TokenShards | None, config, *, seq_len: int, micro_batch: int,
-                 seed: int, world: int, device: str, eval_tokens: int, mask_id: int, schedule: str = "loglinear"):
-        self.train, self.seq_len, self.micro, self.seed, self.world = train, seq_len, micro_batch, seed, world
-        self.device, self.mask_id, self.schedule = device, mask_id, MaskSchedule(schedule)
-        self.tokens_per_micro = micro_batch * seq_len
+    compile_loss = False
+    extra = 0
+
+    def __init__(self, train: TokenShards, val: TokenShards | None, config, *, mask_id: int,
+                 schedule: str = "loglinear", **kw: Any):
+        super().__init__(train, val, config, **kw)
+        self.mask_id, self.schedule = mask_id, MaskSchedule(schedule)
         # bidirectional attention costs twice the causal attention term of the AR formula
-        extra = 6 * config.num_hidden_layers * seq_len * config.num_attention_heads * config.head_dim
-        self.flops_per_micro = float((config.train_flops_per_token(seq_len) + extra) * self.tokens_per_micro)
-        self.eval_windows = None
-        if val is not None and len(val) >= seq_len:
-            n = max(1, min(eval_tokens, len(val)) // seq_len)
-            self.eval_windows = torch.from_numpy(val.tokens(0, n * seq_len)).view(n, seq_len)
-        self.bytes_per_token = val.bytes / max(1, len(val)) if val is not None else None
+        extra = 6 * config.num_hidden_layers * self.seq_len * config.num_attention_heads * config.head_dim
+        self.flops_per_micro += float(extra * self.tokens_per_micro)
 
     def batch(self, step: int, micro: int, rank: int) -> tuple[torch.Tensor, int]:
-        rng = np.random.default_rng([self.seed, step, micro * self.world + rank])
-        starts = rng.integers(0, len(self.train) - self.seq_len, size=self.micro)
-        rows = np.stack([self.train.tokens(int(s), int(s) + self.seq_len) for s in starts])
-        return torch.from_numpy(rows).to(self.device), int(rng.integers(0, 2**62))
+        rng, rows = self.windows(step, micro, rank)
+        return rows.to(self.device), int(rng.integers(0, 2**62))
 
     per_sequence: PerSequence = staticmethod(nelbo_per_sequence)  # the bound evaluate() reports
 
@@ -206,20 +201,10 @@ class MaskedLMTask:
         g = torch.Generator(device=x0.device).manual_seed(noise_seed)
         return masked_diffusion_loss(model, x0, self.mask_id, self.schedule, generator=g)
 
-    @torch.no_grad()
-    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
-        if self.eval_windows is None:
-            return {}
-        was = model.training
-        model.eval()
+    def eval_nats(self, model: torch.nn.Module) -> float:
         g = torch.Generator(device=self.device).manual_seed(self.seed)
-        nats, _, _ = estimate_nelbo(model, self.eval_windows.to(self.device), self.mask_id, self.schedule,
-                                    samples=1, batch_size=self.micro, generator=g, per_sequence=self.per_sequence)
-        model.train(was)
-        out = {"val_loss": nats}
-        if self.bytes_per_token:
-            out["val_bpb"] = nats / math.log(2) / self.bytes_per_token
-        return out
+        return estimate_nelbo(model, self.eval_windows.to(self.device), self.mask_id, self.schedule, samples=1,
+                              batch_size=self.micro, generator=g, per_sequence=self.per_sequence)[0]
 
 
 def score_nelbo(model: torch.nn.Module, ids: torch.Tensor, *, seq_len: int, mask_id: int, schedule: str,

@@ -2,6 +2,7 @@
 --dequantize, and the refusals."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -12,13 +13,12 @@ from gentool.models.transformer import Transformer
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
+def base(tmp_path_factory, tiny_tokenizer):
     """A tiny random lm-checkpoint artifact with a real SentencePiece tokenizer, and some text."""
     from gentool.artifacts import create_artifact
-    from gentool.tokenize import train_tokenizer
 
     d = tmp_path_factory.mktemp("q")
-    train_tokenizer(["builtin:shakespeare/comedies"], d / "tok", vocab_size=400)
+    shutil.copytree(tiny_tokenizer, d / "tok")
     cfg = config_from_preset("tiny", vocab_size=400, hidden_size=64, intermediate_size=128,
                              max_position_embeddings=64)
     m = Transformer(cfg)
