@@ -30,5 +30,14 @@ def test_masked_lm_trains_scores_and_samples(tokens, tiny_tokenizer, tmp_path, c
     assert a.exit_code == 0, a.output
     ja, jb = json.loads(a.stdout), json.loads(b.stdout)
     assert ja["completion"] == jb["completion"] and ja["nfe"] < jb["nfe"] == 48  # caching: same text, fewer calls
+    assert ja["nfe"] <= 24 and ja["sampler"] == "ancestral"  # a call only when something unmasks: <= 1 per token
+    for sampler, most in (("confidence", 8), ("margin", 8), ("remdm:0.1", 8)):
+        r = cli(*args[:-7], "--steps", "8", "--sampler", sampler, "--num-samples", "2", "--json", "--device", "cpu")
+        recs = [json.loads(line) for line in r.stdout.splitlines()]
+        assert r.exit_code == 0 and len(recs) == 2 and all(0 < x["nfe"] <= most for x in recs), r.output
+    r = cli(*args, "--sampler", "euler")
+    assert r.exit_code == 2 and "cannot sample a diffusion language model" in r.output
+    r = cli("train-diffusion", tokens, "-o", tmp_path / "x", "--kind", "masked-lm", "--block-size", "4")
+    assert r.exit_code == 2 and "--block-size and --mask-range are for --kind block-lm" in r.output
     r = cli("train-diffusion", tiny_tokenizer, "-o", tmp_path / "x", "--kind", "masked-lm", "--steps", "1")
     assert r.exit_code == 2 and "token-shards" in r.output and not (tmp_path / "x").exists()

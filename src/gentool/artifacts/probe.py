@@ -8,14 +8,14 @@ from typing import NamedTuple
 
 from gentool.artifacts.kinds import PREFIX
 
-# diffusion-checkpoint families; the masked-diffusion LM is served by the language-model commands
-DDPM, FLOW_MATCHING, MASKED_LM = "ddpm", "flow-matching", "masked-lm"
-LM_FAMILIES = (MASKED_LM,)
+# diffusion-checkpoint families; the masked- and block-diffusion LMs are served by the language-model commands
+DDPM, FLOW_MATCHING, MASKED_LM, BLOCK_LM = "ddpm", "flow-matching", "masked-lm", "block-lm"
+LM_FAMILIES = (MASKED_LM, BLOCK_LM)
 
 
 class Probe(NamedTuple):
     kind: str | None     # artifact kind ("lm-checkpoint", ...), or None: no readable gentool manifest
-    family: str | None   # diffusion-checkpoint: ddpm | flow-matching | masked-lm; otherwise None
+    family: str | None   # diffusion-checkpoint: ddpm | flow-matching | masked-lm | block-lm; otherwise None
 
     @property
     def is_denoiser(self) -> bool:

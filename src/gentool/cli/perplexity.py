@@ -54,12 +54,13 @@ def perplexity(
 
     Sliding-window scoring: every token is scored once with as much context as the window allows. Bits per byte
     use the UTF-8 bytes recorded in the shards' manifest (or of the raw text), so models with different
-    tokenizers compare on one scale. For a masked-diffusion LM it reports the NELBO, an upper bound on the same
-    scale, with its Monte-Carlo standard error (--samples tightens it). For an image/vector diffusion checkpoint
+    tokenizers compare on one scale. For a masked- or block-diffusion LM it reports the NELBO, an upper bound on
+    the same scale, with its standard error (--samples tightens it); block size 1 gives the exact NLL. For an image/vector diffusion checkpoint
     it reports the discrete-time negative ELBO in bits per dimension (8-bit data: discretised decoder).
     """
     from gentool import console
-    from gentool.artifacts import MASKED_LM, probe
+    from gentool.artifacts import probe
+    from gentool.artifacts.probe import LM_FAMILIES
     from gentool.devices import resolve_device, resolve_dtype
     from gentool.errors import UsageProblem
 
@@ -77,8 +78,8 @@ def perplexity(
         result = compare_checkpoints(checkpoint, reference, data or [], split=split, window=window, stride=stride,
                                      max_tokens=max_tokens, batch_size=batch_size, device=dev,
                                      dtype=resolve_dtype(dtype, dev), verify=not no_verify)
-    elif found.family == MASKED_LM:
-        from gentool.lm.masked import score_checkpoint
+    elif found.family in LM_FAMILIES:
+        from gentool.lm.diffusion.serve import score_checkpoint
 
         result = score_checkpoint(checkpoint, data or [], split=split, window=window, max_tokens=max_tokens,
                                   batch_size=batch_size, device=dev, dtype=resolve_dtype(dtype, dev),

@@ -30,7 +30,7 @@ def sample(
         = None,
     stop: Annotated[Optional[list[str]], typer.Option(help="Stop when this string appears (repeatable).")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Diffusion: sampling steps (default 50; flow 20; masked "
-                                                      "LM 64).")] = None,
+                                                      "LM 64; block LM: per block, default the block size).")] = None,
     min_p: Annotated[Optional[float], typer.Option(help="Drop tokens below min-p times the top probability.",
                                                    rich_help_panel=LM)] = None,
     repetition_penalty: Annotated[float, typer.Option(help="Penalise tokens already present (1 = off).",
@@ -43,8 +43,8 @@ def sample(
                                             rich_help_panel=LM)] = 16,
     chat: Annotated[bool, typer.Option(help="Wrap each prompt as a user message in the model's chat template.",
                                        rich_help_panel=LM)] = False,
-    cache: Annotated[bool, typer.Option(help="Masked-diffusion LMs: skip the network when nothing unmasked (same "
-                                             "samples, fewer calls).", rich_help_panel=LM)] = True,
+    cache: Annotated[bool, typer.Option(help="Masked/block-diffusion LMs, ancestral sampler: skip the network when "
+                                             "nothing unmasked (same samples, fewer calls).", rich_help_panel=LM)] = True,
     bench: Annotated[bool, typer.Option(help="Report tokens/s against the memory-bandwidth roofline.",
                                         rich_help_panel=LM)] = False,
     prompt_lookup: Annotated[int, typer.Option(help="Greedy, one sequence: draft up to N tokens from the text so far "
@@ -53,7 +53,8 @@ def sample(
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Diffusion: write a samples artifact "
                                                    "(safetensors + grid/scatter PNG).", rich_help_panel=DIFF)] = None,
     sampler: Annotated[Optional[str], typer.Option(help="ddpm, ddim, euler, heun, dpm++2m (default ddim); flow: "
-                                                        "euler, heun, midpoint (default heun).",
+                                                        "euler, heun, midpoint (default heun); masked/block LMs: "
+                                                        "ancestral (default), confidence, margin, remdm[:ETA].",
                                                    rich_help_panel=DIFF)] = None,
     eta: Annotated[float, typer.Option(help="DDIM noise, 0 (deterministic) to 1 (= DDPM).",
                                        rich_help_panel=DIFF)] = 0.0,
@@ -82,10 +83,12 @@ def sample(
     one per line, decoded in batches. A prompt longer than the context window minus --max-new-tokens loses its
     beginning (with a warning). --temperature 0 is greedy; the same --seed gives the same samples.
     A masked-diffusion LM unmasks --max-new-tokens after the prompt in --steps steps (semi-autoregressive blocks
-    beyond its window); its JSON lines carry the number of network calls (nfe).
+    beyond its window), a block-diffusion LM generates block by block with a KV cache, --steps per block; their
+    JSON lines carry the number of network calls (nfe) and the --sampler used.
     """
     from gentool import console
-    from gentool.artifacts import MASKED_LM, probe
+    from gentool.artifacts import probe
+    from gentool.artifacts.probe import LM_FAMILIES
     from gentool.cli._prompts import read_prompts
     from gentool.devices import resolve_device
     from gentool.errors import UsageProblem
@@ -99,15 +102,18 @@ def sample(
             guidance=guidance, seed=seed, device=dev, score=score, force=force), as_json=json_)
         return
     prompts = read_prompts(prompt, prompt_file, sys.stdin)
-    if found.family == MASKED_LM:
-        from gentool.lm.masked import sample_texts
+    if found.family in LM_FAMILIES:
+        from gentool.lm.diffusion.serve import sample_texts
 
         for r in sample_texts(checkpoint, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                               top_k=top_k, top_p=top_p, num_samples=num_samples or 1, seed=seed, device=dev,
-                              steps=steps or 64, cache=cache):
+                              steps=steps, cache=cache, sampler=sampler, stop=stop):
             console.emit(r, as_json=True) if json_ else sys.stdout.write(r["prompt"] + r["completion"] + "\n")
         sys.stdout.flush()
         return
+    if sampler is not None:
+        raise UsageProblem(f"--sampler {sampler} is for diffusion models", path=checkpoint,
+                           hint="an autoregressive LM decodes token by token: drop --sampler")
     from gentool.lm.generate import check_params, encode_prompts, generate, open_generator
     from gentool.lm.sample import SamplingParams, benchmark
 
@@ -140,4 +146,5 @@ sample.epilog = examples("gentool sample runs/lm --prompt 'ROMEO.' --max-new-tok
                          "gentool sample runs/lm -p 'To be' --temperature 0 --json",
                          "gentool sample runs/lm -p 'To be' --temperature 0 --prompt-lookup 8 --compile",
                          "printf 'HAMLET.\\nOPHELIA.\\n' | gentool sample runs/lm --num-samples 2 --json",
+                         "gentool sample runs/bd3 -p 'ROMEO.' --sampler confidence --steps 2 --json",
                          "gentool sample runs/digits -o samples --sampler dpm++2m --steps 20 --score auto")

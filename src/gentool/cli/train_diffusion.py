@@ -11,7 +11,7 @@ from gentool.cli._options import Compile, Device, Dtype, Force, Json, Output, Re
 from gentool.cli._recipe import Config
 
 Int = Optional[int]
-MODEL, MASKED, REFLOW = "Denoiser and objective", "Masked-diffusion LM (token shards)", "Reflow"
+MODEL, MASKED, REFLOW = "Denoiser and objective", "Masked/block-diffusion LM (token shards)", "Reflow"
 
 
 def train_diffusion(
@@ -19,8 +19,8 @@ def train_diffusion(
                                              "(optional labels), builtin:moons|8gaussians|checkerboard|"
                                              "swissroll|digits, or a token-shards artifact (masked LM).")],
     output: Output,
-    kind: Annotated[str, typer.Option(help="auto, denoiser (images/vectors) or masked-lm (a masked-diffusion LM "
-                                           "on token shards; auto picks it for a token-shards DATA).")] = "auto",
+    kind: Annotated[str, typer.Option(help="auto, denoiser (images/vectors), masked-lm (MDLM) or block-lm (BD3-LM) "
+                                           "on token shards; auto picks an LM for a token-shards DATA.")] = "auto",
     family: Annotated[str, typer.Option(help="ddpm or flow-matching.")] = "ddpm",
     steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 2000,
     batch_size: Annotated[int, typer.Option(help="Examples per step.")] = 256,
@@ -44,8 +44,14 @@ def train_diffusion(
                                                        rich_help_panel=MODEL)] = None,
     preset: Annotated[str, typer.Option(help="Transformer shape (as train-lm).", rich_help_panel=MASKED)] = "small",
     seq_len: Annotated[int, typer.Option(help="Sequence length.", rich_help_panel=MASKED)] = 128,
-    mask_schedule: Annotated[str, typer.Option(help="loglinear (alpha=1-t) or cosine.",
+    mask_schedule: Annotated[str, typer.Option(help="loglinear (alpha=1-t) or cosine (masked-lm).",
                                                rich_help_panel=MASKED)] = "loglinear",
+    block_size: Annotated[Int, typer.Option(help="block-lm: tokens per block, a divisor of --seq-len (1 = AR, "
+                                                 "seq-len = MDLM); implies --kind block-lm.",
+                                            rich_help_panel=MASKED)] = None,
+    mask_range: Annotated[Optional[str], typer.Option(help="block-lm: training mask rates LO:HI (default: "
+                                                           "BD3-LM's clipped range for the block size).",
+                                                      rich_help_panel=MASKED)] = None,
     reflow_from: Annotated[Optional[Path], typer.Option(help="Train on (noise, sample) pairs of this flow-matching "
                                                              "checkpoint, starting from it.",
                                                         rich_help_panel=REFLOW)] = None,
@@ -67,26 +73,44 @@ def train_diffusion(
     model.safetensors, ema.safetensors, metrics.jsonl). Labelled data trains a class-conditional model with
     label dropout, so `gentool sample --class C --guidance W` can use classifier-free guidance. Vectors are
     standardised (statistics kept in the checkpoint); images are scaled to [-1, 1]. Ctrl-C saves state and
-    exits 130; --resume continues. A token-shards DATA trains a masked-diffusion LM (MDLM).
+    exits 130; --resume continues. A token-shards DATA trains a masked-diffusion LM (MDLM), or with
+    --block-size a block-diffusion LM (BD3-LM: autoregressive over blocks, diffusion inside each).
     """
     from gentool import console
     from gentool.artifacts import probe
     from gentool.devices import resolve_device
     from gentool.errors import UsageProblem
 
-    if kind not in ("auto", "denoiser", "masked-lm"):
-        raise UsageProblem(f"unknown --kind {kind!r}", hint="use auto, denoiser or masked-lm")
-    if kind == "masked-lm" or (kind == "auto" and probe(data).kind == "token-shards"):
-        from gentool.lm.masked import train_masked_lm
+    if kind not in ("auto", "denoiser", "masked-lm", "block-lm"):
+        raise UsageProblem(f"unknown --kind {kind!r}", hint="use auto, denoiser, masked-lm or block-lm")
+    if kind == "auto" and probe(data).kind == "token-shards":
+        kind = "block-lm" if block_size is not None else "masked-lm"
+    if kind in ("masked-lm", "block-lm"):
         from gentool.lm.train import LMRunOptions
 
-        summary = train_masked_lm(LMRunOptions(
+        opts = LMRunOptions(
             tokens_dir=Path(data), out=output, preset=preset, seq_len=seq_len, micro_batch=min(batch_size, 64),
             steps=steps, lr=lr or 1e-3, save_every=save_every, seed=seed, device=resolve_device(device), dtype=dtype,
-            compile=compile_, resume=resume, force=force), mask_schedule)
+            compile=compile_, resume=resume, force=force)
+        if kind == "block-lm":
+            from gentool.lm.diffusion.block import parse_mask_range, train_block_lm
+
+            if block_size is None:
+                raise UsageProblem("--kind block-lm needs --block-size", hint="e.g. --block-size 4")
+            if mask_schedule != "loglinear":
+                raise UsageProblem("block-lm uses the loglinear mask schedule", hint="drop --mask-schedule")
+            summary = train_block_lm(opts, block_size, parse_mask_range(mask_range))
+        else:
+            from gentool.lm.diffusion.masked import train_masked_lm
+
+            if block_size is not None or mask_range is not None:
+                raise UsageProblem("--block-size and --mask-range are for --kind block-lm")
+            summary = train_masked_lm(opts, mask_schedule)
     else:
         from gentool.diffusion.train import TrainDiffusionOptions, run_train_diffusion
 
+        if block_size is not None or mask_range is not None:
+            raise UsageProblem("--block-size and --mask-range are for block-diffusion LMs on token shards")
         if family not in ("ddpm", "flow-matching"):
             raise UsageProblem(f"unknown --family {family!r}", hint="use ddpm or flow-matching")
         if schedule not in ("linear", "cosine"):
@@ -108,4 +132,5 @@ train_diffusion.epilog = examples(
     "gentool train-diffusion builtin:digits -o runs/digits --steps 3000 --schedule cosine",
     "gentool train-diffusion builtin:moons -o runs/fm --family flow-matching",
     "gentool train-diffusion tokens -o runs/mdlm --kind masked-lm --steps 300",
+    "gentool train-diffusion tokens -o runs/bd3 --kind block-lm --block-size 4 --steps 300",
 )

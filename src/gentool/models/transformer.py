@@ -1,5 +1,7 @@
 """A LLaMA-style decoder in one file: RMSNorm, rotary embeddings, grouped-query attention through
-scaled_dot_product_attention, SwiGLU, pre-norm blocks, a static KV cache for decoding.
+scaled_dot_product_attention, SwiGLU, pre-norm blocks, a static KV cache for decoding. Attention is causal (AR),
+bidirectional (masked diffusion) or block-causal (block diffusion, BD3-LM: bidirectional inside blocks of
+`block_size` positions, causal across them), the last also over a noised and a clean copy of a sequence at once.
 
 Parameter names equal Hugging Face Llama's, so `state_dict()` *is* the HF checkpoint layout and the rotary
 convention (rotate_half over the two halves of each head) matches `transformers`.
@@ -152,6 +154,7 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
         self.max_seq_len = 0
+        self._masks: dict[tuple, torch.Tensor] = {}  # block-diffusion masks, built once per shape
 
     def init_buffers(self, device=None) -> None:
         """Recompute non-persistent buffers (after building on the meta device)."""
@@ -195,35 +198,68 @@ class Transformer(nn.Module):
         self.max_seq_len = 0
 
     # --- forward --------------------------------------------------------------------------------------------------
+    def block_mask(self, t: int, block_size: int, device, two_stream: bool = False) -> torch.Tensor:
+        """Block-causal attention over t positions, (1, 1, T, T) bool: query i sees key j iff j // B <= i // B.
+
+        two_stream: over xt ⊕ x0 (2T positions, BD3-LM's training pass): a noised block sees itself and the clean
+        blocks before it, a clean block sees the clean blocks up to itself, so every block's denoising loss
+        conditions on the clean earlier blocks in one forward pass. Cached per shape."""
+        key = (t, block_size, str(device), two_stream)
+        if key not in self._masks:
+            blk = torch.arange(t, device=device) // block_size
+            causal = blk[None, :] <= blk[:, None]                               # (T, T)
+            if two_stream:
+                noised = torch.cat([blk[None, :] == blk[:, None], blk[None, :] < blk[:, None]], dim=1)
+                clean = torch.cat([torch.zeros_like(causal), causal], dim=1)
+                causal = torch.cat([noised, clean], dim=0)                      # (2T, 2T)
+            self._masks[key] = causal[None, None]
+        return self._masks[key]
+
     def hidden_states(self, input_ids: torch.Tensor, *, input_pos: torch.Tensor | None = None,
-                      attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                      attention_mask: torch.Tensor | None = None, block_size: int | None = None,
+                      clean_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Final normed hidden states (B, T, D). With a cache set up, `input_pos` (T,) says where the tokens go;
-        `attention_mask` (B, S) bool marks valid keys (False for left padding)."""
+        `attention_mask` (B, S) bool marks valid keys (False for left padding). `block_size`: block-causal
+        attention; with `clean_ids` (B, T) as well, the states of input_ids (noised) given the clean sequence."""
         t = input_ids.shape[1]
-        if input_pos is None:
+        fresh = input_pos is None  # positions 0..T-1
+        if fresh:
             input_pos = torch.arange(t, device=input_ids.device)
-        freqs = input_pos.float()[:, None] * self.inv_freq[None, :]      # (T, E/2)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb.cos(), emb.sin()                                  # (T, E)
         mask = None
-        if self.max_seq_len:  # cached decoding: query at position p sees keys 0..p
+        if clean_ids is not None:  # BD3-LM: the noised and the clean copy share positions
+            assert block_size and fresh and not self.max_seq_len and attention_mask is None
+            input_ids, input_pos = torch.cat([input_ids, clean_ids], 1), torch.cat([input_pos, input_pos])
+            mask = self.block_mask(t, block_size, input_ids.device, two_stream=True)
+        elif self.max_seq_len:  # cached decoding: query at position p sees keys 0..p (to its block's end if blocked)
             keys = torch.arange(self.max_seq_len, device=input_ids.device)
-            mask = (keys[None, :] <= input_pos[:, None]) if self.causal else torch.ones(
-                t, self.max_seq_len, dtype=torch.bool, device=input_ids.device)
+            if block_size:
+                mask = keys[None, :] < (input_pos[:, None] // block_size + 1) * block_size
+            else:
+                mask = (keys[None, :] <= input_pos[:, None]) if self.causal else torch.ones(
+                    t, self.max_seq_len, dtype=torch.bool, device=input_ids.device)
             mask = mask[None, None]                                      # (1, 1, T, S)
             if attention_mask is not None:  # a padding query still sees itself: no all-masked row, no NaN
                 mask = (mask & attention_mask[:, None, None, :]) | (keys[None, :] == input_pos[:, None])
+        elif block_size:
+            assert attention_mask is None, "no padding with block-causal attention"
+            mask = self.block_mask(t, block_size, input_ids.device) if fresh else \
+                (input_pos[None, :] // block_size <= input_pos[:, None] // block_size)[None, None]
         elif attention_mask is not None:
             mask = attention_mask[:, None, None, :t]
             if self.causal:
                 mask = mask & torch.ones(t, t, dtype=torch.bool, device=input_ids.device).tril()
             mask = mask | torch.eye(t, dtype=torch.bool, device=input_ids.device)
+        freqs = input_pos.float()[:, None] * self.inv_freq[None, :]      # (T, E/2)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos(), emb.sin()                                  # (T, E)
         x = self.model.embed_tokens(input_ids)
         for layer in self.model.layers:
             x = layer(x, cos, sin, input_pos, mask)
-        return self.model.norm(x)
+        return self.model.norm(x[:, :t] if clean_ids is not None else x)
 
     def forward(self, input_ids: torch.Tensor, *, input_pos: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                attention_mask: torch.Tensor | None = None, block_size: int | None = None,
+                clean_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, V)."""
-        return self.lm_head(self.hidden_states(input_ids, input_pos=input_pos, attention_mask=attention_mask))
+        return self.lm_head(self.hidden_states(input_ids, input_pos=input_pos, attention_mask=attention_mask,
+                                               block_size=block_size, clean_ids=clean_ids))
