@@ -1,4 +1,5 @@
 import os
+import sys
 
 import pytest
 
@@ -36,6 +37,8 @@ def _isolate(monkeypatch, tmp_path):
     torch.manual_seed(0)
     yield
     torch.set_default_dtype(dtype)
+    if "torch._dynamo" in sys.modules:  # each test compiles new models; one process's recompile limit is for one run
+        torch._dynamo.reset()
 
 
 @pytest.fixture
