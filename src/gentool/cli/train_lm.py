@@ -28,6 +28,8 @@ def train_lm(
     batch_tokens: Annotated[Int, typer.Option(help="Global tokens per step (gradient accumulation fills it).")] = None,
     lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 1e-3,
     schedule: Annotated[str, typer.Option(help="cosine, constant or wsd (warmup-stable-decay).")] = "cosine",
+    optimizer: Annotated[str, typer.Option(help="adamw; muon (Muon on hidden matrices, AdamW on embeddings, head, "
+                                                "norms); normuon (Muon + Polar Express + NorMuon).")] = "adamw",
     hidden_size: Annotated[Int, typer.Option(help="Model width (overrides the preset).",
                                              rich_help_panel=SHAPE)] = None,
     num_layers: Annotated[Int, typer.Option(help="Transformer blocks.", rich_help_panel=SHAPE)] = None,
@@ -41,8 +43,11 @@ def train_lm(
                                                 rich_help_panel=OPTIM)] = 0.1,
     warmup: Annotated[Int, typer.Option(help="Warmup steps (default: 10% of steps, at most 100).",
                                         rich_help_panel=OPTIM)] = None,
-    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay (matrices only).",
-                                                rich_help_panel=OPTIM)] = 0.1,
+    weight_decay: Annotated[float, typer.Option(help="Decoupled weight decay of matrices (lr x decay per step, "
+                                                     "Muon too).", rich_help_panel=OPTIM)] = 0.1,
+    muon_lr: Annotated[float, typer.Option(help="Muon's peak learning rate (scaled by sqrt(rows/cols) for tall "
+                                                "matrices); --lr stays AdamW's.", rich_help_panel=OPTIM)] = 0.02,
+    muon_momentum: Annotated[float, typer.Option(help="Muon's Nesterov momentum.", rich_help_panel=OPTIM)] = 0.95,
     grad_clip: Annotated[float, typer.Option(help="Clip the global gradient norm (0: off).",
                                              rich_help_panel=OPTIM)] = 1.0,
     eval_every: Annotated[int, typer.Option(help="Validate every N steps (0: five times per run).",
@@ -67,6 +72,8 @@ def train_lm(
     dtype: Dtype = None,
     compile_: Annotated[bool, typer.Option("--compile", help="torch.compile the model.",
                                            rich_help_panel=RUNTIME)] = False,
+    parallel: Annotated[str, typer.Option(help="Under torchrun: ddp (replicas) or fsdp (FSDP2: weights, grads, "
+                                               "optimizer state sharded).", rich_help_panel=RUNTIME)] = "ddp",
     resume: Annotated[bool, typer.Option(help="Continue the unfinished run in OUTPUT.partial/.")] = False,
     force: Force = False,
     config: Config = None,
@@ -97,7 +104,8 @@ def train_lm(
                         weight_decay=weight_decay, grad_clip=grad_clip, eval_every=eval_every,
                         eval_tokens=eval_tokens, save_every=save_every, keep=keep, seed=seed,
                         device=resolve_device(device), dtype=dtype, compile=compile_, resume=resume, force=force,
-                        init_from=init_from, lora=lora)
+                        init_from=init_from, lora=lora, optimizer=optimizer, muon_lr=muon_lr,
+                        muon_momentum=muon_momentum, parallel=parallel)
     if opts.steps is None and opts.tokens is None and opts.flops is None:
         opts.steps = 200
     summary = run_train_lm(opts)

@@ -25,6 +25,7 @@ from gentool.errors import UsageProblem
 from gentool.models.checkpoint import load_lm, save_lm
 from gentool.models.transformer import Transformer
 from gentool.train import SCHEDULES, Task, TrainConfig, distributed, train
+from gentool.train.optim import OPTIMIZERS
 from gentool.train.rundir import RunDir
 
 
@@ -58,6 +59,10 @@ class LMRunOptions:
     force: bool = False
     init_from: Path | None = None
     lora: dict[str, Any] | None = None
+    optimizer: str = "adamw"                             # adamw, muon or normuon (gentool.train.optim)
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95
+    parallel: str = "ddp"                                # under torchrun: ddp or fsdp
 
 
 class LMTask:
@@ -161,6 +166,14 @@ def run_train_lm(opts: LMRunOptions, objective: Objective | None = None) -> dict
     rank, world = distributed.rank(), distributed.world_size()
     if rank != 0:  # under torchrun only rank 0 talks
         console.configure(quiet=True)
+    if opts.parallel not in ("ddp", "fsdp"):
+        raise UsageProblem(f"unknown --parallel {opts.parallel!r}", hint="choose ddp or fsdp")
+    sharded = opts.parallel == "fsdp"
+    if sharded and world == 1:
+        raise UsageProblem("--parallel fsdp shards the model over processes: launch it with torchrun",
+                           hint="torchrun --nproc-per-node N -m gentool train-lm ... --parallel fsdp")
+    if sharded and opts.lora is not None:
+        raise UsageProblem("LoRA is not sharded with --parallel fsdp", hint="use --parallel ddp")
     run = RunDir(opts.out, resume=opts.resume, force=opts.force)
     out = opts.out
     train_shards = open_shards(opts.tokens_dir, "train")
@@ -192,9 +205,13 @@ def run_train_lm(opts: LMRunOptions, objective: Objective | None = None) -> dict
     for name, value, ok in (("--micro-batch", opts.micro_batch, opts.micro_batch >= 1),
                             ("--seq-len", opts.seq_len, opts.seq_len >= 1), ("--keep", opts.keep, opts.keep >= 1),
                             ("--min-lr-ratio", opts.min_lr_ratio, 0 <= opts.min_lr_ratio <= 1),
-                            ("--lr", opts.lr, opts.lr > 0), ("--grad-clip", opts.grad_clip, opts.grad_clip >= 0)):
+                            ("--lr", opts.lr, opts.lr > 0), ("--grad-clip", opts.grad_clip, opts.grad_clip >= 0),
+                            ("--muon-lr", opts.muon_lr, opts.muon_lr > 0),
+                            ("--muon-momentum", opts.muon_momentum, 0 <= opts.muon_momentum < 1)):
         if not ok:
             raise UsageProblem(f"{name} {value} is out of range")
+    if opts.optimizer not in OPTIMIZERS:
+        raise UsageProblem(f"unknown --optimizer {opts.optimizer!r}", hint="choose " + ", ".join(OPTIMIZERS))
     seq_tokens = opts.micro_batch * opts.seq_len
     batch_tokens = opts.batch_tokens or seq_tokens * world
     if batch_tokens % (seq_tokens * world):
@@ -207,7 +224,8 @@ def run_train_lm(opts: LMRunOptions, objective: Objective | None = None) -> dict
                        schedule=opts.schedule, weight_decay=opts.weight_decay, grad_clip=opts.grad_clip,
                        eval_every=opts.eval_every or max(1, steps // 5), save_every=opts.save_every, keep=opts.keep,
                        seed=opts.seed, device=device, amp_dtype=opts.dtype, compile=opts.compile,
-                       log_every=max(1, min(10, steps // 20)))
+                       log_every=max(1, min(10, steps // 20)), optimizer=opts.optimizer, muon_lr=opts.muon_lr,
+                       muon_momentum=opts.muon_momentum, parallel=opts.parallel)
     recipe = {"model": config.to_hf_dict(), "train": tcfg.recipe(), "seq_len": opts.seq_len,
               "micro_batch": opts.micro_batch, "batch_tokens": batch_tokens, "data": train_shards.manifest.id,
               "init": str(opts.init_from) if opts.init_from else "scratch", "lora": opts.lora,
@@ -235,6 +253,10 @@ def run_train_lm(opts: LMRunOptions, objective: Objective | None = None) -> dict
                 f"{steps} steps of {batch_tokens:,} tokens")
     t0 = time.time()
     result = train(model, task, tcfg, run.partial, resume=opts.resume)
+    if sharded:  # gather the FSDP2 shards (every rank) into a plain model for the artifact (rank 0)
+        weights = distributed.full_state_dict(model)
+        model = Transformer(config, causal=objective.causal)
+        model.load_state_dict(weights)
     entropy = unigram_entropy(val_shards) if val_shards is not None and len(val_shards) else None
     distributed.shutdown()
     if rank == 0:
