@@ -162,14 +162,14 @@ def _steps(opts: LMRunOptions, tokens_per_step: int, flops_per_token: float) -> 
 
 def run_train_lm(opts: LMRunOptions, objective: Objective | None = None) -> dict[str, Any]:
     objective = objective or Objective()
-    device = distributed.init_from_env(opts.device)
+    device = distributed.init_from_env(opts.device, always=opts.parallel == "fsdp")
     rank, world = distributed.rank(), distributed.world_size()
     if rank != 0:  # under torchrun only rank 0 talks
         console.configure(quiet=True)
     if opts.parallel not in ("ddp", "fsdp"):
         raise UsageProblem(f"unknown --parallel {opts.parallel!r}", hint="choose ddp or fsdp")
     sharded = opts.parallel == "fsdp"
-    if sharded and world == 1:
+    if sharded and not distributed.initialized():
         raise UsageProblem("--parallel fsdp shards the model over processes: launch it with torchrun",
                            hint="torchrun --nproc-per-node N -m gentool train-lm ... --parallel fsdp")
     if sharded and opts.lora is not None:

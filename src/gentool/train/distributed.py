@@ -17,9 +17,15 @@ def rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-def init_from_env(device: str) -> str:
-    """Join the process group torchrun describes (WORLD_SIZE > 1); returns this rank's device."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+def initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def init_from_env(device: str, *, always: bool = False) -> str:
+    """Join the process group torchrun describes (WORLD_SIZE > 1, or any size with `always`: FSDP2 on one GPU
+    still shards through a process group); returns this rank's device."""
+    world = os.environ.get("WORLD_SIZE")
+    if world is None or (int(world) <= 1 and not always) or dist.is_initialized():
         return device
     backend = "nccl" if device.startswith("cuda") else "gloo"
     dist.init_process_group(backend)

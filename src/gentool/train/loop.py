@@ -160,7 +160,7 @@ def train(model: torch.nn.Module, task: Task, cfg: TrainConfig, workdir: Path, *
     device = cfg.device
     amp = autocast_dtype(cfg.amp_dtype, device)
     model.to(device)
-    sharded = world > 1 and cfg.parallel == "fsdp"
+    sharded = cfg.parallel == "fsdp" and distributed.initialized()
     if sharded and ema is not None:
         raise UsageProblem("an EMA of the weights is not kept under --parallel fsdp", hint="use --parallel ddp")
     if sharded:  # FSDP2 replaces the parameters by DTensor shards: the optimizer is built on those
