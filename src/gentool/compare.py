@@ -149,7 +149,7 @@ def summarize(group: Group, metric: str, target: float | None) -> dict[str, Any]
 def welch(a: list[float], b: list[float]) -> tuple[float | None, float | None]:
     """(t, one-sided p) of Welch's test that mean(a) < mean(b); None where it is undefined (fewer than two runs
     in a group, or no spread at all)."""
-    if len(a) < 2 or len(b) < 2:
+    if len(a) < 2 or len(b) < 2 or (max(a) == min(a) and max(b) == min(b)):
         return None, None
     from scipy import stats
 

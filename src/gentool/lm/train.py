@@ -63,6 +63,8 @@ class LMRunOptions:
     muon_lr: float = 0.02
     muon_momentum: float = 0.95
     parallel: str = "ddp"                                # under torchrun: ddp or fsdp
+    cooldown: float = 0.2                                # wsd: fraction of the steps spent decaying
+    zero_init: bool = False                              # output projections (o_proj, down_proj) start at zero
 
 
 class LMTask:
@@ -207,7 +209,8 @@ def run_train_lm(opts: LMRunOptions, objective: Objective | None = None) -> dict
                             ("--min-lr-ratio", opts.min_lr_ratio, 0 <= opts.min_lr_ratio <= 1),
                             ("--lr", opts.lr, opts.lr > 0), ("--grad-clip", opts.grad_clip, opts.grad_clip >= 0),
                             ("--muon-lr", opts.muon_lr, opts.muon_lr > 0),
-                            ("--muon-momentum", opts.muon_momentum, 0 <= opts.muon_momentum < 1)):
+                            ("--muon-momentum", opts.muon_momentum, 0 <= opts.muon_momentum < 1),
+                            ("--cooldown", opts.cooldown, 0 < opts.cooldown <= 1)):
         if not ok:
             raise UsageProblem(f"{name} {value} is out of range")
     if opts.optimizer not in OPTIMIZERS:
@@ -225,10 +228,11 @@ def run_train_lm(opts: LMRunOptions, objective: Objective | None = None) -> dict
                        eval_every=opts.eval_every or max(1, steps // 5), save_every=opts.save_every, keep=opts.keep,
                        seed=opts.seed, device=device, amp_dtype=opts.dtype, compile=opts.compile,
                        log_every=max(1, min(10, steps // 20)), optimizer=opts.optimizer, muon_lr=opts.muon_lr,
-                       muon_momentum=opts.muon_momentum, parallel=opts.parallel)
+                       muon_momentum=opts.muon_momentum, parallel=opts.parallel, cooldown=opts.cooldown)
     recipe = {"model": config.to_hf_dict(), "train": tcfg.recipe(), "seq_len": opts.seq_len,
               "micro_batch": opts.micro_batch, "batch_tokens": batch_tokens, "data": train_shards.manifest.id,
               "init": str(opts.init_from) if opts.init_from else "scratch", "lora": opts.lora,
+              **({"zero_init": True} if opts.zero_init else {}),
               **objective.recipe(train_shards)}
     if val_shards is None or len(val_shards) < opts.seq_len + 1:
         console.warn(f"the val split has fewer than {opts.seq_len + 1} tokens: no validation loss will be measured")
@@ -239,7 +243,7 @@ def run_train_lm(opts: LMRunOptions, objective: Objective | None = None) -> dict
     else:
         with torch.device(device):
             model = Transformer(config, causal=objective.causal)
-        model.init_weights(opts.seed)
+        model.init_weights(opts.seed, zero_out=opts.zero_init)
     adapter = None
     if opts.lora is not None:
         from gentool.adapters import lora_config_from_options, prepare_lora

@@ -70,6 +70,7 @@ class TrainConfig:
     muon_lr: float = 0.02
     muon_momentum: float = 0.95
     parallel: str = "ddp"           # under torchrun: ddp (replicas) or fsdp (sharded weights, gradients, state)
+    cooldown: float = 0.2           # wsd: the fraction of the steps over which the learning rate decays
 
     def recipe(self) -> dict[str, Any]:
         """What changes results (device, compile, logging cadence and the parallel layout do not). Options added
@@ -80,6 +81,8 @@ class TrainConfig:
         if self.optimizer == "adamw":
             for k in ("optimizer", "muon_lr", "muon_momentum"):
                 d.pop(k)
+        if self.cooldown == 0.2:
+            d.pop("cooldown")
         return d
 
 
@@ -217,7 +220,8 @@ def train(model: torch.nn.Module, task: Task, cfg: TrainConfig, workdir: Path, *
                        write=rank == 0,
                        extra={"recipe": cfg.recipe(), "cursor": cursor,
                               "lr": lr_at(max(0, step_done - 1), total=cfg.steps, lr=cfg.lr, warmup=cfg.warmup,
-                                          schedule=cfg.schedule, min_ratio=cfg.min_lr_ratio)})
+                                          schedule=cfg.schedule, min_ratio=cfg.min_lr_ratio,
+                                          decay_fraction=cfg.cooldown)})
             if on_checkpoint and rank == 0:
                 on_checkpoint(step_done)
             metrics.exclude(time.perf_counter() - t)
@@ -227,7 +231,7 @@ def train(model: torch.nn.Module, task: Task, cfg: TrainConfig, workdir: Path, *
         try:
             for step in range(start, cfg.steps):
                 lr = lr_at(step, total=cfg.steps, lr=cfg.lr, warmup=cfg.warmup, schedule=cfg.schedule,
-                           min_ratio=cfg.min_lr_ratio)
+                           min_ratio=cfg.min_lr_ratio, decay_fraction=cfg.cooldown)
                 for g in opt.param_groups:
                     g["lr"] = lr * g.get("lr_scale", 1.0)
                 total = torch.zeros((), device=device)
