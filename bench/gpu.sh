@@ -100,7 +100,7 @@ printf '\nTotal: %ss of the %ss budget.\n' "$total" "$BUDGET" >> "$out/report.md
 
 if [ $SPEEDRUN = 1 ]; then
   echo "gpu.sh: speedrun (make -C examples/speedrun DEVICE=$DEVICE)" >&2
-  if make -C examples/speedrun DEVICE="$DEVICE" PYTHON="$PY" > "$out/speedrun.out" 2> "$out/speedrun.err"; then
+  if make -C examples/speedrun DEVICE="$DEVICE" GENTOOL="$PY -m gentool" > "$out/speedrun.out" 2> "$out/speedrun.err"; then
     status="done"; else status="FAILED or not shown better (exit $?)"; failed=1; fi
   { printf '\n### speedrun on %s — %s\n\n`make -C examples/speedrun DEVICE=%s`\n\n```\n' "$DEVICE" "$status" "$DEVICE"
     tail -n 40 "$out/speedrun.out"; printf '```\n'; } >> "$out/report.md"

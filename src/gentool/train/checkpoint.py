@@ -9,9 +9,10 @@ state/step-NNNNNNNN/
 
 Each directory is written under a temporary name and renamed into place; the last `keep` are kept.
 
-Under FSDP2 the state is consolidated: every rank gathers the DTensor shards into whole tensors (save_state is
-called on all ranks, rank 0 writes), and on load every rank reads the whole tensors and keeps its own shard. The
-files are the same as a single process writes, whatever the number of processes.
+Under FSDP2 the state is consolidated: the DTensor shards are gathered one tensor at a time (save_state is called
+on all ranks; only rank 0 keeps the CPU copies and writes), and on load every rank reads one tensor at a time and
+keeps its own shard. The files are the same as a single process writes, whatever the number of processes; the
+price is that rank 0 holds the whole state in CPU memory while saving (12 bytes per parameter with AdamW).
 """
 
 from __future__ import annotations
@@ -28,9 +29,11 @@ import numpy as np
 import torch
 
 
-def _whole(t: torch.Tensor) -> torch.Tensor:
-    """A CPU copy of t; a DTensor shard is gathered first (a collective: every rank calls it, in the same order)."""
-    return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().cpu().contiguous()
+def _whole(t: torch.Tensor, keep: bool = True) -> torch.Tensor | None:
+    """A CPU copy of t; a DTensor shard is gathered first (a collective: every rank calls it, in the same order),
+    and a rank that does not write drops it at once (`keep=False`), so only the writer holds the whole state."""
+    t = t.full_tensor() if hasattr(t, "full_tensor") else t
+    return t.detach().cpu().contiguous() if keep else None
 
 
 def _as_local(whole: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -42,7 +45,16 @@ def _as_local(whole: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return distribute_tensor(whole.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
 
 
-def _unique_weights(module: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _tensors(path: Path):
+    """(name, tensor) of a safetensors file, one tensor in memory at a time."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        for key in f.keys():
+            yield key, f.get_tensor(key)
+
+
+def _unique_weights(module: torch.nn.Module, keep: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """CPU copies of the state dict with tied tensors once (safetensors refuses shared storage), and the aliases."""
     weights, aliases, seen = {}, {}, {}
     for k, v in module.state_dict().items():
@@ -52,19 +64,16 @@ def _unique_weights(module: torch.nn.Module) -> tuple[dict[str, torch.Tensor], d
             aliases[k] = seen[key]
             continue
         seen[key] = k
-        weights[k] = _whole(v)
+        weights[k] = _whole(v, keep)
     return weights, aliases
 
 
 def _load_weights(module: torch.nn.Module, path: Path, aliases: dict[str, str]) -> None:
-    from safetensors.torch import load_file
-
-    weights = load_file(str(path))
+    target = module.state_dict()
+    weights = {k: _as_local(v, target[k]) if k in target else v for k, v in _tensors(path)}
     for alias, source in aliases.items():
         weights[alias] = weights[source]
-    target = module.state_dict()
-    module.load_state_dict({k: _as_local(v, target[k]) if k in target else v for k, v in weights.items()},
-                           strict=True)
+    module.load_state_dict(weights, strict=True)
 
 
 def _rng_json() -> dict[str, Any]:
@@ -89,13 +98,13 @@ def save_state(directory: Path, *, model: torch.nn.Module, optimizer: torch.opti
     from safetensors.torch import save_file
 
     final = directory / f"step-{step:08d}"
-    weights, aliases = _unique_weights(model)
-    ema_weights = _unique_weights(ema)[0] if ema is not None else None
+    weights, aliases = _unique_weights(model, write)
+    ema_weights = _unique_weights(ema, write)[0] if ema is not None else None
     tensors, scalars = {}, {}
     for idx, st in optimizer.state_dict()["state"].items():
         for k, v in st.items():
             if torch.is_tensor(v):
-                tensors[f"{idx}.{k}"] = _whole(v)
+                tensors[f"{idx}.{k}"] = _whole(v, write)
             else:
                 scalars[f"{idx}.{k}"] = v
     if not write:
@@ -148,7 +157,7 @@ def load_state(path: Path, *, model: torch.nn.Module, optimizer: torch.optim.Opt
     sd = optimizer.state_dict()
     params = [p for g in optimizer.param_groups for p in g["params"]]   # state_dict's indices, in order
     state: dict[int, dict[str, Any]] = {}
-    for key, value in load_file(str(path / "optimizer.safetensors")).items():
+    for key, value in _tensors(path / "optimizer.safetensors"):
         idx, name = key.split(".", 1)
         p = params[int(idx)]
         state.setdefault(int(idx), {})[name] = _as_local(value, p) if value.shape == p.shape else value
