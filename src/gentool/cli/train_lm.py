@@ -52,6 +52,8 @@ def train_lm(
                                             rich_help_panel=OPTIM)] = 0.2,
     zero_init: Annotated[bool, typer.Option(help="Start the output projections (o_proj, down_proj) at zero.",
                                             rich_help_panel=OPTIM)] = False,
+    ema_decay: Annotated[Optional[float], typer.Option(help="Keep an EMA of the weights (e.g. 0.99): evaluated "
+                                                            "and saved instead.", rich_help_panel=OPTIM)] = None,
     grad_clip: Annotated[float, typer.Option(help="Clip the global gradient norm (0: off).",
                                              rich_help_panel=OPTIM)] = 1.0,
     eval_every: Annotated[int, typer.Option(help="Validate every N steps (0: five times per run).",
@@ -110,7 +112,8 @@ def train_lm(
                         eval_tokens=eval_tokens, save_every=save_every, keep=keep, seed=seed,
                         device=resolve_device(device), dtype=dtype, compile=compile_, resume=resume, force=force,
                         init_from=init_from, lora=lora, optimizer=optimizer, muon_lr=muon_lr,
-                        muon_momentum=muon_momentum, parallel=parallel, cooldown=cooldown, zero_init=zero_init)
+                        muon_momentum=muon_momentum, parallel=parallel, cooldown=cooldown, zero_init=zero_init,
+                        ema_decay=ema_decay)
     if opts.steps is None and opts.tokens is None and opts.flops is None:
         opts.steps = 200
     summary = run_train_lm(opts)

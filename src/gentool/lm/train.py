@@ -65,6 +65,7 @@ class LMRunOptions:
     parallel: str = "ddp"                                # under torchrun: ddp or fsdp
     cooldown: float = 0.2                                # wsd: fraction of the steps spent decaying
     zero_init: bool = False                              # output projections (o_proj, down_proj) start at zero
+    ema_decay: float | None = None                       # evaluate and save an EMA of the weights
 
 
 class LMTask:
@@ -174,8 +175,10 @@ def run_train_lm(opts: LMRunOptions, objective: Objective | None = None) -> dict
     if sharded and not distributed.initialized():
         raise UsageProblem("--parallel fsdp shards the model over processes: launch it with torchrun",
                            hint="torchrun --nproc-per-node N -m gentool train-lm ... --parallel fsdp")
-    if sharded and opts.lora is not None:
-        raise UsageProblem("LoRA is not sharded with --parallel fsdp", hint="use --parallel ddp")
+    if sharded and (opts.lora is not None or opts.ema_decay):
+        raise UsageProblem("LoRA and --ema-decay are not sharded with --parallel fsdp", hint="use --parallel ddp")
+    if opts.ema_decay is not None and not 0 < opts.ema_decay < 1:
+        raise UsageProblem(f"--ema-decay {opts.ema_decay} is out of range", hint="e.g. 0.99 (0 < decay < 1)")
     run = RunDir(opts.out, resume=opts.resume, force=opts.force)
     out = opts.out
     train_shards = open_shards(opts.tokens_dir, "train")
@@ -228,7 +231,8 @@ def run_train_lm(opts: LMRunOptions, objective: Objective | None = None) -> dict
                        eval_every=opts.eval_every or max(1, steps // 5), save_every=opts.save_every, keep=opts.keep,
                        seed=opts.seed, device=device, amp_dtype=opts.dtype, compile=opts.compile,
                        log_every=max(1, min(10, steps // 20)), optimizer=opts.optimizer, muon_lr=opts.muon_lr,
-                       muon_momentum=opts.muon_momentum, parallel=opts.parallel, cooldown=opts.cooldown)
+                       muon_momentum=opts.muon_momentum, parallel=opts.parallel, cooldown=opts.cooldown,
+                       ema_decay=opts.ema_decay)
     recipe = {"model": config.to_hf_dict(), "train": tcfg.recipe(), "seq_len": opts.seq_len,
               "micro_batch": opts.micro_batch, "batch_tokens": batch_tokens, "data": train_shards.manifest.id,
               "init": str(opts.init_from) if opts.init_from else "scratch", "lora": opts.lora,
@@ -256,7 +260,14 @@ def run_train_lm(opts: LMRunOptions, objective: Objective | None = None) -> dict
     console.log(f"model: {config.n_params():,} parameters ({config.n_params(non_embedding=True):,} non-embedding); "
                 f"{steps} steps of {batch_tokens:,} tokens")
     t0 = time.time()
-    result = train(model, task, tcfg, run.partial, resume=opts.resume)
+    ema = None
+    if opts.ema_decay:
+        from gentool.train import make_ema
+
+        ema = make_ema(model)
+    result = train(model, task, tcfg, run.partial, resume=opts.resume, ema=ema)
+    if ema is not None:  # evaluated all along; it is the model the run delivers
+        model = ema
     if sharded:  # gather the FSDP2 shards (every rank) into a plain model for the artifact (rank 0)
         weights = distributed.full_state_dict(model)
         model = Transformer(config, causal=objective.causal)
