@@ -1,5 +1,5 @@
-"""The training loop: AdamW, schedule, accumulation, bf16 autocast on CUDA, clipping, eval, JSON-lines metrics,
-atomic checkpoints with exact resume, Ctrl-C safety and a NaN stop, DDP under torchrun.
+"""The training loop: AdamW or Muon (train/optim.py), schedule, accumulation, bf16 autocast on CUDA, clipping, eval,
+JSON-lines metrics, atomic checkpoints with exact resume, Ctrl-C safety and a NaN stop, DDP or FSDP2 under torchrun.
 
 A Task supplies the data and the loss; batches are a pure function of (seed, step, micro-step, rank), so a resumed
 run sees exactly the batches the uninterrupted one would have, and P processes with accumulation A see the same
