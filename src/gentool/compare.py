@@ -64,7 +64,10 @@ def read_run(arg: str) -> Run:
     elif (path / "run.json").is_file():
         recipe = json.loads((path / "run.json").read_text())
     recipe = json.loads(json.dumps(recipe))
-    seed = recipe.get("train", {}).pop("seed", None) if isinstance(recipe.get("train"), dict) else None
+    seed = None
+    if isinstance(recipe.get("train"), dict):
+        seed = recipe["train"].pop("seed", None)
+        recipe["train"].setdefault("optimizer", "adamw")   # left out of AdamW recipes (older runs have none)
     seed = recipe.pop("seed", seed)
     return Run(arg, recipe, _read_jsonl(path / "metrics.jsonl"), tokenizer, seed)
 
@@ -87,8 +90,8 @@ def group_runs(runs: list[Run]) -> list[Group]:
     keys = sorted({k for f in flats for k in f})
     differ = [k for k in keys if len({f.get(k) for f in flats}) > 1]
     for g, f in zip(groups.values(), flats):
-        parts = [f"{k.rsplit('.', 1)[-1]}={json.loads(f[k]) if k in f else '-'}" for k in differ
-                 if k.rsplit(".", 1)[-1] not in ("model", "init")]
+        parts = [f"{k.rsplit('.', 1)[-1]}={json.loads(f[k])}" for k in differ
+                 if k in f and k.rsplit(".", 1)[-1] not in ("model", "init")]
         g.label = ", ".join(parts) or (g.runs[0].name if len(groups) > 1 else "all runs")
     return list(groups.values())
 
