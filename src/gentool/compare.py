@@ -4,8 +4,10 @@ Each run is a training output (the artifact, its OUT.partial/ while it runs, or 
 differ only in the seed form a group; a group's label is the recipe entries in which the groups differ. Per group:
 mean ± sample std over runs of the final metric and of the steps, tokens and training seconds spent; with a target,
 also how many runs reached it and the steps / tokens / seconds to the first evaluation at or below it. Then a
-one-sided Welch t-test of the final metric, first group against each other one (lower is better). The verdict
-`better` is True when every such test has p < alpha.
+one-sided Welch t-test of the final metric, first group against each other one (lower is better), the ratios of
+the first group's mean steps and seconds to the other's, and with a target the first group's mean steps and seconds
+to reach it over the other's whole run (with the target at the other's final metric: "reaches its loss in x the
+steps"). The verdict `better` is True when every such test has p < alpha.
 
 Runs trained on different data (token shards, hence tokenizer) or lacking the metric are refused by name: their
 numbers would not be comparable.
@@ -202,7 +204,13 @@ def compare(args: list[str], *, metric: str = "val_loss", target: float | None =
         t, p = welch(rows[0]["_finals"], row["_finals"])
         ratio = {k: (rows[0][k]["mean"] / row[k]["mean"]) if row[k]["mean"] else None
                  for k in ("steps", "seconds")}
-        tests.append({"first": groups[0].label, "other": g.label, "t": t, "p": p, "ratio_first_to_other": ratio})
+        test = {"first": groups[0].label, "other": g.label, "t": t, "p": p, "ratio_first_to_other": ratio}
+        if target is not None:  # the first group's way to the target against the other's whole run
+            first = rows[0]["to_target"]
+            test["first_to_target_vs_other_final"] = {
+                k: first[k]["mean"] / row[k]["mean"] if first[k]["mean"] is not None and row[k]["mean"] else None
+                for k in ("steps", "seconds")}
+        tests.append(test)
     for row in rows:
         row.pop("_finals")
     better = bool(tests) and all(x["p"] is not None and x["p"] < alpha for x in tests)

@@ -64,6 +64,9 @@ def test_groups_statistics_target_and_welch(tmp_path):
     assert r["tests"][0]["t"] == pytest.approx(t_ref) and r["tests"][0]["p"] == pytest.approx(stats.t.cdf(t_ref, df))
     assert r["better"] and r["tests"][0]["ratio_first_to_other"]["steps"] == pytest.approx(0.7)
     assert r["tests"][0]["ratio_first_to_other"]["seconds"] == pytest.approx(42 / 50)
+    r = compare(fast + slow, target=4.2)                  # muon: 6 -> ~4.0 over 70 steps is below 4.2 at step 70
+    reach = r["tests"][0]["first_to_target_vs_other_final"]
+    assert reach["steps"] == pytest.approx(70 / 100) and reach["seconds"] == pytest.approx(0.6 * 70 / 50)
 
 
 def test_welch_is_undefined_without_spread_or_seeds():
@@ -77,6 +80,7 @@ def test_cli_exit_status_json_plot_partial_and_globs(tmp_path, cli):
     r = cli("compare", str(tmp_path / "muon-*"), *slow, "--target", "4.2", "--plot", tmp_path / "p.png")
     assert r.exit_code == 0, r.output
     assert "[1] optimizer=muon" in r.stdout and "first group better" in r.stdout and "p = " in r.stdout
+    assert "[1] reaches 4.2 in steps ×0.700, seconds ×0.840 of optimizer=adamw" in r.stdout
     assert "6 (seeds 0, 1, 2, 3, 4, 9)" in r.stdout          # the partial run (still running) is read too
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
     r = cli("compare", *slow, *fast, "--json")
