@@ -52,14 +52,15 @@ def compare(
                 row.update({f"to target: {k}": _ms(t[k], ".0f" if k != "seconds" else ".1f")
                             for k in ("steps", "tokens", "seconds")})
             console.emit(row, as_json=False, title=f"[{i}] {g['group']}")
-        for t in result["tests"]:
+        for j, t in enumerate(result["tests"], 2):
             p = "undefined (needs 2+ runs per group with spread)" if t["p"] is None else f"{t['p']:.3g}"
             ratios = ", ".join(f"{k} ×{v:.3f}" for k, v in t["ratio_first_to_other"].items() if v is not None)
-            typer.echo(f"Welch t-test, [1] < {t['other']}: p = {p}" + (f"; [1] uses {ratios}" if ratios else ""))
+            typer.echo(f"Welch t-test of the final {metric}, [1] < [{j}]: p = {p}"
+                       + (f"; [1] uses {ratios} of [{j}]" if ratios else ""))
             reach = ", ".join(f"{k} ×{v:.3f}" for k, v in t.get("first_to_target_vs_other_final", {}).items()
                               if v is not None)
             if reach:
-                typer.echo(f"[1] reaches {target:g} in {reach} of {t['other']}'s whole run")
+                typer.echo(f"[1] reaches {target:g} in {reach} of [{j}]'s whole run")
         verdict = "better" if result["better"] else "not shown better"
         typer.echo(f"first group {verdict} at alpha {alpha:g}")
     if plot is not None:
