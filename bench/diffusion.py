@@ -118,17 +118,18 @@ def unet_throughput(device: str, batch: int = 256, steps: int = 30) -> dict:
 def main() -> None:
     p = parser(__doc__)
     p.add_argument("--steps", type=int, default=None, help="training steps per model")
+    p.add_argument("--samples", type=int, default=None, help="samples scored per row (default 3000 CPU, 2000 GPU)")
     args = p.parse_args()
     dev = args.device
     print(f"device: {device_name(dev)}")
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         if dev == "cpu":
-            rows = quality_table(Path(tmp), "builtin:8gaussians", dev, n=3000, steps=args.steps or 1500, batch=256,
+            rows = quality_table(Path(tmp), "builtin:8gaussians", dev, n=args.samples or 3000, steps=args.steps or 1500, batch=256,
                                  timesteps=1000, width=64, depth=2, lr=3e-3)
             table("8 Gaussians (2-D), quality vs sampling steps (SW, MMD vs held-out; lower is better)", rows)
         else:
-            rows = quality_table(Path(tmp), "builtin:digits", dev, n=2000, steps=args.steps or 6000, batch=256,
+            rows = quality_table(Path(tmp), "builtin:digits", dev, n=args.samples or 2000, steps=args.steps or 6000, batch=256,
                                  timesteps=1000, schedule="cosine")
             table("8x8 digits, quality vs sampling steps (pixels and classifier features)", rows)
             table("U-Net training throughput", [unet_throughput(dev)])

@@ -134,6 +134,11 @@ def test_bad_inputs(tokens, tiny_tokenizer, tmp_path, cli):
         (["train-lm", tokens, "-o", x, *ARGS, "--steps", "1", "--batch-tokens", "100"], "not a multiple"),
         (["train-lm", tokens, "-o", x, "--hidden-size", "30", "--num-layers", "1", "--num-heads", "4",
           "--steps", "1"], "not divisible"),
+        (["train-lm", tokens, "-o", x, *ARGS, "--steps", "1", "--optimizer", "sgd"], "unknown --optimizer"),
+        (["train-lm", tokens, "-o", x, *ARGS, "--steps", "1", "--optimizer", "muon", "--muon-lr", "0"],
+         "--muon-lr 0.0 is out of range"),
+        (["train-lm", tokens, "-o", x, *ARGS, "--steps", "1", "--parallel", "fsdp"], "launch it with torchrun"),
+        (["train-lm", tokens, "-o", x, *ARGS, "--steps", "1", "--parallel", "zero3"], "unknown --parallel"),
     ]
     for args, msg in cases:
         r = cli(*args)
@@ -148,20 +153,59 @@ def test_nan_loss_stops_with_step(tokens, tmp_path, cli):
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_match_one(tokens, tmp_path):
-    """train-lm under torchrun (gloo, 2 CPU processes) logs the losses of one process with the same global batch."""
+@pytest.mark.parametrize("parallel,optimizer", [("ddp", "adamw"), ("fsdp", "muon")])
+def test_torchrun_two_processes_match_one(tokens, tmp_path, parallel, optimizer):
+    """train-lm under torchrun (gloo, 2 CPU processes; DDP replicas or FSDP2 shards) logs the losses of one
+    process with the same global batch, and writes the same plain checkpoint."""
     import subprocess
     import sys
 
-    common = ["train-lm", str(tokens), "--steps", "6", *ARGS, "--batch-tokens", "256", "--lr", "5e-3"]
+    from safetensors.torch import load_file
+
+    common = ["train-lm", str(tokens), "--steps", "6", *ARGS, "--batch-tokens", "256", "--lr", "5e-3",
+              "--optimizer", optimizer]
     one = subprocess.run([sys.executable, "-m", "gentool", *common, "-o", str(tmp_path / "one")],
                          capture_output=True, text=True, check=False)
     assert one.returncode == 0, one.stderr
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          "-m", "gentool", *common, "-o", str(tmp_path / "two"), "--json"],
+                          "-m", "gentool", *common, "-o", str(tmp_path / "two"), "--json", "--parallel", parallel],
                          capture_output=True, text=True, env=env, check=False, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     assert len(two.stdout.strip().splitlines()) == 1                  # rank 0 reports, once
     assert _losses(tmp_path / "two") == pytest.approx(_losses(tmp_path / "one"), rel=1e-4)
     assert json.loads((tmp_path / "two" / "manifest.json").read_text())["contents"]["tokens_seen"] == 6 * 256
+    w1, w2 = (load_file(str(tmp_path / r / "model.safetensors")) for r in ("one", "two"))
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-3, atol=1e-5, msg=k)
+
+
+@pytest.mark.slow
+def test_muon_lora_zero_init_and_ema(tokens, tmp_path, cli):
+    """--optimizer muon trains LoRA adapters; --zero-init starts the output projections at zero; --ema-decay saves
+    the EMA copy (decay ~0: the weights themselves; 0.9: something else)."""
+    from safetensors.torch import load_file
+
+    from gentool.config import config_from_preset
+    from gentool.models.transformer import Transformer
+
+    m = Transformer(config_from_preset("tiny", vocab_size=64))
+    m.init_weights(0, zero_out=True)
+    zero = [n for n, p in m.named_parameters() if not p.any()]
+    assert sorted(zero) == sorted(f"model.layers.{i}.{k}" for i in range(2)
+                                  for k in ("self_attn.o_proj.weight", "mlp.down_proj.weight"))
+    base = ["train-lm", tokens, "--steps", "6", *ARGS, "--lr", "5e-3", "--optimizer", "muon", "--zero-init"]
+    r = cli(*base, "-o", tmp_path / "base", "--json")
+    assert r.exit_code == 0, r.output
+    r2 = cli("train-lm", tokens, "-o", tmp_path / "ada", "--init-from", tmp_path / "base", "--lora-rank", "4",
+             "--steps", "16", *ARGS, "--lr", "5e-3", "--optimizer", "muon", "--muon-lr", "0.01", "--json")
+    assert r2.exit_code == 0, r2.output
+    assert json.loads(r2.stdout)["val_loss"] < json.loads(r.stdout)["val_loss"] - 0.03   # the adapters learned
+    runs = {}
+    for name, extra in (("plain", []), ("ema0", ["--ema-decay", "1e-9"]), ("ema9", ["--ema-decay", "0.9"])):
+        assert cli(*base, "-o", tmp_path / name, *extra).exit_code == 0
+        runs[name] = load_file(str(tmp_path / name / "model.safetensors"))
+    for k, v in runs["plain"].items():
+        torch.testing.assert_close(runs["ema0"][k], v, rtol=1e-6, atol=1e-7)
+    assert any(not torch.allclose(runs["ema9"][k], v) for k, v in runs["plain"].items())

@@ -1,5 +1,5 @@
-"""The loop's CUDA paths (skipped without a GPU): bf16 autocast + compile train, the NaN stop names the step
-without a per-step host sync, and a resumed run continues where it left off."""
+"""The loop's CUDA paths (skipped without a GPU): bf16 autocast + compile train (AdamW, Muon, NorMuon), the NaN stop
+names the step without a per-step host sync, and a resumed run continues where it left off."""
 
 import importlib.util
 from pathlib import Path
@@ -22,15 +22,17 @@ def _cfg(**kw):
                           "device": "cuda", "compile": True, **kw})
 
 
-def test_compiled_bf16_training_learns_and_resumes(tmp_path):
-    res = train(toy.toy_model(0), toy.ToyTask(device="cuda"), _cfg(), tmp_path / "a")
+@pytest.mark.parametrize("optimizer", ["adamw", "muon", "normuon"])
+def test_compiled_bf16_training_learns_and_resumes(tmp_path, optimizer):
+    cfg = _cfg(optimizer=optimizer, muon_lr=0.05)
+    res = train(toy.toy_model(0), toy.ToyTask(device="cuda"), cfg, tmp_path / "a")
     lines = read_metrics(tmp_path / "a" / "metrics.jsonl")
     assert [m["step"] for m in lines] == [10, 20, 30] and lines[-1]["loss"] < lines[0]["loss"]
     assert res.tokens_per_s > 0
     with pytest.raises(GentoolError):
-        train(toy.toy_model(0), toy.ToyTask(device="cuda", interrupt_at=14), _cfg(), tmp_path / "b")
+        train(toy.toy_model(0), toy.ToyTask(device="cuda", interrupt_at=14), cfg, tmp_path / "b")
     assert latest_state(tmp_path / "b" / "state").name == "step-00000015"
-    train(toy.toy_model(0), toy.ToyTask(device="cuda"), _cfg(), tmp_path / "b", resume=True)
+    train(toy.toy_model(0), toy.ToyTask(device="cuda"), cfg, tmp_path / "b", resume=True)
     resumed = read_metrics(tmp_path / "b" / "metrics.jsonl")
     assert [m["step"] for m in resumed] == [10, 20, 30]
     assert resumed[-1]["loss"] == pytest.approx(lines[-1]["loss"], rel=2e-2)

@@ -22,6 +22,7 @@ _COMMANDS: list[tuple[str, str]] = [
     ("perplexity", "perplexity"),
     ("quantize", "quantize"),
     ("scale_fit", "scale_fit"),
+    ("compare", "compare"),
     ("lora_merge", "lora_merge"),
     ("lora_extract", "lora_extract"),
     ("lora_extract", "lora_resize"),

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from gentool.cli._options import Compile, Device, Dtype, Force, Json, Output, Resume, Seed, examples
+from gentool.cli._options import RUNTIME, Compile, Device, Dtype, Force, Json, Output, Resume, Seed, examples
 from gentool.cli._recipe import Config
 
 Int = Optional[int]
@@ -28,6 +28,8 @@ def train_lm(
     batch_tokens: Annotated[Int, typer.Option(help="Global tokens per step (gradient accumulation fills it).")] = None,
     lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 1e-3,
     schedule: Annotated[str, typer.Option(help="cosine, constant or wsd (warmup-stable-decay).")] = "cosine",
+    optimizer: Annotated[str, typer.Option(help="adamw; muon (Muon on hidden matrices, AdamW on embeddings, head, "
+                                                "norms); normuon (Muon + Polar Express + NorMuon).")] = "adamw",
     hidden_size: Annotated[Int, typer.Option(help="Model width (overrides the preset).",
                                              rich_help_panel=SHAPE)] = None,
     num_layers: Annotated[Int, typer.Option(help="Transformer blocks.", rich_help_panel=SHAPE)] = None,
@@ -41,8 +43,17 @@ def train_lm(
                                                 rich_help_panel=OPTIM)] = 0.1,
     warmup: Annotated[Int, typer.Option(help="Warmup steps (default: 10% of steps, at most 100).",
                                         rich_help_panel=OPTIM)] = None,
-    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay (matrices only).",
-                                                rich_help_panel=OPTIM)] = 0.1,
+    weight_decay: Annotated[float, typer.Option(help="Decoupled weight decay of matrices (lr x decay per step, "
+                                                     "Muon too).", rich_help_panel=OPTIM)] = 0.1,
+    muon_lr: Annotated[float, typer.Option(help="Muon's peak learning rate (scaled by sqrt(rows/cols) for tall "
+                                                "matrices); --lr stays AdamW's.", rich_help_panel=OPTIM)] = 0.02,
+    muon_momentum: Annotated[float, typer.Option(help="Muon's Nesterov momentum.", rich_help_panel=OPTIM)] = 0.95,
+    cooldown: Annotated[float, typer.Option(help="wsd: fraction of the steps spent decaying to the floor.",
+                                            rich_help_panel=OPTIM)] = 0.2,
+    zero_init: Annotated[bool, typer.Option(help="Start the output projections (o_proj, down_proj) at zero.",
+                                            rich_help_panel=OPTIM)] = False,
+    ema_decay: Annotated[Optional[float], typer.Option(help="Keep an EMA of the weights (e.g. 0.99): evaluated "
+                                                            "and saved instead.", rich_help_panel=OPTIM)] = None,
     grad_clip: Annotated[float, typer.Option(help="Clip the global gradient norm (0: off).",
                                              rich_help_panel=OPTIM)] = 1.0,
     eval_every: Annotated[int, typer.Option(help="Validate every N steps (0: five times per run).",
@@ -66,6 +77,8 @@ def train_lm(
     device: Device = "auto",
     dtype: Dtype = None,
     compile_: Compile = False,
+    parallel: Annotated[str, typer.Option(help="Under torchrun: ddp (replicas) or fsdp (FSDP2: weights, grads, "
+                                               "optimizer state sharded).", rich_help_panel=RUNTIME)] = "ddp",
     resume: Resume = False,
     force: Force = False,
     config: Config = None,
@@ -75,8 +88,9 @@ def train_lm(
 
     Works in OUTPUT.partial/ (state/ checkpoints, metrics.jsonl) and renames it into an lm-checkpoint (Hugging
     Face layout) at the end. Ctrl-C saves state and exits 130; --resume continues exactly. A NaN loss stops with
-    an error naming the step. Under torchrun the global batch is split across processes (DDP). With --lora-rank
-    the --init-from base is frozen and only adapters train; the output is a lora-adapter (PEFT layout).
+    an error naming the step. Under torchrun the global batch is split across processes (DDP, or FSDP2 with
+    --parallel fsdp). --optimizer muon trains hidden matrices with Muon at --muon-lr, the rest with AdamW at --lr.
+    With --lora-rank the --init-from base is frozen and only adapters train; the output is a lora-adapter.
     """
     from gentool import console
     from gentool.devices import resolve_device
@@ -96,7 +110,9 @@ def train_lm(
                         weight_decay=weight_decay, grad_clip=grad_clip, eval_every=eval_every,
                         eval_tokens=eval_tokens, save_every=save_every, keep=keep, seed=seed,
                         device=resolve_device(device), dtype=dtype, compile=compile_, resume=resume, force=force,
-                        init_from=init_from, lora=lora)
+                        init_from=init_from, lora=lora, optimizer=optimizer, muon_lr=muon_lr,
+                        muon_momentum=muon_momentum, parallel=parallel, cooldown=cooldown, zero_init=zero_init,
+                        ema_decay=ema_decay)
     if opts.steps is None and opts.tokens is None and opts.flops is None:
         opts.steps = 200
     summary = run_train_lm(opts)
@@ -111,6 +127,7 @@ train_lm.epilog = examples(
     "gentool train-lm tokens -o runs/s1 --preset mini --flops 1e14 --seed 1",
     "gentool train-lm tokens -o runs/lm2 --config recipe.toml --seed 2",
     "gentool train-lm tokens -o runs/ada --init-from runs/lm --lora-rank 8 --steps 100",
+    "gentool train-lm tokens -o runs/mu --optimizer muon --muon-lr 0.02 --schedule wsd --cooldown 0.5",
     "torchrun --nproc-per-node 8 -m gentool train-lm tokens -o runs/big --preset base --tokens 1000000000 \\",
-    "    --batch-tokens 524288 --micro-batch 32 --seq-len 512 --device cuda --compile",
+    "    --batch-tokens 524288 --micro-batch 32 --seq-len 512 --device cuda --compile --parallel fsdp",
 )

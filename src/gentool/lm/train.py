@@ -25,6 +25,7 @@ from gentool.errors import UsageProblem
 from gentool.models.checkpoint import load_lm, quantization_config, save_lm
 from gentool.models.transformer import Transformer
 from gentool.train import SCHEDULES, Task, TrainConfig, distributed, train
+from gentool.train.optim import OPTIMIZERS
 from gentool.train.rundir import RunDir, RunOptions
 
 
@@ -49,6 +50,13 @@ class LMRunOptions(RunOptions):
     keep: int = 2
     init_from: Path | None = None
     lora: dict[str, Any] | None = None
+    optimizer: str = "adamw"                             # adamw, muon or normuon (gentool.train.optim)
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95
+    parallel: str = "ddp"                                # under torchrun: ddp or fsdp
+    cooldown: float = 0.2                                # wsd: fraction of the steps spent decaying
+    zero_init: bool = False                              # output projections (o_proj, down_proj) start at zero
+    ema_decay: float | None = None                       # evaluate and save an EMA of the weights
 
 
 class LMTask:
@@ -158,10 +166,20 @@ def _steps(opts: LMRunOptions, tokens_per_step: int, flops_per_token: float) -> 
 
 def run_train_lm(opts: LMRunOptions, objective: Objective | None = None) -> dict[str, Any]:
     objective = objective or Objective()
-    device = distributed.init_from_env(opts.device)
+    device = distributed.init_from_env(opts.device, always=opts.parallel == "fsdp")
     rank, world = distributed.rank(), distributed.world_size()
     if rank != 0:  # under torchrun only rank 0 talks
         console.configure(quiet=True)
+    if opts.parallel not in ("ddp", "fsdp"):
+        raise UsageProblem(f"unknown --parallel {opts.parallel!r}", hint="choose ddp or fsdp")
+    sharded = opts.parallel == "fsdp"
+    if sharded and not distributed.initialized():
+        raise UsageProblem("--parallel fsdp shards the model over processes: launch it with torchrun",
+                           hint="torchrun --nproc-per-node N -m gentool train-lm ... --parallel fsdp")
+    if sharded and (opts.lora is not None or opts.ema_decay):
+        raise UsageProblem("LoRA and --ema-decay are not sharded with --parallel fsdp", hint="use --parallel ddp")
+    if opts.ema_decay is not None and not 0 < opts.ema_decay < 1:
+        raise UsageProblem(f"--ema-decay {opts.ema_decay} is out of range", hint="e.g. 0.99 (0 < decay < 1)")
     run = RunDir(opts.out, resume=opts.resume, force=opts.force)
     out = opts.out
     train_shards = open_shards(opts.tokens_dir, "train")
@@ -196,9 +214,14 @@ def run_train_lm(opts: LMRunOptions, objective: Objective | None = None) -> dict
     for name, value, ok in (("--micro-batch", opts.micro_batch, opts.micro_batch >= 1),
                             ("--seq-len", opts.seq_len, opts.seq_len >= 1), ("--keep", opts.keep, opts.keep >= 1),
                             ("--min-lr-ratio", opts.min_lr_ratio, 0 <= opts.min_lr_ratio <= 1),
-                            ("--lr", opts.lr, opts.lr > 0), ("--grad-clip", opts.grad_clip, opts.grad_clip >= 0)):
+                            ("--lr", opts.lr, opts.lr > 0), ("--grad-clip", opts.grad_clip, opts.grad_clip >= 0),
+                            ("--muon-lr", opts.muon_lr, opts.muon_lr > 0),
+                            ("--muon-momentum", opts.muon_momentum, 0 <= opts.muon_momentum < 1),
+                            ("--cooldown", opts.cooldown, 0 < opts.cooldown <= 1)):
         if not ok:
             raise UsageProblem(f"{name} {value} is out of range")
+    if opts.optimizer not in OPTIMIZERS:
+        raise UsageProblem(f"unknown --optimizer {opts.optimizer!r}", hint="choose " + ", ".join(OPTIMIZERS))
     seq_tokens = opts.micro_batch * opts.seq_len
     batch_tokens = opts.batch_tokens or seq_tokens * world
     if batch_tokens % (seq_tokens * world):
@@ -211,10 +234,13 @@ def run_train_lm(opts: LMRunOptions, objective: Objective | None = None) -> dict
                        schedule=opts.schedule, weight_decay=opts.weight_decay, grad_clip=opts.grad_clip,
                        eval_every=opts.eval_every or max(1, steps // 5), save_every=opts.save_every, keep=opts.keep,
                        seed=opts.seed, device=device, amp_dtype=opts.dtype, compile=opts.compile,
-                       log_every=max(1, min(10, steps // 20)))
+                       log_every=max(1, min(10, steps // 20)), optimizer=opts.optimizer, muon_lr=opts.muon_lr,
+                       muon_momentum=opts.muon_momentum, parallel=opts.parallel, cooldown=opts.cooldown,
+                       ema_decay=opts.ema_decay)
     recipe = {"model": config.to_hf_dict(), "train": tcfg.recipe(), "seq_len": opts.seq_len,
               "micro_batch": opts.micro_batch, "batch_tokens": batch_tokens, "data": train_shards.manifest.id,
               "init": str(opts.init_from) if opts.init_from else "scratch", "lora": opts.lora,
+              **({"zero_init": True} if opts.zero_init else {}),
               **objective.recipe(train_shards)}
     if val_shards is None or len(val_shards) < opts.seq_len + 1:
         console.warn(f"the val split has fewer than {opts.seq_len + 1} tokens: no validation loss will be measured")
@@ -225,7 +251,7 @@ def run_train_lm(opts: LMRunOptions, objective: Objective | None = None) -> dict
     else:
         with torch.device(device):
             model = Transformer(config, causal=objective.causal)
-        model.init_weights(opts.seed)
+        model.init_weights(opts.seed, zero_out=opts.zero_init)
     adapter = None
     if opts.lora is not None:
         from gentool.adapters import lora_config_from_options, prepare_lora
@@ -238,7 +264,18 @@ def run_train_lm(opts: LMRunOptions, objective: Objective | None = None) -> dict
     console.log(f"model: {config.n_params():,} parameters ({config.n_params(non_embedding=True):,} non-embedding); "
                 f"{steps} steps of {batch_tokens:,} tokens")
     t0 = time.time()
-    result = train(model, task, tcfg, run.partial, resume=opts.resume)
+    ema = None
+    if opts.ema_decay:
+        from gentool.train import make_ema
+
+        ema = make_ema(model)
+    result = train(model, task, tcfg, run.partial, resume=opts.resume, ema=ema)
+    if ema is not None:  # evaluated all along; it is the model the run delivers
+        model = ema
+    if sharded:  # gather the FSDP2 shards (every rank) into a plain model for the artifact (rank 0)
+        weights = distributed.full_state_dict(model)
+        model = Transformer(config, causal=objective.causal)
+        model.load_state_dict(weights)
     entropy = unigram_entropy(val_shards) if val_shards is not None and len(val_shards) else None
     distributed.shutdown()
     if rank == 0:

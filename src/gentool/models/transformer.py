@@ -167,14 +167,15 @@ class Transformer(nn.Module):
         self.inv_freq = rope_inv_freq(self.config).to(self.inv_freq.device)
         return self
 
-    def init_weights(self, seed: int | None = None) -> None:
-        """Normal(0, 0.02); residual output projections scaled by 1/sqrt(2·layers) (GPT-2)."""
+    def init_weights(self, seed: int | None = None, *, zero_out: bool = False) -> None:
+        """Normal(0, 0.02); residual output projections scaled by 1/sqrt(2·layers) (GPT-2), or zero with
+        `zero_out` (modded-nanogpt: each block starts as the identity)."""
         g = torch.Generator().manual_seed(seed) if seed is not None else None
         std = 0.02
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
                 nn.init.ones_(p)
-            elif name.endswith(".bias"):
+            elif name.endswith(".bias") or (zero_out and name.endswith(("o_proj.weight", "down_proj.weight"))):
                 nn.init.zeros_(p)
             else:
                 s = std / math.sqrt(2 * self.config.num_hidden_layers) if name.endswith(("o_proj.weight",

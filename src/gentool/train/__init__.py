@@ -1,7 +1,7 @@
 """The one training loop, shared by train-lm, train-diffusion (with EMA), LoRA and the masked-diffusion LM.
 
 A task supplies the model's data and loss (see `Task`); the loop owns the optimizer, schedule, autocast,
-accumulation, clipping, evaluation, metrics, checkpoint/resume, Ctrl-C, the NaN stop and DDP.
+accumulation, clipping, evaluation, metrics, checkpoint/resume, Ctrl-C, the NaN stop, DDP and FSDP2.
 """
 
 from gentool.train.ema import ema_update, make_ema

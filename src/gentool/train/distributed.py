@@ -1,4 +1,4 @@
-"""DDP under torchrun (gloo on CPU, NCCL on CUDA); a no-op in a single process."""
+"""DDP or FSDP2 under torchrun (gloo on CPU, NCCL on CUDA); a no-op in a single process."""
 
 from __future__ import annotations
 
@@ -17,9 +17,15 @@ def rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-def init_from_env(device: str) -> str:
-    """Join the process group torchrun describes (WORLD_SIZE > 1); returns this rank's device."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+def initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def init_from_env(device: str, *, always: bool = False) -> str:
+    """Join the process group torchrun describes (WORLD_SIZE > 1, or any size with `always`: FSDP2 on one GPU
+    still shards through a process group); returns this rank's device."""
+    world = os.environ.get("WORLD_SIZE")
+    if world is None or (int(world) <= 1 and not always) or dist.is_initialized():
         return device
     backend = "nccl" if device.startswith("cuda") else "gloo"
     dist.init_process_group(backend)
@@ -39,9 +45,38 @@ def wrap(model: torch.nn.Module, device: str) -> torch.nn.Module:
     return DistributedDataParallel(model, device_ids=ids)
 
 
+def shard(model: torch.nn.Module, device: str, *, amp: torch.dtype | None = None) -> torch.nn.Module:
+    """FSDP2 in place: each block of every ModuleList (the transformer layers) is one shard unit, the root holds
+    the rest (embeddings, head, final norm). With `amp` (bf16) the gathered parameters are bf16 and gradients are
+    reduced in float32; the sharded master weights and the optimizer state stay float32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=amp, reduce_dtype=torch.float32) if amp is not None else \
+        MixedPrecisionPolicy()
+    for module in list(model.modules()):
+        if isinstance(module, torch.nn.ModuleList):
+            for block in module:
+                fully_shard(block, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    return model
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    return any(hasattr(p, "device_mesh") for p in model.parameters())
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The whole state dict on CPU (DTensor shards gathered: every rank must call this under FSDP)."""
+    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu()
+            for k, v in model.state_dict().items()}
+
+
 def no_sync(model: torch.nn.Module, *, last: bool):
-    """Skip the gradient all-reduce on all but the last micro-batch of an accumulation."""
-    if world_size() > 1 and not last and hasattr(model, "no_sync"):
+    """Skip the gradient all-reduce (DDP) or reduce-scatter (FSDP2) on all but the last micro-batch of an
+    accumulation."""
+    if world_size() > 1 and hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(last)
+    elif world_size() > 1 and not last and hasattr(model, "no_sync"):
         return model.no_sync()
     return contextlib.nullcontext()
 

@@ -1,5 +1,5 @@
-"""The training loop: AdamW, schedule, accumulation, bf16 autocast on CUDA, clipping, eval, JSON-lines metrics,
-atomic checkpoints with exact resume, Ctrl-C safety and a NaN stop, DDP under torchrun.
+"""The training loop: AdamW or Muon (train/optim.py), schedule, accumulation, bf16 autocast on CUDA, clipping, eval,
+JSON-lines metrics, atomic checkpoints with exact resume, Ctrl-C safety and a NaN stop, DDP or FSDP2 under torchrun.
 
 A Task supplies the data and the loss; batches are a pure function of (seed, step, micro-step, rank), so a resumed
 run sees exactly the batches the uninterrupted one would have, and P processes with accumulation A see the same
@@ -66,12 +66,23 @@ class TrainConfig:
     amp_dtype: str | None = None    # "bfloat16" on CUDA by default, none (float32) on CPU
     compile: bool = False
     ema_decay: float | None = None
+    optimizer: str = "adamw"        # adamw, muon or normuon (train/optim.py)
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95
+    parallel: str = "ddp"           # under torchrun: ddp (replicas) or fsdp (sharded weights, gradients, state)
+    cooldown: float = 0.2           # wsd: the fraction of the steps over which the learning rate decays
 
     def recipe(self) -> dict[str, Any]:
-        """What changes results (device, compile and logging cadence do not)."""
+        """What changes results (device, compile, logging cadence and the parallel layout do not). Options added
+        later are left out at their defaults, so a run started before they existed still resumes."""
         d = asdict(self)
-        for k in ("device", "compile", "log_every", "save_every", "keep"):
+        for k in ("device", "compile", "log_every", "save_every", "keep", "parallel"):
             d.pop(k)
+        if self.optimizer == "adamw":
+            for k in ("optimizer", "muon_lr", "muon_momentum"):
+                d.pop(k)
+        if self.cooldown == 0.2:
+            d.pop("cooldown")
         return d
 
 
@@ -152,7 +163,13 @@ def train(model: torch.nn.Module, task: Task, cfg: TrainConfig, workdir: Path, *
     device = cfg.device
     amp = autocast_dtype(cfg.amp_dtype, device)
     model.to(device)
-    opt = build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas, device=device)
+    sharded = cfg.parallel == "fsdp" and distributed.initialized()
+    if sharded and ema is not None:
+        raise UsageProblem("an EMA of the weights is not kept under --parallel fsdp", hint="use --parallel ddp")
+    if sharded:  # FSDP2 replaces the parameters by DTensor shards: the optimizer is built on those
+        distributed.shard(model, device, amp=autocast_dtype(cfg.amp_dtype, device))
+    opt = build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas, device=device,
+                          optimizer=cfg.optimizer, muon_lr=cfg.muon_lr, muon_momentum=cfg.muon_momentum)
     state_dir = workdir / "state"
     if rank == 0:
         workdir.mkdir(parents=True, exist_ok=True)
@@ -170,7 +187,7 @@ def train(model: torch.nn.Module, task: Task, cfg: TrainConfig, workdir: Path, *
     flops_per_step = task.flops_per_micro * cfg.grad_accum * world
     metrics = MetricsLog(workdir / "metrics.jsonl", tokens_per_step=tokens_per_step, flops_per_step=flops_per_step,
                          peak_flops=device_peak_flops(device), start_step=start, resume=resume, write=rank == 0)
-    train_model = distributed.wrap(model, device)
+    train_model = model if sharded else distributed.wrap(model, device)
     compile_loss = cfg.compile and world == 1 and getattr(task, "compile_loss", False)  # DDP: compile the wrapper
     forward = torch.compile(train_model) if cfg.compile and not compile_loss else train_model
     loss_fn = torch.compile(task.loss) if compile_loss else task.loss
@@ -196,14 +213,16 @@ def train(model: torch.nn.Module, task: Task, cfg: TrainConfig, workdir: Path, *
         nonlocal last_saved
         check()
         last_saved = step_done
-        if rank == 0:
+        if rank == 0 or sharded:  # FSDP2: the shards are gathered on every rank, rank 0 writes
             t = time.perf_counter()
             cursor = task.state_dict() if hasattr(task, "state_dict") else {"step": step_done}
             save_state(state_dir, model=model, optimizer=opt, step=step_done, keep=cfg.keep, ema=ema,
+                       write=rank == 0,
                        extra={"recipe": cfg.recipe(), "cursor": cursor,
                               "lr": lr_at(max(0, step_done - 1), total=cfg.steps, lr=cfg.lr, warmup=cfg.warmup,
-                                          schedule=cfg.schedule, min_ratio=cfg.min_lr_ratio)})
-            if on_checkpoint:
+                                          schedule=cfg.schedule, min_ratio=cfg.min_lr_ratio,
+                                          decay_fraction=cfg.cooldown)})
+            if on_checkpoint and rank == 0:
                 on_checkpoint(step_done)
             metrics.exclude(time.perf_counter() - t)
 
@@ -212,9 +231,9 @@ def train(model: torch.nn.Module, task: Task, cfg: TrainConfig, workdir: Path, *
         try:
             for step in range(start, cfg.steps):
                 lr = lr_at(step, total=cfg.steps, lr=cfg.lr, warmup=cfg.warmup, schedule=cfg.schedule,
-                           min_ratio=cfg.min_lr_ratio)
+                           min_ratio=cfg.min_lr_ratio, decay_fraction=cfg.cooldown)
                 for g in opt.param_groups:
-                    g["lr"] = lr
+                    g["lr"] = lr * g.get("lr_scale", 1.0)
                 total = torch.zeros((), device=device)
                 for micro in range(cfg.grad_accum):
                     batch = task.batch(step, micro, rank)
@@ -224,6 +243,8 @@ def train(model: torch.nn.Module, task: Task, cfg: TrainConfig, workdir: Path, *
                     loss.backward()
                     total += loss.detach()
                 norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
+                if hasattr(norm, "full_tensor"):  # FSDP2: the norm of DTensor gradients
+                    norm = norm.full_tensor()
                 finite = torch.isfinite(total) & torch.isfinite(norm)
                 first_bad = torch.minimum(first_bad, torch.where(finite, inf, float(step + 1)))
                 if dev_type == "cpu":  # free on CPU: stop before the bad update touches the weights
@@ -241,7 +262,7 @@ def train(model: torch.nn.Module, task: Task, cfg: TrainConfig, workdir: Path, *
                     check()
                     steps_in_window, tps = done - metrics.mark_step, metrics.rate(done)[0]
                     windows.append((steps_in_window, steps_in_window * tokens_per_step / max(tps, 1e-9)))
-                    if is_eval and rank == 0:
+                    if is_eval and (rank == 0 or sharded):  # FSDP2: every rank takes part in the forward
                         t = time.perf_counter()
                         evals = task.evaluate(ema if ema is not None else model)
                         metrics.exclude(time.perf_counter() - t)

@@ -1,9 +1,12 @@
 """metrics.jsonl: one JSON object per logged step.
 
-    {"step", "tokens", "flops", "loss", "val_loss"?, "lr", "grad_norm", "tokens_per_s", "mfu"?, "seconds"}
+    {"step", "tokens", "flops", "loss", "val_loss"?, "lr", "grad_norm", "tokens_per_s", "mfu"?, "seconds",
+     "train_seconds"}
 
 tokens and flops are cumulative (D and C so far); tokens_per_s and mfu are measured over the steps since the previous
-line (so compilation and evaluation do not blur them); seconds is the wall time of the run so far (summed over resumes).
+line (so compilation and evaluation do not blur them); seconds is the wall time of the run so far (summed over resumes);
+train_seconds is the part of it spent training (evaluation and checkpointing left out): what `gentool compare`
+counts as time to a loss.
 """
 
 from __future__ import annotations
@@ -31,15 +34,19 @@ class MetricsLog:
         if write:  # on resume, drop lines logged after the state we resume from (they will be logged again)
             path.write_text("".join(json.dumps(m) + "\n" for m in kept))
         self.wall0 = time.time() - (kept[-1]["seconds"] if kept else 0.0)  # wall time adds up across resumes
+        self.train_seconds = kept[-1].get("train_seconds", 0.0) if kept else 0.0
         self.mark_step, self.mark_time = start_step, time.perf_counter()
         self.excluded = 0.0   # seconds spent in evaluation/checkpointing since the mark
 
     def exclude(self, seconds: float) -> None:
         self.excluded += seconds
 
+    def _busy(self) -> float:
+        return max(time.perf_counter() - self.mark_time - self.excluded, 1e-9)
+
     def rate(self, step: int) -> tuple[float, float | None]:
         """(tokens/s, MFU) over the steps since the last line."""
-        dt = max(time.perf_counter() - self.mark_time - self.excluded, 1e-9)
+        dt = self._busy()
         steps = step - self.mark_step
         tps = self.tokens_per_step * steps / dt
         mfu = self.flops_per_step * steps / dt / self.peak if self.peak else None
@@ -47,6 +54,7 @@ class MetricsLog:
 
     def log(self, step: int, *, loss: float, lr: float, grad_norm: float, extra: dict[str, float] | None = None
             ) -> dict[str, Any]:
+        busy = self._busy()
         tps, mfu = self.rate(step)
         line: dict[str, Any] = {"step": step, "tokens": step * self.tokens_per_step,
                                 "flops": step * self.flops_per_step, "loss": round(loss, 6)}
@@ -54,7 +62,9 @@ class MetricsLog:
         line.update(lr=lr, grad_norm=round(grad_norm, 6), tokens_per_s=round(tps, 1))
         if mfu is not None:
             line["mfu"] = round(mfu, 4)
+        self.train_seconds += busy
         line["seconds"] = round(time.time() - self.wall0, 3)
+        line["train_seconds"] = round(self.train_seconds, 3)
         if self.write:
             with open(self.path, "a") as f:
                 f.write(json.dumps(line) + "\n")

@@ -1,23 +1,76 @@
-"""AdamW with decay on matrices only; the device peaks MFU is measured against."""
+"""The optimizers (AdamW; Muon on hidden matrices with AdamW on the rest) and the device peaks MFU is measured
+against."""
 
 from __future__ import annotations
 
 import torch
 
+from gentool.errors import UsageProblem
 from gentool.train.schedules import lr_at  # noqa: F401  (re-exported)
+
+OPTIMIZERS = ("adamw", "muon", "normuon")
+HEADS = ("lm_head", "head", "output")     # output projections by module name: AdamW, as the embeddings
+
+
+def _trainable(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    """(name, parameter) of trainable parameters, tied ones once (named by their first name)."""
+    seen: set[int] = set()
+    return [(n, p) for n, p in model.named_parameters(remove_duplicate=False)
+            if p.requires_grad and not (id(p) in seen or seen.add(id(p)))]
+
+
+def muon_split(model: torch.nn.Module) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
+    """(hidden matrices for Muon, the rest for AdamW). The rest: embeddings (and weights tied to them), output
+    heads (a module named lm_head/head/output), norms and biases. A hidden weight of more than two dimensions (a
+    convolution) is refused by name: Muon orthogonalises matrices."""
+    embeds = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    muon, rest = [], []
+    for name, p in _trainable(model):
+        module = name.rsplit(".", 1)[0] if "." in name else ""
+        if p.ndim < 2 or id(p) in embeds or module.rsplit(".", 1)[-1] in HEADS:
+            rest.append(p)
+        elif p.ndim > 2:
+            raise UsageProblem(f"Muon cannot train parameter {name} of shape {tuple(p.shape)}: it orthogonalises "
+                               "2-D matrices", hint="use --optimizer adamw")
+        else:
+            muon.append(p)
+    if not muon:
+        raise UsageProblem("Muon has no hidden matrix to train (only embeddings, heads, norms or biases are "
+                           "trainable)", hint="use --optimizer adamw")
+    return muon, rest
 
 
 def build_optimizer(model: torch.nn.Module, *, lr: float, weight_decay: float, betas=(0.9, 0.95),
-                    device: str = "cpu") -> torch.optim.AdamW:
+                    device: str = "cpu", optimizer: str = "adamw", muon_lr: float = 0.02,
+                    muon_momentum: float = 0.95) -> torch.optim.Optimizer:
     """Weight decay on >= 2-D trainable tensors (matrices, embeddings); none on norms and biases; frozen
-    parameters (LoRA's base) get no optimizer state at all. Fused kernels on CUDA."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    seen: set[int] = set()
-    unique = [p for p in params if not (id(p) in seen or seen.add(id(p)))]  # tied weights once
-    decay = [p for p in unique if p.dim() >= 2]
-    no_decay = [p for p in unique if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=1e-8, fused=str(device).startswith("cuda"))
+    parameters (LoRA's base) get no optimizer state at all. Fused AdamW kernels on CUDA.
+
+    muon / normuon: the hidden matrices (see `muon_split`) take Muon steps at `muon_lr` (Newton-Schulz; normuon:
+    Polar Express + NorMuon), everything else AdamW at `lr`. Muon's decoupled weight decay shrinks the matrices
+    by the same lr·weight_decay per step as AdamW would. Each group's `lr_scale` is its learning rate relative to
+    `lr`: the loop multiplies the schedule by it."""
+    fused = str(device).startswith("cuda")
+    if optimizer not in OPTIMIZERS:
+        raise UsageProblem(f"unknown --optimizer {optimizer!r}", hint="choose " + ", ".join(OPTIMIZERS))
+    if optimizer == "adamw":
+        unique = [p for _, p in _trainable(model)]
+        decay = [p for p in unique if p.dim() >= 2]
+        no_decay = [p for p in unique if p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=1e-8, fused=fused)
+    from gentool.train.muon import MuonAdamW
+
+    if muon_lr <= 0 or not 0 <= muon_momentum < 1:
+        raise UsageProblem(f"--muon-lr {muon_lr} / --muon-momentum {muon_momentum} out of range",
+                           hint="a positive learning rate, a momentum in [0, 1)")
+    muon, rest = muon_split(model)
+    scale = muon_lr / lr
+    groups = [{"params": muon, "muon": True, "lr": muon_lr, "lr_scale": scale, "weight_decay": weight_decay / scale},
+              {"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
+    return MuonAdamW(groups, lr=lr, betas=betas, momentum=muon_momentum, fused=fused,
+                     variant="normuon" if optimizer == "normuon" else "newton-schulz")
 
 
 def device_peak_flops(device: str) -> float | None:

@@ -1,0 +1,105 @@
+"""Training step cost of Muon vs AdamW on the same model and batch: what the orthogonalisation costs.
+
+    python bench/train_optim.py --device cpu    # small shape (d128, 4 layers), vocab 2048, seq 128, batch 16, fp32
+    python bench/train_optim.py --device cuda   # GPT-2-small shape (d768, 12 layers), seq 1024, batch 16, bf16
+                                                # autocast, compiled model, fused AdamW
+
+Rows: one full step (forward, backward, clip, optimizer step) with --optimizer adamw / muon (Newton-Schulz) /
+normuon (Polar Express + NorMuon), and the optimizer step alone. Repeats are interleaved across the rows (a shared
+machine's load falls on all of them alike); best and median of --repeats are reported. "NS GFLOP/step" is the
+orthogonalisation's matrix-multiply work, 5 x (4m^2n + 2m^3) per m x n matrix (m <= n), against the model's
+training FLOPs per step (LMConfig.train_flops_per_token x tokens).
+"""
+
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from _common import device_name, parser, sync, table
+
+from gentool.config import config_from_preset
+from gentool.models.transformer import Transformer
+from gentool.train.optim import build_optimizer, muon_split
+
+
+def ns_flops(model: torch.nn.Module, steps: int = 5) -> float:
+    total = 0.0
+    for p in muon_split(model)[0]:
+        m, n = sorted(p.shape)
+        total += steps * (4 * m * m * n + 2 * m ** 3)
+    return total
+
+
+def main():
+    p = parser(__doc__)
+    p.add_argument("--shape", default=None, help="preset (default: small on CPU, gpt2-small on CUDA)")
+    p.add_argument("--vocab", type=int, default=None)
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--seq", type=int, default=None)
+    p.add_argument("--steps", type=int, default=None, help="timed steps per repeat")
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args()
+    dev = args.device
+    gpu = dev.startswith("cuda")
+    shape = args.shape or ("gpt2-small" if gpu else "small")
+    cfg = config_from_preset(shape, **({"vocab_size": args.vocab or 2048} if not gpu or args.vocab else {}),
+                             min_context=args.seq)
+    seq, batch = args.seq or (1024 if gpu else 128), args.batch or 16
+    steps = args.steps or (10 if gpu else 3)
+    torch.manual_seed(0)
+    x = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device=dev)
+    runs = {}
+    for name in ("adamw", "muon", "normuon"):
+        with torch.device(dev):
+            model = Transformer(cfg)
+        model.init_weights(0)
+        opt = build_optimizer(model, lr=1e-4, weight_decay=0.1, device=dev, optimizer=name, muon_lr=1e-3)
+        fwd = torch.compile(model) if gpu else model
+        runs[name] = (model, fwd, opt)
+
+    def step(name, times):
+        model, fwd, opt = runs[name]
+        with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=gpu):
+            loss = F.cross_entropy(fwd(x[:, :-1]).float().flatten(0, 1), x[:, 1:].flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        sync(dev)
+        t = time.perf_counter()
+        opt.step()
+        sync(dev)
+        times.append(time.perf_counter() - t)
+        opt.zero_grad(set_to_none=True)
+
+    for name in runs:  # warm up (compilation, allocator)
+        for _ in range(2):
+            step(name, [])
+    full = {n: [] for n in runs}
+    optim = {n: [] for n in runs}
+    for _ in range(args.repeats):
+        for name in runs:
+            ot = []
+            sync(dev)
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                step(name, ot)
+            sync(dev)
+            full[name].append((time.perf_counter() - t0) / steps)
+            optim[name].append(sum(ot) / steps)
+    model_flops = cfg.train_flops_per_token(seq) * batch * seq
+    ns = ns_flops(runs["muon"][0])
+    rows, base = [], statistics.median(full["adamw"])
+    for name in runs:
+        best, med = min(full[name]), statistics.median(full[name])
+        rows.append({"optimizer": name, "tokens/s (best)": batch * seq / best, "tokens/s (median)": batch * seq / med,
+                     "step ms (median)": 1e3 * med, "optimizer ms (median)": 1e3 * statistics.median(optim[name]),
+                     "optimizer share": statistics.median(optim[name]) / med,
+                     "step time vs adamw": med / base})
+    table(f"Muon vs AdamW step, {device_name(dev)}: {shape} (d{cfg.hidden_size} x{cfg.num_hidden_layers}), vocab "
+          f"{cfg.vocab_size}, batch {batch} x seq {seq}, {'bf16 autocast, compiled' if gpu else 'float32'}; "
+          f"{args.repeats} interleaved repeats of {steps} steps; NS {ns / 1e9:.2f} GFLOP/step = "
+          f"{100 * ns / model_flops:.1f}% of the model's {model_flops / 1e9:.1f} GFLOP/step", rows)
+
+
+if __name__ == "__main__":
+    main()
