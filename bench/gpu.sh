@@ -43,7 +43,7 @@ TABLE=(
   "perplexity|50||--batch 1 --seq 32 --reps 1 --no-compile"
   "quantize|70|--shapes tinyllama-1.1b --variants bf16,int8,int4,fp8 --new-tokens 100|--shapes tiny --variants fp32,int8 --new-tokens 4"
   "diffusion|60|--steps 1500|--steps 2 --samples 32"
-  "masked_lm|40|--preset base --steps 400 --seq-len 256|--preset tiny --steps 2 --seq-len 16 --micro-batch 2 --samples 1"
+  "diffusion_lm|40|--preset small --steps 300 --seq-len 256 --blocks 16,4 --samples 8 --nfe 64,128|--preset tiny --steps 2 --seq-len 16 --micro-batch 2 --vocab 512 --blocks 4 --eval-tokens 256 --eval-samples 1 --samples 1 --nfe 8 --samplers ancestral,remdm"
   "lora|45|--steps 10|--batch 1 --seq 16 --steps 1 --warmup 0"
 )
 

@@ -11,7 +11,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "bench" / "gpu.sh"
-CPU_ONLY = {"_common", "scale_fit", "tokenize_bench", "gguf_import"}   # no GPU table in these
+CPU_ONLY = {"_common", "scale_fit", "tokenize_bench", "gguf_import", "forecast", "cpu",  # no GPU table in these
+            "bench_suite"}  # bench_suite: quantize.py --suite runs it
 
 
 def _run(*args, results):
