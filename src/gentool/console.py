@@ -57,7 +57,7 @@ class _Progress:
         self.description, self.total, self.every = description, total, every
         self.completed = 0.0
         self.fields: dict[str, Any] = {}
-        self._last = time.monotonic()
+        self._last = self._start = time.monotonic()
         self._bar = None
         self._task = None
 
@@ -80,7 +80,11 @@ class _Progress:
 
     def line(self) -> str:
         done = f"{self.completed:g}" + (f"/{self.total:g}" if self.total else "")
-        return f"{self.description}: {done}  {self._info()}".rstrip()
+        eta = ""
+        if self.total and self.completed and "eta" not in self.fields:
+            left = (time.monotonic() - self._start) * (self.total - self.completed) / self.completed
+            eta = f"  eta {int(left) // 60}m{int(left) % 60:02d}s"
+        return f"{self.description}: {done}{eta}  {self._info()}".rstrip()
 
 
 @contextmanager

@@ -209,3 +209,26 @@ def test_muon_lora_zero_init_and_ema(tokens, tmp_path, cli):
     for k, v in runs["plain"].items():
         torch.testing.assert_close(runs["ema0"][k], v, rtol=1e-6, atol=1e-7)
     assert any(not torch.allclose(runs["ema9"][k], v) for k, v in runs["plain"].items())
+
+
+def test_sigterm_from_outside_saves_and_exits_143(tokens, tmp_path):
+    """`timeout`, schedulers and container stops send SIGTERM: the real process saves, says so and exits 143."""
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "gentool", "train-lm", str(tokens), "-o", str(out), "--steps", "100000",
+           "--save-minutes", "0", *ARGS, "--eval-every", "100000"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "run.partial" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 1) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "terminated at step" in last and "state saved" in last, err
+    assert "Traceback" not in err and not out.exists()
+    assert any((tmp_path / "run.partial" / "state").iterdir())

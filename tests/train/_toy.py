@@ -37,9 +37,9 @@ def toy_model(seed: int = 0, dropout: float = 0.0) -> ToyModel:
 
 class ToyTask:
     def __init__(self, *, micro: int = 8, seq: int = 12, seed: int = 0, world: int = 1, nan_at: int | None = None,
-                 interrupt_at: int | None = None, device: str = "cpu"):
+                 interrupt_at: int | None = None, interrupt_signal: str = "SIGINT", device: str = "cpu"):
         self.micro, self.seq, self.seed, self.world, self.device = micro, seq, seed, world, device
-        self.nan_at, self.interrupt_at = nan_at, interrupt_at
+        self.nan_at, self.interrupt_at, self.interrupt_signal = nan_at, interrupt_at, interrupt_signal
         self.tokens_per_micro = micro * seq
         self.flops_per_micro = 6.0 * 300 * micro * seq
         self.evaluations = 0
@@ -48,7 +48,7 @@ class ToyTask:
         if self.interrupt_at is not None and step == self.interrupt_at and micro == 0:
             import signal
 
-            os.kill(os.getpid(), signal.SIGINT)    # what Ctrl-C does
+            os.kill(os.getpid(), getattr(signal, self.interrupt_signal))  # what Ctrl-C (or a scheduler) does
         rng = np.random.default_rng([self.seed, step, micro * self.world + rank])
         start = rng.integers(0, V, size=(self.micro, 1))
         x = (start + np.arange(self.seq + 1)) % V

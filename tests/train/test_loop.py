@@ -48,6 +48,30 @@ def test_interrupt_then_resume_is_bit_identical(tmp_path, ema=True):
     assert lb[-1]["seconds"] >= lb[9]["seconds"]    # wall time adds up across the resume
 
 
+def test_sigterm_saves_like_ctrl_c_and_exits_143(tmp_path):
+    """What schedulers, `timeout` and container stops send: the step finishes, the state is saved."""
+    with pytest.raises(GentoolError) as exc:
+        _run(tmp_path, save_every=0, save_minutes=0, task_kw={"interrupt_at": 6, "interrupt_signal": "SIGTERM"})
+    assert exc.value.exit_code == 143 and "terminated at step 7; state saved" in str(exc.value)
+    assert latest_state(tmp_path / "state").name == "step-00000007"
+    _run(tmp_path, resume=True, save_every=0, save_minutes=0)
+    assert [m["step"] for m in read_metrics(tmp_path / "metrics.jsonl")] == list(range(1, 21))
+
+
+@pytest.mark.parametrize("minutes, kept", [(0, ["step-00000020"]), (1e-9, ["step-00000019", "step-00000020"])])
+def test_state_is_saved_by_wall_clock(tmp_path, minutes, kept):
+    """--save-every 0 (the default) still leaves a resumable state every --save-minutes (here: every step)."""
+    _run(tmp_path, save_every=0, save_minutes=minutes)
+    assert sorted(p.name for p in (tmp_path / "state").iterdir()) == kept
+
+
+@pytest.mark.parametrize("bad", [{"warmup": -5}, {"lr": -1.0}, {"amp_dtype": "int8"}, {"keep": 0},
+                                 {"save_minutes": -1.0}])
+def test_config_refused_before_anything_exists(tmp_path, bad):
+    with pytest.raises(UsageProblem):
+        TrainConfig(**{**CFG, **bad})
+
+
 def test_metrics_lines_and_keep_last(tmp_path):
     _, _, res = _run(tmp_path, keep=2)
     lines = read_metrics(tmp_path / "metrics.jsonl")

@@ -15,12 +15,14 @@ Force = Annotated[bool, typer.Option("--force", help="Replace an existing output
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of a table.")]
 Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N (auto: cuda when available).",
                                      rich_help_panel=RUNTIME)]
-Seed = Annotated[int, typer.Option("--seed", help="Random seed: same seed, same result.")]
+Seed = Annotated[int, typer.Option("--seed", min=0, help="Random seed: same seed, same result.")]
 Dtype = Annotated[Optional[str], typer.Option("--dtype", help="float32, bfloat16 or float16 (default: bfloat16 "
                                                                "on GPU, float32 on CPU).", rich_help_panel=RUNTIME)]
 Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the model (pays off on a GPU).",
                                        rich_help_panel=RUNTIME)]
 Resume = Annotated[bool, typer.Option("--resume", help="Continue the unfinished run in OUTPUT.partial/.")]
+SaveMinutes = Annotated[float, typer.Option("--save-minutes", min=0, help="Also save resumable state when this many "
+                                            "minutes passed since the last save (0: off).", rich_help_panel=ADVANCED)]
 NoVerify = Annotated[bool, typer.Option("--no-verify", help="Skip sha256 checks of input files (sizes are "
                                                             "still checked).", rich_help_panel=ADVANCED)]
 

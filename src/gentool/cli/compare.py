@@ -21,7 +21,8 @@ def compare(
                                              "loss, ...")] = "val_loss",
     target: Annotated[Optional[float], typer.Option(help="Also report the steps, tokens and training "
                                                          "seconds to first reach this metric value.")] = None,
-    alpha: Annotated[float, typer.Option(help="Significance level: exit 0 only when the first group's final "
+    alpha: Annotated[float, typer.Option(min=0, max=1,
+                                         help="Significance level: exit 0 only when the first group's final "
                                               "metric is lower than every other group's at p < alpha.")] = 0.01,
     plot: Annotated[Optional[Path], typer.Option(help="Write a PNG: the metric against steps and "
                                                       "training seconds.")] = None,

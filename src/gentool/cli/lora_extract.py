@@ -10,15 +10,16 @@ import typer
 from gentool.cli._options import Device, Force, Json, NoVerify, Output, examples
 
 EVAL = "KL report"
-Rank = Annotated[int, typer.Option("--rank", "-r", help="Rank of every module (the cap with --energy).")]
-Energy = Annotated[Optional[float], typer.Option(help="Per module, keep the fewest singular values holding this "
+Rank = Annotated[int, typer.Option("--rank", "-r", min=1, help="Rank of every module (the cap with --energy).")]
+Energy = Annotated[Optional[float], typer.Option(min=0, max=1,
+                                                 help="Per module, keep the fewest singular values holding this "
                                                       "fraction of Σ s² (0 < E ≤ 1), at most --rank.")]
 Eval = Annotated[Optional[list[str]], typer.Option("--eval", help="Data for the KL report: token shards or text "
                                                    "files (repeatable).", rich_help_panel=EVAL)]
 Split = Annotated[str, typer.Option(help="Split of token shards for --eval.", rich_help_panel=EVAL)]
-Window = Annotated[Optional[int], typer.Option(help="--eval context window (default: the model's).",
-                                               rich_help_panel=EVAL)]
-MaxTokens = Annotated[Optional[int], typer.Option(help="--eval at most this many tokens.", rich_help_panel=EVAL)]
+Window = Annotated[Optional[int], typer.Option(min=2, help="--eval context window (default: the model's).",
+                                                      rich_help_panel=EVAL)]
+MaxTokens = Annotated[Optional[int], typer.Option(min=1, help="--eval at most this many tokens.", rich_help_panel=EVAL)]
 
 
 def _emit(result: dict[str, Any], as_json: bool, title: str) -> None:

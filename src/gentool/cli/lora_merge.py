@@ -24,16 +24,19 @@ def lora_merge(
                                              "combination types: linear, cat, svd, ties, ties_svd, dare_linear, "
                                              "dare_ties, dare_linear_svd, dare_ties_svd, magnitude_prune, "
                                              "magnitude_prune_svd.", rich_help_panel=METHOD)] = "task_arithmetic",
-    density: Annotated[Optional[float], typer.Option(help="Fraction of values kept, in (0, 1] (ties, dare_*, "
+    density: Annotated[Optional[float], typer.Option(min=0, max=1,
+                                                     help="Fraction of values kept, in (0, 1] (ties, dare_*, "
                                                           "magnitude_prune).", rich_help_panel=METHOD)] = None,
     majority_sign: Annotated[str, typer.Option(help="TIES sign election: total (of the values) or frequency (of "
                                                     "the signs).", rich_help_panel=METHOD)] = "total",
-    seed: Annotated[int, typer.Option(help="Seed of DARE's random drops (PEFT's under torch.manual_seed).",
-                                      rich_help_panel=METHOD)] = 0,
-    rank: Annotated[Optional[int], typer.Option(help="Rank of the SVD methods' result (default: the largest input "
+    seed: Annotated[int, typer.Option(min=0, help="Seed of DARE's random drops (PEFT's under torch.manual_seed).",
+                                             rich_help_panel=METHOD)] = 0,
+    rank: Annotated[Optional[int], typer.Option(min=1,
+                                                help="Rank of the SVD methods' result (default: the largest input "
                                                      "rank when writing an adapter, no truncation when merging).",
                                                 rich_help_panel=METHOD)] = None,
-    svd_clamp: Annotated[Optional[float], typer.Option(help="Clamp the SVD factors at this quantile of their "
+    svd_clamp: Annotated[Optional[float], typer.Option(min=0, max=1,
+                                                       help="Clamp the SVD factors at this quantile of their "
                                                             "entries (PEFT's svd_clamp).",
                                                        rich_help_panel=ADVANCED)] = None,
     as_adapter: Annotated[bool, typer.Option("--as-adapter", help="Write the combination as one adapter (PEFT "
@@ -49,10 +52,10 @@ def lora_merge(
                                                        "the unmerged adapter on this data: token shards or text "
                                                        "files (repeatable).", rich_help_panel=EVAL)] = None,
     split: Annotated[str, typer.Option(help="Split of token shards for --eval.", rich_help_panel=EVAL)] = "val",
-    window: Annotated[Optional[int], typer.Option(help="--eval context window (default: the model's).",
-                                                  rich_help_panel=EVAL)] = None,
-    max_tokens: Annotated[Optional[int], typer.Option(help="--eval at most this many tokens.",
-                                                      rich_help_panel=EVAL)] = None,
+    window: Annotated[Optional[int], typer.Option(min=2, help="--eval context window (default: the model's).",
+                                                         rich_help_panel=EVAL)] = None,
+    max_tokens: Annotated[Optional[int], typer.Option(min=1, help="--eval at most this many tokens.",
+                                                             rich_help_panel=EVAL)] = None,
     ignore_base_mismatch: Annotated[bool, typer.Option(
         "--ignore-base-mismatch", help="Merge even when the base's sha256 differs from the adapter's base "
                                        "(shapes must still fit).", rich_help_panel=ADVANCED)] = False,

@@ -19,12 +19,12 @@ def perplexity(
                                                              "stdin; for a diffusion-checkpoint a dataset "
                                                              "(default: its held-out split).")] = None,
     split: Annotated[str, typer.Option(help="Split of a token-shards artifact.")] = "val",
-    window: Annotated[Optional[int], typer.Option(help="Context window (default: the model's).")] = None,
-    stride: Annotated[Optional[int], typer.Option(help="Tokens scored per window (default: half the window); "
-                                                       "each token is scored once.")] = None,
-    max_tokens: Annotated[Optional[int], typer.Option(help="Score at most this many tokens (quick "
-                                                           "estimate).")] = None,
-    batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 8,
+    window: Annotated[Optional[int], typer.Option(min=2, help="Context window (default: the model's).")] = None,
+    stride: Annotated[Optional[int], typer.Option(min=1, help="Tokens scored per window (default: half the window); "
+                                                              "each token is scored once.")] = None,
+    max_tokens: Annotated[Optional[int], typer.Option(min=1, help="Score at most this many tokens (quick "
+                                                                  "estimate).")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Windows per forward pass.")] = 8,
     allow_tokenizer_mismatch: Annotated[bool, typer.Option(help="Score shards made with another "
                                                                 "tokenizer.", rich_help_panel=ADVANCED)] = False,
     adapter: Annotated[Optional[Path], typer.Option(help="Apply a LoRA adapter (gentool or PEFT) without "
@@ -32,14 +32,14 @@ def perplexity(
     protocol: Annotated[str, typer.Option(help="gentool (each token once, max context), llama.cpp (512-token "
                                                "chunks, BOS first, second half scored) or hf-strided (the HF "
                                                "guide's windows, fixed).")] = "gentool",
-    samples: Annotated[int, typer.Option(help="Diffusion LMs: Monte-Carlo samples of the bound per window.",
-                                         rich_help_panel=DIFF)] = 1,
-    steps: Annotated[Optional[int], typer.Option(help="Diffusion LMs: discrete-time bound with T steps "
-                                                      "(default: continuous time); image/vector diffusion: "
-                                                      "timesteps sampled per example (default: all T).",
-                                                 rich_help_panel=DIFF)] = None,
-    max_examples: Annotated[Optional[int], typer.Option(help="Image/vector diffusion: score at most this many "
-                                                             "examples.", rich_help_panel=DIFF)] = None,
+    samples: Annotated[int, typer.Option(min=1, help="Diffusion LMs: Monte-Carlo samples of the bound per window.",
+                                                rich_help_panel=DIFF)] = 1,
+    steps: Annotated[Optional[int], typer.Option(min=1, help="Diffusion LMs: discrete-time bound with T steps "
+                                                             "(default: continuous time); image/vector diffusion: "
+                                                             "timesteps sampled per example (default: all T).",
+                                                        rich_help_panel=DIFF)] = None,
+    max_examples: Annotated[Optional[int], typer.Option(min=1, help="Image/vector diffusion: score at most this many "
+                                                                    "examples.", rich_help_panel=DIFF)] = None,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the scorer (pays off for long "
                                                             "GPU runs; the first batch compiles).",
                                                  rich_help_panel=RUNTIME)] = False,

@@ -22,18 +22,18 @@ def quantize(
     output: Output,
     scheme: Annotated[str | None, typer.Option(help="int8, int4, nf4, fp8, or a llama.cpp type: q4_k_m, q5_k_m, "
                                                        "q6_k, q8_0, q4_0, q4_1, q5_0, q5_1, q4_k_s, q5_k_s.")] = None,
-    group_size: Annotated[int | None, typer.Option(help="int4 group size along the input dimension: 32, 64 "
+    group_size: Annotated[int | None, typer.Option(min=1, help="int4 group size along the input dimension: 32, 64 "
                                                            "or 128 (default 128: 4.25 bits per weight).")] = None,
     method: Annotated[str, typer.Option(help="int4 without data: rtn (round to nearest) or optimized (searched "
                                              "scales and zeros).")] = "rtn",
     calibrate: Annotated[list[str] | None, typer.Option(
         "--calibrate", help="Token shards or text files to calibrate on: an importance matrix for GGML types, "
                             "GPTQ for int4 (repeatable).", rich_help_panel=CALIB)] = None,
-    target_kl: Annotated[float | None, typer.Option(
+    target_kl: Annotated[float | None, typer.Option(min=0, 
         help="Choose per-tensor GGML types for this mean KL on the calibration data, at the smallest size.",
         rich_help_panel=CALIB)] = None,
-    calibrate_tokens: Annotated[int, typer.Option(help="--calibrate on at most this many tokens.",
-                                                  rich_help_panel=CALIB)] = 8192,
+    calibrate_tokens: Annotated[int, typer.Option(min=1, help="--calibrate on at most this many tokens.",
+                                                         rich_help_panel=CALIB)] = 8192,
     calibrate_split: Annotated[str, typer.Option(help="Split of token shards for --calibrate.",
                                                  rich_help_panel=CALIB)] = "train",
     imatrix: Annotated[Path | None, typer.Option(help="A llama.cpp importance-matrix file (GGUF or .dat) "
@@ -54,11 +54,11 @@ def quantize(
                                                        "shards (see --split) or text files (repeatable).",
                                                        rich_help_panel=EVAL)] = None,
     split: Annotated[str, typer.Option(help="Split of token shards for --eval.", rich_help_panel=EVAL)] = "val",
-    window: Annotated[int | None, typer.Option(help="--eval context window (default: the model's).",
+    window: Annotated[int | None, typer.Option(min=2, help="--eval context window (default: the model's).",
                                                   rich_help_panel=EVAL)] = None,
-    max_tokens: Annotated[int | None, typer.Option(help="--eval at most this many tokens.",
+    max_tokens: Annotated[int | None, typer.Option(min=1, help="--eval at most this many tokens.",
                                                       rich_help_panel=EVAL)] = None,
-    batch_size: Annotated[int, typer.Option(help="--eval windows per forward pass.", rich_help_panel=EVAL)] = 8,
+    batch_size: Annotated[int, typer.Option(min=1, help="--eval windows per forward pass.", rich_help_panel=EVAL)] = 8,
     protocol: Annotated[str, typer.Option(help="--eval windows: gentool (every token once, sliding) or llama.cpp "
                                                "(its chunks, BOS, second halves scored, its CPU arithmetic).",
                                           rich_help_panel=EVAL)] = "gentool",

@@ -21,47 +21,47 @@ def sample(
     prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="Prompt text.")] = None,
     prompt_file: Annotated[Optional[str], typer.Option("--prompt-file", help="Prompts, one per line (- for "
                                                                              "stdin).")] = None,
-    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate per sample.")] = 128,
-    temperature: Annotated[float, typer.Option(help="0 means greedy.")] = 0.8,
-    top_k: Annotated[Optional[int], typer.Option(help="Keep the k most likely tokens.")] = None,
-    top_p: Annotated[Optional[float], typer.Option(help="Nucleus sampling threshold.")] = None,
-    num_samples: Annotated[Optional[int], typer.Option(help="Samples per prompt (decoded as one batch; default 1), "
-                                                            "or images/points of a diffusion model (default 64).")] \
-        = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate per sample.")] = 128,
+    temperature: Annotated[float, typer.Option(min=0, help="0 means greedy.")] = 0.8,
+    top_k: Annotated[Optional[int], typer.Option(min=1, help="Keep the k most likely tokens.")] = None,
+    top_p: Annotated[Optional[float], typer.Option(min=0, max=1, help="Nucleus sampling threshold.")] = None,
+    num_samples: Annotated[Optional[int], typer.Option(min=1, help="Samples per prompt (one batch; default 1), or "
+                                                             "images/points of a diffusion model (64).")] = None,
     stop: Annotated[Optional[list[str]], typer.Option(help="Stop when this string appears (repeatable).")] = None,
-    steps: Annotated[Optional[int], typer.Option(help="Diffusion: sampling steps (default 50; flow 20; masked "
-                                                      "LM 64; block LM: per block, default the block size).")] = None,
-    min_p: Annotated[Optional[float], typer.Option(help="Drop tokens below min-p times the top probability.",
-                                                   rich_help_panel=LM)] = None,
-    repetition_penalty: Annotated[float, typer.Option(help="Penalise tokens already present (1 = off).",
-                                                      rich_help_panel=LM)] = 1.0,
+    steps: Annotated[Optional[int], typer.Option(min=1, help="Diffusion: sampling steps (default 50; flow 20; "
+                                                             "masked LM 64; block LM: per block, the block size).")] \
+        = None,
+    min_p: Annotated[Optional[float], typer.Option(min=0, max=1, help="Drop tokens below min-p times the top "
+                                                                      "probability.", rich_help_panel=LM)] = None,
+    repetition_penalty: Annotated[float, typer.Option(min=0, help="Penalise tokens already present (1 = off).",
+                                                             rich_help_panel=LM)] = 1.0,
     adapter: Annotated[Optional[Path], typer.Option(help="Apply a LoRA adapter without merging.",
                                                     rich_help_panel=LM)] = None,
     tokenizer: Annotated[Optional[Path], typer.Option(help="Tokenizer to use when the checkpoint has none (a "
                                                            "tokenizer artifact or file).", rich_help_panel=LM)] = None,
-    batch_size: Annotated[int, typer.Option(help="Sequences decoded together (prompts x samples).",
-                                            rich_help_panel=LM)] = 16,
+    batch_size: Annotated[int, typer.Option(min=1, help="Sequences decoded together (prompts x samples).",
+                                                   rich_help_panel=LM)] = 16,
     chat: Annotated[bool, typer.Option(help="Wrap each prompt as a user message in the model's chat template.",
                                        rich_help_panel=LM)] = False,
     cache: Annotated[bool, typer.Option(help="Masked/block-diffusion LMs, ancestral sampler: skip the network when "
                                              "nothing unmasked (same samples, fewer calls).", rich_help_panel=LM)] = True,
     bench: Annotated[bool, typer.Option(help="Report tokens/s against the memory-bandwidth roofline.",
                                         rich_help_panel=LM)] = False,
-    prompt_lookup: Annotated[int, typer.Option(help="Greedy, one sequence: draft up to N tokens from the text so far "
-                                                    "and check them in one forward (same output; 0 = off).",
-                                               rich_help_panel=LM)] = 0,
+    prompt_lookup: Annotated[int, typer.Option(min=0, help="Greedy, one sequence: draft up to N tokens from the "
+                                                           "text so far and check them in one forward (same output; "
+                                                           "0 = off).", rich_help_panel=LM)] = 0,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Diffusion: write a samples artifact "
                                                    "(safetensors + grid/scatter PNG).", rich_help_panel=DIFF)] = None,
     sampler: Annotated[Optional[str], typer.Option(help="ddpm, ddim, euler, heun, dpm++2m (default ddim); flow: "
                                                         "euler, heun, midpoint (default heun); masked/block LMs: "
                                                         "ancestral (default), confidence, margin, remdm[:ETA].",
                                                    rich_help_panel=DIFF)] = None,
-    eta: Annotated[float, typer.Option(help="DDIM noise, 0 (deterministic) to 1 (= DDPM).",
-                                       rich_help_panel=DIFF)] = 0.0,
+    eta: Annotated[float, typer.Option(min=0, help="DDIM noise, 0 (deterministic) to 1 (= DDPM).",
+                                              rich_help_panel=DIFF)] = 0.0,
     class_: Annotated[Optional[str], typer.Option("--class", help="Class to sample (default: all classes in turn).",
                                                   rich_help_panel=DIFF)] = None,
-    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale (1 = off).",
-                                            rich_help_panel=DIFF)] = 1.0,
+    guidance: Annotated[float, typer.Option(min=0, help="Classifier-free guidance scale (1 = off).",
+                                                   rich_help_panel=DIFF)] = 1.0,
     score: Annotated[Optional[str], typer.Option(help="Score samples against DATA (or auto: the checkpoint's "
                                                       "held-out split): sliced Wasserstein, MMD.",
                                                  rich_help_panel=DIFF)] = None,

@@ -12,8 +12,8 @@ from gentool.cli._options import Force, Json, Seed, examples
 COLS, CLEAN, CURVE = "Columns", "Input cleaning", "Forecast (--form curve)"
 
 
-def _opt(help_: str, panel: str | None = None, *names: str):
-    return typer.Option(*names, help=help_, rich_help_panel=panel)
+def _opt(help_: str, panel: str | None = None, *names: str, min=None, max=None):
+    return typer.Option(*names, help=help_, rich_help_panel=panel, min=min, max=max)
 
 
 def scale_fit(
@@ -26,11 +26,12 @@ def scale_fit(
                               "of Luo et al. 2025, which follows the learning-rate schedule).")] = "power",
     predict: Annotated[list[str] | None, _opt("Predict at C=1e21, N=..,D=.., X=.. or, for curve, step=FINAL "
                                                  "or step=N (repeatable).")] = None,
-    holdout: Annotated[int, _opt("Fit without the K largest runs (isoflop: budgets) and report their error.")] = 0,
+    holdout: Annotated[int, _opt("Fit without the K largest runs (isoflop: budgets) and report their error.",
+                                 min=0)] = 0,
     bootstrap: Annotated[int, _opt("Resamples of chinchilla's bootstrap over runs; 0: no intervals for any form. The "
                                    "intervals are 95%: profile likelihood for power, sigmoid, downstream and curve, "
                                    "percentile bootstrap over runs for chinchilla, Student t for isoflop (fit.json's "
-                                   "interval.meaning says what they assume).")] = 200,
+                                   "interval.meaning says what they assume).", min=0)] = 200,
     bounds: Annotated[str | None, _opt("Sigmoid floor,ceiling, e.g. 0.25,1 (default 0,1 when all y lie in "
                                           "[0, 1]).")] = None,
     x: Annotated[str | None, _opt("Column of X for power/sigmoid, compute for downstream (default C; runs: C, "
@@ -50,8 +51,9 @@ def scale_fit(
     best_of: Annotated[str | None, _opt("Per (N, D) (the other mapped columns), keep the value of this column "
                                            "(e.g. lr) whose runs reached the lowest loss (sigmoid: highest).",
                                            CLEAN)] = None,
-    skip: Annotated[float, _opt("Drop the first FRAC of each run's curve.", CLEAN)] = 0.0,
-    smooth: Annotated[int, _opt("Smooth each curve with a trailing mean of K points (then --point).", CLEAN)] = 1,
+    skip: Annotated[float, _opt("Drop the first FRAC of each run's curve.", CLEAN, min=0, max=1)] = 0.0,
+    smooth: Annotated[int, _opt("Smooth each curve with a trailing mean of K points (then --point).", CLEAN,
+                                min=1)] = 1,
     keep_duplicates: Annotated[bool, _opt("Keep exact duplicate rows (dropped with a warning by default).",
                                           CLEAN)] = False,
     strict: Annotated[bool, _opt("Refuse malformed rows instead of skipping them.", CLEAN)] = False,
@@ -61,8 +63,8 @@ def scale_fit(
                                                       "this run's actual final loss (or a number) at --alpha.",
                                                       CURVE)] = None,
     alpha: Annotated[float, _opt("Level of --stop-if-worse-than: stop when the one-sided 1-alpha lower bound of "
-                                 "the forecast exceeds the reference.", CURVE)] = 0.05,
-    poll: Annotated[float, _opt("Seconds between re-reads with --follow.", CURVE)] = 30.0,
+                                 "the forecast exceeds the reference.", CURVE, min=0, max=1)] = 0.05,
+    poll: Annotated[float, _opt("Seconds between re-reads with --follow.", CURVE, min=0)] = 30.0,
     seed: Seed = 0,
     force: Force = False,
     json_: Json = False,

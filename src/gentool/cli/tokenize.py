@@ -22,15 +22,16 @@ Glob = Annotated[str, typer.Option("--glob", help="File pattern inside directori
 def train(
     inputs: Inputs,
     output: Output,
-    vocab_size: Annotated[int, typer.Option("--vocab-size", help="Vocabulary size.")] = 4096,
+    vocab_size: Annotated[int, typer.Option("--vocab-size", min=1, help="Vocabulary size.")] = 4096,
     model_type: Annotated[str, typer.Option("--model-type", help="bpe or unigram.")] = "bpe",
-    character_coverage: Annotated[float, typer.Option(help="Share of characters covered by pieces (the rarest "
+    character_coverage: Annotated[float, typer.Option(min=0, max=1,
+                                                      help="Share of characters covered by pieces (the rarest "
                                                            "others fall back to bytes).")] = 0.9995,
     byte_fallback: Annotated[bool, typer.Option(help="Unknown characters become UTF-8 byte tokens.")] = True,
     user_symbols: Annotated[str | None, typer.Option("--user-symbols", help="Comma-separated symbols kept "
                                                                             "whole.")] = None,
-    input_sentence_size: Annotated[int, typer.Option(help="Lines sampled (uniformly) for training at most; "
-                                                          "0: all.")] = 2_000_000,
+    input_sentence_size: Annotated[int, typer.Option(min=1, help="Lines sampled (uniformly) for training at most; "
+                                                                 "0: all.")] = 2_000_000,
     glob: Glob = "*.txt",
     seed: Seed = 0,
     force: Force = False,
@@ -58,14 +59,14 @@ def encode(
     inputs: Inputs,
     tokenizer: Annotated[Path, typer.Option("--tokenizer", "-t", help="Tokenizer artifact directory.")],
     output: Output,
-    val_fraction: Annotated[float, typer.Option(help="Share of documents in the val split.")] = 0.05,
-    split_seed: Annotated[int, typer.Option(help="Seed of the train/val split.")] = 0,
+    val_fraction: Annotated[float, typer.Option(min=0, max=1, help="Share of documents in the val split.")] = 0.05,
+    split_seed: Annotated[int, typer.Option(min=0, help="Seed of the train/val split.")] = 0,
     document: Annotated[str, typer.Option("--document", help="auto (JSONL records for .jsonl, else blank-line "
                                                              "blocks), file, blank-line or jsonl.")] = "auto",
     text_field: Annotated[str, typer.Option(help="JSONL field holding the text.")] = "text",
-    shard_tokens: Annotated[int, typer.Option(help="Tokens per shard file.")] = 1 << 24,
-    workers: Annotated[int, typer.Option(help="Encoding processes (0: all cores); the result does not depend "
-                                              "on it.")] = 0,
+    shard_tokens: Annotated[int, typer.Option(min=1, help="Tokens per shard file.")] = 1 << 24,
+    workers: Annotated[int, typer.Option(min=0, help="Encoding processes (0: all cores); the result does not depend "
+                                                     "on it.")] = 0,
     glob: Glob = "*.txt",
     force: Force = False,
     json_: Json = False,
@@ -96,8 +97,8 @@ def decode(
     tokenizer: Annotated[Path | None, typer.Option("--tokenizer", "-t", help="Tokenizer artifact (or an "
                                                                              "LM checkpoint).")] = None,
     split: Annotated[str, typer.Option(help="Split of a shards artifact.")] = "val",
-    start: Annotated[int, typer.Option(help="First token of the slice.")] = 0,
-    count: Annotated[int, typer.Option(help="Tokens in the slice (0: to the end).")] = 0,
+    start: Annotated[int, typer.Option(min=0, help="First token of the slice.")] = 0,
+    count: Annotated[int, typer.Option(min=0, help="Tokens in the slice (0: to the end).")] = 0,
 ) -> None:
     """Decode token ids (a shard slice or ids on stdin) to text on stdout."""
     from gentool.data.tokenizer import load_tokenizer
@@ -116,7 +117,10 @@ def decode(
         if shards.tokenizer_id != tok.sha256:
             raise UsageProblem("the shards were encoded with another tokenizer", path=source,
                                hint="pass the tokenizer artifact used by `tokenize encode`")
-        ids = shards.tokens(start, start + count if count else len(shards)).tolist()
+        if start >= len(shards) and len(shards):
+            raise UsageProblem(f"--start {start} is past the end of the {split} split ({len(shards):,} tokens)",
+                               path=source, hint=f"use --start below {len(shards)}")
+        ids = shards.tokens(start, min(start + count, len(shards)) if count else len(shards)).tolist()
     bad = [i for i in ids if not 0 <= i < tok.vocab_size]
     if bad:
         raise UsageProblem(f"token id {bad[0]} is outside the vocabulary (size {tok.vocab_size})")

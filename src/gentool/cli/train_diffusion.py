@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from gentool.cli._options import Compile, Device, Dtype, Force, Json, Output, Resume, Seed, examples
+from gentool.cli._options import Compile, Device, Dtype, Force, Json, Output, Resume, SaveMinutes, Seed, examples
 from gentool.cli._recipe import Config
 
 Int = Optional[int]
@@ -22,42 +22,46 @@ def train_diffusion(
     kind: Annotated[str, typer.Option(help="auto, denoiser (images/vectors), masked-lm (MDLM) or block-lm (BD3-LM) "
                                            "on token shards; auto picks an LM for a token-shards DATA.")] = "auto",
     family: Annotated[str, typer.Option(help="ddpm or flow-matching.")] = "ddpm",
-    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 2000,
-    batch_size: Annotated[int, typer.Option(help="Examples per step.")] = 256,
-    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate (default 2e-3 MLP, 3e-4 U-Net).")] = None,
+    steps: Annotated[int, typer.Option(min=1, help="Optimizer steps.")] = 2000,
+    batch_size: Annotated[int, typer.Option(min=1, help="Examples per step.")] = 256,
+    lr: Annotated[Optional[float], typer.Option(min=0,
+                                                help="Peak learning rate (default 2e-3 MLP, 3e-4 U-Net).")] = None,
     parameterization: Annotated[Optional[str], typer.Option(help="ddpm: eps, v or x0 (default eps).",
                                                             rich_help_panel=MODEL)] = None,
     schedule: Annotated[str, typer.Option(help="ddpm noise schedule: linear or cosine.",
                                           rich_help_panel=MODEL)] = "linear",
-    timesteps: Annotated[int, typer.Option(help="ddpm diffusion steps T.", rich_help_panel=MODEL)] = 1000,
+    timesteps: Annotated[int, typer.Option(min=1, help="ddpm diffusion steps T.", rich_help_panel=MODEL)] = 1000,
     model: Annotated[Optional[str], typer.Option(help="mlp or unet (default: unet for images).",
                                                  rich_help_panel=MODEL)] = None,
-    width: Annotated[Int, typer.Option(help="MLP width / U-Net base channels.", rich_help_panel=MODEL)] = None,
-    depth: Annotated[Int, typer.Option(help="MLP blocks / U-Net res blocks per level.", rich_help_panel=MODEL)] = None,
-    image_size: Annotated[Int, typer.Option(help="Resize and centre-crop folder images to this side.",
-                                            rich_help_panel=MODEL)] = None,
+    width: Annotated[Int, typer.Option(min=1, help="MLP width / U-Net base channels.", rich_help_panel=MODEL)] = None,
+    depth: Annotated[Int, typer.Option(min=1,
+                                       help="MLP blocks / U-Net res blocks per level.", rich_help_panel=MODEL)] = None,
+    image_size: Annotated[Int, typer.Option(min=1, help="Resize and centre-crop folder images to this side.",
+                                                   rich_help_panel=MODEL)] = None,
     unconditional: Annotated[bool, typer.Option(help="Ignore labels even when the data has them.",
                                                 rich_help_panel=MODEL)] = False,
-    class_dropout: Annotated[float, typer.Option(help="Label dropout for classifier-free guidance.",
-                                                 rich_help_panel=MODEL)] = 0.1,
-    ema_decay: Annotated[Optional[float], typer.Option(help="EMA decay (default: 1 - 10/steps in [0.9, 0.999]).",
+    class_dropout: Annotated[float, typer.Option(min=0, max=1, help="Label dropout for classifier-free guidance.",
+                                                               rich_help_panel=MODEL)] = 0.1,
+    ema_decay: Annotated[Optional[float], typer.Option(min=0, max=1,
+                                                       help="EMA decay (default: 1 - 10/steps in [0.9, 0.999]).",
                                                        rich_help_panel=MODEL)] = None,
     preset: Annotated[str, typer.Option(help="Transformer shape (as train-lm).", rich_help_panel=MASKED)] = "small",
-    seq_len: Annotated[int, typer.Option(help="Sequence length.", rich_help_panel=MASKED)] = 128,
+    seq_len: Annotated[int, typer.Option(min=1, help="Sequence length.", rich_help_panel=MASKED)] = 128,
     mask_schedule: Annotated[str, typer.Option(help="loglinear (alpha=1-t) or cosine (masked-lm).",
                                                rich_help_panel=MASKED)] = "loglinear",
-    block_size: Annotated[Int, typer.Option(help="block-lm: tokens per block, a divisor of --seq-len (1 = AR, "
-                                                 "seq-len = MDLM); implies --kind block-lm.",
-                                            rich_help_panel=MASKED)] = None,
+    block_size: Annotated[Int, typer.Option(min=1, help="block-lm: tokens per block, a divisor of --seq-len (1 = AR, "
+                                                        "seq-len = MDLM); implies --kind block-lm.",
+                                                   rich_help_panel=MASKED)] = None,
     mask_range: Annotated[Optional[str], typer.Option(help="block-lm: training mask rates LO:HI (default: "
                                                            "BD3-LM's clipped range for the block size).",
                                                       rich_help_panel=MASKED)] = None,
     reflow_from: Annotated[Optional[Path], typer.Option(help="Train on (noise, sample) pairs of this flow-matching "
                                                              "checkpoint, starting from it.",
                                                         rich_help_panel=REFLOW)] = None,
-    reflow_pairs: Annotated[Int, typer.Option(help="Pairs to generate (default: training-set size).",
-                                              rich_help_panel=REFLOW)] = None,
-    save_every: Annotated[int, typer.Option(help="Save resumable state every N steps (0: at the end).")] = 0,
+    reflow_pairs: Annotated[Int, typer.Option(min=1, help="Pairs to generate (default: training-set size).",
+                                                     rich_help_panel=REFLOW)] = None,
+    save_every: Annotated[int, typer.Option(min=0, help="Save resumable state every N steps (0: at the end).")] = 0,
+    save_minutes: SaveMinutes = 10.0,
     seed: Seed = 0,
     device: Device = "auto",
     dtype: Dtype = None,
@@ -90,7 +94,8 @@ def train_diffusion(
 
         opts = LMRunOptions(
             tokens_dir=Path(data), out=output, preset=preset, seq_len=seq_len, micro_batch=min(batch_size, 64),
-            steps=steps, lr=lr or 1e-3, save_every=save_every, seed=seed, device=resolve_device(device), dtype=dtype,
+            steps=steps, lr=lr or 1e-3, save_every=save_every, save_minutes=save_minutes, seed=seed,
+            device=resolve_device(device), dtype=dtype,
             compile=compile_, resume=resume, force=force)
         if kind == "block-lm":
             from gentool.lm.diffusion.block import parse_mask_range, train_block_lm
@@ -122,6 +127,7 @@ def train_diffusion(
             timesteps=timesteps, model=model, width=width, depth=depth, conditional=not unconditional,
             class_dropout=class_dropout, image_size=image_size, steps=steps, batch_size=batch_size, lr=lr,
             ema_decay=ema_decay, reflow_from=reflow_from, reflow_pairs=reflow_pairs, save_every=save_every,
+            save_minutes=save_minutes,
             seed=seed, device=resolve_device(device), dtype=dtype, compile=compile_, resume=resume, force=force))
     console.log(f"wrote {output}")
     console.emit(summary, as_json=json_)

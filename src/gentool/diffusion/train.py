@@ -162,6 +162,7 @@ def run_train_diffusion(opts: TrainDiffusionOptions) -> dict[str, Any]:
     tcfg = TrainConfig(steps=opts.steps, lr=lr, warmup=opts.warmup if opts.warmup is not None else
                        min(100, opts.steps // 10), weight_decay=opts.weight_decay, betas=(0.9, 0.999),
                        eval_every=opts.eval_every or max(1, opts.steps // 5), save_every=opts.save_every,
+                       save_minutes=opts.save_minutes,
                        seed=opts.seed, device=device, amp_dtype=opts.dtype, compile=opts.compile,
                        log_every=max(1, min(50, opts.steps // 20)), ema_decay=ema_decay)
     data_src = {"spec": str(opts.data), "image_size": opts.image_size, "n": opts.n_generated, "seed": opts.seed,

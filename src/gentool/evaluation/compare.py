@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from gentool import console
 from gentool.errors import UsageProblem
 from gentool.evaluation.tokens import load_eval_tokens
 from gentool.evaluation.windows import PROTOCOLS, plan_hf_strided, plan_llamacpp, plan_windows
@@ -154,6 +155,8 @@ def compare_logits(base: torch.nn.Module, quant: torch.nn.Module, ids: torch.Ten
         stats = KLStats(stack.enter_context(open(kl_tokens, "w", encoding="utf-8")) if kl_tokens else None)
         if llama_arithmetic:
             stack.enter_context(llama_cpp_arithmetic(base, quant))
+        bar = stack.enter_context(console.progress("comparing (tokens)",
+                                                   total=sum(w.end - w.score_from for w in plan)))
         for i in range(0, len(plan), batch_size):
             group = plan[i:i + batch_size]
             lengths = {w.end - w.start for w in group}  # equal lengths batch together; a short last one alone
@@ -173,6 +176,7 @@ def compare_logits(base: torch.nn.Module, quant: torch.nn.Module, ids: torch.Ten
                             lq = quant.lm_head(hq[j, rows]) if hasattr(quant, "hidden_states") else hq[j, rows]
                             pos = torch.arange(w.start + 1 + rows.start, w.start + 1 + rows.stop)
                             stats.add(lb, lq, x[j, 1:][rows], pos)
+            bar.update(advance=sum(w.end - w.score_from for w in group))
     return {**stats.report(), "window": window, "protocol": protocol}
 
 

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from gentool import console
+
 
 @dataclass
 class Windows:
@@ -140,17 +142,19 @@ def token_nlls(model: torch.nn.Module, ids: torch.Tensor, *, window: int, stride
         else:
             groups.append([w])
     ids = ids.to(device)
-    for group in groups:
-        x = torch.stack([ids[w.start:w.end] for w in group])
-        if protocol == "llama.cpp" and bos_id is not None:  # llama.cpp overwrites each chunk's first token
-            x[:, 0] = bos_id
-        if compile and len(group) < batch_size:  # pad with copies: one compiled shape
-            x = torch.cat([x, x[:1].expand(batch_size - len(group), -1)])
-        first = min(w.score_from - w.start - 1 for w in group)  # positions before it are scored by no row
-        with torch.autocast(device_type=device.split(":")[0], dtype=dtype, enabled=autocast):
-            nll_BT = nll(x, first)
-        for row, w in zip(nll_BT, group):
-            out.append(row[w.score_from - w.start - 1 - first:].double())
+    with console.progress("scoring (tokens)", total=sum(w.end - w.score_from for w in plan)) as bar:
+        for group in groups:
+            x = torch.stack([ids[w.start:w.end] for w in group])
+            if protocol == "llama.cpp" and bos_id is not None:  # llama.cpp overwrites each chunk's first token
+                x[:, 0] = bos_id
+            if compile and len(group) < batch_size:  # pad with copies: one compiled shape
+                x = torch.cat([x, x[:1].expand(batch_size - len(group), -1)])
+            first = min(w.score_from - w.start - 1 for w in group)  # positions before it are scored by no row
+            with torch.autocast(device_type=device.split(":")[0], dtype=dtype, enabled=autocast):
+                nll_BT = nll(x, first)
+            for row, w in zip(nll_BT, group):
+                out.append(row[w.score_from - w.start - 1 - first:].double())
+            bar.update(advance=sum(w.end - w.score_from for w in group))
     return torch.cat(out).cpu() if out else torch.zeros(0, dtype=torch.float64)
 
 

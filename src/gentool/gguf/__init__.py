@@ -251,7 +251,7 @@ def import_gguf(src: str | Path, out: str | Path, *, keep_quantized: bool = Fals
     byte for byte)."""
     from gentool.artifacts import check_output, create_artifact, input_ref, sha256_file
 
-    check_output(out, force=force)
+    check_output(out, force=force, sources=[src])
     model = read_gguf(src, keep_quantized=keep_quantized)
     if keep_quantized:
         other = sorted({t for t in model.tensor_types.values() if t not in SUPPORTED + FLOAT_TYPES})
@@ -333,9 +333,11 @@ def export_gguf(ckpt: str | Path, out: str | Path, *, qtype: str | None = None, 
     import uuid
 
     from gentool.artifacts import MANIFEST, read_artifact
+    from gentool.artifacts.store import check_not_an_input
     from gentool.models.checkpoint import quantization_config
 
     ckpt, out = Path(ckpt), Path(out)
+    check_not_an_input(out, [ckpt, imatrix])
     if out.exists() and not force:
         raise UsageProblem("output exists", path=out, hint="use --force to replace it")
     if not (ckpt / "config.json").is_file():

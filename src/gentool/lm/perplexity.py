@@ -44,6 +44,9 @@ def score_checkpoint(checkpoint: Path, data: list[str], *, split: str = "val", w
         lm.model.to(device=device, dtype=dtype).eval()
     window = check_window(window, lm.config.max_position_embeddings, protocol)
     stride = stride or max(1, window // 2)
+    if not 1 <= stride <= window:
+        raise UsageProblem(f"--stride {stride} is outside 1..{window} (the window)",
+                           hint="a stride scores that many new tokens per window; use at most --window")
     tok = load_tokenizer(lm.tokenizer_path) if lm.tokenizer_path else None
     ev = load_eval_tokens(data, tok, vocab_size=lm.config.vocab_size, split=split, max_tokens=max_tokens,
                           verify=verify, allow_tokenizer_mismatch=allow_tokenizer_mismatch, where=checkpoint)

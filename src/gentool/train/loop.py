@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import torch
 
 from gentool import console
-from gentool.errors import GentoolError, UsageProblem
+from gentool.errors import GentoolError, Terminated, UsageProblem
 from gentool.train import distributed
 from gentool.train.checkpoint import latest_state, load_state, read_state_meta, save_state
 from gentool.train.ema import ema_update
@@ -59,6 +59,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     eval_every: int = 0
     save_every: int = 0
+    save_minutes: float = 10.0      # also save when this much wall-clock time passed since the last save (0: never)
     keep: int = 2
     log_every: int = 10
     seed: int = 0
@@ -72,11 +73,22 @@ class TrainConfig:
     parallel: str = "ddp"           # under torchrun: ddp (replicas) or fsdp (sharded weights, gradients, state)
     cooldown: float = 0.2           # wsd: the fraction of the steps over which the learning rate decays
 
+    def __post_init__(self) -> None:
+        """Refuse what no trainer can run, before a run directory exists (a corrected rerun is not an unfinished
+        run)."""
+        autocast_dtype(self.amp_dtype, self.device)
+        for name, ok in (("--steps", self.steps >= 1), ("--lr", self.lr > 0), ("--warmup", self.warmup >= 0),
+                         ("--weight-decay", self.weight_decay >= 0), ("--save-every", self.save_every >= 0),
+                         ("--save-minutes", self.save_minutes >= 0), ("--eval-every", self.eval_every >= 0),
+                         ("--keep", self.keep >= 1)):
+            if not ok:
+                raise UsageProblem(f"{name} {getattr(self, name[2:].replace('-', '_'), '')} is out of range")
+
     def recipe(self) -> dict[str, Any]:
         """What changes results (device, compile, logging cadence and the parallel layout do not). Options added
         later are left out at their defaults, so a run started before they existed still resumes."""
         d = asdict(self)
-        for k in ("device", "compile", "log_every", "save_every", "keep", "parallel"):
+        for k in ("device", "compile", "log_every", "save_every", "save_minutes", "keep", "parallel"):
             d.pop(k)
         if self.optimizer == "adamw":
             for k in ("optimizer", "muon_lr", "muon_momentum"):
@@ -113,37 +125,38 @@ def autocast_dtype(amp_dtype: str | None, device: str) -> torch.dtype | None:
 
 
 @contextmanager
-def _deferred_interrupt() -> Iterator[dict[str, bool]]:
-    """The first Ctrl-C sets a flag that the loop checks between steps (so no step is left half-applied); a second
-    one interrupts at once."""
-    flag = {"stop": False}
+def _deferred_interrupt() -> Iterator[dict[str, Any]]:
+    """The first Ctrl-C or SIGTERM (what schedulers, `timeout` and container stops send) sets a flag that the loop
+    checks between steps, so no step is left half-applied and the state is saved; a second one interrupts at once."""
+    flag: dict[str, Any] = {"stop": False, "signal": None}
     if threading.current_thread() is not threading.main_thread():
         yield flag
         return
 
     def handler(signum, frame):
         if flag["stop"]:
-            raise KeyboardInterrupt
-        flag["stop"] = True
+            raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt
+        flag["stop"], flag["signal"] = True, signum
         console.warn("stopping after this step to save the state (Ctrl-C again to abort without saving)")
 
-    previous = signal.signal(signal.SIGINT, handler)
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield flag
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
-def _stop_now(interrupt: dict[str, bool], world: int, *, logged: bool, device: str) -> bool:
-    """Whether to stop after this step. Under DDP every rank must agree, so the flag is shared (max over ranks)
-    at log steps only, which keeps the per-step path free of collectives and host syncs."""
+def _agree(flags: list[bool], world: int, *, logged: bool, device: str) -> list[bool]:
+    """Per-rank decisions (stop, save now) every rank must share: under DDP they are combined (max over ranks) at
+    log steps only, which keeps the per-step path free of collectives and host syncs."""
     if world == 1:
-        return interrupt["stop"]
+        return flags
     if not logged:
-        return False
-    flag = torch.tensor(float(interrupt["stop"]), device=device)
-    distributed.all_reduce_max(flag)
-    return bool(flag.item())
+        return [False] * len(flags)
+    t = torch.tensor([float(f) for f in flags], device=device)
+    distributed.all_reduce_max(t)
+    return [bool(v) for v in t.tolist()]
 
 
 def _fmt_eta(seconds: float) -> str:
@@ -197,6 +210,7 @@ def train(model: torch.nn.Module, task: Task, cfg: TrainConfig, workdir: Path, *
     last_saved = start if start else None
     last_loss, evals, windows = math.nan, {}, []
     done, total, norm = start, None, None
+    last_save_time = time.time()
 
     def check() -> None:
         """Raise if any step so far had a non-finite loss or gradient (one host sync: at log and save points)."""
@@ -270,16 +284,22 @@ def train(model: torch.nn.Module, task: Task, cfg: TrainConfig, workdir: Path, *
                                        extra=evals if is_eval else None)
                     eta = (cfg.steps - done) * tokens_per_step / max(line["tokens_per_s"], 1e-9)
                     bar.update(completed=done, loss=last_loss, tok_s=round(line["tokens_per_s"]), eta=_fmt_eta(eta))
-                if _stop_now(interrupt, world, logged=is_log, device=device):
+                overdue = bool(cfg.save_minutes) and time.time() - last_save_time >= 60 * cfg.save_minutes
+                stop, overdue = _agree([interrupt["stop"], overdue], world, logged=is_log, device=device)
+                if stop:
                     save(done)
-                    raise GentoolError(f"interrupted at step {done}; state saved", path=workdir,
-                                       hint="continue with --resume", exit_code=130)
-                if cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps:
+                    term = interrupt["signal"] == signal.SIGTERM
+                    raise GentoolError(f"{'terminated' if term else 'interrupted'} at step {done}; state saved",
+                                       path=workdir, hint="continue with --resume", exit_code=143 if term else 130)
+                if done < cfg.steps and (overdue or (cfg.save_every and done % cfg.save_every == 0)):
                     save(done)
-        except KeyboardInterrupt:  # a second Ctrl-C (or one outside the main thread): the step may be half done
+                    last_save_time = time.time()
+        except KeyboardInterrupt as e:  # a second signal (or one outside the main thread): the step may be half done
             kept = f"step {last_saved}" if last_saved is not None else "none"
-            raise GentoolError(f"interrupted during step {done + 1}; not saved (last saved state: {kept})",
-                               path=workdir, hint="continue with --resume", exit_code=130) from None
+            term = isinstance(e, Terminated)
+            raise GentoolError(f"{'terminated' if term else 'interrupted'} during step {done + 1}; not saved (last "
+                               f"saved state: {kept})", path=workdir, hint="continue with --resume",
+                               exit_code=143 if term else 130) from None
     save(cfg.steps)
     steady = windows[1:] or windows
     secs = sum(s for _, s in steady)

@@ -32,6 +32,7 @@ class RunOptions:
     out: Path
     eval_every: int = 0          # 0: a few times per run
     save_every: int = 0          # 0: at the end only
+    save_minutes: float = 10.0   # and by wall clock (0: off)
     seed: int = 0
     device: str = "cpu"
     dtype: str | None = None     # autocast dtype; None: bfloat16 on CUDA, float32 on CPU
