@@ -83,8 +83,9 @@ def test_energy_threshold_gives_per_module_ranks(cli, pair):
 
 @pytest.mark.parametrize("args, words", [
     (["--rank", "40"], "exceeds the rank"),
-    (["--rank", "0"], "at least 1"),
-    (["--rank", "4", "--energy", "1.5"], "outside (0, 1]"),
+    (["--rank", "0"], "greater than or equal to 1"),
+    (["--rank", "4", "--energy", "1.5"], "less than or equal to 1"),
+    (["--rank", "4", "--energy", "0"], "outside (0, 1]"),
     (["--rank", "4", "--targets", "nothing_here"], "match no linear layer"),
 ])
 def test_extract_refusals(cli, pair, args, words):

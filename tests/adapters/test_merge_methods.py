@@ -201,7 +201,7 @@ def test_dare_keeps_the_expected_change(cli, adapters, tmp_path):
     (["--method", "ties", "--density", "0.5"], "needs equal ranks"),
     (["--method", "linear"], "needs equal ranks"),
     (["--method", "ties", "--density", "0"], "outside (0, 1]"),
-    (["--method", "dare_linear", "--density", "1.5"], "outside (0, 1]"),
+    (["--method", "dare_linear", "--density", "1.5"], "less than or equal to 1"),
     (["--method", "dare_ties"], "needs --density"),
     (["--method", "nope"], "unknown --method"),
     (["--method", "svd", "--rank", "40"], "exceeds the rank"),

@@ -182,6 +182,9 @@ ROWS = [
     ("lora-resize-onto-input", "lora-resize {ada} -o {ada} --force"),
     ("block-lm-without-block-size", "train-diffusion {tokens} -o {out} --kind block-lm --steps 1"),
     ("block-size-on-vectors", "train-diffusion builtin:moons -o {out} --block-size 4 --steps 1"),
+    ("block-size-not-dividing", "train-diffusion {tokens} -o {out} --block-size 7 --seq-len 32 --steps 1"),
+    ("masked-lm-image-sampler", "sample {mdlm} --sampler ddim --max-new-tokens 4"),
+    ("image-model-lm-sampler", "sample {moons} --sampler remdm -o {out}"),
     ("export-gguf-into-input", "export-gguf {lm} -o {lm}/lm.gguf"),
     ("scale-fit-onto-input", "scale-fit {log} --form power --x flops --y loss -o {log} --force"),
     # misuse
