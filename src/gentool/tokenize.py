@@ -16,6 +16,7 @@ import io
 import json
 import os
 import re
+import signal
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -208,6 +209,13 @@ def _batches(segments: Iterator[tuple[str, bool]]) -> Iterator[tuple[list[str], 
         yield texts, lasts, size
 
 
+def _signals_to_main_thread() -> None:
+    """Block Ctrl-C and SIGTERM in an encoding thread: a signal delivered to it would wait, unhandled, until the
+    main thread (perhaps blocked reading stdin) ran Python again."""
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+
+
 def encode_corpus(inputs: list[str], tokenizer: Path, out: Path, *, val_fraction: float = 0.05, split_seed: int = 0,
                   unit: str = "auto", text_field: str = "text", shard_tokens: int = 1 << 24, workers: int = 0,
                   glob: str = "*.txt", force: bool = False, segment_chars: int | None = None):
@@ -261,7 +269,7 @@ def encode_corpus(inputs: list[str], tokenizer: Path, out: Path, *, val_fraction
 
         # Threads, not processes: the encoder runs without the GIL, so `workers` threads encode in parallel while
         # this one reads ahead and writes; nothing is pickled and nothing is forked.
-        pool = ThreadPoolExecutor(workers, thread_name_prefix="encode")
+        pool = ThreadPoolExecutor(workers, thread_name_prefix="encode", initializer=_signals_to_main_thread)
         try:
             with console.progress("encoding (MB)", total_bytes and round(total_bytes / 1e6, 1)) as bar:
                 done = 0
