@@ -136,6 +136,8 @@ def suite(args) -> None:
         rows = []
         for label in labels:
             opts = dict(SCHEMES[label])
+            if opts["scheme"] == "int4":  # SmolLM2's width (576) takes groups of 64, not 128
+                opts["group_size"] = args.group_size
             if opts.pop("calibrate", False):
                 opts.update(calibrate=m["calib"], calibrate_tokens=args.calib_tokens)
             qdir = work / f"{name}-{label}"
