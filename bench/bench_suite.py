@@ -236,13 +236,14 @@ def decode(args) -> None:
             if not f.exists():
                 export_gguf(q4km if t == "q4_k_m" else base, f, qtype=None if t == "q4_k_m" else t)
         rows = []
-        variants = [("f32", None), ("int8", "int8"), ("int4-g128", "int4"), ("Q4_K_M (dense kernel)", "ggml"),
+        variants = [("f32", None), ("int8", "int8"), (f"int4-g{args.group_size}", "int4"),
+                    ("Q4_K_M (dense kernel)", "ggml"),
                     ("Q4_K_M (int4 planes)", "ggml-int4")]
         for label, how in variants:
             quant_ggml.GGML_CPU_KERNEL = "int4" if how == "ggml-int4" else "dense"
             lm = load_lm(q4km if how and how.startswith("ggml") else base)
             if how in ("int8", "int4"):
-                quantize_model(lm.model, how, group_size=128)
+                quantize_model(lm.model, how, group_size=args.group_size)
             nbytes = qb.weight_bytes(lm.model) if not (how or "").startswith("ggml") else _ggml_bytes(lm.model)
             tps = qb.decode_speed(lm.model, "cpu", n)
             rows.append({"model": name, "engine": "gentool", "weights": label, "GB/token": nbytes / 1e9,
