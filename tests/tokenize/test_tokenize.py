@@ -197,7 +197,10 @@ def test_ctrl_c_mid_encode_leaves_no_partial_artifact(tok, tmp_path):
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-m", "gentool", "tokenize", "encode", "-", "--tokenizer", str(tok),
                              "-o", str(out), "--workers", "2"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env={**os.environ, "NO_COLOR": "1"})
+                            stderr=subprocess.PIPE, env={**os.environ, "NO_COLOR": "1"},
+                            # a shell without job control starts background jobs with Ctrl-C ignored, and Python
+                            # keeps an inherited SIG_IGN: give the child the disposition a terminal would
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     proc.stdin.write(b"some text\n\n" * 1000)
     proc.stdin.flush()
     deadline = time.time() + 60
