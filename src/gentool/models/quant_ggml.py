@@ -187,8 +187,9 @@ class GGMLLinear(QuantLinear):
             for k in self._kernels[1:]:
                 y = y + k._mm(x)
             return y
-        w = self._packed if self._packed is not None and self._packed.dtype == x.dtype else self.dequantize(x.dtype)
-        return F.linear(x, w)
+        if self._packed is not None and self._packed.dtype != x.dtype:  # e.g. float32 activations, bfloat16 model
+            self._packed = self.dequantize(x.dtype)  # once, not at every call (decoding calls it per token)
+        return F.linear(x, self._packed if self._packed is not None else self.dequantize(x.dtype))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, type={self.qtype}"
