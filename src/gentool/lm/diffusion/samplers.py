@@ -112,17 +112,22 @@ def denoise(f: Logits, z: torch.Tensor, mask_id: int, schedule: MaskSchedule = M
             take = -(-left // (steps - k))                                   # ceil: the masks spread evenly
             if not take.any():
                 break
-            logits = f(z)
+            where = masked.nonzero(as_tuple=True)  # draws and ranks at the masked positions only: (n, V)
+            logits = f(z)[where]
             nfe += 1
             x = _categorical(_probs(logits, mask_id, temperature, top_k, top_p), generator)
             probs = _probs(logits, mask_id, temperature if temperature > 0 else 1.0, top_k, top_p)  # greedy: ranks
             if sampler.name == "confidence":
-                conf = probs.gather(-1, x[..., None])[..., 0]
+                conf = probs.gather(-1, x[:, None])[:, 0]
             else:
                 top2 = probs.topk(2, dim=-1).values
-                conf = top2[..., 0] - top2[..., 1]
-            rank = conf.masked_fill(~masked, -math.inf).argsort(dim=1, descending=True).argsort(dim=1)
-            z = torch.where(masked & (rank < take[:, None]), x, z)
+                conf = top2[:, 0] - top2[:, 1]
+            conf_BN = torch.full(z.shape, -math.inf, dtype=conf.dtype, device=z.device)
+            conf_BN[where] = conf
+            rank = conf_BN.argsort(dim=1, descending=True).argsort(dim=1)
+            x_BN = z.clone()
+            x_BN[where] = x
+            z = torch.where(masked & (rank < take[:, None]), x_BN, z)
             continue
         a_t, a_s = schedule.alpha(times[k]).item(), schedule.alpha(times[k + 1]).item()
         sigma = min(sampler.eta, (1 - a_s) / a_t) if sampler.name == "remdm" and a_t > 0 else 0.0
@@ -130,10 +135,15 @@ def denoise(f: Logits, z: torch.Tensor, mask_id: int, schedule: MaskSchedule = M
         u = torch.rand(z.shape, generator=generator, dtype=torch.float64, device=z.device)
         unmask = masked & (u < p_unmask)
         if not cache or (unmask.any() and stale):  # the caching sampler calls only when needed
-            probs = _probs(f(z), mask_id, temperature, top_k, top_p)
+            # probabilities of the masked positions only (later steps unmask a subset of them; a remask sets stale)
+            row = torch.full(z.shape, -1, dtype=torch.long, device=z.device)
+            row[masked] = torch.arange(int(masked.sum()), device=z.device)
+            probs = _probs(f(z)[masked], mask_id, temperature, top_k, top_p)
             nfe, stale = nfe + 1, False
         if unmask.any():
-            z, stale = torch.where(unmask, _categorical(probs, generator), z), True
+            z = z.clone()
+            z[unmask] = _categorical(probs[row[unmask]], generator)
+            stale = True
         if sigma > 0:  # ReMDM: generated tokens go back to [MASK] with probability sigma (disjoint from unmask)
             remask = ~fixed & ~masked & (u < sigma)
             if remask.any():
