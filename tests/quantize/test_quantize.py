@@ -3,6 +3,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -152,3 +153,17 @@ def test_corrupt_quantized_checkpoint_refused(cli, base, tmp_path):
     save_file(sd, q / "model.safetensors")
     r = cli("perplexity", q, base / "text.txt")
     assert r.exit_code == 1 and "model.layers.1.mlp.up_proj" in r.output
+
+
+@pytest.mark.parametrize("scheme", ["int8", "q8_0"])
+def test_weights_are_written_once(cli, base, tmp_path, monkeypatch, scheme):
+    """The output needs its own size on disk, not twice it (model.safetensors is written once, then renamed)."""
+    import safetensors.torch
+
+    writes, save_file = [], safetensors.torch.save_file
+    monkeypatch.setattr(safetensors.torch, "save_file",
+                        lambda tensors, path, *a, **kw: (writes.append(Path(path).name), save_file(tensors, path, *a,
+                                                                                                   **kw))[1])
+    r = cli("quantize", base / "lm", "--scheme", scheme, "-o", tmp_path / "q")
+    assert r.exit_code == 0, r.output
+    assert writes.count("model.safetensors") == 1, writes

@@ -46,8 +46,13 @@ def save_lm(model_or_state: Transformer | dict[str, torch.Tensor], config: LMCon
         out[k] = v.contiguous().cpu()
     stored = next((v.dtype for v in out.values() if v.is_floating_point()), torch.float32)
     save_file(out, str(directory / "model.safetensors"), metadata={"format": "pt", **(metadata or {})})
-    (directory / "config.json").write_text(json.dumps(config.to_hf_dict(dtype_name(stored)),
-                                                      indent=2) + "\n")
+    save_lm_config(config, directory, stored)
+
+
+def save_lm_config(config: LMConfig, directory: str | Path, stored: torch.dtype) -> None:
+    """config.json (HF fields, `torch_dtype` = the weights' stored dtype) and generation_config.json."""
+    directory = Path(directory)
+    (directory / "config.json").write_text(json.dumps(config.to_hf_dict(dtype_name(stored)), indent=2) + "\n")
     gen = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
            "pad_token_id": config.pad_token_id}
     (directory / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")

@@ -146,9 +146,9 @@ def write_checkpoint(directory: Path, config, state: dict[str, torch.Tensor], ty
     """config.json (+ quantization_config), generation_config.json and model.safetensors of a GGML checkpoint."""
     from safetensors.torch import save_file
 
-    from gentool.models.checkpoint import save_lm
+    from gentool.models.checkpoint import save_lm_config
 
-    save_lm({k: v for k, v in state.items() if v.is_floating_point()}, config, directory)  # the config files
+    save_lm_config(config, directory, torch.float32)  # dtypes set below
     save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt", "gentool.quantization": "ggml"})
     cfg = json.loads((directory / "config.json").read_text())
     for key in ("torch_dtype", "dtype"):

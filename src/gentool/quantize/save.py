@@ -12,7 +12,7 @@ import torch
 
 from gentool.artifacts import sha256_file
 from gentool.devices import DTYPE_ALIASES, dtype_name, torch_dtype
-from gentool.models.checkpoint import save_lm, weight_files
+from gentool.models.checkpoint import save_lm_config, weight_files
 from gentool.models.quant import quantized_modules
 
 SCHEME_NAMES = {"int8": "int8-channel", "int4": "int4-group", "nf4": "nf4", "fp8": "fp8-e4m3"}
@@ -68,7 +68,7 @@ def save_quantized(lm, directory: Path, scheme: str, group_size: int, skip: list
             state[k] = v.to(half) if v.is_floating_point() else v
     if lm.config.tie_word_embeddings and "lm_head" not in qmods:
         state.pop("lm_head.weight", None)
-    save_lm(state, lm.config, directory)  # config.json + generation_config.json (+ weights, rewritten below)
+    save_lm_config(lm.config, directory, half)  # the weights below are written once, codes and all
     state = {k: v.contiguous().cpu() for k, v in state.items()}
     save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt", "gentool.quantization": scheme})
     cfg = json.loads((directory / "config.json").read_text())
