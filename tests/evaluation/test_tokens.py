@@ -6,7 +6,6 @@ import math
 import shutil
 
 import pytest
-import torch
 
 from gentool.config import config_from_preset
 from gentool.data.shards import open_shards
