@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from gentool.errors import GentoolError, UsageProblem
+from gentool.scaling import prep
+from gentool.scaling.prep import number
 
 
 @dataclass
@@ -36,16 +38,6 @@ class Table:
     skipped: list[str] = field(default_factory=list)   # "source:line: reason"
     sources: list[dict[str, Any]] = field(default_factory=list)
     notes: dict[str, Any] = field(default_factory=dict)   # derived columns, duplicates dropped, --best-of, ...
-
-
-def _num(v: Any) -> float | None:
-    if isinstance(v, bool) or v is None or v == "":
-        return None
-    try:
-        f = float(v)
-    except (TypeError, ValueError, OverflowError):
-        return None
-    return f
 
 
 def _llama_params(model: dict[str, Any]) -> tuple[int, int]:
@@ -104,7 +96,7 @@ def _run_records(path: Path, point: str, y_col: str = "loss", problems: list[str
                 lines.append(rec)
             elif raw.strip() and problems is not None:
                 problems.append(f"{path / 'metrics.jsonl'}:{i + 1}: not a JSON object; line ignored")
-    evals = [r for r in lines if _num(r.get("val_loss")) is not None]
+    evals = [r for r in lines if number(r.get("val_loss"), finite=False) is not None]
     curve = lines if y_col == "train_loss" else evals   # the points that carry the fitted y
 
     def rec(r: dict[str, Any]) -> dict[str, Any]:
@@ -116,8 +108,7 @@ def _run_records(path: Path, point: str, y_col: str = "loss", problems: list[str
         return [rec(r) for r in curve]
     if point == "min" and curve:
         key = "loss" if y_col == "train_loss" else "val_loss"
-        return [rec(min(curve, key=lambda r: v if (v := _num(r.get(key))) is not None and math.isfinite(v)
-                        else math.inf))]
+        return [rec(min(curve, key=lambda r: v if (v := number(r.get(key))) is not None else math.inf))]
     if manifest:
         return [{**base, "D": contents.get("tokens_seen"), "C": contents.get("train_flops"),
                  "loss": metrics.get("val_loss"), "val_loss": metrics.get("val_loss"),
@@ -166,7 +157,7 @@ def _apply_filter(rec: dict[str, Any], filters: list[str]) -> bool:
             if op in f:
                 key, value = f.split(op, 1)
                 have = rec.get(key.strip())
-                a, b = _num(have), _num(value)
+                a, b = number(have, finite=False), number(value, finite=False)
                 if a is not None and b is not None:
                     ok = {">=": a >= b, "<=": a <= b, "!=": a != b, "=": a == b, ">": a > b, "<": a < b}[op]
                 else:
@@ -211,8 +202,6 @@ def read_table(inputs: list[str], columns: dict[str, str], *, point: str = "fina
     fraction is dropped, y is smoothed by a trailing mean of `smooth` points, and `point` picks final / min / all.
     best_of: per value of the other mapped columns, keep only the points of the best (`best`: min or max y) value
     of that column (a learning-rate sweep)."""
-    from gentool.scaling import prep
-
     if point not in ("final", "min", "all"):
         raise UsageProblem(f"unknown --point {point!r}", hint="use final, min or all")
     if not 0 <= skip < 1 or smooth < 1:
@@ -268,7 +257,7 @@ def read_table(inputs: list[str], columns: dict[str, str], *, point: str = "fina
         rec = prep.derive(rec, columns, roles)
         values, reason = {}, None
         for role, col in columns.items():
-            v = _num(rec.get(col))
+            v = number(rec.get(col), finite=False)
             if v is None:
                 reason = f"missing or non-numeric {col!r}"
             elif not math.isfinite(v):

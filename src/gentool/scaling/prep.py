@@ -15,14 +15,15 @@ from gentool.errors import UsageProblem
 ORDER_COLUMNS = ("step", "tokens", "D", "flops", "C")   # a curve's position, in this order of preference
 
 
-def _num(v: Any) -> float | None:
+def number(v: Any, *, finite: bool = True) -> float | None:
+    """A table cell as a float, or None: booleans, blanks and text (and non-finite values unless finite=False)."""
     if isinstance(v, bool) or v is None or v == "":
         return None
     try:
         f = float(v)
     except (TypeError, ValueError, OverflowError):
         return None
-    return f if math.isfinite(f) else None
+    return f if math.isfinite(f) or not finite else None
 
 
 def derivable(role: str, columns: dict[str, str], names: set[str]) -> str | None:
@@ -63,7 +64,7 @@ def derive(rec: dict[str, Any], columns: dict[str, str], roles: tuple[str, ...])
     if not roles:
         return rec
     n, d, c = columns.get("n", "N"), columns.get("d", "D"), columns.get("c", "C")
-    vn, vd, vc = _num(rec.get(n)), _num(rec.get(d)), _num(rec.get(c))
+    vn, vd, vc = number(rec.get(n)), number(rec.get(d)), number(rec.get(c))
     rec = dict(rec)
     for role in roles:
         if role == "d" and vn and vc is not None:
@@ -104,7 +105,7 @@ def drop_duplicates(rows: list[tuple[str, str, dict, bool]], keep: bool, notes: 
 def order_of(rec: dict[str, Any], columns: dict[str, str]) -> dict[str, float]:
     """The candidate positions of a row along its run's curve (step, tokens, D, flops, C, X)."""
     cands = list(ORDER_COLUMNS) + [columns[r] for r in ("x", "d", "c") if r in columns]
-    return {c: v for c in cands if (v := _num(rec.get(c))) is not None}
+    return {c: v for c in cands if (v := number(rec.get(c))) is not None}
 
 
 def _curve_order(points: list) -> list:
