@@ -32,7 +32,7 @@ _COMMANDS: list[tuple[str, str]] = [
 
 
 # optional packages (pyproject.toml extras): top-level module -> extra
-_EXTRAS = {"gguf": "gguf", "google": "gguf", "matplotlib": "plot", "tokenizers": "hf", "jinja2": "hf"}
+_EXTRAS = {"gguf": "gguf", "matplotlib": "plot", "tokenizers": "hf", "jinja2": "hf"}
 
 
 class _Group(TyperGroup):
