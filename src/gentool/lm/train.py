@@ -212,12 +212,7 @@ def run_train_lm(opts: LMRunOptions, objective: Objective | None = None) -> dict
     if opts.schedule not in SCHEDULES:
         raise UsageProblem(f"unknown --schedule {opts.schedule!r}", hint="choose " + ", ".join(SCHEDULES))
     for name, value, ok in (("--micro-batch", opts.micro_batch, opts.micro_batch >= 1),
-                            ("--seq-len", opts.seq_len, opts.seq_len >= 1), ("--keep", opts.keep, opts.keep >= 1),
-                            ("--min-lr-ratio", opts.min_lr_ratio, 0 <= opts.min_lr_ratio <= 1),
-                            ("--lr", opts.lr, opts.lr > 0), ("--grad-clip", opts.grad_clip, opts.grad_clip >= 0),
-                            ("--muon-lr", opts.muon_lr, opts.muon_lr > 0),
-                            ("--muon-momentum", opts.muon_momentum, 0 <= opts.muon_momentum < 1),
-                            ("--cooldown", opts.cooldown, 0 < opts.cooldown <= 1)):
+                            ("--seq-len", opts.seq_len, opts.seq_len >= 1)):  # the trainer's own: TrainConfig
         if not ok:
             raise UsageProblem(f"{name} {value} is out of range")
     if opts.optimizer not in OPTIMIZERS:

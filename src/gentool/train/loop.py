@@ -77,12 +77,20 @@ class TrainConfig:
         """Refuse what no trainer can run, before a run directory exists (a corrected rerun is not an unfinished
         run)."""
         autocast_dtype(self.amp_dtype, self.device)
-        for name, ok in (("--steps", self.steps >= 1), ("--lr", self.lr > 0), ("--warmup", self.warmup >= 0),
-                         ("--weight-decay", self.weight_decay >= 0), ("--save-every", self.save_every >= 0),
-                         ("--save-minutes", self.save_minutes >= 0), ("--eval-every", self.eval_every >= 0),
-                         ("--keep", self.keep >= 1)):
+        for name, value, ok in (
+                ("--steps", self.steps, self.steps >= 1), ("--lr", self.lr, self.lr > 0),
+                ("--min-lr-ratio", self.min_lr_ratio, 0 <= self.min_lr_ratio <= 1),
+                ("--warmup", self.warmup, self.warmup >= 0),
+                ("--weight-decay", self.weight_decay, self.weight_decay >= 0),
+                ("--grad-clip", self.grad_clip, self.grad_clip >= 0),
+                ("--eval-every", self.eval_every, self.eval_every >= 0),
+                ("--save-every", self.save_every, self.save_every >= 0),
+                ("--save-minutes", self.save_minutes, self.save_minutes >= 0), ("--keep", self.keep, self.keep >= 1),
+                ("--muon-lr", self.muon_lr, self.muon_lr > 0),
+                ("--muon-momentum", self.muon_momentum, 0 <= self.muon_momentum < 1),
+                ("--cooldown", self.cooldown, 0 < self.cooldown <= 1)):
             if not ok:
-                raise UsageProblem(f"{name} {getattr(self, name[2:].replace('-', '_'), '')} is out of range")
+                raise UsageProblem(f"{name} {value} is out of range")
 
     def recipe(self) -> dict[str, Any]:
         """What changes results (device, compile, logging cadence and the parallel layout do not). Options added
