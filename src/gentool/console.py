@@ -50,6 +50,11 @@ def warn(message: str) -> None:
         err_console().print(f"warning: {message}", markup=False, style="yellow")
 
 
+def format_eta(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
 class _Progress:
     """A progress handle: rich bar on a TTY, a plain line every `every` seconds otherwise."""
 
@@ -83,7 +88,7 @@ class _Progress:
         eta = ""
         if self.total and self.completed and "eta" not in self.fields:
             left = (time.monotonic() - self._start) * (self.total - self.completed) / self.completed
-            eta = f"  eta {int(left) // 60}m{int(left) % 60:02d}s"
+            eta = f"  eta {format_eta(left)}"
         return f"{self.description}: {done}{eta}  {self._info()}".rstrip()
 
 

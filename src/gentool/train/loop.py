@@ -167,11 +167,6 @@ def _agree(flags: list[bool], world: int, *, logged: bool, device: str) -> list[
     return [bool(v) for v in t.tolist()]
 
 
-def _fmt_eta(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
-
-
 def _same(a: Any, b: Any) -> bool:
     return json.loads(json.dumps(a)) == json.loads(json.dumps(b))
 
@@ -291,7 +286,8 @@ def train(model: torch.nn.Module, task: Task, cfg: TrainConfig, workdir: Path, *
                     line = metrics.log(done, loss=last_loss, lr=lr, grad_norm=float(norm),
                                        extra=evals if is_eval else None)
                     eta = (cfg.steps - done) * tokens_per_step / max(line["tokens_per_s"], 1e-9)
-                    bar.update(completed=done, loss=last_loss, tok_s=round(line["tokens_per_s"]), eta=_fmt_eta(eta))
+                    bar.update(completed=done, loss=last_loss, tok_s=round(line["tokens_per_s"]),
+                               eta=console.format_eta(eta))
                 overdue = bool(cfg.save_minutes) and time.time() - last_save_time >= 60 * cfg.save_minutes
                 stop, overdue = _agree([interrupt["stop"], overdue], world, logged=is_log, device=device)
                 if stop:
