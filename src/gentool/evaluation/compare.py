@@ -27,7 +27,7 @@ import torch
 from gentool import console
 from gentool.errors import UsageProblem
 from gentool.evaluation.tokens import load_eval_tokens
-from gentool.evaluation.windows import PROTOCOLS, plan_hf_strided, plan_llamacpp, plan_windows
+from gentool.evaluation.windows import PROTOCOLS, plan_for
 from gentool.models.quant_ggml import llama_cpp_arithmetic
 
 
@@ -142,12 +142,7 @@ def compare_logits(base: torch.nn.Module, quant: torch.nn.Module, ids: torch.Ten
     """Score every token of `ids` the evaluation windows pick under both models; llama.cpp's figures. The
     llama.cpp protocol also rounds the GGML layers' activations as llama.cpp's CPU backend does (unless
     `llama_arithmetic` is False), so its figures for the same GGUF files come out the same."""
-    if protocol == "llama.cpp":
-        plan = plan_llamacpp(len(ids), window)
-    elif protocol == "hf-strided":
-        plan = plan_hf_strided(len(ids), window, stride or window)
-    else:
-        plan = plan_windows(len(ids), window, stride or max(1, window // 2))
+    plan = plan_for(protocol, len(ids), window, stride)
     if llama_arithmetic is None:
         llama_arithmetic = protocol == "llama.cpp"
     autocast = device.startswith("cuda") and dtype != torch.float32

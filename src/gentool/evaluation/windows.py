@@ -115,18 +115,22 @@ def nll_fn(model: torch.nn.Module, *, compile: bool = False):
     return torch.compile(fn, dynamic=False) if compile else fn
 
 
+def plan_for(protocol: str, n_tokens: int, window: int, stride: int | None = None) -> list[Windows]:
+    """The windows a protocol scores (stride default: half the window; hf-strided: the window)."""
+    if protocol == "llama.cpp":
+        return plan_llamacpp(n_tokens, window)
+    if protocol == "hf-strided":
+        return plan_hf_strided(n_tokens, window, stride or window)
+    return plan_windows(n_tokens, window, stride or max(1, window // 2))
+
+
 @torch.no_grad()
 def token_nlls(model: torch.nn.Module, ids: torch.Tensor, *, window: int, stride: int, batch_size: int = 8,
                device: str = "cpu", dtype: torch.dtype = torch.float32, protocol: str = "gentool",
                bos_id: int | None = None, compile: bool = False, nll=None) -> torch.Tensor:
     """NLL (nats, float64) of every scored token of the 1-D stream `ids`, in order. `nll` (from `nll_fn`) lets a
     caller reuse one compiled function across calls."""
-    if protocol == "llama.cpp":
-        plan = plan_llamacpp(len(ids), window)
-    elif protocol == "hf-strided":
-        plan = plan_hf_strided(len(ids), window, stride)
-    else:
-        plan = plan_windows(len(ids), window, stride)
+    plan = plan_for(protocol, len(ids), window, stride)
     if device == "cpu":  # float32 inference through oneDNN rather than MKL (models/decode.py)
         from gentool.models.decode import use_onednn_linears
 
