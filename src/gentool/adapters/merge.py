@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from gentool.adapters.combine import (Combined, Plan, Source, combine_sources, module_order, parse_source_arg,
                                       plan_merge, read_sources)
 from gentool.adapters.peft import Adapter, Base, read_base, write_adapter
+from gentool.devices import dtype_name
 from gentool.errors import GentoolError, UsageProblem
 from gentool.models.lora import LoRAConfig
 
@@ -155,8 +156,8 @@ def merge_checkpoint(base_path: Path, adapter_args: list[str], out: Path, *, met
                            hint="an input is broken or its weight too large")
     kind = "quantized-checkpoint" if requantize else "lm-checkpoint"
     out_dtype = dtype or (_half(base.quantization) if base.quantization else None)
-    with create_artifact(out, kind, force=force, inputs=inputs, config={**recipe, "dtype": _name(out_dtype),
-                                                                        "requantize": requantize}) as b:
+    recipe = {**recipe, "dtype": out_dtype and dtype_name(out_dtype), "requantize": requantize}
+    with create_artifact(out, kind, force=force, inputs=inputs, config=recipe) as b:
         if base.quantization is None:
             _write_plain(b, base, merged32, weights.state, out_dtype)
         else:
@@ -181,10 +182,6 @@ def merge_checkpoint(base_path: Path, adapter_args: list[str], out: Path, *, met
     return summary
 
 
-def _name(dtype: torch.dtype | None) -> str | None:
-    return str(dtype).removeprefix("torch.") if dtype is not None else None
-
-
 def _half(qconf: dict) -> torch.dtype:
     """The 16-bit dtype a merge onto a quantized base is written in: its original's, or bfloat16."""
     return torch.float16 if qconf.get("base_dtype") == "float16" else torch.bfloat16
@@ -196,7 +193,7 @@ def _write_plain(b, base: Base, merged32: dict, stored: dict, dtype: torch.dtype
             shutil.copyfile(base.path / name, b.dir / name)
     if dtype is not None:
         cfg = json.loads((b.dir / "config.json").read_text())
-        cfg.update({"torch_dtype": _name(dtype), "dtype": _name(dtype)})
+        cfg.update({"torch_dtype": dtype_name(dtype), "dtype": dtype_name(dtype)})
         (b.dir / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     out = {k: v.to(dtype if dtype is not None and v.is_floating_point() else stored[k].dtype).contiguous()
            for k, v in merged32.items()}
@@ -204,7 +201,7 @@ def _write_plain(b, base: Base, merged32: dict, stored: dict, dtype: torch.dtype
               metadata={"format": "pt", "gentool.format": "gentool.lm-checkpoint"})
     contents = dict(base.manifest.contents) if base.manifest is not None else {"architecture": "llama"}
     if dtype is not None:
-        contents["dtype"] = _name(dtype)
+        contents["dtype"] = dtype_name(dtype)
     b.contents = contents
 
 
@@ -237,7 +234,7 @@ def _write_from_quantized(b, base: Base, config, merged32: dict, dtype: torch.dt
               "context_length": config.max_position_embeddings, **tok}
     if not requantize:
         save_lm(merged32, config, b.dir, dtype=dtype, metadata={"gentool.format": "gentool.lm-checkpoint"})
-        b.contents = {**common, "n_params": config.n_params(), "dtype": _name(dtype),
+        b.contents = {**common, "n_params": config.n_params(), "dtype": dtype_name(dtype),
                       "n_params_non_embedding": config.n_params(non_embedding=True),
                       "dequantized_from": q.get("scheme")}
         return
