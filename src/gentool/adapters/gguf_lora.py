@@ -125,7 +125,11 @@ def read_gguf_adapter(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, n
 
     def field(key, default=None):
         f = reader.fields.get(key)
-        return default if f is None else f.contents()
+        try:
+            return default if f is None else f.contents()
+        except (ValueError, IndexError) as e:  # a damaged value (undecodable text, a short array)
+            raise GentoolError(f"damaged GGUF metadata {key} ({type(e).__name__})", path=path,
+                               hint="the file is corrupt: export it again") from None
 
     if field("general.type") != "adapter" or field("adapter.type") != "lora":
         raise UsageProblem(f"not a GGUF LoRA adapter (general.type {field('general.type')!r}, adapter.type "
