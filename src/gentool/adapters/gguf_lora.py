@@ -25,7 +25,7 @@ import torch
 
 from gentool.adapters.peft import Adapter, check_adapter, linear_modules, read_adapter, read_base
 from gentool.errors import GentoolError, UsageProblem
-from gentool.gguf import gguf_name, hf_name, permute_qk, unpermute_qk
+from gentool.gguf import gguf_name, hf_name, permute_qk, read_field, unpermute_qk
 from gentool.models.lora import LoRAConfig
 
 
@@ -124,12 +124,7 @@ def read_gguf_adapter(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, n
                            hint="the file is truncated or not GGUF") from None
 
     def field(key, default=None):
-        f = reader.fields.get(key)
-        try:
-            return default if f is None else f.contents()
-        except (ValueError, IndexError) as e:  # a damaged value (undecodable text, a short array)
-            raise GentoolError(f"damaged GGUF metadata {key} ({type(e).__name__})", path=path,
-                               hint="the file is corrupt: export it again") from None
+        return read_field(reader, key, default, path=path)
 
     if field("general.type") != "adapter" or field("adapter.type") != "lora":
         raise UsageProblem(f"not a GGUF LoRA adapter (general.type {field('general.type')!r}, adapter.type "

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ __all__ = [
     "hf_name",
     "import_gguf",
     "permute_qk",
+    "read_field",
     "read_gguf",
     "tokenizer_metadata_from_json",
     "tokenizer_metadata_from_sentencepiece",
@@ -58,11 +60,16 @@ class GGUFModel:
     file_type: int | None = None                                  # general.file_type (llama_ftype)
 
 
-def _field(reader, key: str, default: Any = None) -> Any:
+def read_field(reader, key: str, default: Any = None, *, path: Path | None = None) -> Any:
+    """A metadata value of a GGUFReader (`default` when absent); a damaged one is one GentoolError."""
     f = reader.fields.get(key)
     if f is None:
         return default
-    return f.contents()
+    try:
+        return f.contents()
+    except (ValueError, IndexError) as e:  # undecodable text, a short array
+        raise GentoolError(f"damaged GGUF metadata {key} ({type(e).__name__})", path=path,
+                           hint="the file is corrupt: write it again") from None
 
 
 def read_gguf(path: str | Path, *, keep_quantized: bool = False) -> GGUFModel:
@@ -80,28 +87,29 @@ def read_gguf(path: str | Path, *, keep_quantized: bool = False) -> GGUFModel:
     except Exception as e:  # noqa: BLE001 -- the reader raises ValueError/IndexError/struct errors on truncated or foreign files
         raise GentoolError(f"not a readable GGUF file ({type(e).__name__}: {e})", path=path,
                            hint="the file is truncated or not GGUF; download it again") from None
-    arch = _field(reader, "general.architecture")
+    meta = partial(read_field, reader, path=path)
+    arch = meta("general.architecture")
     if arch != "llama":
         raise UsageProblem(f"architecture {arch!r} is not supported", path=path,
                            hint="gentool imports llama-architecture GGUF files")
     p = f"{arch}."
-    n_head = int(_field(reader, p + "attention.head_count"))
-    n_kv = int(_field(reader, p + "attention.head_count_kv", n_head))
-    hidden = int(_field(reader, p + "embedding_length"))
-    tokens = _field(reader, "tokenizer.ggml.tokens", [])
+    n_head = int(meta(p + "attention.head_count"))
+    n_kv = int(meta(p + "attention.head_count_kv", n_head))
+    hidden = int(meta(p + "embedding_length"))
+    tokens = meta("tokenizer.ggml.tokens", [])
     config = {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "hidden_size": hidden, "num_hidden_layers": int(_field(reader, p + "block_count")),
+        "hidden_size": hidden, "num_hidden_layers": int(meta(p + "block_count")),
         "num_attention_heads": n_head, "num_key_value_heads": n_kv,
-        "intermediate_size": int(_field(reader, p + "feed_forward_length")),
-        "max_position_embeddings": int(_field(reader, p + "context_length", 2048)),
-        "rms_norm_eps": float(_field(reader, p + "attention.layer_norm_rms_epsilon", 1e-5)),
-        "rope_theta": float(_field(reader, p + "rope.freq_base", 10000.0)),
-        "vocab_size": int(_field(reader, p + "vocab_size", len(tokens))),
-        "head_dim": int(_field(reader, p + "rope.dimension_count", hidden // n_head)),
-        "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
-        "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
-        "pad_token_id": _field(reader, "tokenizer.ggml.padding_token_id"),
+        "intermediate_size": int(meta(p + "feed_forward_length")),
+        "max_position_embeddings": int(meta(p + "context_length", 2048)),
+        "rms_norm_eps": float(meta(p + "attention.layer_norm_rms_epsilon", 1e-5)),
+        "rope_theta": float(meta(p + "rope.freq_base", 10000.0)),
+        "vocab_size": int(meta(p + "vocab_size", len(tokens))),
+        "head_dim": int(meta(p + "rope.dimension_count", hidden // n_head)),
+        "bos_token_id": meta("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": meta("tokenizer.ggml.eos_token_id"),
+        "pad_token_id": meta("tokenizer.ggml.padding_token_id"),
     }
     tensors, types, raw = {}, {}, {}
     for t in reader.tensors:
@@ -112,28 +120,33 @@ def read_gguf(path: str | Path, *, keep_quantized: bool = False) -> GGUFModel:
             raise UsageProblem(f"tensor {t.name!r} is not part of a Llama model", path=path)
         heads = qk_heads(name, n_head, n_kv)
         types[name] = t.tensor_type.name
-        if keep_quantized and t.tensor_type.name in SUPPORTED:
-            b = np.asarray(t.data, dtype=np.uint8)
-            b = b.reshape(-1, b.shape[-1])
-            raw[name] = unpermute_qk(b, heads) if heads else b
-            continue
-        try:
-            w = gguf.quants.dequantize(t.data, t.tensor_type)
-        except NotImplementedError:
-            raise UsageProblem(f"block type {t.tensor_type.name} of {t.name} is not supported by the gguf package",
-                               path=path) from None
-        w = np.asarray(w, dtype=np.float32)
-        tensors[name] = unpermute_qk(w, heads) if heads else w
+        keep = keep_quantized and t.tensor_type.name in SUPPORTED
+        if keep:
+            w = np.asarray(t.data, dtype=np.uint8)
+            w = w.reshape(-1, w.shape[-1])
+        else:
+            try:
+                w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
+            except NotImplementedError:
+                raise UsageProblem(f"block type {t.tensor_type.name} of {t.name} is not supported by the gguf "
+                                   "package", path=path) from None
+        if heads:
+            try:
+                w = unpermute_qk(w, heads)
+            except ValueError:
+                raise GentoolError(f"{t.name} {w.shape} does not fit the header's {heads} heads", path=path,
+                                   hint="the file is corrupt: write it again") from None
+        (raw if keep else tensors)[name] = w
     config["tie_word_embeddings"] = "lm_head.weight" not in types
     config["attention_bias"] = any(k.endswith("q_proj.bias") for k in types)
-    tok = {"model": _field(reader, "tokenizer.ggml.model"), "pre": _field(reader, "tokenizer.ggml.pre"),
-           "tokens": tokens, "scores": _field(reader, "tokenizer.ggml.scores"),
-           "token_type": _field(reader, "tokenizer.ggml.token_type"), "merges": _field(reader, "tokenizer.ggml.merges"),
-           "add_bos": _field(reader, "tokenizer.ggml.add_bos_token"),
-           "add_space_prefix": _field(reader, "tokenizer.ggml.add_space_prefix"),
-           "chat_template": _field(reader, "tokenizer.chat_template"),
-           **{k: _field(reader, f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "unknown", "padding")}}
-    file_type = _field(reader, "general.file_type")
+    tok = {"model": meta("tokenizer.ggml.model"), "pre": meta("tokenizer.ggml.pre"),
+           "tokens": tokens, "scores": meta("tokenizer.ggml.scores"),
+           "token_type": meta("tokenizer.ggml.token_type"), "merges": meta("tokenizer.ggml.merges"),
+           "add_bos": meta("tokenizer.ggml.add_bos_token"),
+           "add_space_prefix": meta("tokenizer.ggml.add_space_prefix"),
+           "chat_template": meta("tokenizer.chat_template"),
+           **{k: meta(f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "unknown", "padding")}}
+    file_type = meta("general.file_type")
     return GGUFModel(config, tensors, tok, types, raw, int(file_type) if file_type is not None else None)
 
 
