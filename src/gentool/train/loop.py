@@ -242,6 +242,7 @@ def train(model: torch.nn.Module, task: Task, cfg: TrainConfig, workdir: Path, *
             if on_checkpoint and rank == 0:
                 on_checkpoint(step_done)
             metrics.exclude(time.perf_counter() - t)
+        distributed.barrier()  # every rank calls save(): none goes on (or resumes) before rank 0 has written
 
     with _deferred_interrupt() as interrupt, console.progress("training", cfg.steps) as bar:
         bar.update(completed=start)
