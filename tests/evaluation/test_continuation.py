@@ -52,7 +52,7 @@ class Chars:
     """A character tokenizer whose merges depend on the neighbours ("ab" is one token), like BPE."""
     bos_id, eos_id = None, 0
 
-    def encode(self, text):
+    def encode(self, text, bos=False):
         out, i = [], 0
         while i < len(text):
             if text[i:i + 2] == "ab":

@@ -1,9 +1,12 @@
 """Continuation scoring for downstream tasks: log p(continuation | context) of an AR LM, whether the continuation
 is the greedy one, and its per-token log-probabilities, the way lm-evaluation-harness computes them.
 
-Tokenization is lm-eval's (`HFLM._encode_pair`): trailing whitespace of the context moves to the continuation,
-`encode(context + continuation)` is split at the length of `encode(context)`, and no special tokens are added; an
-empty context becomes the prefix token (BOS, or EOS when there is none). Sequences longer than the model's
+Tokenization is lm-eval's (0.4.x `HFLM._encode_pair`, `tok_encode`): trailing whitespace of the context moves to
+the continuation, `encode(context + continuation)` is split at the length of `encode(context)`, both encoded with
+the tokenizer's default special tokens (a Hugging Face tokenizer's `add_special_tokens=True`: BOS for Llama-style
+tokenizers, none for GPT-2-style ones; a gentool SentencePiece tokenizer adds BOS, as transformers' LlamaTokenizer
+does). An empty context becomes the prefix token (BOS, or EOS when there is none) before the continuation encoded
+without special tokens. Sequences longer than the model's
 context are cut from the left, as lm-eval's `(context + continuation)[-(max_length + 1):][:-1]`.
 
 Speed: requests that share a context (the choices of a multiple-choice question) run the context once. Contexts
@@ -41,16 +44,25 @@ def prefix_token(tokenizer) -> int:
     return tid
 
 
+def encode_default(tokenizer, text: str) -> list[int]:
+    """`text` with the special tokens the tokenizer adds by default (lm-eval's `tok_encode` without arguments)."""
+    if hasattr(tokenizer, "encode_default"):
+        return tokenizer.encode_default(text)
+    return tokenizer.encode(text, bos=getattr(tokenizer, "add_bos", False))
+
+
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """(context ids, continuation ids) as lm-eval's HFLM encodes a loglikelihood request."""
     if context == "":
-        return [prefix_token(tokenizer)], tokenizer.encode(continuation)
+        cont = tokenizer.encode(continuation)
+        prefix = prefix_token(tokenizer)
+        return ([prefix], cont) if not cont or cont[0] != prefix else (cont[:1], cont[1:])
     n_spaces = len(context) - len(context.rstrip())
     if n_spaces > 0:
         continuation = context[-n_spaces:] + continuation
         context = context[:-n_spaces]
-    whole = tokenizer.encode(context + continuation)
-    ctx = tokenizer.encode(context)
+    whole = encode_default(tokenizer, context + continuation)
+    ctx = encode_default(tokenizer, context)
     return ctx, whole[len(ctx):]
 
 
