@@ -83,7 +83,24 @@ def world(tmp_path_factory, tiny_tokenizer, tiny_tokens):
                                                         for c in (1e12, 3e12, 1e13, 3e13, 1e14)))
     (w / "same.csv").write_text("flops,loss\n" + "1e12,3.0\n" * 6)
     (w / "recipe-bad.toml").write_text("stepz = 3\n")
+    _tasks(w)
     return w
+
+
+def _tasks(w: Path) -> None:
+    """evaluate's task files: a good multiple-choice task and one broken way per row."""
+    rows = [{"q": f"Line {i}", "choices": ["yes", "no"], "label": i % 2} for i in range(4)]
+    (w / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (w / "mc-one-choice.jsonl").write_text(json.dumps({"q": "x", "choices": ["only"], "label": 0}) + "\n")
+    (w / "mc-empty.jsonl").write_text("")
+    base = ("output_type: multiple_choice\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
+            "test_split: test\ndoc_to_text: \"{text}\"\ndoc_to_choice: choices\ndoc_to_target: label\n")
+    for name, data, text in (("task-ok", "mc.jsonl", "{{q}}"), ("task-badtemplate", "mc.jsonl", "{{nope}}"),
+                             ("task-onechoice", "mc-one-choice.jsonl", "{{q}}"),
+                             ("task-emptysplit", "mc-empty.jsonl", "{{q}}")):
+        (w / f"{name}.yaml").write_text(base.format(data=w / data, text=text))
+    (w / "task-nofield.yaml").write_text(base.format(data=w / "mc.jsonl", text="{{q}}").replace(
+        "doc_to_choice: choices\n", ""))
 
 
 def _poke_nan(path: Path) -> None:
@@ -187,6 +204,14 @@ ROWS = [
     ("image-model-lm-sampler", "sample {moons} --sampler remdm -o {out}"),
     ("export-gguf-into-input", "export-gguf {lm} -o {lm}/lm.gguf"),
     ("scale-fit-onto-input", "scale-fit {log} --form power --x flops --y loss -o {log} --force"),
+    ("evaluate-task-missing-field", "evaluate {lm} {task-nofield.yaml} -o {out}"),
+    ("evaluate-template-fails-on-row", "evaluate {lm} {task-badtemplate.yaml} -o {out}"),
+    ("evaluate-empty-split", "evaluate {lm} {task-emptysplit.yaml} -o {out}"),
+    ("evaluate-one-choice", "evaluate {lm} {task-onechoice.yaml} -o {out}"),
+    ("evaluate-too-many-shots", "evaluate {lm} {task-ok.yaml} --num-fewshot 9 -o {out}"),
+    ("evaluate-missing-task", "evaluate {lm} {w}/nope.yaml -o {out}"),
+    ("evaluate-tokenizer-as-model", "evaluate {tok} {task-ok.yaml} -o {out}"),
+    ("evaluate-onto-input", "evaluate {lm} {task-ok.yaml} -o {lm} --force"),
     # misuse
     ("resume-nothing", "train-lm {tokens} -o {out} --steps 1 --resume"),
     ("lora-rank-without-base", "train-lm {tokens} -o {out} --steps 1 --lora-rank 4"),

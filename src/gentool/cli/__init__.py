@@ -20,6 +20,7 @@ _COMMANDS: list[tuple[str, str]] = [
     ("train_diffusion", "train_diffusion"),
     ("sample", "sample"),
     ("perplexity", "perplexity"),
+    ("evaluate", "evaluate"),
     ("quantize", "quantize"),
     ("scale_fit", "scale_fit"),
     ("compare", "compare"),

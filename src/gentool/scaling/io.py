@@ -110,7 +110,8 @@ def _run_records(path: Path, point: str, y_col: str = "loss", problems: list[str
         key = "loss" if y_col == "train_loss" else "val_loss"
         return [rec(min(curve, key=lambda r: v if (v := number(r.get(key))) is not None else math.inf))]
     if manifest:
-        return [{**base, "D": contents.get("tokens_seen"), "C": contents.get("train_flops"),
+        extra = {k: v for k, v in metrics.items() if k not in base}  # `gentool evaluate`'s acc, TASK/acc, ...
+        return [{**extra, **base, "D": contents.get("tokens_seen"), "C": contents.get("train_flops"),
                  "loss": metrics.get("val_loss"), "val_loss": metrics.get("val_loss"),
                  "train_loss": metrics.get("train_loss"), "step": contents.get("step")}]
     return [rec(curve[-1])] if curve else []  # an unfinished run: its latest evaluation
