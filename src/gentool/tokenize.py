@@ -27,7 +27,8 @@ import numpy as np
 
 from gentool import console
 from gentool.artifacts import check_output, create_artifact, input_ref, read_artifact
-from gentool.data.text import TextStats, bundled_corpus, expand_inputs, iter_segments, iter_training_lines
+from gentool.data.text import (TextStats, bundled_corpus, compressed_or_columnar, expand_inputs, iter_segments,
+                               iter_training_lines)
 from gentool.data.tokenizer import SPECIAL_IDS, Tokenizer
 from gentool.errors import UsageProblem
 
@@ -243,7 +244,8 @@ def encode_corpus(inputs: list[str], tokenizer: Path, out: Path, *, val_fraction
     dtype = dtype_for_vocab(tok.vocab_size)
     config = {"dtype": dtype.name, "shard_tokens": shard_tokens, "val_fraction": val_fraction,
               "split_seed": split_seed, "document_unit": unit, "text_field": text_field, "separator": "eos"}
-    total_bytes = sum(s.stat().st_size for s in sources if isinstance(s, Path)) or None
+    sized = [s for s in sources if isinstance(s, Path) and not compressed_or_columnar(s)]
+    total_bytes = sum(s.stat().st_size for s in sized) if len(sized) == len(sources) else None
     stats = TextStats()
     t0 = time.time()
     with create_artifact(out, "token-shards", force=force, config=config,
@@ -295,13 +297,16 @@ def encode_corpus(inputs: list[str], tokenizer: Path, out: Path, *, val_fraction
                          "--val-fraction, or use --document blank-line")
         if stats.invalid_utf8:
             console.warn(f"replaced {stats.invalid_utf8} invalid UTF-8 sequences with U+FFFD")
+        if stats.skipped_rows:
+            console.warn(f"skipped {stats.skipped_rows} rows whose {text_field!r} cell is null or empty")
         seconds = time.time() - t0
         n_bytes = sum(w.bytes for w in writers.values())
         art.contents.update(tokenizer_id=tok.sha256, vocab_size=tok.vocab_size, eos_id=tok.eos_id,
                             bos_id=tok.bos_id, pad_id=tok.pad_id, unk_id=tok.unk_id, dtype=dtype.name,
                             splits={s: w.summary() for s, w in writers.items()})
         art.metrics.update(seconds=round(seconds, 3), mb_per_s=round(n_bytes / 1e6 / max(seconds, 1e-9), 3),
-                           workers=workers, invalid_utf8_replaced=stats.invalid_utf8)
+                           workers=workers, invalid_utf8_replaced=stats.invalid_utf8,
+                           skipped_rows=stats.skipped_rows)
     return art.manifest
 
 

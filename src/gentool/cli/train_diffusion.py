@@ -7,7 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from gentool.cli._options import Compile, Device, Dtype, Force, Json, Output, Resume, SaveMinutes, Seed, examples
+from gentool.cli._options import (Compile, Device, Dtype, Force, Json, LogTo, Output, Resume, SaveMinutes, Seed,
+                                  examples)
 from gentool.cli._recipe import Config
 
 Int = Optional[int]
@@ -67,6 +68,7 @@ def train_diffusion(
     dtype: Dtype = None,
     compile_: Compile = False,
     resume: Resume = False,
+    log_to: LogTo = None,
     force: Force = False,
     config: Config = None,
     json_: Json = False,
@@ -96,7 +98,7 @@ def train_diffusion(
             tokens_dir=Path(data), out=output, preset=preset, seq_len=seq_len, micro_batch=min(batch_size, 64),
             steps=steps, lr=lr or 1e-3, save_every=save_every, save_minutes=save_minutes, seed=seed,
             device=resolve_device(device), dtype=dtype,
-            compile=compile_, resume=resume, force=force)
+            compile=compile_, resume=resume, force=force, log_to=tuple(log_to or ()))
         if kind == "block-lm":
             from gentool.lm.diffusion.block import parse_mask_range, train_block_lm
 
@@ -128,7 +130,8 @@ def train_diffusion(
             class_dropout=class_dropout, image_size=image_size, steps=steps, batch_size=batch_size, lr=lr,
             ema_decay=ema_decay, reflow_from=reflow_from, reflow_pairs=reflow_pairs, save_every=save_every,
             save_minutes=save_minutes,
-            seed=seed, device=resolve_device(device), dtype=dtype, compile=compile_, resume=resume, force=force))
+            seed=seed, device=resolve_device(device), dtype=dtype, compile=compile_, resume=resume, force=force,
+            log_to=tuple(log_to or ())))
     console.log(f"wrote {output}")
     console.emit(summary, as_json=json_)
 

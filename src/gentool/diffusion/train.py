@@ -164,7 +164,8 @@ def run_train_diffusion(opts: TrainDiffusionOptions) -> dict[str, Any]:
                        eval_every=opts.eval_every or max(1, opts.steps // 5), save_every=opts.save_every,
                        save_minutes=opts.save_minutes,
                        seed=opts.seed, device=device, amp_dtype=opts.dtype, compile=opts.compile,
-                       log_every=max(1, min(50, opts.steps // 20)), ema_decay=ema_decay)
+                       log_every=max(1, min(50, opts.steps // 20)), ema_decay=ema_decay,
+                       log_to=tuple(opts.log_to))
     data_src = {"spec": str(opts.data), "image_size": opts.image_size, "n": opts.n_generated, "seed": opts.seed,
                 "val_fraction": 0.1}
     recipe = {"family": family, "parameterization": param,

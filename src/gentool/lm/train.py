@@ -232,7 +232,7 @@ def run_train_lm(opts: LMRunOptions, objective: Objective | None = None) -> dict
                        seed=opts.seed, device=device, amp_dtype=opts.dtype, compile=opts.compile,
                        log_every=max(1, min(10, steps // 20)), optimizer=opts.optimizer, muon_lr=opts.muon_lr,
                        muon_momentum=opts.muon_momentum, parallel=opts.parallel, cooldown=opts.cooldown,
-                       ema_decay=opts.ema_decay)
+                       ema_decay=opts.ema_decay, log_to=tuple(opts.log_to))
     recipe = {"model": config.to_hf_dict(), "train": tcfg.recipe(), "seq_len": opts.seq_len,
               "micro_batch": opts.micro_batch, "batch_tokens": batch_tokens, "data": train_shards.manifest.id,
               "init": str(opts.init_from) if opts.init_from else "scratch", "lora": opts.lora,
