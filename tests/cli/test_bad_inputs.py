@@ -84,6 +84,9 @@ def world(tmp_path_factory, tiny_tokenizer, tiny_tokens):
     (w / "same.csv").write_text("flops,loss\n" + "1e12,3.0\n" * 6)
     (w / "recipe-bad.toml").write_text("stepz = 3\n")
     _tasks(w)
+    shutil.copytree(w / "lm", w / "lm-badmetrics")   # metrics.jsonl lines that are JSON but not objects
+    with open(w / "lm-badmetrics" / "metrics.jsonl", "a") as f:
+        f.write("[1, 2]\n3\n")
     return w
 
 
@@ -193,6 +196,10 @@ ROWS = [
     # commands added in this push
     ("compare-missing-run", "compare {w}/nope"),
     ("compare-not-a-run", "compare {tok}"),
+    ("compare-lm-beside-diffusion", "compare {lm} {mdlm}"),
+    ("compare-lm-beside-image-diffusion", "compare {lm} {moons}"),
+    ("compare-non-object-metrics", "compare {lm-badmetrics}"),
+    ("compare-plot-not-an-image", "compare {lm} --plot {out}.txt"),
     ("lora-extract-adapter-as-base", "lora-extract {ada} {lm} -o {out}"),
     ("lora-extract-onto-input", "lora-extract {lm} {lm} -o {lm} --force"),
     ("lora-resize-model-as-adapter", "lora-resize {lm} -o {out}"),
