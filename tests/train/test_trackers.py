@@ -86,8 +86,8 @@ def test_every_backend_reads_back_what_metrics_jsonl_says(tmp_path):
     exp = client.get_experiment_by_name("gentool")
     (mrun,) = client.search_runs([exp.experiment_id])
     assert mrun.info.run_name == "moons" and mrun.data.params["train.steps"] == "40"
-    same({(m.step, key): m.value for key in mrun.data.metrics for m in client.get_metric_history(mrun.info.run_id, key)},
-         "mlflow")
+    history = {key: client.get_metric_history(mrun.info.run_id, key) for key in mrun.data.metrics}
+    same({(m.step, key): m.value for key, ms in history.items() for m in ms}, "mlflow")
 
     (wfile,) = run.glob("wandb/offline-run-*/run-*.wandb")
     got, name, config = {}, None, {}
