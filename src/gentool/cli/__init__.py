@@ -16,20 +16,10 @@ from gentool.errors import GentoolError, Terminated
 
 # (module under gentool.cli, attribute): a function becomes a command, a Typer becomes a command group.
 _COMMANDS: list[tuple[str, str]] = [
-    ("tokenize", "app"),
-    ("train_lm", "train_lm"),
-    ("train_diffusion", "train_diffusion"),
-    ("sample", "sample"),
-    ("perplexity", "perplexity"),
-    ("evaluate", "evaluate"),
-    ("quantize", "quantize"),
-    ("scale_fit", "scale_fit"),
-    ("compare", "compare"),
-    ("lora_merge", "lora_merge"),
-    ("lora_extract", "lora_extract"),
-    ("lora_extract", "lora_resize"),
-    ("gguf_io", "import_gguf"),
-    ("gguf_io", "export_gguf"),
+    ("tokenize", "app"), ("train_lm", "train_lm"), ("train_diffusion", "train_diffusion"), ("sample", "sample"),
+    ("perplexity", "perplexity"), ("evaluate", "evaluate"), ("quantize", "quantize"), ("scale_fit", "scale_fit"),
+    ("compare", "compare"), ("lora_merge", "lora_merge"), ("lora_extract", "lora_extract"),
+    ("lora_extract", "lora_resize"), ("gguf_io", "import_gguf"), ("gguf_io", "export_gguf"),
 ]
 
 
