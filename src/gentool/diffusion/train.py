@@ -157,7 +157,7 @@ def run_train_diffusion(opts: TrainDiffusionOptions) -> dict[str, Any]:
         if teacher.denoiser.data_shape != train_ds.shape or teacher.spec.num_classes != spec.num_classes:
             raise UsageProblem("the data does not match the --reflow-from checkpoint's shape or classes",
                                path=opts.data)
-    lr = opts.lr or (2e-3 if denoiser.kind == "mlp" else 3e-4)
+    lr = opts.lr if opts.lr is not None else 2e-3 if denoiser.kind == "mlp" else 3e-4
     ema_decay = opts.ema_decay if opts.ema_decay is not None else min(0.999, max(0.9, 1 - 10 / opts.steps))
     tcfg = TrainConfig(steps=opts.steps, lr=lr, warmup=opts.warmup if opts.warmup is not None else
                        min(100, opts.steps // 10), weight_decay=opts.weight_decay, betas=(0.9, 0.999),

@@ -78,7 +78,7 @@ class TrainConfig:
         run)."""
         autocast_dtype(self.amp_dtype, self.device)
         for name, value, ok in (
-                ("--steps", self.steps, self.steps >= 1), ("--lr", self.lr, self.lr > 0),
+                ("--steps", self.steps, self.steps >= 1), ("--lr", self.lr, 0 < self.lr < math.inf),
                 ("--min-lr-ratio", self.min_lr_ratio, 0 <= self.min_lr_ratio <= 1),
                 ("--warmup", self.warmup, self.warmup >= 0),
                 ("--weight-decay", self.weight_decay, self.weight_decay >= 0),
