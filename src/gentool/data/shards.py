@@ -83,7 +83,7 @@ class TokenShards:
 
         recorded = self.contents.get("tokenizer_file")
         if recorded is not None:
-            file = self.manifest.path.resolve() / recorded
+            file = (self.manifest.path.resolve() / recorded).resolve()
             if not file.is_file():
                 raise GentoolError("the tokenizer these shards were encoded with is gone", path=file,
                                    hint="restore it, or encode the data again with `gentool tokenize encode`")
