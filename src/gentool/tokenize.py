@@ -305,6 +305,7 @@ def encode_corpus(inputs: list[str], tokenizer: Path, out: Path, *, val_fraction
         seconds = time.time() - t0
         n_bytes = sum(w.bytes for w in writers.values())
         art.contents.update(tokenizer_id=tok.sha256, tokenizer_file=_relative_to(tok.path, out),
+                            tokenizer_file_absolute=str(Path(tok.path).resolve()),
                             vocab_size=tok.vocab_size, eos_id=tok.eos_id,
                             bos_id=tok.bos_id, pad_id=tok.pad_id, unk_id=tok.unk_id, dtype=dtype.name,
                             splits={s: w.summary() for s, w in writers.items()})

@@ -113,3 +113,12 @@ def test_old_manifests_use_the_typed_path_where_it_resolves(encoded_here, monkey
     assert shards.tokenizer_file() is None  # from tmp/b "tok" is nothing
     monkeypatch.chdir(encoded_here)
     assert shards.tokenizer_file().resolve() == (encoded_here / "tok" / "tokenizer.model").resolve()
+
+
+def test_shards_moved_alone_or_with_their_tokenizer_still_find_it(encoded_here, tmp_path):
+    import shutil
+
+    shutil.copytree(encoded_here / "tokens", tmp_path / "c" / "tokens")  # alone: the absolute path
+    assert open_shards(tmp_path / "c" / "tokens").tokenizer_file() == (encoded_here / "tok" / "tokenizer.model").resolve()
+    shutil.move(encoded_here, tmp_path / "d")  # together: the relative one
+    assert open_shards(tmp_path / "d" / "tokens").tokenizer_file() == (tmp_path / "d" / "tok" / "tokenizer.model").resolve()

@@ -75,7 +75,8 @@ class TokenShards:
     def tokenizer_file(self) -> Path | None:
         """The tokenizer file these shards were encoded with, checked against their `tokenizer_id` (its sha256).
 
-        The manifest records it relative to the shards directory (`tokenizer_file`); manifests of older gentools
+        The manifest records it relative to the shards directory (`tokenizer_file`: found when the two move together)
+        and absolute (`tokenizer_file_absolute`: when the shards move alone); manifests of older gentools
         recorded only the tokenizer directory as typed at `tokenize encode`, which is used where it still resolves
         (None where it does not). A recorded file that is gone or changed is an error: a tokenizer retrained in
         place would pair the tokens with the wrong text."""
@@ -83,9 +84,12 @@ class TokenShards:
 
         recorded = self.contents.get("tokenizer_file")
         if recorded is not None:
-            file = (self.manifest.path.resolve() / recorded).resolve()
-            if not file.is_file():
-                raise GentoolError("the tokenizer these shards were encoded with is gone", path=file,
+            places = [(self.manifest.path.resolve() / recorded).resolve(),
+                      *([Path(self.contents["tokenizer_file_absolute"])] if "tokenizer_file_absolute" in self.contents
+                        else [])]
+            file = next((f for f in places if f.is_file()), None)
+            if file is None:
+                raise GentoolError("the tokenizer these shards were encoded with is gone", path=places[-1],
                                    hint="restore it, or encode the data again with `gentool tokenize encode`")
         else:
             typed = next((i.get("path") for i in self.manifest.inputs if i.get("role") == "tokenizer"), None)

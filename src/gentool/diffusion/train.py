@@ -5,6 +5,7 @@ training loop (gentool.train) with an EMA copy of the weights (used for sampling
 from __future__ import annotations
 
 import copy
+import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -165,7 +166,10 @@ def run_train_diffusion(opts: TrainDiffusionOptions) -> dict[str, Any]:
                        save_minutes=opts.save_minutes,
                        seed=opts.seed, device=device, amp_dtype=opts.dtype, compile=opts.compile,
                        log_every=max(1, min(50, opts.steps // 20)), ema_decay=ema_decay)
-    data_src = {"spec": str(opts.data), "image_size": opts.image_size, "n": opts.n_generated, "seed": opts.seed,
+    # a path absolute, not as typed: the same run from another directory is the same recipe, and `sample` finds the
+    # held-out data from anywhere (a built-in stays its name)
+    where = os.path.abspath(opts.data) if Path(opts.data).exists() else str(opts.data)
+    data_src = {"spec": where, "image_size": opts.image_size, "n": opts.n_generated, "seed": opts.seed,
                 "val_fraction": 0.1}
     recipe = {"family": family, "parameterization": param,
               "schedule": spec.schedule_obj().to_dict() if family == "ddpm" else None,
