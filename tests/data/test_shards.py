@@ -119,6 +119,8 @@ def test_shards_moved_alone_or_with_their_tokenizer_still_find_it(encoded_here, 
     import shutil
 
     shutil.copytree(encoded_here / "tokens", tmp_path / "c" / "tokens")  # alone: the absolute path
-    assert open_shards(tmp_path / "c" / "tokens").tokenizer_file() == (encoded_here / "tok" / "tokenizer.model").resolve()
+    want = (encoded_here / "tok" / "tokenizer.model").resolve()
+    assert open_shards(tmp_path / "c" / "tokens").tokenizer_file() == want
     shutil.move(encoded_here, tmp_path / "d")  # together: the relative one
-    assert open_shards(tmp_path / "d" / "tokens").tokenizer_file() == (tmp_path / "d" / "tok" / "tokenizer.model").resolve()
+    want = (tmp_path / "d" / "tok" / "tokenizer.model").resolve()
+    assert open_shards(tmp_path / "d" / "tokens").tokenizer_file() == want

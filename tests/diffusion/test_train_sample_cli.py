@@ -149,5 +149,6 @@ def test_lm_batch_size_and_lr_are_honoured(cli, tmp_path, tiny_tokens):
            "--batch-size", "80", "--lr", "5e-4")
     config = json.loads((tmp_path / "m" / "manifest.json").read_text())["config"]
     assert config["micro_batch"] == 80 and config["train"]["lr"] == 5e-4
-    _train(cli, tmp_path / "d", "builtin:moons", "--steps", "1", "--model", "mlp", "--width", "8", "--batch-size", "300")
+    _train(cli, tmp_path / "d", "builtin:moons", "--steps", "1", "--model", "mlp", "--width", "8",
+           "--batch-size", "300")
     assert json.loads((tmp_path / "d" / "manifest.json").read_text())["config"]["batch_size"] == 300

@@ -242,7 +242,8 @@ def test_the_checkpoint_gets_the_shards_tokenizer_from_any_directory(tiny_tokeni
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir(), b.mkdir()
     shutil.copytree(tiny_tokenizer, a / "tok")
-    (a / "text.txt").write_text("Now is the winter of our discontent made glorious summer by this sun of York.\n\n" * 40)
+    (a / "text.txt").write_text("Now is the winter of our discontent made glorious summer by this sun of York.\n\n"
+                                * 40)
     monkeypatch.chdir(a)
     assert cli("tokenize", "encode", "text.txt", "--tokenizer", "tok", "-o", "tokens", "--workers", "1").exit_code == 0
     monkeypatch.chdir(b)

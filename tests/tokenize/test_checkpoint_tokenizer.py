@@ -19,7 +19,8 @@ def manifest(path):
 
 def test_import_encode_lora_merge_export(cli, tiny_tokens, tmp_path):
     (tmp_path / "text.txt").write_text(TEXT)
-    assert cli("train-lm", tiny_tokens, "-o", tmp_path / "lm", "--preset", "tiny", "--steps", "1", *SMALL).exit_code == 0
+    r = cli("train-lm", tiny_tokens, "-o", tmp_path / "lm", "--preset", "tiny", "--steps", "1", *SMALL)
+    assert r.exit_code == 0, r.output
     assert cli("export-gguf", tmp_path / "lm", "-o", tmp_path / "lm.gguf", "--type", "f32").exit_code == 0
     assert cli("import-gguf", tmp_path / "lm.gguf", "-o", tmp_path / "imported").exit_code == 0
     imported = tmp_path / "imported"
