@@ -87,6 +87,14 @@ def world(tmp_path_factory, tiny_tokenizer, tiny_tokens):
     shutil.copytree(w / "lm", w / "lm-badmetrics")   # metrics.jsonl lines that are JSON but not objects
     with open(w / "lm-badmetrics" / "metrics.jsonl", "a") as f:
         f.write("[1, 2]\n3\n")
+    (w / "recipe-bool.toml").write_text("lr = true\n")  # click would train at lr 1.0
+    (w / "badinvocation").mkdir()
+    (w / "badinvocation" / "manifest.json").write_text(json.dumps(
+        {"format": "gentool.lm-checkpoint", "invocation": {"command": "train-lm", "options": {"steps": "three"}}}))
+    shutil.copytree(tiny_tokenizer, w / "tok-changed")  # shards encoded with it, then the tokenizer retrained in place
+    ok("tokenize", "encode", w / "text.txt", "--tokenizer", w / "tok-changed", "-o", w / "tokens-changed",
+       "--val-fraction", "0", "--workers", "1")
+    (w / "tok-changed" / "tokenizer.model").write_bytes((w / "tok-changed" / "tokenizer.model").read_bytes() + b"\0")
     return w
 
 
@@ -185,6 +193,14 @@ ROWS = [
     ("sample-diffusion-zero-samples", "sample {moons} --num-samples 0 -o {out}"),
     ("quantize-group-size", "quantize {lm} --scheme int4 --group-size 7 -o {out}"),
     ("recipe-unknown-key", "train-lm {tokens} -o {out} --config {recipe-bad}"),
+    ("recipe-wrong-type", "train-diffusion builtin:moons -o {out} --steps 2 --config {recipe-bool.toml}"),
+    ("recipe-manifest-wrong-type", "train-lm -o {out} --config {badinvocation}"),
+    ("train-diffusion-lr-zero", "train-diffusion builtin:moons -o {out} --steps 2 --lr 0"),
+    ("train-diffusion-lm-lr-zero", "train-diffusion {tokens} -o {out} --steps 1 --lr 0"),
+    ("train-diffusion-lr-inf", "train-diffusion builtin:moons -o {out} --steps 2 --lr inf"),
+    ("train-lm-lr-inf", "train-lm {tokens} -o {out} --steps 1 --lr inf"),
+    ("train-lm-tokenizer-changed", "train-lm {tokens-changed} -o {out} --steps 1 --preset tiny --seq-len 16"),
+    ("encode-checkpoint-without-tokenizer", "tokenize encode {text} --tokenizer {moons} -o {out}"),
     # an output that is, or nests in, an input
     ("quantize-onto-input", "quantize {lm} --scheme int8 -o {lm} --force"),
     ("quantize-into-input", "quantize {lm} --scheme int8 -o {lm}/q8 --force"),

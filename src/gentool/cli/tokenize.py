@@ -58,7 +58,9 @@ def train(
                              "gentool tokenize encode 'fineweb/*.parquet' --tokenizer tok -o tokens"))
 def encode(
     inputs: Inputs,
-    tokenizer: Annotated[Path, typer.Option("--tokenizer", "-t", help="Tokenizer artifact directory.")],
+    tokenizer: Annotated[Path, typer.Option("--tokenizer", "-t", help="Tokenizer artifact, or a checkpoint's "
+                                                              "tokenizer (a directory with tokenizer.model or "
+                                                              "tokenizer.json, or the file).")],
     output: Output,
     val_fraction: Annotated[float, typer.Option(min=0, max=1, help="Share of documents in the val split.")] = 0.05,
     split_seed: Annotated[int, typer.Option(min=0, help="Seed of the train/val split.")] = 0,

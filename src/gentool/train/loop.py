@@ -82,7 +82,7 @@ class TrainConfig:
         autocast_dtype(self.amp_dtype, self.device)
         check_backends(self.log_to)
         for name, value, ok in (
-                ("--steps", self.steps, self.steps >= 1), ("--lr", self.lr, self.lr > 0),
+                ("--steps", self.steps, self.steps >= 1), ("--lr", self.lr, 0 < self.lr < math.inf),
                 ("--min-lr-ratio", self.min_lr_ratio, 0 <= self.min_lr_ratio <= 1),
                 ("--warmup", self.warmup, self.warmup >= 0),
                 ("--weight-decay", self.weight_decay, self.weight_decay >= 0),
