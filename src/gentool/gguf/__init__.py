@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from gentool.codecs.ggml import ggml_type
+from gentool.codecs.ggml import scales_finite
 from gentool.codecs.gguf_names import gguf_name, hf_name, permute_qk, qk_heads, unpermute_qk
 from gentool.artifacts.tensorfiles import cast_weight, check_finite
 from gentool.devices import torch_dtype
@@ -51,9 +51,6 @@ __all__ = [
 FLOAT_EXPORTS = ("f32", "f16")
 GGML_QUANT_VERSION = 2  # GGML_QNT_VERSION (ggml.h): general.quantization_version, as convert_hf_to_gguf and
 #                         llama-quantize write it into every file
-# byte offsets of the float16 scales (d, and dmin / m) inside one block of each GGML type gentool keeps
-SCALE_OFFSETS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,), "Q4_K": (0, 2),
-                 "Q5_K": (0, 2), "Q6_K": (208,)}
 
 
 # --- import --------------------------------------------------------------------------------------------------------
@@ -184,17 +181,10 @@ def _check_model(model: GGUFModel, path: Path) -> None:
 
 
 def check_block_scales(name: str, raw: np.ndarray, qtype: str, where: Path | str | None) -> None:
-    """Refuse GGML blocks whose float16 scales (d, dmin) are NaN or infinite: every weight of the block would be.
-    Reads two bytes per scale and block, not the codes."""
-    offsets = SCALE_OFFSETS.get(qtype)
-    if offsets is None:
-        return
-    blocks = np.ascontiguousarray(raw).reshape(-1, ggml_type(qtype).bytes_per_block)
-    for at in offsets:
-        d = np.ascontiguousarray(blocks[:, at:at + 2]).view(np.float16)
-        if not np.isfinite(d).all():
-            raise GentoolError(f"tensor {name} has NaN or infinite {qtype} block scales", path=where,
-                               hint="the weights are broken; re-create or re-download them")
+    """Refuse GGML blocks whose float16 scales (d, dmin) are NaN or infinite: every weight of the block would be."""
+    if not scales_finite(raw, qtype):
+        raise GentoolError(f"tensor {name} has NaN or infinite {qtype} block scales", path=where,
+                           hint="the weights are broken; re-create or re-download them")
 
 
 # --- export --------------------------------------------------------------------------------------------------------
@@ -232,11 +222,6 @@ def write_gguf(path: str | Path, config: dict[str, Any], tensors: dict[str, np.n
         for k, t in types.items():
             if t not in FLOAT_TYPES:
                 quantized[k] = (t, quantize_tensor(torch_from(tensors[k]), t, k, (imatrix or {}).get(k)).numpy())
-                try:
-                    check_block_scales(k, quantized[k][1], t, None)
-                except GentoolError:
-                    raise GentoolError(f"tensor {k} holds {float(np.abs(tensors[k]).max()):.6g}: its {t} block "
-                                       "scales overflow float16 (at most 65504)", hint=_F32_HINT) from None
             else:
                 float_types.setdefault(k, t)
         file_type = mix_info(qtype)[2] if file_type is None else file_type
