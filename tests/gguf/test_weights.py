@@ -15,6 +15,8 @@ from gentool.codecs import ggml  # noqa: E402
 from gentool.errors import GentoolError  # noqa: E402
 from gentool.gguf import export_gguf, read_gguf, write_gguf  # noqa: E402
 
+QT = gguf.GGMLQuantizationType
+
 _spec = importlib.util.spec_from_file_location("_broken", Path(__file__).parents[1] / "models" / "_broken.py")
 _broken = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_broken)
@@ -125,3 +127,21 @@ def test_import_refuses_non_finite_block_scales(tmp_path, weights, keep, qtype, 
     _write(tmp_path / "bad.gguf", t, cfg, qtype="f32", quantized={"model.layers.1.mlp.down_proj.weight": (qtype, raw)})
     with pytest.raises(GentoolError, match="blk.1.ffn_down.weight has NaN or infinite"):
         read_gguf(tmp_path / "bad.gguf", keep_quantized=keep)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"])
+def test_scale_offsets_are_where_the_gguf_package_reads_them(qtype):
+    """A NaN written at each offset of SCALE_OFFSETS makes the gguf package's own dequantize of that block NaN, and
+    scales_finite notices it; the intact blocks stay finite."""
+    t = QT[qtype]
+    block, size = gguf.constants.GGML_QUANT_SIZES[t]
+    raw = np.zeros((4, size), np.uint8)
+    raw[:, 0:2] = raw[:, 2:4] = np.array([0.5], np.float16).view(np.uint8)  # ordinary scales elsewhere
+    assert ggml.scales_finite(raw, qtype)
+    for at in ggml.SCALE_OFFSETS[qtype]:
+        bad = raw.copy()
+        bad[2, at:at + 2] = np.array([np.inf], np.float16).view(np.uint8)
+        assert not ggml.scales_finite(bad, qtype)
+        with np.errstate(invalid="ignore"):
+            w = gguf.quants.dequantize(bad.reshape(-1), t).reshape(4, block)
+        assert not np.isfinite(w[2]).all() and np.isfinite(w[[0, 1, 3]]).all(), at
