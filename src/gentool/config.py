@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -30,6 +31,16 @@ class LMConfig:
     head_dim: int | None = None      # as in HF: None means hidden_size // num_attention_heads
 
     def __post_init__(self):
+        """The one sanity check of a model shape, whoever builds it (presets, flags, config.json, GGUF headers)."""
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                     "intermediate_size", "max_position_embeddings"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UsageProblem(f"{name} is {value!r}; it must be a positive integer")
+        if not (self.rope_theta > 0 and math.isfinite(self.rope_theta)):
+            raise UsageProblem(f"rope_theta is {self.rope_theta!r}; it must be a positive number")
+        if not (self.rms_norm_eps >= 0 and math.isfinite(self.rms_norm_eps)):
+            raise UsageProblem(f"rms_norm_eps is {self.rms_norm_eps!r}; it must be a finite number >= 0")
         if self.num_attention_heads % self.num_key_value_heads:
             raise UsageProblem(f"num_attention_heads {self.num_attention_heads} is not a multiple of "
                                f"num_key_value_heads {self.num_key_value_heads}")
@@ -38,6 +49,8 @@ class LMConfig:
                 raise UsageProblem(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
                                    f"{self.num_attention_heads}")
             self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.head_dim < 2 or self.head_dim % 2:
+            raise UsageProblem(f"head_dim is {self.head_dim}; rotary embeddings need an even head_dim of at least 2")
 
     def n_params(self, non_embedding: bool = False) -> int:
         """Parameters. non_embedding excludes the input embedding and the output head (Kaplan et al. 2020)."""

@@ -79,3 +79,26 @@ def test_never_anything_but_a_clear_error(tmp_path_factory, blob, entries):
         except GentoolError:
             continue
         assert all(isinstance(v["shape"], list) for v in header.values())
+
+
+def test_cast_weight_refuses_only_what_the_narrow_dtype_cannot_hold():
+    from gentool.artifacts.tensorfiles import cast_weight
+
+    ok = torch.tensor([65504.0, -65504.0, 1e-9])  # float16's largest finite value; tiny values underflow, not inf
+    assert torch.equal(cast_weight("w", ok, torch.float16).float()[:2], ok[:2])
+    with pytest.raises(GentoolError, match=r"tensor w holds 65520, beyond float16's largest value \(65504\)"):
+        cast_weight("w", torch.tensor([1.0, -65520.0]), torch.float16, "f.safetensors")  # rounds to -inf
+    assert cast_weight("w", torch.tensor([1e6]), torch.bfloat16).item() == pytest.approx(1e6, rel=1e-2)
+    assert cast_weight("w", torch.tensor([1e6]), torch.float32).item() == 1e6
+    ids = torch.arange(3)
+    assert cast_weight("ids", ids, torch.float16) is ids  # integers are never cast
+    nan = torch.tensor([float("nan")])
+    assert cast_weight("w", nan, torch.float16).isnan().all()  # not finite to begin with: check_finite's job
+
+
+def test_load_tensors_refuses_a_float16_overflow_by_name(tmp_path):
+    f = tmp_path / "w.safetensors"
+    save_file({"small": torch.ones(2), "big": torch.tensor([3.0, 1e5])}, str(f))
+    with pytest.raises(GentoolError, match="tensor big holds 100000"):
+        load_tensors(f, dtype=torch.float16)
+    assert load_tensors(f, dtype=torch.bfloat16)["big"].dtype == torch.bfloat16

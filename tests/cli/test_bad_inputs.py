@@ -62,7 +62,13 @@ def world(tmp_path_factory, tiny_tokenizer, tiny_tokens):
         shutil.copy(w / "lm" / name, hf / name)
     bad = {}
     for name, damage in {
-        "nan": lambda d: _poke_nan(d / "model.safetensors"),
+        "nan": lambda d: _poke(d / "model.safetensors", float("nan")),
+        "inf": lambda d: _poke(d / "model.safetensors", float("inf")),
+        "fp16big": lambda d: _poke(d / "model.safetensors", 1e6),  # finite, but float16 stops at 65504
+        "missing": lambda d: _edit(d / "model.safetensors", lambda t: t.pop("model.norm.weight")),
+        "extra": lambda d: _edit(d / "model.safetensors", lambda t: t.update(extra=t["model.norm.weight"].clone())),
+        "heads0": lambda d: (d / "config.json").write_text(
+            json.dumps({**json.loads((d / "config.json").read_text()), "num_attention_heads": 0})),
         "dupkey": lambda d: _duplicate_key(d / "model.safetensors"),
         "truncated": lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:-10]),
         "configlist": lambda d: (d / "config.json").write_text("[1, 2]"),
@@ -72,6 +78,8 @@ def world(tmp_path_factory, tiny_tokenizer, tiny_tokens):
         shutil.copytree(hf, w / f"hf-{name}")
         damage(w / f"hf-{name}")
         bad[name] = w / f"hf-{name}"
+    ok("export-gguf", hf, "-o", w / "nan.gguf", "--type", "f32")
+    _poke_gguf(w / "nan.gguf", "blk.0.ffn_up.weight", float("nan"))
     shutil.copytree(w / "lm", w / "lm-badmanifest")
     (w / "lm-badmanifest" / "manifest.json").write_text("{garbage")
     shutil.copytree(w / "lm", w / "lm-tampered")
@@ -114,13 +122,29 @@ def _tasks(w: Path) -> None:
         "doc_to_choice: choices\n", ""))
 
 
-def _poke_nan(path: Path) -> None:
+def _edit(path: Path, change) -> None:
     from safetensors.torch import load_file, save_file
 
     t = load_file(str(path))
-    key = next(k for k in t if k.endswith("mlp.up_proj.weight"))
-    t[key][0, 0] = float("nan")
+    change(t)
     save_file(t, str(path))
+
+
+def _poke(path: Path, value: float) -> None:
+    def change(t):
+        t[next(k for k in t if k.endswith("mlp.up_proj.weight"))][0, 0] = value
+
+    _edit(path, change)
+
+
+def _poke_gguf(path: Path, name: str, value: float) -> None:
+    """Overwrite the first float32 of a GGUF tensor in place."""
+    import gguf
+
+    at = next(t.data_offset for t in gguf.GGUFReader(path).tensors if t.name == name)
+    data = bytearray(path.read_bytes())
+    data[at:at + 4] = struct.pack("<f", value)
+    path.write_bytes(bytes(data))
 
 
 def _duplicate_key(path: Path) -> None:
@@ -169,6 +193,26 @@ ROWS = [
     ("perplexity-bad-manifest", "perplexity {lm-badmanifest} {text}"),
     ("sample-tampered-artifact", "sample {lm-tampered} -p hi"),
     ("lora-merge-nan-base", "lora-merge {hf-nan} {ada} -o {out}"),
+    ("lora-merge-missing-tensor", "lora-merge {hf-missing} {ada} -o {out} --ignore-base-mismatch"),
+    ("lora-merge-extra-tensor", "lora-merge {hf-extra} {ada} -o {out} --ignore-base-mismatch"),
+    ("lora-merge-heads-zero", "lora-merge {hf-heads0} {ada} -o {out} --ignore-base-mismatch"),
+    ("lora-merge-fp16-overflow", "lora-merge {hf-fp16big} {ada} -o {out} --dtype float16 --ignore-base-mismatch"),
+    ("lora-extract-missing-tensor", "lora-extract {hf-missing} {lm} -o {out} --rank 1"),
+    ("export-gguf-nan-weights", "export-gguf {hf-nan} -o {out}.gguf"),
+    ("export-gguf-inf-weights", "export-gguf {hf-inf} -o {out}.gguf"),
+    ("export-gguf-duplicate-key", "export-gguf {hf-dupkey} -o {out}.gguf"),
+    ("export-gguf-truncated", "export-gguf {hf-truncated} -o {out}.gguf"),
+    ("export-gguf-missing-tensor", "export-gguf {hf-missing} -o {out}.gguf"),
+    ("export-gguf-extra-tensor", "export-gguf {hf-extra} -o {out}.gguf"),
+    ("export-gguf-heads-zero", "export-gguf {hf-heads0} -o {out}.gguf"),
+    ("export-gguf-fp16-overflow", "export-gguf {hf-fp16big} -o {out}.gguf"),
+    ("export-gguf-q4-scale-overflow", "export-gguf {hf-fp16big} -o {out}.gguf --type q4_0"),
+    ("quantize-q4-scale-overflow", "quantize {hf-fp16big} --scheme q4_0 -o {out}"),
+    ("perplexity-fp16-overflow", "perplexity {hf-fp16big} {text} --dtype float16"),
+    ("sample-fp16-overflow", "sample {hf-fp16big} -p hi --dtype float16 --max-new-tokens 2"),
+    ("perplexity-heads-zero", "perplexity {hf-heads0} {text}"),
+    ("import-gguf-nan-weights", "import-gguf {nan.gguf} -o {out}"),
+    ("import-gguf-nan-weights-kept", "import-gguf {nan.gguf} -o {out} --keep-quantized"),
     # empty and binary data
     ("perplexity-empty-text", "perplexity {lm} {empty}"),
     ("perplexity-empty-stdin", "perplexity {lm} -", ""),

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from gentool.adapters.peft import Adapter, check_adapter, linear_modules, read_adapter, read_base
+from gentool.artifacts.tensorfiles import cast_weight
 from gentool.errors import GentoolError, UsageProblem
 from gentool.gguf import gguf_name, hf_name, permute_qk, read_field, unpermute_qk
 from gentool.models.lora import LoRAConfig
@@ -95,9 +96,11 @@ def export_adapter(adapter_path: Path, out: Path, *, base_path: Path, qtype: str
         w.add_string("gentool.base_sha256", base.sha256)
         if base.manifest is not None:
             w.add_string("gentool.base_id", base.manifest.id)
-        dt = np.float32 if qtype == "f32" else np.float16
         for name, arr in tensors.items():
-            w.add_tensor(name, np.ascontiguousarray(arr.astype(dt)))
+            if qtype != "f32":
+                arr = cast_weight(name, torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)), torch.float16,
+                                  hint="export with --type f32").numpy()
+            w.add_tensor(name, np.ascontiguousarray(arr, dtype=np.float32 if qtype == "f32" else np.float16))
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()

@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from gentool.adapters.combine import (Combined, Plan, Source, combine_sources, module_order, parse_source_arg,
                                       plan_merge, read_sources)
 from gentool.adapters.peft import Adapter, Base, read_base, write_adapter
+from gentool.artifacts.tensorfiles import cast_weight
 from gentool.devices import dtype_name
 from gentool.errors import GentoolError, UsageProblem
 from gentool.models.lora import LoRAConfig
@@ -29,6 +30,7 @@ from gentool.models.lora import LoRAConfig
 BASE_FILES = ("config.json", "generation_config.json", "tokenizer.model", "tokenizer.json", "tokenizer_config.json",
               "special_tokens_map.json")
 parse_adapter_arg = parse_source_arg
+_NARROW = "merge with --dtype float32 or bfloat16"
 
 
 def merge_tensors(base: dict[str, torch.Tensor], adapters: list[tuple[Adapter, float]],
@@ -50,14 +52,15 @@ def apply_combined(base: dict[str, torch.Tensor], c: Combined, dtype: torch.dtyp
         target = dtype if dtype is not None and t.is_floating_point() else t.dtype
         module = key.removesuffix(".weight")
         if key in c.exact:
-            out[key] = c.exact[key].to(target)
+            w = c.exact[key]
         elif key in c.dense:
-            out[key] = (base_weight(key) + c.dense[key]).to(target)
+            w = base_weight(key) + c.dense[key]
         elif key.endswith(".weight") and module in c.factors:
             a, b = c.factors[module]
-            out[key] = (base_weight(key) + b @ a).to(target)
+            w = base_weight(key) + b @ a
         else:
-            out[key] = t.to(target)
+            w = t
+        out[key] = cast_weight(key, w, target, hint=_NARROW)
     return out
 
 
@@ -195,7 +198,7 @@ def _write_plain(b, base: Base, merged32: dict, stored: dict, dtype: torch.dtype
         cfg = json.loads((b.dir / "config.json").read_text())
         cfg.update({"torch_dtype": dtype_name(dtype), "dtype": dtype_name(dtype)})
         (b.dir / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    out = {k: v.to(dtype if dtype is not None and v.is_floating_point() else stored[k].dtype).contiguous()
+    out = {k: cast_weight(k, v, dtype or stored[k].dtype, hint=_NARROW).contiguous()
            for k, v in merged32.items()}
     save_file(out, str(b.dir / "model.safetensors"),
               metadata={"format": "pt", "gentool.format": "gentool.lm-checkpoint"})

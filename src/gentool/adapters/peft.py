@@ -300,7 +300,7 @@ def read_base(path: str | Path, *, verify: bool = True) -> Base:
     import hashlib
 
     from gentool.artifacts import read_artifact, sha256_file
-    from gentool.models.checkpoint import quantization_config, weight_files
+    from gentool.models.checkpoint import check_tensors, quantization_config, read_config, weight_files
 
     path = Path(path)
     if not path.is_dir():
@@ -324,6 +324,7 @@ def read_base(path: str | Path, *, verify: bool = True) -> Base:
             dtypes[k] = _DTYPES.get(info["dtype"], torch.float32)
     if qconf:
         _dense_shapes(qconf, shapes, dtypes, path)
+    check_tensors(read_config(path), shapes, path)  # the config and tensor set every LM reader checks
     return Base(path, manifest, files, sha, shapes, dtypes, qconf)
 
 

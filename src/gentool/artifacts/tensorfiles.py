@@ -88,12 +88,36 @@ def read_header(path: str | Path) -> dict[str, dict[str, Any]]:
 
 
 def check_finite(name: str, t: Any, where: str | Path | None) -> None:
-    """Refuse NaN or infinite values in a floating-point tensor (8-bit float codes are stored data, not weights)."""
+    """Refuse NaN or infinite values in a floating-point tensor or numpy array (8-bit float codes are stored data,
+    not weights)."""
+    import numpy as np
     import torch
 
-    if t.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64) and not torch.isfinite(t).all():
+    if isinstance(t, np.ndarray):
+        bad = t.dtype.kind == "f" and not np.isfinite(t).all()
+    else:
+        bad = t.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64) and not torch.isfinite(t).all()
+    if bad:
         raise GentoolError(f"tensor {name} has NaN or infinite values", path=where,
                            hint="the weights are broken; re-create or re-download them")
+
+
+def cast_weight(name: str, t: Any, dtype: Any, where: str | Path | None = None, *,
+                hint: str = "keep the weights in float32 or bfloat16 (--dtype bfloat16)") -> Any:
+    """`t` cast to `dtype`, or one GentoolError naming the tensor and its largest |value| when a finite weight
+    would not be finite any more (float16 holds at most 65504). Integer and 8-bit codes are returned as they are;
+    every place that narrows weights (float16 above all) goes through here."""
+    import torch
+
+    if dtype is None or not t.is_floating_point() or t.dtype.itemsize == 1 or t.dtype == dtype:
+        return t
+    out = t.to(dtype)
+    if torch.finfo(dtype).max < torch.finfo(t.dtype).max and not torch.isfinite(out).all() \
+            and torch.isfinite(t).all():
+        big = float(t.abs().max())
+        raise GentoolError(f"tensor {name} holds {big:.6g}, beyond {str(dtype).replace('torch.', '')}'s largest "
+                           f"value ({torch.finfo(dtype).max:.6g})", path=where, hint=hint)
+    return out
 
 
 def load_tensors(path: str | Path, *, dtype: Any = None, device: Any = "cpu", finite: bool = True) -> dict[str, Any]:
@@ -110,8 +134,7 @@ def load_tensors(path: str | Path, *, dtype: Any = None, device: Any = "cpu", fi
                 t = handle.get_tensor(key)
                 if finite:
                     check_finite(key, t, path)
-                if dtype is not None and t.is_floating_point() and t.dtype.itemsize > 1:
-                    t = t.to(dtype)
+                t = cast_weight(key, t, dtype, path)
                 out[key] = t.to(device)
     except GentoolError:
         raise

@@ -371,6 +371,25 @@ def quantize(w, qtype, *, imatrix=None, name: str | None = None) -> np.ndarray:
     return out
 
 
+# --- block scales ---------------------------------------------------------------------------------------------------
+
+# byte offsets of the float16 scales (d, and dmin / m) inside one block: every weight of a block is code x scale,
+# so a NaN/inf scale breaks the whole block, and a scale past 65504 is what a too large weight quantizes to
+SCALE_OFFSETS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,), "Q4_K": (0, 2),
+                 "Q5_K": (0, 2), "Q6_K": (208,)}
+
+
+def scales_finite(raw: np.ndarray, qtype) -> bool:
+    """Whether every float16 block scale of GGUF bytes `raw` (rows, row_bytes) is finite: two bytes read per scale
+    and block, not the codes. F32/F16 have no blocks."""
+    t = ggml_type(qtype)
+    offsets = SCALE_OFFSETS.get(t.name, ())
+    if not offsets:
+        return True
+    blocks = np.ascontiguousarray(raw, dtype=np.uint8).reshape(-1, t.bytes_per_block)
+    return all(np.isfinite(np.ascontiguousarray(blocks[:, at:at + 2]).view(np.float16)).all() for at in offsets)
+
+
 # --- dequantize ------------------------------------------------------------------------------------------------------
 
 def _dq_32(raw: np.ndarray, name: str) -> np.ndarray:

@@ -20,7 +20,10 @@ from typing import Any
 
 import numpy as np
 
+from gentool.codecs.ggml import scales_finite
 from gentool.codecs.gguf_names import gguf_name, hf_name, permute_qk, qk_heads, unpermute_qk
+from gentool.artifacts.tensorfiles import cast_weight, check_finite
+from gentool.devices import torch_dtype
 from gentool.errors import GentoolError, UsageProblem
 from gentool.gguf.tokenizer import (
     _add_tokenizer,
@@ -46,6 +49,8 @@ __all__ = [
     "write_tokenizer",
 ]
 FLOAT_EXPORTS = ("f32", "f16")
+GGML_QUANT_VERSION = 2  # GGML_QNT_VERSION (ggml.h): general.quantization_version, as convert_hf_to_gguf and
+#                         llama-quantize write it into every file
 
 
 # --- import --------------------------------------------------------------------------------------------------------
@@ -106,11 +111,16 @@ def read_gguf(path: str | Path, *, keep_quantized: bool = False) -> GGUFModel:
         "rms_norm_eps": float(meta(p + "attention.layer_norm_rms_epsilon", 1e-5)),
         "rope_theta": float(meta(p + "rope.freq_base", 10000.0)),
         "vocab_size": int(meta(p + "vocab_size", len(tokens))),
-        "head_dim": int(meta(p + "rope.dimension_count", hidden // n_head)),
+        "head_dim": int(meta(p + "rope.dimension_count", hidden // n_head if n_head > 0 else 0)),
         "bos_token_id": meta("tokenizer.ggml.bos_token_id"),
         "eos_token_id": meta("tokenizer.ggml.eos_token_id"),
         "pad_token_id": meta("tokenizer.ggml.padding_token_id"),
     }
+    if keep_quantized:
+        other = sorted({t.tensor_type.name for t in reader.tensors} - set(SUPPORTED + FLOAT_TYPES))
+        if other:
+            raise UsageProblem(f"--keep-quantized: gentool cannot decode block type {', '.join(other)}", path=path,
+                               hint="import without --keep-quantized to dequantize every tensor to float32")
     tensors, types, raw = {}, {}, {}
     for t in reader.tensors:
         name = hf_name(t.name)
@@ -124,12 +134,14 @@ def read_gguf(path: str | Path, *, keep_quantized: bool = False) -> GGUFModel:
         if keep:
             w = np.asarray(t.data, dtype=np.uint8)
             w = w.reshape(-1, w.shape[-1])
+            check_block_scales(t.name, w, t.tensor_type.name, path)
         else:
             try:
                 w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
             except NotImplementedError:
                 raise UsageProblem(f"block type {t.tensor_type.name} of {t.name} is not supported by the gguf "
                                    "package", path=path) from None
+            check_finite(t.name, w, path)
         if heads:
             try:
                 w = unpermute_qk(w, heads)
@@ -147,7 +159,32 @@ def read_gguf(path: str | Path, *, keep_quantized: bool = False) -> GGUFModel:
            "chat_template": meta("tokenizer.chat_template"),
            **{k: meta(f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "unknown", "padding")}}
     file_type = meta("general.file_type")
-    return GGUFModel(config, tensors, tok, types, raw, int(file_type) if file_type is not None else None)
+    model = GGUFModel(config, tensors, tok, types, raw, int(file_type) if file_type is not None else None)
+    _check_model(model, path)
+    return model
+
+
+def _check_model(model: GGUFModel, path: Path) -> None:
+    """The header's hyper-parameters and the tensors against each other: the checks every LM reader makes."""
+    from dataclasses import fields
+
+    from gentool.config import LMConfig
+    from gentool.models.checkpoint import check_tensors
+
+    try:
+        config = LMConfig(**{f.name: model.config[f.name] for f in fields(LMConfig) if f.name in model.config})
+    except UsageProblem as e:
+        raise GentoolError(f"the GGUF header describes no valid model: {e.message}", path=path,
+                           hint="the file is corrupt: write it again") from None
+    shapes = {k: np.shape(v) for k, v in model.tensors.items()}
+    check_tensors(config, {**shapes, **{k: np.shape(v) for k, v in model.raw.items()}}, path, packed=set(model.raw))
+
+
+def check_block_scales(name: str, raw: np.ndarray, qtype: str, where: Path | str | None) -> None:
+    """Refuse GGML blocks whose float16 scales (d, dmin) are NaN or infinite: every weight of the block would be."""
+    if not scales_finite(raw, qtype):
+        raise GentoolError(f"tensor {name} has NaN or infinite {qtype} block scales", path=where,
+                           hint="the weights are broken; re-create or re-download them")
 
 
 # --- export --------------------------------------------------------------------------------------------------------
@@ -156,14 +193,16 @@ def write_gguf(path: str | Path, config: dict[str, Any], tensors: dict[str, np.n
                tokenizer: dict[str, Any] | None = None, name: str = "gentool",
                quantized: dict[str, tuple[str, np.ndarray]] | None = None, float_types: dict[str, str] | None = None,
                tensor_types: list[str] | tuple = (), imatrix: dict[str, np.ndarray] | None = None,
-               file_type: int | None = None) -> dict[str, str]:
+               file_type: int | None = None, provenance: dict[str, str | int] | None = None) -> dict[str, str]:
     """Write a llama-architecture GGUF; returns the GGML type of each tensor (GGUF names).
 
     `tensors` (HF names -> float arrays) are written as `qtype`: f32, f16 (1-D tensors stay F32, as llama.cpp
     expects) or a llama-quantize mix (q8_0, q4_0, q4_k_m, q6_k, ...: llama-quantize's per-tensor types,
     `tensor_types` "PATTERN=TYPE" overrides, the blocks quantized here, with `imatrix` (HF names -> mean squared
     activations) as llama-quantize --imatrix). `quantized` (HF names -> (type, bytes (rows, row_bytes) in HF row
-    order)) are copied as they are, and `float_types` pins F32/F16 per tensor. q/k rows get llama.cpp's order."""
+    order)) are copied as they are, and `float_types` pins F32/F16 per tensor. q/k rows get llama.cpp's order.
+    `provenance`: llama-quantize's `quantize.imatrix.*` keys (strings and counts, see `imatrix_provenance`).
+    A weight that float16 cannot hold, or a block whose float16 scale overflows, is refused by name."""
     import gguf
 
     from gentool.quantize.ggml import GGML_SCHEMES, mix_info, plan_types, quantize_tensor
@@ -204,6 +243,9 @@ def write_gguf(path: str | Path, config: dict[str, Any], tensors: dict[str, np.n
     w.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-5)))
     w.add_vocab_size(config["vocab_size"])
     w.add_file_type(int(file_type))
+    w.add_quantization_version(GGML_QUANT_VERSION)
+    for key, value in (provenance or {}).items():
+        (w.add_string if isinstance(value, str) else w.add_uint32)(key, value)
     if tokenizer:
         _add_tokenizer(w, tokenizer)
     written: dict[str, str] = {}
@@ -222,13 +264,18 @@ def write_gguf(path: str | Path, config: dict[str, Any], tensors: dict[str, np.n
             t = float_types[hf]
             arr = np.asarray(tensors[hf], dtype=np.float32)
             arr = permute_qk(arr, heads) if heads else arr
-            w.add_tensor(target, np.ascontiguousarray(arr.astype(np.float16 if t == "F16" else np.float32)))
+            if t == "F16":
+                arr = cast_weight(hf, torch_from(arr), torch_dtype("float16"), hint=_F32_HINT).numpy()
+            w.add_tensor(target, np.ascontiguousarray(arr))
         written[target] = t
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
     return written
+
+
+_F32_HINT = "export with --type f32"
 
 
 def torch_from(arr: np.ndarray):
@@ -266,11 +313,6 @@ def import_gguf(src: str | Path, out: str | Path, *, keep_quantized: bool = Fals
 
     check_output(out, force=force, sources=[src])
     model = read_gguf(src, keep_quantized=keep_quantized)
-    if keep_quantized:
-        other = sorted({t for t in model.tensor_types.values() if t not in SUPPORTED + FLOAT_TYPES})
-        if other:
-            raise UsageProblem(f"--keep-quantized: gentool cannot decode block type {', '.join(other)}", path=src,
-                               hint="import without --keep-quantized to dequantize every tensor to float32")
     kind = "quantized-checkpoint" if model.raw else "lm-checkpoint"
     ref = input_ref("import" if kind == "lm-checkpoint" else "base", src)
     with create_artifact(out, kind, force=force, config={"init": "import-gguf", "keep_quantized": keep_quantized},
@@ -316,25 +358,27 @@ def _write_quantized(model: GGUFModel, directory: Path) -> dict[str, Any]:
     state = {k: torch.from_numpy(np.array(v, dtype=np.uint8)) for k, v in model.raw.items()}
     for k, v in model.tensors.items():
         t = torch.from_numpy(np.array(v, dtype=np.float32))
-        state[k] = t.half() if model.tensor_types[k] == "F16" else t
+        state[k] = cast_weight(k, t, torch.float16 if model.tensor_types[k] == "F16" else None)
     stats = write_checkpoint(directory, config, state, model.tensor_types, {k: shapes[k] for k in state},
                              mix=_mix_name(model.file_type), base_dtype=torch.float32,
                              extra={"file_type": model.file_type})
     return {**stats, "n_params": config.n_params()}
 
 
-def _read_float(ckpt: Path) -> dict[str, np.ndarray]:
-    from safetensors import safe_open
+def _read_checkpoint(ckpt: Path, qconf: dict | None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """config.json (HF fields) and the tensors (float32 arrays; GGML blocks as uint8) of a checkpoint, read with
+    the checked loader and checked against the config, as every LM reader does."""
+    from gentool.models.checkpoint import check_tensors, read_config, read_lm_state, read_tensors, weight_files
 
-    from gentool.models.checkpoint import weight_files
-
-    tensors: dict[str, np.ndarray] = {}
-    for f in weight_files(ckpt):
-        with safe_open(str(f), framework="pt") as handle:  # "pt" reads bf16, which numpy cannot
-            for key in handle.keys():  # noqa: SIM118 -- safe_open is not iterable
-                t = handle.get_tensor(key)
-                tensors[key] = t.numpy() if t.dtype.is_floating_point is False else t.float().numpy()
-    return tensors
+    if qconf is None:
+        config, state = read_lm_state(ckpt)
+    else:
+        config = read_config(ckpt)
+        state = read_tensors(weight_files(ckpt))
+        packed = {k for k, t in (qconf.get("tensor_types") or {}).items() if t not in FLOAT_TYPES}
+        check_tensors(config, {k: tuple(v.shape) for k, v in state.items()}, ckpt, packed=packed)
+    tensors = {k: t.float().numpy() if t.is_floating_point() else t.numpy() for k, t in state.items()}
+    return config.to_hf_dict(), tensors
 
 
 def export_gguf(ckpt: str | Path, out: str | Path, *, qtype: str | None = None, tensor_types=(),
@@ -358,11 +402,7 @@ def export_gguf(ckpt: str | Path, out: str | Path, *, qtype: str | None = None, 
     qconf = quantization_config(ckpt)
     if (ckpt / MANIFEST).is_file():
         read_artifact(ckpt, "quantized-checkpoint" if qconf else "lm-checkpoint", verify=verify)
-    config = json.loads((ckpt / "config.json").read_text())
-    archs = config.get("architectures") or ["LlamaForCausalLM"]
-    if archs[0] != "LlamaForCausalLM":
-        raise UsageProblem(f"architecture {archs[0]} is not supported", path=ckpt, hint="Llama checkpoints export")
-    tensors = _read_float(ckpt)
+    config, tensors = _read_checkpoint(ckpt, qconf)
     quantized, float_types, file_type = {}, {}, None
     if qconf is not None:
         if qconf.get("scheme") != "ggml":
@@ -385,7 +425,7 @@ def export_gguf(ckpt: str | Path, out: str | Path, *, qtype: str | None = None, 
     qtype = (qtype or "f16").lower()
     if config.get("tie_word_embeddings"):
         tensors.pop("lm_head.weight", None)
-    values = _imatrix_values(imatrix, tensors, config) if imatrix else None
+    values, provenance = _imatrix_values(imatrix, tensors) if imatrix else (None, None)
     if (ckpt / "tokenizer.model").is_file():
         tok = tokenizer_metadata_from_sentencepiece(ckpt / "tokenizer.model")
     elif (ckpt / "tokenizer.json").is_file():
@@ -395,7 +435,8 @@ def export_gguf(ckpt: str | Path, out: str | Path, *, qtype: str | None = None, 
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
         types = write_gguf(tmp, config, tensors, qtype=qtype, tokenizer=tok, name=ckpt.name, quantized=quantized,
-                           float_types=float_types, tensor_types=tensor_types, imatrix=values, file_type=file_type)
+                           float_types=float_types, tensor_types=tensor_types, imatrix=values, file_type=file_type,
+                           provenance=provenance)
         os.replace(tmp, out)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -408,11 +449,29 @@ def export_gguf(ckpt: str | Path, out: str | Path, *, qtype: str | None = None, 
             "bytes": out.stat().st_size}
 
 
-def _imatrix_values(path, tensors: dict[str, np.ndarray], config: dict) -> dict[str, np.ndarray]:
-    """An imatrix file's values under HF names, refused when it was made for another model."""
-    from gentool.codecs.imatrix import check_imatrix, load_imatrix
+def _imatrix_values(path, tensors: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, str | int]]:
+    """An imatrix file's values under HF names, refused when it was made for another model, and the
+    `quantize.imatrix.*` keys llama-quantize writes for it."""
+    from gentool.codecs.imatrix import check_imatrix, read_imatrix
 
-    values = load_imatrix(path)
+    imx = read_imatrix(path)
+    values = imx.values()
     shapes = {gguf_name(k): np.shape(v) for k, v in tensors.items() if gguf_name(k)}
     check_imatrix(values, shapes, path=path)
-    return {hf_name(k): v for k, v in values.items() if hf_name(k) in tensors}
+    return {hf_name(k): v for k, v in values.items() if hf_name(k) in tensors}, imatrix_provenance(path, imx, values)
+
+
+def imatrix_provenance(path, imx, values: dict) -> dict[str, str | int]:
+    """tools/quantize/quantize.cpp's keys: the file as given and the first dataset (each cut to 127 bytes, its
+    buffer), the number of entries, and the chunks when the file records them."""
+    out: dict[str, str | int] = {"quantize.imatrix.file": _cut(str(path))}
+    if imx.datasets:
+        out["quantize.imatrix.dataset"] = _cut(str(imx.datasets[0]))
+    out["quantize.imatrix.entries_count"] = len(values)
+    if imx.chunk_count > 0:
+        out["quantize.imatrix.chunks_count"] = int(imx.chunk_count)
+    return out
+
+
+def _cut(text: str, limit: int = 127) -> str:
+    return text.encode("utf-8")[:limit].decode("utf-8", errors="ignore")

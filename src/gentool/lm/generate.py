@@ -3,12 +3,13 @@ prompts into rows of ids and decode them in batches with the KV-cache generator 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from gentool.data.tokenizer import load_tokenizer
 from gentool.devices import resolve_dtype
-from gentool.errors import UsageProblem
+from gentool.errors import GentoolError, UsageProblem
 from gentool.lm.sample import Completion, Generator, SamplingParams
 from gentool.models.checkpoint import load_lm
 
@@ -70,5 +71,9 @@ def generate(gen: Generator, rows: list[Row], samples: list[int], params: Sampli
              on_text: Callable[[str], None] | None = None) -> Iterator[Completion]:
     """Completions in row order, decoded `batch_size` rows at a time; on_text streams the first row's text."""
     for i in range(0, len(rows), batch_size):
-        yield from gen.generate_ids(rows[i:i + batch_size], params, samples=samples[i:i + batch_size],
-                                    on_text=on_text if i == 0 else None)
+        done = gen.generate_ids(rows[i:i + batch_size], params, samples=samples[i:i + batch_size],
+                                on_text=on_text if i == 0 else None)
+        if not all(math.isfinite(c.sum_logprob) for c in done):  # NaN/inf logits draw a meaningless token
+            raise GentoolError("the model's logits are not finite (NaN or inf): its activations overflow in "
+                               "this dtype", hint="sample with --dtype bfloat16 or float32")
+        yield from done

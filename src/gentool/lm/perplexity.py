@@ -3,6 +3,7 @@ tokenizer, score with sliding windows (gentool.evaluation.windows) under one of 
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ import torch
 
 from gentool.data.tokenizer import load_tokenizer
 from gentool.devices import dtype_name
-from gentool.errors import UsageProblem
+from gentool.errors import GentoolError, UsageProblem
 from gentool.evaluation.tokens import load_eval_tokens
 from gentool.evaluation.windows import PROTOCOLS, perplexity
 from gentool.models.checkpoint import load_lm
@@ -54,6 +55,9 @@ def score_checkpoint(checkpoint: Path, data: list[str], *, split: str = "val", w
                      dtype=dtype, bytes_per_token=None if ev.total_bytes else ev.bytes_per_token,
                      total_bytes=ev.total_bytes, protocol=protocol,
                      bos_id=tok.bos_id if tok is not None and protocol == "llama.cpp" else None, compile=compile)
+    if not math.isfinite(res.nll):
+        raise GentoolError(f"the NLL is not finite ({res.nll}) in {dtype_name(dtype)}: the model's activations "
+                           "overflow", path=checkpoint, hint="score with --dtype bfloat16 or float32")
     if ev.from_shards and protocol != "llama.cpp":
         res.bos = "EOS prepended (documents are EOS-separated)"
     if protocol != "llama.cpp" and not ev.from_shards and tok is not None and tok.bos_id is not None:

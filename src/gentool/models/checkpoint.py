@@ -4,13 +4,14 @@ model.safetensors.index.json) + tokenizer. Reads gentool lm-checkpoint artifacts
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from gentool.artifacts import MANIFEST, Manifest, read_artifact
-from gentool.artifacts.tensorfiles import load_tensors
+from gentool.artifacts.tensorfiles import cast_weight, load_tensors
 from gentool.config import LMConfig
 from gentool.devices import dtype_name
 from gentool.errors import GentoolError, UsageProblem
@@ -38,12 +39,7 @@ def save_lm(model_or_state: Transformer | dict[str, torch.Tensor], config: LMCon
     state = model_or_state.state_dict() if isinstance(model_or_state, torch.nn.Module) else dict(model_or_state)
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # shared with the embedding; transformers re-ties it
-    out = {}
-    for k, v in state.items():
-        v = v.detach()
-        if dtype is not None and v.is_floating_point():
-            v = v.to(dtype)
-        out[k] = v.contiguous().cpu()
+    out = {k: cast_weight(k, v.detach(), dtype).contiguous().cpu() for k, v in state.items()}
     stored = next((v.dtype for v in out.values() if v.is_floating_point()), torch.float32)
     save_file(out, str(directory / "model.safetensors"), metadata={"format": "pt", **(metadata or {})})
     save_lm_config(config, directory, stored)
@@ -106,6 +102,47 @@ def read_tensors(files: list[Path], *, dtype: torch.dtype | None = None, device:
     return out
 
 
+def lm_shapes(config: LMConfig, *, causal: bool = True) -> dict[str, tuple[int, ...]]:
+    """Hugging Face name -> shape of every tensor a checkpoint of this config holds (from a meta-device model)."""
+    with torch.device("meta"):
+        return {k: tuple(v.shape) for k, v in Transformer(config, causal=causal).state_dict().items()}
+
+
+def check_tensors(config: LMConfig, shapes: dict[str, tuple], path: Path | str | None, *,
+                  skip_modules: Collection[str] = frozenset(), packed: Collection[str] = frozenset(),
+                  causal: bool = True) -> None:
+    """The one check of a checkpoint's tensor set against its config.json, for every reader: `shapes` (name ->
+    shape of what is stored) must hold every tensor of the model and nothing else, each of the model's shape.
+    `skip_modules`: quantized layers already taken out of the state; `packed`: tensors stored as codes (GGML
+    blocks) whose stored shape is not the dense one. A tied output head may be stored or not (it is dropped)."""
+    expected = {k: v for k, v in lm_shapes(config, causal=causal).items() if k.rsplit(".", 1)[0] not in skip_modules}
+    have = dict(shapes)
+    if config.tie_word_embeddings and "lm_head" not in skip_modules:
+        have.pop("lm_head.weight", None)
+        expected.pop("lm_head.weight", None)
+    missing = sorted(set(expected) - set(have))
+    extra = [k for k in sorted(set(have) - set(expected)) if not k.endswith("rotary_emb.inv_freq")]
+    if missing or extra:
+        what = (f"missing tensors {missing[:3]}" if missing else "") + (" and " if missing and extra else "") + \
+               (f"unexpected tensors {extra[:3]}" if extra else "")
+        raise GentoolError(f"weights do not fit config.json: {what}", path=path,
+                           hint="the checkpoint is corrupt or not a Llama model")
+    for k, want in expected.items():
+        if k not in packed and tuple(have[k]) != want:
+            raise GentoolError(f"tensor {k} has shape {tuple(have[k])}, config.json implies {want}", path=path,
+                               hint="the checkpoint is corrupt")
+
+
+def read_lm_state(path: str | Path, *, dtype: torch.dtype | None = None) -> tuple[LMConfig, dict[str, torch.Tensor]]:
+    """config.json and the weights of a 16-bit/32-bit LM checkpoint (no quantization_config), read with the
+    checked loader (headers, duplicate names, finite values, casts) and checked against the config."""
+    path = Path(path)
+    config = read_config(path)
+    state = read_tensors(weight_files(path), dtype=dtype)
+    check_tensors(config, {k: tuple(v.shape) for k, v in state.items()}, path)
+    return config, state
+
+
 def find_tokenizer(path: Path) -> Path | None:
     for name in ("tokenizer.model", "tokenizer.json"):
         if (path / name).is_file():
@@ -151,25 +188,13 @@ def load_lm(path: str | Path, *, device: str | torch.device = "cpu", dtype: torc
         state = read_tensors(weight_files(path))
         install = install_ggml if qconfig.get("scheme") == "ggml" else install_from_state
         quantized = set(install(model, state, qconfig, dtype=dtype, where=path))
-        state = {k: v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device)
-                 for k, v in state.items()}
+        state = {k: cast_weight(k, v, dtype, path).to(device) for k, v in state.items()}
     tied = config.tie_word_embeddings and not isinstance(model.lm_head, QuantLinear)
-    expected = {k for k in model.state_dict() if k.rsplit(".", 1)[0] not in quantized}
+    check_tensors(config, {k: tuple(v.shape) for k, v in state.items()}, path, skip_modules=quantized,
+                  causal=causal)
     if tied:
         state.pop("lm_head.weight", None)
-        expected.discard("lm_head.weight")
-    missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
-    extra = [k for k in extra if not k.endswith("rotary_emb.inv_freq")]
-    if missing or extra:
-        what = (f"missing tensors {missing[:3]}" if missing else "") + (" and " if missing and extra else "") + \
-               (f"unexpected tensors {extra[:3]}" if extra else "")
-        raise GentoolError(f"weights do not fit config.json: {what}", path=path,
-                           hint="the checkpoint is corrupt or not a Llama model")
-    for k in expected:
-        want, got = tuple(model.get_parameter(k).shape), tuple(state[k].shape)
-        if got != want:
-            raise GentoolError(f"tensor {k} has shape {got}, config.json implies {want}", path=path,
-                               hint="the checkpoint is corrupt")
+    expected = {k for k in model.state_dict() if k.rsplit(".", 1)[0] not in quantized and k in state}
     model.load_state_dict({k: state[k] for k in expected}, strict=False, assign=True)
     if tied:
         model.lm_head.weight = model.model.embed_tokens.weight

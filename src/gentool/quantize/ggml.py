@@ -18,11 +18,12 @@ import numpy as np
 import torch
 
 from gentool import console
+from gentool.artifacts.tensorfiles import cast_weight
 from gentool.codecs import ggml
 from gentool.codecs.ggml_mixes import _ALIASES, MIXES, allows_quantization, mix_info, tensor_types
 from gentool.codecs.gguf_names import gguf_name, hf_name
 from gentool.devices import dtype_name
-from gentool.errors import UsageProblem
+from gentool.errors import GentoolError, UsageProblem
 from gentool.models.quant_ggml import FLOAT_TYPES, SUPPORTED, install_ggml
 
 GGML_SCHEMES = tuple(MIXES) + tuple(_ALIASES)
@@ -77,8 +78,13 @@ def plan_for(model: torch.nn.Module, config, mix: str, **kw) -> dict[str, str]:
 
 
 def quantize_tensor(w: torch.Tensor, qtype: str, name: str, imatrix: np.ndarray | None = None) -> torch.Tensor:
-    """GGUF bytes (rows, row_bytes) of a float weight (rows = output features)."""
-    raw = ggml.quantize(w.detach().float().cpu().numpy(), qtype, imatrix=imatrix, name=gguf_name(name) or name)
+    """GGUF bytes (rows, row_bytes) of a float weight (rows = output features); refused by name when a block's
+    float16 scale overflows (a weight far beyond 65504)."""
+    w = w.detach().float().cpu().numpy()
+    raw = ggml.quantize(w, qtype, imatrix=imatrix, name=gguf_name(name) or name)
+    if not ggml.scales_finite(raw, qtype):
+        raise GentoolError(f"tensor {name} holds {float(np.abs(w).max()):.6g}: its {qtype} block scales overflow "
+                           "float16", hint=f"keep it in 32 bits (--tensor-type {gguf_name(name) or name}=f32)")
     return torch.from_numpy(raw)
 
 
@@ -97,7 +103,8 @@ def quantize_model_ggml(model: torch.nn.Module, types: dict[str, str], *, imatri
             bar.update(1)
     for k, t in types.items():
         if t == "F16":
-            params[k].copy_(params[k].half().float())
+            params[k].copy_(cast_weight(k, params[k], torch.float16, hint=f"keep it in 32 bits (--tensor-type "
+                                        f"{gguf_name(k) or k}=f32)").float())
     install_ggml(model, raw, {"tensor_types": types}, dtype=dtype)
     return {"quantized": [k for k, _ in blocks], "kept": [k for k, t in types.items() if t in FLOAT_TYPES]}
 
