@@ -74,11 +74,11 @@ def _decoded_bytes(tokenizer, ids: torch.Tensor, encoded_with: str) -> int | Non
 
 def load_eval_tokens(data: list[str], tokenizer, *, vocab_size: int, split: str = "val",
                      max_tokens: int | None = None, verify: bool = True, allow_tokenizer_mismatch: bool = False,
-                     leading_eos: bool = True, where: Path | None = None) -> EvalTokens:
+                     where: Path | None = None) -> EvalTokens:
     """Tokens to score from `data`: one token-shards artifact (its `split`, checked against `tokenizer`) or text
-    files / "-". Shards' documents end with EOS, so with `leading_eos` one EOS in front makes the first token
-    scored like every other (the masked LM, which scores whole windows, passes False). At most `max_tokens`
-    tokens are scored."""
+    files / "-". The stream's first token is context only: shards' documents end with EOS, so one EOS in front makes
+    their first token scored like every other; text starts with BOS where the tokenizer adds one. AR perplexity
+    and the diffusion LMs' NELBO score the same tokens of it. At most `max_tokens` tokens are scored."""
     if not data:
         raise UsageProblem("no data to score", hint="pass a token-shards directory, text files, or - for stdin")
     if len(data) == 1 and is_shards(data[0]):
@@ -93,11 +93,8 @@ def load_eval_tokens(data: list[str], tokenizer, *, vocab_size: int, split: str 
                                                       "--allow-tokenizer-mismatch")
             console.warn("scoring shards from another tokenizer (--allow-tokenizer-mismatch)")
         n = len(shards) if max_tokens is None else min(len(shards), max_tokens)
-        ids = torch.from_numpy(shards.tokens(0, n))
-        total_bytes = None
-        if leading_eos:
-            ids = torch.cat([torch.tensor([shards.eos_id]), ids])
-            total_bytes = shards.bytes if n == len(shards) else _decoded_bytes(tokenizer, ids, shards.tokenizer_id)
+        ids = torch.cat([torch.tensor([shards.eos_id]), torch.from_numpy(shards.tokens(0, n))])
+        total_bytes = shards.bytes if n == len(shards) else _decoded_bytes(tokenizer, ids, shards.tokenizer_id)
         out = EvalTokens(ids, total_bytes, shards.bytes / max(1, len(shards)), {"data": str(data[0]), "split": split},
                          from_shards=True)
     else:
