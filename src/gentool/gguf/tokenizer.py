@@ -241,5 +241,6 @@ def tokenizer_metadata_from_json(directory: Path) -> dict[str, Any]:
         return vocab.get(value) if value is not None else None
 
     return {"model": "gpt2", "tokens": tokens, "token_type": [3 if i in special else 1 for i in range(len(tokens))],
-            "merges": merges, "pre": cfg.get("gguf_pre"), "bos": tid("bos"), "eos": tid("eos"), "unknown": tid("unk"), "padding": tid("pad"),
-            "add_bos": hf_add_bos(data, cfg)[0] and tid("bos") is not None, "chat_template": cfg.get("chat_template")}
+            "merges": merges, "pre": cfg.get("gguf_pre"), "bos": tid("bos"), "eos": tid("eos"), "unknown": tid("unk"),
+            "padding": tid("pad"), "add_bos": hf_add_bos(data, cfg)[0] and tid("bos") is not None,
+            "chat_template": cfg.get("chat_template")}
