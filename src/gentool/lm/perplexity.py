@@ -8,17 +8,17 @@ from typing import Any
 
 import torch
 
-from gentool.data.tokenizer import load_tokenizer
+from gentool.data.tokenizer import adds_bos, load_tokenizer
 from gentool.devices import dtype_name
 from gentool.errors import UsageProblem
-from gentool.data.tokenizer import adds_bos
 from gentool.evaluation.tokens import bos_rule, load_eval_tokens
 from gentool.evaluation.windows import PROTOCOLS, check_stride, perplexity, pick_window, trained_length
 from gentool.models.checkpoint import load_lm
 
 
 def check_window(window: int | None, context: int, protocol: str = "gentool") -> int:
-    """--window, defaulting to the model's context (512 under the llama.cpp protocol)."""
+    """--window, defaulting to the model's context (512 under the llama.cpp protocol); `score_checkpoint` also
+    knows the trained length (`pick_window`)."""
     return pick_window(window, context=context, protocol=protocol)[0]
 
 
