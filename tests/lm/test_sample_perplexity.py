@@ -152,7 +152,8 @@ def test_protocols(ckpt, tmp_path, cli):
         out[proto] = json.loads(r.stdout)
         assert out[proto]["protocol"] == proto
     assert out["llama.cpp"]["tokens"] < out["gentool"]["tokens"] == out["hf-strided"]["tokens"]
-    assert out["llama.cpp"]["bos"].startswith("replaces")
+    assert out["llama.cpp"]["bos"] is True and out["llama.cpp"]["bos_rule"].startswith("replaces")
+    assert out["gentool"]["bos"] is True and "SentencePiece default" in out["gentool"]["bos_rule"]
     assert cli("perplexity", ckpt / "lm", text, "--protocol", "x").exit_code == 2
 
 

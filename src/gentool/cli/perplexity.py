@@ -19,7 +19,8 @@ def perplexity(
                                                              "stdin; for a diffusion-checkpoint a dataset "
                                                              "(default: its held-out split).")] = None,
     split: Annotated[str, typer.Option(help="Split of a token-shards artifact.")] = "val",
-    window: Annotated[Optional[int], typer.Option(min=2, help="Context window (default: the model's).")] = None,
+    window: Annotated[Optional[int], typer.Option(min=2, help="Context window (default: the length the model was "
+                                                            "trained on, else its maximum context).")] = None,
     stride: Annotated[Optional[int], typer.Option(min=1, help="Tokens scored per window (default: half the window); "
                                                               "each token is scored once.")] = None,
     max_tokens: Annotated[Optional[int], typer.Option(min=1, help="Score at most this many tokens (quick "
@@ -29,8 +30,9 @@ def perplexity(
                                                                 "tokenizer.", rich_help_panel=ADVANCED)] = False,
     adapter: Annotated[Optional[Path], typer.Option(help="Apply a LoRA adapter (gentool or PEFT) without "
                                                          "merging.")] = None,
-    protocol: Annotated[str, typer.Option(help="gentool (each token once, max context), llama.cpp (512-token "
-                                               "chunks, BOS first, second half scored) or hf-strided (the HF "
+    protocol: Annotated[str, typer.Option(help="gentool (each token once, the trained length's window), "
+                                               "llama.cpp (512-token chunks, BOS first where the tokenizer adds "
+                                               "one, second half scored) or hf-strided (the HF "
                                                "guide's windows, fixed).")] = "gentool",
     samples: Annotated[int, typer.Option(min=1, help="Diffusion LMs: Monte-Carlo samples of the bound per window.",
                                                 rich_help_panel=DIFF)] = 1,
@@ -77,7 +79,7 @@ def perplexity(
 
         result = compare_checkpoints(checkpoint, reference, data or [], split=split, window=window, stride=stride,
                                      max_tokens=max_tokens, batch_size=batch_size, device=dev,
-                                     dtype=resolve_dtype(dtype, dev), verify=not no_verify)
+                                     dtype=resolve_dtype(dtype, dev), verify=not no_verify, protocol=protocol)
     elif found.family in LM_FAMILIES:
         from gentool.lm.diffusion.serve import score_checkpoint
 

@@ -1,7 +1,8 @@
 """Hugging Face `tokenizer.json` tokenizers (byte-level BPE and others) through the `tokenizers` library.
 
 Special-token behaviour comes from `tokenizer_config.json` (add_bos_token / add_eos_token, bos/eos/unk/pad
-tokens) and `generation_config.json` (eos_token_id), as `transformers.AutoTokenizer` reads them.
+tokens) and `generation_config.json` (eos_token_id), as `transformers.AutoTokenizer` reads them; whether text
+starts with BOS from tokenizer.json's post-processor first (`post_processor_bos`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,37 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+def post_processor_bos(processor: dict[str, Any] | None, bos: str | None) -> bool | None:
+    """Does tokenizer.json's post-processor put BOS first? True or False where it says, None where it has no say.
+    Read as llama.cpp's converter reads it (gguf-py SpecialVocab): ByteLevel alone adds nothing, RobertaProcessing
+    adds <s>, a TemplateProcessing whose single-sequence template starts with a special token adds it (BOS when it is
+    the bos_token); transformers 5 agrees (a ByteLevel post-processor wins over tokenizer_config's add_bos_token)."""
+    verdict = None
+    for p in (processor or {}).get("processors", [processor] if processor else []):
+        kind = p.get("type")
+        if kind == "ByteLevel" and verdict is None:
+            verdict = False
+        elif kind == "RobertaProcessing":
+            verdict = True
+        elif kind == "TemplateProcessing":
+            single = p.get("single", [])
+            first = single[0].get("SpecialToken", {}).get("id") if len(single) > 1 else None
+            if first:
+                verdict = bos is None or first == bos
+    return verdict
+
+
+def hf_add_bos(tokenizer_json: dict[str, Any], config: dict[str, Any]) -> tuple[bool, str]:
+    """(adds BOS, where that was decided): the post-processor when it says, else tokenizer_config.json's
+    add_bos_token, else no BOS (llama.cpp's default for byte-level BPE vocabularies)."""
+    said = post_processor_bos(tokenizer_json.get("post_processor"), _token_text(config.get("bos_token")))
+    if said is not None:
+        return said, "tokenizer.json post-processor"
+    if isinstance(config.get("add_bos_token"), bool):
+        return config["add_bos_token"], "tokenizer_config.json add_bos_token"
+    return False, "default for tokenizer.json (none)"
+
+
 class HFTokenizer:
     """The same interface as gentool's SentencePiece tokenizer, over a tokenizer.json."""
 
@@ -41,14 +73,16 @@ class HFTokenizer:
                                hint="pip install 'gentool[hf]'") from None
         directory = Path(directory)
         self.path = directory / "tokenizer.json"
+        raw = self.path.read_bytes()
         try:
-            self._tok = Tokenizer.from_file(str(self.path))
+            self._tok = Tokenizer.from_str(raw.decode("utf-8"))
+            spec = json.loads(raw)
         except Exception as e:  # tokenizers raises a bare Exception on malformed files
             raise GentoolError(f"cannot read tokenizer.json ({e})", path=self.path,
                                hint="the file is corrupt or from an unsupported tokenizers version") from None
         self.config = _read_json(directory / "tokenizer_config.json")
         generation = _read_json(directory / "generation_config.json")
-        self.sha256 = "sha256:" + hashlib.sha256(self.path.read_bytes()).hexdigest()
+        self.sha256 = "sha256:" + hashlib.sha256(raw).hexdigest()
         self.chat_template = self.config.get("chat_template")
         if self.chat_template is None and (directory / "chat_template.jinja").is_file():
             self.chat_template = (directory / "chat_template.jinja").read_text(encoding="utf-8")
@@ -65,10 +99,9 @@ class HFTokenizer:
             self.eos_id = min(self.eos_ids)
         if self.eos_id is not None:
             self.eos_ids.add(self.eos_id)
-        # transformers honours add_bos_token/add_eos_token only for the tokenizer classes that define them
-        # (Llama's, Gemma's); the others take special tokens from tokenizer.json's post-processor alone.
+        self.add_bos, self.add_bos_source = hf_add_bos(spec if isinstance(spec, dict) else {}, self.config)
+        # transformers honours add_eos_token only for the tokenizer classes that define it (Llama's, Gemma's)
         honours = str(self.config.get("tokenizer_class", "")).startswith(("Llama", "CodeLlama", "Gemma"))
-        self.add_bos = honours and bool(self.config.get("add_bos_token", False))
         self.add_eos = honours and bool(self.config.get("add_eos_token", False))
 
     @property

@@ -7,6 +7,7 @@ checkpoints carry a copy of the file, and commands compare the two to refuse mis
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import Protocol
 
@@ -25,6 +26,27 @@ class AnyTokenizer(Protocol):
     def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]: ...
 
     def decode(self, ids: list[int]) -> str: ...
+
+
+def adds_bos(tokenizer) -> bool:
+    """Does text encoded for this model start with BOS? The one answer every evaluation uses (text perplexity, the
+    llama.cpp protocol, calibration, export-gguf's tokenizer.ggml.add_bos_token): the tokenizer's own setting,
+    decided when it was loaded (`add_bos`, from `add_bos_source`), and a BOS token to put there."""
+    return tokenizer is not None and tokenizer.bos_id is not None and bool(getattr(tokenizer, "add_bos", True))
+
+
+def config_add_bos(directory: Path) -> bool | None:
+    """tokenizer_config.json's add_bos_token when it is a bool (import-gguf writes it from the GGUF's
+    tokenizer.ggml.add_bos_token), else None."""
+    path = directory / "tokenizer_config.json"
+    if not path.is_file():
+        return None
+    try:
+        value = json.loads(path.read_text(encoding="utf-8")).get("add_bos_token")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise GentoolError(f"invalid tokenizer_config.json ({e})", path=path, hint="repair or remove the file") \
+            from None
+    return value if isinstance(value, bool) else None
 
 
 def file_id(path: Path) -> str:
@@ -51,7 +73,11 @@ class Tokenizer:
         self.eos_id = self.sp.eos_id() if self.sp.eos_id() >= 0 else None
         self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else None
         self.eos_ids = {self.eos_id} if self.eos_id is not None else set()
-        self.add_bos = True
+        # llama.cpp's default for SentencePiece ("llama") vocabularies is to add BOS; a tokenizer_config.json beside
+        # the model (import-gguf writes one) can say otherwise
+        setting = config_add_bos(self.path.parent)
+        self.add_bos = True if setting is None else setting
+        self.add_bos_source = "SentencePiece default" if setting is None else "tokenizer_config.json add_bos_token"
         self.chat_template = None
 
     def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:

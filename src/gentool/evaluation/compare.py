@@ -26,8 +26,8 @@ import torch
 
 from gentool import console
 from gentool.errors import UsageProblem
-from gentool.evaluation.tokens import load_eval_tokens
-from gentool.evaluation.windows import PROTOCOLS, plan_for
+from gentool.evaluation.tokens import bos_rule, load_eval_tokens
+from gentool.evaluation.windows import PROTOCOLS, check_stride, pick_window, plan_for, trained_length
 from gentool.models.quant_ggml import llama_cpp_arithmetic
 
 
@@ -184,19 +184,20 @@ def damage_report(base_lm, quant_lm, data: list[str], *, split: str = "val", win
     if base_lm.config.vocab_size != quant_lm.config.vocab_size:
         raise UsageProblem("the two models have different vocabularies", path=base_lm.path,
                            hint="--reference must be the checkpoint that was quantized")
-    from gentool.data.tokenizer import load_tokenizer
+    from gentool.data.tokenizer import adds_bos, load_tokenizer
 
+    context = quant_lm.config.max_position_embeddings
+    trained = trained_length(quant_lm.manifest, context) or trained_length(base_lm.manifest, context)
+    window, window_from = pick_window(window, context=context, trained=trained, protocol=protocol)
+    check_stride(window, stride)
     tok = load_tokenizer(quant_lm.tokenizer_path) if quant_lm.tokenizer_path else None
-    ids = load_eval_tokens(data, tok, vocab_size=quant_lm.config.vocab_size, split=split, max_tokens=max_tokens,
-                           verify=verify, where=quant_lm.path).ids
-    window = window or (min(512, quant_lm.config.max_position_embeddings) if protocol == "llama.cpp"
-                        else quant_lm.config.max_position_embeddings)
-    if not 2 <= window <= quant_lm.config.max_position_embeddings:
-        raise UsageProblem(f"--window must be between 2 and the model's context "
-                           f"({quant_lm.config.max_position_embeddings})")
-    return compare_logits(base_lm.model, quant_lm.model, ids, window=window, stride=stride, batch_size=batch_size,
-                          device=device, dtype=dtype, protocol=protocol, kl_tokens=kl_tokens,
-                          bos_id=tok.bos_id if tok is not None and protocol == "llama.cpp" else None)
+    ev = load_eval_tokens(data, tok, vocab_size=quant_lm.config.vocab_size, split=split, max_tokens=max_tokens,
+                          verify=verify, where=quant_lm.path)
+    bos, rule = bos_rule(tok, protocol=protocol, from_shards=ev.from_shards)
+    report = compare_logits(base_lm.model, quant_lm.model, ev.ids, window=window, stride=stride,
+                            batch_size=batch_size, device=device, dtype=dtype, protocol=protocol, kl_tokens=kl_tokens,
+                            bos_id=tok.bos_id if adds_bos(tok) and protocol == "llama.cpp" else None)
+    return {**report, "window_from": window_from, "bos": bos, "bos_rule": rule}
 
 
 def compare_checkpoints(quant: Path, reference: Path, data: list[str], *, device: str = "cpu",

@@ -12,6 +12,7 @@ import torch
 
 from gentool import console
 from gentool.artifacts import MANIFEST
+from gentool.data.tokenizer import adds_bos
 from gentool.errors import UsageProblem
 
 
@@ -30,7 +31,8 @@ def is_shards(p: str | Path) -> bool:
 
 
 def load_text_ids(paths: list[str], tokenizer) -> tuple[torch.Tensor, int]:
-    """Token ids of text files or stdin ("-"), BOS first, and the UTF-8 byte count of the text."""
+    """Token ids of text files or stdin ("-"), BOS first where the tokenizer adds one (`adds_bos`), and the UTF-8
+    byte count of the text."""
     for p in paths:
         if p != "-" and not Path(p).is_file():
             what = "is a directory, not a token-shards artifact or a text file" if Path(p).is_dir() else \
@@ -39,12 +41,27 @@ def load_text_ids(paths: list[str], tokenizer) -> tuple[torch.Tensor, int]:
                                                   "for stdin")
     ids: list[int] = []
     n_bytes = 0
+    bos = adds_bos(tokenizer)
     for p in paths:
         data = sys.stdin.buffer.read() if p == "-" else Path(p).read_bytes()
         text = data.decode("utf-8", errors="replace")
-        ids.extend(tokenizer.encode(text, bos=tokenizer.bos_id is not None))
+        ids.extend(tokenizer.encode(text, bos=bos))
         n_bytes += len(text.encode())
     return torch.tensor(ids, dtype=torch.long), n_bytes
+
+
+def bos_rule(tokenizer, *, protocol: str = "gentool", from_shards: bool = False) -> tuple[bool, str]:
+    """(is a BOS token scored in front, what happens to the stream's first token) for the report: the
+    tokenizer's own setting (`adds_bos`, with where it came from), as llama-perplexity applies it."""
+    bos = adds_bos(tokenizer)
+    source = f" ({getattr(tokenizer, 'add_bos_source', 'tokenizer')})" if tokenizer is not None else ""
+    if protocol == "llama.cpp":
+        return (True, "replaces each chunk's first token, as llama-perplexity" + source) if bos else \
+            (False, "none: the tokenizer adds no BOS, chunks start as in the data" + source)
+    if from_shards:
+        return False, "EOS prepended (documents are EOS-separated)"
+    return (True, "prepended to the text" + source) if bos else \
+        (False, "none: the tokenizer adds no BOS, the first token is context only" + source)
 
 
 def _decoded_bytes(tokenizer, ids: torch.Tensor, encoded_with: str) -> int | None:
@@ -57,11 +74,11 @@ def _decoded_bytes(tokenizer, ids: torch.Tensor, encoded_with: str) -> int | Non
 
 def load_eval_tokens(data: list[str], tokenizer, *, vocab_size: int, split: str = "val",
                      max_tokens: int | None = None, verify: bool = True, allow_tokenizer_mismatch: bool = False,
-                     leading_eos: bool = True, where: Path | None = None) -> EvalTokens:
+                     where: Path | None = None) -> EvalTokens:
     """Tokens to score from `data`: one token-shards artifact (its `split`, checked against `tokenizer`) or text
-    files / "-". Shards' documents end with EOS, so with `leading_eos` one EOS in front makes the first token
-    scored like every other (the masked LM, which scores whole windows, passes False). At most `max_tokens`
-    tokens are scored."""
+    files / "-". The stream's first token is context only: shards' documents end with EOS, so one EOS in front makes
+    their first token scored like every other; text starts with BOS where the tokenizer adds one. AR perplexity
+    and the diffusion LMs' NELBO score the same tokens of it. At most `max_tokens` tokens are scored."""
     if not data:
         raise UsageProblem("no data to score", hint="pass a token-shards directory, text files, or - for stdin")
     if len(data) == 1 and is_shards(data[0]):
@@ -76,11 +93,8 @@ def load_eval_tokens(data: list[str], tokenizer, *, vocab_size: int, split: str 
                                                       "--allow-tokenizer-mismatch")
             console.warn("scoring shards from another tokenizer (--allow-tokenizer-mismatch)")
         n = len(shards) if max_tokens is None else min(len(shards), max_tokens)
-        ids = torch.from_numpy(shards.tokens(0, n))
-        total_bytes = None
-        if leading_eos:
-            ids = torch.cat([torch.tensor([shards.eos_id]), ids])
-            total_bytes = shards.bytes if n == len(shards) else _decoded_bytes(tokenizer, ids, shards.tokenizer_id)
+        ids = torch.cat([torch.tensor([shards.eos_id]), torch.from_numpy(shards.tokens(0, n))])
+        total_bytes = shards.bytes if n == len(shards) else _decoded_bytes(tokenizer, ids, shards.tokenizer_id)
         out = EvalTokens(ids, total_bytes, shards.bytes / max(1, len(shards)), {"data": str(data[0]), "split": split},
                          from_shards=True)
     else:

@@ -6,7 +6,8 @@ Fixed relative to the Hugging Face perplexity guide's loop:
 - it weights each window's *mean* loss by `trg_len` although only `trg_len - 1` targets are scored after the
   shift, which biases the average; we sum token NLLs and divide by the count of scored tokens;
 - its last window can re-score tokens an earlier window scored; ours never does;
-- the first token of the stream has no context and is not scored (with BOS prepended it is);
+- the first token of the stream has no context and is not scored (with BOS prepended, where the tokenizer adds
+  one, the text's first token is);
 - transformers' loss upcasts the whole (B, T, V) logits to float32 at once; `window_nll` does it per row chunk,
   and only for positions some window scores.
 Windows of equal length go through the model in batches; `--compile` compiles `window_nll` for a fixed shape.
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from gentool import console
+from gentool.errors import UsageProblem
 
 
 @dataclass
@@ -59,7 +61,8 @@ def plan_hf_strided(n_tokens: int, window: int, stride: int) -> list[Windows]:
 
 def plan_llamacpp(n_tokens: int, window: int) -> list[Windows]:
     """llama.cpp's `perplexity`: consecutive chunks of `window` tokens (a partial tail is dropped), BOS in the first
-    position of each, scoring the second half of each chunk."""
+    position of each when the tokenizer adds BOS (`token_nlls`' bos_id; as it stands otherwise), scoring the second
+    half of each chunk."""
     return [Windows(i * window, (i + 1) * window, i * window + window // 2 + 1) for i in range(n_tokens // window)]
 
 
@@ -75,7 +78,8 @@ class PerplexityResult:
     window: int
     stride: int
     protocol: str = "gentool"
-    bos: str = "as in the data"
+    bos: bool = False                  # a BOS token in front of the text / each llama.cpp chunk
+    bos_rule: str = "as in the data"   # what the stream's first token is, and why
 
     @property
     def perplexity(self) -> float:
@@ -88,7 +92,7 @@ class PerplexityResult:
     def as_dict(self) -> dict:
         return {"nll": self.nll, "perplexity": self.perplexity, "bits_per_byte": self.bits_per_byte,
                 "tokens": self.tokens, "bytes": self.bytes, "window": self.window, "stride": self.stride,
-                "protocol": self.protocol, "bos": self.bos}
+                "protocol": self.protocol, "bos": self.bos, "bos_rule": self.bos_rule}
 
 
 def window_nll(model: torch.nn.Module, x_BT: torch.Tensor, *, chunk_rows: int = 4096, first: int = 0) -> torch.Tensor:
@@ -115,8 +119,52 @@ def nll_fn(model: torch.nn.Module, *, compile: bool = False):
     return torch.compile(fn, dynamic=False) if compile else fn
 
 
+def trained_length(manifest, context: int) -> int | None:
+    """The sequence length a gentool checkpoint was trained on: train-lm's recipe `seq_len`, or a manifest's
+    `context_length` below the model's maximum; None where nothing records one (Hugging Face and GGUF models, and
+    artifacts that record only the maximum context)."""
+    if manifest is None:
+        return None
+    seq_len, recorded = manifest.config.get("seq_len"), manifest.contents.get("context_length")
+    if isinstance(seq_len, int) and 2 <= seq_len <= context:
+        return seq_len
+    if isinstance(recorded, int) and 2 <= recorded < context:
+        return recorded
+    return None
+
+
+def pick_window(window: int | None, *, context: int, trained: int | None = None,
+                protocol: str = "gentool") -> tuple[int, str]:
+    """(--window, where it came from): as given; else 512 under the llama.cpp protocol (llama-perplexity's -c);
+    else the length the model was trained on when its manifest records one; else the model's maximum context."""
+    if window is not None:
+        source = "--window"
+    elif protocol == "llama.cpp":
+        window, source = min(512, context), "llama-perplexity's 512-token chunks"
+    elif trained is not None:
+        window, source = trained, "trained sequence length (manifest)"
+    else:
+        window, source = context, "model's maximum context (no trained length recorded)"
+    if window < 2:
+        raise UsageProblem("--window must be at least 2")
+    if window > context:
+        raise UsageProblem(f"--window {window} exceeds the model's context ({context})",
+                           hint=f"use --window {context} or less")
+    return window, source
+
+
+def check_stride(window: int, stride: int | None) -> None:
+    """--stride must lie in 1..--window under every protocol (llama.cpp's ignores it, but refuses it the same)."""
+    if window < 2:
+        raise UsageProblem(f"--window {window} is too small", hint="use --window 2 or more")
+    if stride is not None and not 1 <= stride <= window:
+        raise UsageProblem(f"--stride {stride} is outside 1..{window} (the window)",
+                           hint="a stride scores that many new tokens per window; use at most --window")
+
+
 def plan_for(protocol: str, n_tokens: int, window: int, stride: int | None = None) -> list[Windows]:
     """The windows a protocol scores (stride default: half the window; hf-strided: the window)."""
+    check_stride(window, stride)
     if protocol == "llama.cpp":
         return plan_llamacpp(n_tokens, window)
     if protocol == "hf-strided":
@@ -172,7 +220,6 @@ def perplexity(model: torch.nn.Module, ids: torch.Tensor, *, window: int, stride
     total = float(nlls.sum())
     n = len(nlls)
     n_bytes = total_bytes if total_bytes is not None else (bytes_per_token * n if bytes_per_token else None)
-    bos = "replaces each chunk's first token" if protocol == "llama.cpp" and bos_id is not None else \
-        "prepended to the text" if bos_id is not None else "as in the data"
+    bos = protocol == "llama.cpp" and bos_id is not None
     return PerplexityResult(total / max(n, 1), n, total, n_bytes, window, stride if protocol != "llama.cpp" else
-                            window, protocol, bos)
+                            window, protocol, bos, "replaces each chunk's first token" if bos else "as in the data")

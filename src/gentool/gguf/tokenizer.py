@@ -21,6 +21,17 @@ _PIECE, _SCORE, _TYPE = 1, 2, 3
 _MODEL_TYPE, _BYTE_FALLBACK, _UNK, _BOS, _EOS, _PAD = 3, 35, 40, 41, 42, 43
 _NAME, _DUMMY_PREFIX, _REMOVE_WS, _ESCAPE_WS = 1, 3, 4, 5
 _BPE = 2
+# byte-level BPE pre-tokenizers for which llama.cpp adds BOS when the GGUF has no tokenizer.ggml.add_bos_token
+# (llama-vocab.cpp); SentencePiece ("llama") vocabularies add it by default
+_BOS_PRE = {"llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2", "jina-v5-nano"}
+
+
+def gguf_add_bos(tok: dict[str, Any]) -> bool:
+    """Does llama.cpp add BOS for this GGUF tokenizer? tokenizer.ggml.add_bos_token where present, else its
+    per-vocabulary default."""
+    if tok.get("add_bos") is not None:
+        return bool(tok["add_bos"])
+    return tok.get("model") == "llama" or tok.get("pre") in _BOS_PRE
 
 
 def _varint(data: bytes, i: int) -> tuple[int, int]:
@@ -133,7 +144,7 @@ def write_tokenizer(tok: dict[str, Any], directory: Path) -> list[str]:
         written.append("tokenizer.model")
     elif model == "gpt2":
         try:
-            from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+            from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
         except ImportError:
             raise UsageProblem("a byte-level BPE tokenizer needs the `tokenizers` package",
                                hint="pip install 'gentool[hf]'") from None
@@ -145,12 +156,16 @@ def write_tokenizer(tok: dict[str, Any], directory: Path) -> list[str]:
         special = [AddedToken(tok["tokens"][i], special=True, normalized=False)
                    for i, typ in enumerate(tok.get("token_type") or []) if typ == 3]
         t.add_special_tokens(special)
+        if gguf_add_bos(tok) and tok.get("bos") is not None:  # as transformers writes add_bos_token: BOS first
+            bos = tok["tokens"][tok["bos"]]
+            t.post_processor = processors.TemplateProcessing(single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1",
+                                                             special_tokens=[(bos, int(tok["bos"]))])
         t.save(str(directory / "tokenizer.json"))
         written.append("tokenizer.json")
     else:
         raise UsageProblem(f"GGUF tokenizer model {model!r} is not supported", hint="llama and gpt2 are")
     names = tok["tokens"]
-    cfg = {"add_bos_token": bool(tok.get("add_bos")) if tok.get("add_bos") is not None else model == "llama",
+    cfg = {"add_bos_token": gguf_add_bos(tok),
            "add_eos_token": False,
            **{f"{k}_token": names[tok[g]] for k, g in (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"),
                                                        ("pad", "padding")) if tok.get(g) is not None}}
@@ -184,21 +199,26 @@ def _add_tokenizer(w, tokenizer: dict[str, Any]) -> None:
 
 
 def tokenizer_metadata_from_sentencepiece(model_file: str | Path) -> dict[str, Any]:
-    """GGUF tokenizer metadata ("llama" model) from a SentencePiece tokenizer.model."""
-    import sentencepiece as spm
+    """GGUF tokenizer metadata ("llama" model) from a SentencePiece tokenizer.model; add_bos_token is the
+    tokenizer's own setting (`adds_bos`)."""
+    from gentool.data.tokenizer import Tokenizer, adds_bos
 
-    sp = spm.SentencePieceProcessor(model_file=str(model_file))
+    tokenizer = Tokenizer(model_file)
+    sp = tokenizer.sp
     proto = read_sentencepiece(model_file)
     pieces = proto["pieces"]
     return {"model": "llama", "tokens": [p[0] for p in pieces], "scores": [p[1] for p in pieces],
             "token_type": [p[2] for p in pieces], "bos": sp.bos_id() if sp.bos_id() >= 0 else None,
             "eos": sp.eos_id() if sp.eos_id() >= 0 else None, "unknown": sp.unk_id(),
-            "padding": sp.pad_id() if sp.pad_id() >= 0 else None, "add_bos": True,
+            "padding": sp.pad_id() if sp.pad_id() >= 0 else None, "add_bos": adds_bos(tokenizer),
             "add_space_prefix": proto["add_dummy_prefix"]}
 
 
 def tokenizer_metadata_from_json(directory: Path) -> dict[str, Any]:
-    """GGUF tokenizer metadata ("gpt2" model) from a byte-level BPE tokenizer.json."""
+    """GGUF tokenizer metadata ("gpt2" model) from a byte-level BPE tokenizer.json; add_bos_token is the
+    tokenizer's own setting (post-processor, else tokenizer_config.json: `hf_add_bos`, as `adds_bos` reads it)."""
+    from gentool.data.hf_tokenizer import hf_add_bos
+
     data = json.loads((directory / "tokenizer.json").read_text(encoding="utf-8"))
     model = data.get("model", {})
     if model.get("type") != "BPE":
@@ -221,5 +241,6 @@ def tokenizer_metadata_from_json(directory: Path) -> dict[str, Any]:
         return vocab.get(value) if value is not None else None
 
     return {"model": "gpt2", "tokens": tokens, "token_type": [3 if i in special else 1 for i in range(len(tokens))],
-            "merges": merges, "pre": cfg.get("gguf_pre"), "bos": tid("bos"), "eos": tid("eos"), "unknown": tid("unk"), "padding": tid("pad"),
-            "add_bos": bool(cfg.get("add_bos_token", False)), "chat_template": cfg.get("chat_template")}
+            "merges": merges, "pre": cfg.get("gguf_pre"), "bos": tid("bos"), "eos": tid("eos"), "unknown": tid("unk"),
+            "padding": tid("pad"), "add_bos": hf_add_bos(data, cfg)[0] and tid("bos") is not None,
+            "chat_template": cfg.get("chat_template")}

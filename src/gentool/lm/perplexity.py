@@ -9,22 +9,18 @@ from typing import Any
 
 import torch
 
-from gentool.data.tokenizer import load_tokenizer
+from gentool.data.tokenizer import adds_bos, load_tokenizer
 from gentool.devices import dtype_name
 from gentool.errors import GentoolError, UsageProblem
-from gentool.evaluation.tokens import load_eval_tokens
-from gentool.evaluation.windows import PROTOCOLS, perplexity
+from gentool.evaluation.tokens import bos_rule, load_eval_tokens
+from gentool.evaluation.windows import PROTOCOLS, check_stride, perplexity, pick_window, trained_length
 from gentool.models.checkpoint import load_lm
 
 
 def check_window(window: int | None, context: int, protocol: str = "gentool") -> int:
-    """--window, defaulting to the model's context (512 under the llama.cpp protocol)."""
-    window = window or (512 if protocol == "llama.cpp" else context)
-    if window < 2:
-        raise UsageProblem("--window must be at least 2")
-    if window > context:
-        raise UsageProblem(f"--window {window} exceeds the model's context ({context})")
-    return window
+    """--window, defaulting to the model's context (512 under the llama.cpp protocol); `score_checkpoint` also
+    knows the trained length (`pick_window`)."""
+    return pick_window(window, context=context, protocol=protocol)[0]
 
 
 def score_checkpoint(checkpoint: Path, data: list[str], *, split: str = "val", window: int | None = None,
@@ -43,26 +39,23 @@ def score_checkpoint(checkpoint: Path, data: list[str], *, split: str = "val", w
 
         attach_adapter(lm.model, checkpoint, adapter, verify=verify)
         lm.model.to(device=device, dtype=dtype).eval()
-    window = check_window(window, lm.config.max_position_embeddings, protocol)
+    context = lm.config.max_position_embeddings
+    window, window_from = pick_window(window, context=context, trained=trained_length(lm.manifest, context),
+                                      protocol=protocol)
+    check_stride(window, stride)
     stride = stride or max(1, window // 2)
-    if not 1 <= stride <= window:
-        raise UsageProblem(f"--stride {stride} is outside 1..{window} (the window)",
-                           hint="a stride scores that many new tokens per window; use at most --window")
     tok = load_tokenizer(lm.tokenizer_path) if lm.tokenizer_path else None
     ev = load_eval_tokens(data, tok, vocab_size=lm.config.vocab_size, split=split, max_tokens=max_tokens,
                           verify=verify, allow_tokenizer_mismatch=allow_tokenizer_mismatch, where=checkpoint)
     res = perplexity(lm.model, ev.ids, window=window, stride=stride, batch_size=batch_size, device=device,
                      dtype=dtype, bytes_per_token=None if ev.total_bytes else ev.bytes_per_token,
                      total_bytes=ev.total_bytes, protocol=protocol,
-                     bos_id=tok.bos_id if tok is not None and protocol == "llama.cpp" else None, compile=compile)
+                     bos_id=tok.bos_id if adds_bos(tok) and protocol == "llama.cpp" else None, compile=compile)
     if not math.isfinite(res.nll):
         raise GentoolError(f"the NLL is not finite ({res.nll}) in {dtype_name(dtype)}: the model's activations "
                            "overflow", path=checkpoint, hint="score with --dtype bfloat16 or float32")
-    if ev.from_shards and protocol != "llama.cpp":
-        res.bos = "EOS prepended (documents are EOS-separated)"
-    if protocol != "llama.cpp" and not ev.from_shards and tok is not None and tok.bos_id is not None:
-        res.bos = "prepended to the text"
+    res.bos, res.bos_rule = bos_rule(tok, protocol=protocol, from_shards=ev.from_shards)
     if ev.total_bytes and res.tokens < len(ev.ids) - 1:  # protocols that skip tokens: bytes in proportion
         res.bytes = ev.total_bytes * res.tokens / (len(ev.ids) - 1)
-    return {**res.as_dict(), "kind": "exact", **ev.source, "checkpoint": str(checkpoint),
+    return {**res.as_dict(), "window_from": window_from, "kind": "exact", **ev.source, "checkpoint": str(checkpoint),
             **({"adapter": str(adapter)} if adapter else {}), "dtype": dtype_name(dtype)}

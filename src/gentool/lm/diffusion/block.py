@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from gentool.artifacts.probe import BLOCK_LM
 from gentool.data.shards import TokenShards
 from gentool.errors import UsageProblem
-from gentool.lm.diffusion.masked import MaskedLMTask, MaskSchedule, discrete_times, mask_counts, mask_exactly
+from gentool.lm.diffusion.masked import (MaskedLMTask, MaskSchedule, count_weights, discrete_times, mask_counts,
+                                         mask_exactly)
 from gentool.lm.train import LMRunOptions, Objective, run_train_lm
 
 FULL = (1e-3, 1.0)  # the NELBO's times (MDLM's eps); the count estimator needs no eps
@@ -48,17 +49,26 @@ def default_mask_range(block_size: int, seq_len: int) -> tuple[float, float]:
 
 def block_nelbo_per_sequence(model, x0: torch.Tensor, mask_id: int, schedule: MaskSchedule, *, block_size: int,
                              estimator: str = "count", t_range: tuple[float, float] = FULL, steps: int | None = None,
-                             antithetic: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
+                             antithetic: bool = True, generator: torch.Generator | None = None,
+                             scored: torch.Tensor | None = None) -> torch.Tensor:
     """One draw of the block NELBO in nats for each sequence of x0 (N, L), all blocks in one forward pass over x_t
     and x0, each block with its own draw (antithetic over the batch's blocks):
 
     - "count" (the bound's estimates): k masks, k uniform on 1..B, weight B/k (masked.nelbo_per_sequence);
     - "time" (training): each token masked with probability t, t uniform on `t_range`, weight 1/t; a clipped
       t_range is BD3-LM's reweighted training objective, t_range (1, 1) with B = 1 the exact AR NLL;
-    - `steps`: the discrete-time bound of the log-linear schedule (t on the grid i/T, weight 1/t)."""
+    - `steps`: the discrete-time bound of the log-linear schedule (t on the grid i/T, weight 1/t).
+    `scored` (N, L) bool: only those positions are masked, the others are clean context (masked.nelbo_per_sequence;
+    per block: k uniform on 1..c over its c scored positions, weight c/k, a block with none adds nothing)."""
     n, length = x0.shape
     nb = length // block_size
-    if steps is None and estimator == "count":
+    if steps is None and estimator == "count" and scored is not None:
+        c = scored.view(n * nb, block_size).sum(-1)
+        k = mask_counts(n * nb, 1, c, antithetic=antithetic, generator=generator, device=x0.device)
+        w = count_weights(c, k).view(n, nb)
+        xt = mask_exactly(x0.view(n, nb, block_size), k.view(n, nb), mask_id, generator,
+                          scored.view(n, nb, block_size)).view(n, length)
+    elif steps is None and estimator == "count":
         k = mask_counts(n * nb, 1, block_size, antithetic=antithetic, generator=generator, device=x0.device)
         w = (block_size / k).view(n, nb)
         xt = mask_exactly(x0.view(n, nb, block_size), k.view(n, nb), mask_id, generator).view(n, length)
@@ -72,6 +82,8 @@ def block_nelbo_per_sequence(model, x0: torch.Tensor, mask_id: int, schedule: Ma
         p_mask = (1 - schedule.alpha(t)).view(n, nb).repeat_interleave(block_size, dim=1)     # (N, L)
         u = torch.rand(x0.shape, generator=generator, device=x0.device)
         xt = torch.where(u < p_mask, torch.full_like(x0, mask_id), x0)
+        if scored is not None:
+            xt = torch.where(scored, xt, x0)
     masked = xt == mask_id
     logits = model(xt, block_size=block_size, clean_ids=x0)                      # (N, L, V)
     logits = logits.float().masked_fill(

@@ -73,21 +73,31 @@ def discrete_times(n: int, steps: int, *, generator: torch.Generator | None = No
     return i / steps, (i - 1) / steps
 
 
-def mask_counts(n: int, lo: int, hi: int, *, antithetic: bool = True, generator: torch.Generator | None = None,
-                device: str | torch.device = "cpu") -> torch.Tensor:
-    """n numbers of masks, uniform on {lo, ..., hi}; antithetic draws are stratified as in sample_times."""
+def mask_counts(n: int, lo: int, hi: int | torch.Tensor, *, antithetic: bool = True,
+                generator: torch.Generator | None = None, device: str | torch.device = "cpu") -> torch.Tensor:
+    """n numbers of masks, uniform on {lo, ..., hi} (`hi` may differ per row: a tensor (n,)); antithetic draws are
+    stratified as in sample_times."""
     if antithetic:
         u = (torch.rand((), generator=generator, device=device) + torch.arange(n, device=device) / n) % 1.0
     else:
         u = torch.rand(n, generator=generator, device=device)
-    return lo + (u * (hi - lo + 1)).long().clamp_max(hi - lo)
+    k = (u * (hi - lo + 1)).long()
+    return lo + (k.clamp_max(hi - lo) if isinstance(hi, int) else torch.minimum(k, hi - lo))
 
 
-def mask_exactly(x0: torch.Tensor, k: torch.Tensor, mask_id: int,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-    """Mask k[...] positions of each row x0[..., :], chosen uniformly at random."""
-    ranks = torch.rand(x0.shape, generator=generator, device=x0.device).argsort(-1).argsort(-1)
+def mask_exactly(x0: torch.Tensor, k: torch.Tensor, mask_id: int, generator: torch.Generator | None = None,
+                 candidates: torch.Tensor | None = None) -> torch.Tensor:
+    """Mask k[...] positions of each row x0[..., :], chosen uniformly at random (among `candidates` where given)."""
+    r = torch.rand(x0.shape, generator=generator, device=x0.device)
+    if candidates is not None:
+        r = r.masked_fill(~candidates, 2.0)  # ranked after every candidate: never masked
+    ranks = r.argsort(-1).argsort(-1)
     return torch.where(ranks < k[..., None], torch.full_like(x0, mask_id), x0)
+
+
+def count_weights(c: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """c/k, the count estimator's weight for k masks among c candidates (0 where a row has no candidate)."""
+    return torch.where(c > 0, c / k.clamp_min(1), torch.zeros((), device=c.device))
 
 
 def corrupt(x0: torch.Tensor, t: torch.Tensor, mask_id: int, schedule: MaskSchedule,
@@ -112,16 +122,24 @@ def subs_log_probs(logits: torch.Tensor, xt: torch.Tensor, mask_id: int) -> torc
 
 def nelbo_per_sequence(model: Denoiser, x0: torch.Tensor, mask_id: int, schedule: MaskSchedule, *,
                        steps: int | None = None, antithetic: bool = True, generator: torch.Generator | None = None,
-                       eps: float = 1e-3, estimator: str = "count") -> torch.Tensor:
+                       eps: float = 1e-3, estimator: str = "count", scored: torch.Tensor | None = None) -> torch.Tensor:
     """One Monte-Carlo draw of the NELBO in nats for each sequence of x0 (B, L).
 
     estimator "count" (the default): k masks, k uniform on 1..L, weight L/k. Integrating the continuous-time
     NELBO over t given k masked tokens gives int_0^1 (1/t) C(L,k) t^k (1-t)^(L-k) dt = 1/k, so
     NELBO = sum_k E[CE over the masks | k masked] / k (for any schedule: the continuous-time bound does not depend
     on it), and this draw is unbiased for it without the rare few-mask draws weighted by 1/t that make the
-    per-token-Bernoulli estimator ("time", MDLM's) noisy. `steps`: the discrete-time bound of that schedule."""
+    per-token-Bernoulli estimator ("time", MDLM's) noisy. `steps`: the discrete-time bound of that schedule.
+    `scored` (B, L) bool: only those positions are masked, the others are clean context, and the draw bounds
+    -log p(x0[scored] | x0[~scored]) (the same derivation over the c scored positions: k uniform on 1..c, weight
+    c/k); the rest of the row is what `score_nelbo` gives a window's tokens scored by an earlier window."""
     n, length = x0.shape
-    if steps is None and estimator == "count":
+    if steps is None and estimator == "count" and scored is not None:
+        c = scored.sum(1)
+        k = mask_counts(n, 1, c, antithetic=antithetic, generator=generator, device=x0.device)
+        w = count_weights(c, k)
+        xt = mask_exactly(x0, k, mask_id, generator, scored)
+    elif steps is None and estimator == "count":
         k = mask_counts(n, 1, length, antithetic=antithetic, generator=generator, device=x0.device)
         w = length / k
         xt = mask_exactly(x0, k, mask_id, generator)
@@ -133,6 +151,8 @@ def nelbo_per_sequence(model: Denoiser, x0: torch.Tensor, mask_id: int, schedule
             t, s = discrete_times(n, steps, generator=generator, device=x0.device)
             w = steps * (schedule.alpha(s) - schedule.alpha(t)) / (1 - schedule.alpha(t))
         xt = corrupt(x0, t, mask_id, schedule, generator)
+        if scored is not None:
+            xt = torch.where(scored, xt, x0)
     masked = xt == mask_id
     logits = model(xt)
     # cross-entropy only where masked; the mask logit is excluded (SUBS) by setting it to -inf
@@ -158,19 +178,32 @@ PerSequence = Callable[..., torch.Tensor]  # (model, x0, mask_id, schedule, *, s
 @torch.no_grad()
 def estimate_nelbo(model: Denoiser, windows: torch.Tensor, mask_id: int, schedule: MaskSchedule, *, samples: int = 1,
                    steps: int | None = None, batch_size: int = 8, generator: torch.Generator | None = None,
-                   per_sequence: PerSequence = nelbo_per_sequence) -> tuple[float, float, int]:
+                   per_sequence: PerSequence = nelbo_per_sequence,
+                   scored: torch.Tensor | None = None) -> tuple[float, float, int]:
     """(mean NELBO in nats/token, standard error, tokens) over windows (N, L), `samples` draws each; the error is
-    that of the mean over windows and draws. `per_sequence` is the bound of one draw (block.py's for BD3-LMs)."""
-    per_token = []
+    that of the mean over windows and draws. `per_sequence` is the bound of one draw (block.py's for BD3-LMs).
+    `scored` (N, L) bool: the positions each window scores (the others are context); the mean is then the ratio of
+    the summed nats to the scored tokens, and its error the ratio estimator's."""
+    nats, counts = [], []
     for _ in range(samples):
         for i in range(0, windows.shape[0], batch_size):
             x0 = windows[i:i + batch_size]
-            nats = per_sequence(model, x0, mask_id, schedule, steps=steps, generator=generator)
-            per_token.append(nats.double().cpu() / x0.shape[1])
-    values = torch.cat(per_token)
-    mean = values.mean().item()
-    stderr = (values.std(unbiased=True) / math.sqrt(values.numel())).item() if values.numel() > 1 else math.nan
-    return mean, stderr, windows.numel()
+            if scored is None:
+                nats.append(per_sequence(model, x0, mask_id, schedule, steps=steps, generator=generator).double().cpu())
+                counts.append(torch.full((x0.shape[0],), float(x0.shape[1]), dtype=torch.float64))
+            else:
+                part = scored[i:i + batch_size]
+                nats.append(per_sequence(model, x0, mask_id, schedule, steps=steps, generator=generator,
+                                         scored=part).double().cpu())
+                counts.append(part.sum(1).double().cpu())
+    total, count = torch.cat(nats), torch.cat(counts)
+    mean = (total.sum() / count.sum()).item()
+    m = total.numel()
+    # the ratio estimator's standard error; with equal counts, that of the mean of per-window means
+    stderr = ((total - mean * count).pow(2).sum() / (m * (m - 1))).sqrt().item() / count.mean().item() \
+        if m > 1 else math.nan
+    tokens = windows.numel() if scored is None else int(scored.sum())
+    return mean, stderr, tokens
 
 
 # --- training ------------------------------------------------------------------------------------------------------
@@ -210,15 +243,22 @@ class MaskedLMTask(LMTask):
 def score_nelbo(model: torch.nn.Module, ids: torch.Tensor, *, seq_len: int, mask_id: int, schedule: str,
                 samples: int, steps: int | None, batch_size: int, device: str, seed: int = 0,
                 per_sequence: PerSequence = nelbo_per_sequence) -> dict[str, Any]:
-    """The NELBO bound over non-overlapping windows of seq_len tokens (the tail shorter than a window is dropped)."""
-    n = len(ids) // seq_len
-    if n == 0:
+    """The NELBO bound of every token of `ids` but the first (context only: the tokens AR perplexity scores, from
+    the same stream), over windows of seq_len tokens: the AR windows of stride seq_len (evaluation.windows), each
+    scoring its tokens after the ones an earlier window scored, which stay clean context; the last window ends
+    at the last token, so no tail is dropped."""
+    from gentool.evaluation.windows import plan_windows
+
+    if len(ids) < seq_len:
         raise UsageProblem(f"the data holds fewer tokens than one window ({seq_len})", hint="pass more text")
-    windows = ids[: n * seq_len].view(n, seq_len).to(device)
+    plan = plan_windows(len(ids), seq_len, seq_len)
+    windows = torch.stack([ids[w.start:w.end] for w in plan]).to(device)
+    scored = torch.arange(seq_len, device=device)[None] >= torch.tensor([w.score_from - w.start for w in plan],
+                                                                          device=device)[:, None]
     g = torch.Generator(device=device).manual_seed(seed)
     mean, stderr, tokens = estimate_nelbo(model, windows, mask_id, MaskSchedule(schedule), samples=samples,
                                           steps=steps, batch_size=batch_size, generator=g,
-                                          per_sequence=per_sequence)
+                                          per_sequence=per_sequence, scored=scored)
     return {"nll": mean, "nll_stderr": stderr, "tokens": tokens, "samples": samples,
             "bound": "continuous-time" if steps is None else f"discrete T={steps}"}
 

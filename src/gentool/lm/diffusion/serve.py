@@ -56,7 +56,9 @@ def score_checkpoint(checkpoint: Path, data: list[str], *, split: str = "val", w
                      dtype: torch.dtype = torch.float32, allow_tokenizer_mismatch: bool = False, verify: bool = True,
                      samples: int = 1, steps: int | None = None, seed: int = 0) -> dict[str, Any]:
     """`gentool perplexity` of a diffusion LM: its NELBO, an upper bound on the AR scale (nats per token, bits per
-    byte), with its standard error, over non-overlapping windows. A block-size-1 model's is its exact NLL."""
+    byte), with its standard error, of the same tokens AR perplexity scores from the same data (every token of the
+    stream but the first, which is context: an EOS before shards, BOS where the tokenizer adds one before text).
+    A block-size-1 model's is its exact NLL."""
     from gentool.devices import dtype_name
     from gentool.evaluation.tokens import load_eval_tokens
     from gentool.lm.perplexity import check_window
@@ -72,12 +74,12 @@ def score_checkpoint(checkpoint: Path, data: list[str], *, split: str = "val", w
         exact = m.block_size == 1
         per_sequence = functools.partial(block_nelbo_per_sequence, block_size=m.block_size)
     ev = load_eval_tokens(data, m.tokenizer, vocab_size=m.mask_id + 1, split=split, max_tokens=max_tokens,
-                          verify=verify, allow_tokenizer_mismatch=allow_tokenizer_mismatch, leading_eos=False,
-                          where=checkpoint)
+                          verify=verify, allow_tokenizer_mismatch=allow_tokenizer_mismatch, where=checkpoint)
     out = score_nelbo(m.model, ev.ids, seq_len=window, mask_id=m.mask_id, schedule=m.schedule.kind,
                       samples=1 if exact else samples, steps=None if exact else steps, batch_size=batch_size,
                       device=device, seed=seed, per_sequence=per_sequence)
-    bpb = out["nll"] / math.log(2) / ev.bytes_per_token if ev.bytes_per_token else None
+    n_bytes = ev.total_bytes if ev.total_bytes else (ev.bytes_per_token * out["tokens"] if ev.bytes_per_token else None)
+    bpb = out["nll"] * out["tokens"] / math.log(2) / n_bytes if n_bytes else None
     kind = "exact (block size 1: autoregressive)" if exact else f"upper bound (NELBO, {out['bound']})"
     return {"nll": out["nll"], "perplexity": math.exp(out["nll"]), "bits_per_byte": bpb,
             "nll_stderr": out["nll_stderr"], "tokens": out["tokens"], "samples": out["samples"], "kind": kind,
