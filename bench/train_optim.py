@@ -15,19 +15,19 @@ training FLOPs per step (LMConfig.train_flops_per_token x tokens).
 --grid: does `--optimizer muon` at its defaults beat AdamW at the better of --lr 1e-3 and 3e-3? For each token-shard
 directory (`gentool tokenize encode`; each with its own tokenizer) and each --shapes entry (LAYERSxWIDTH, 4 heads,
 2 key/value heads), `gentool train-lm` runs --seeds seeds of each arm one after another (--steps steps of
---micro-batch x --seq-len tokens, OMP_NUM_THREADS=1, --device cpu); finished runs under --out are reused. Per cell:
-final val loss mean +- std per arm, and the one-sided Welch p (`gentool compare`) that Muon's mean is lower than
-each AdamW arm's. --muon-args passes extra train-lm flags to the Muon arm (e.g. "--embed-lr 3e-2").
+--micro-batch x --seq-len tokens, default 200 of 8 x 64, OMP_NUM_THREADS=1, --device cpu; one evaluation, at the
+end, on 16384 val tokens); finished runs under --out are reused. Per cell: final val loss mean +- std per arm,
+and the one-sided Welch p (`gentool compare`) that Muon's mean is lower than each AdamW arm's. --muon-args
+passes extra train-lm flags to the Muon arm (e.g. "--embed-lr 3e-2").
 """
 
 import os
 import shlex
+import statistics
 import subprocess
 import sys
-from pathlib import Path
-
-import statistics
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -70,7 +70,8 @@ def grid(args) -> None:
                     cmd = [sys.executable, "-m", "gentool", "train-lm", str(shards), "-o", str(d), "--force",
                            "--num-layers", str(layers), "--hidden-size", str(width), "--num-heads", "4",
                            "--num-kv-heads", "2", "--steps", str(args.steps), "--seq-len", str(args.seq_len),
-                           "--micro-batch", str(args.micro_batch), "--eval-tokens", "16384", "--device", "cpu",
+                           "--micro-batch", str(args.micro_batch), "--eval-every", str(args.steps), "--eval-tokens",
+                           "16384", "--device", "cpu",
                            "--seed", str(seed), *flags]
                     print(f"# {cell} {arm} seed {seed}", file=sys.stderr, flush=True)
                     subprocess.run(cmd, env=env, check=True, capture_output=True)
@@ -97,7 +98,7 @@ def main():
     p.add_argument("--grid", nargs="+", default=None, help="token-shard directories: run the quality grid")
     p.add_argument("--shapes", default="4x96,2x128", help="--grid: LAYERSxWIDTH, comma-separated")
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--micro-batch", type=int, default=8)
     p.add_argument("--out", default="runs/optim-grid", help="--grid: run directories (finished ones are reused)")
     p.add_argument("--muon-args", default="", help="--grid: extra train-lm flags of the Muon arm")
@@ -109,7 +110,7 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
     if args.grid:
-        args.steps = args.steps or 300
+        args.steps = args.steps or 200
         return grid(args)
     dev = args.device
     gpu = dev.startswith("cuda")

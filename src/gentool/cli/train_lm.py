@@ -101,8 +101,8 @@ def train_lm(
     Works in OUTPUT.partial/ (state/ checkpoints, metrics.jsonl) and renames it into an lm-checkpoint (Hugging
     Face layout) at the end. Ctrl-C saves state and exits 130; --resume continues exactly. A NaN loss stops with
     an error naming the step. Under torchrun the global batch is split across processes (DDP, or FSDP2 with
-    --parallel fsdp). --optimizer muon trains hidden matrices with Muon at --muon-lr, embeddings and head with AdamW at --embed-lr /
-    --head-lr, norms and biases with AdamW at --lr.
+    --parallel fsdp). --optimizer muon trains hidden matrices with Muon at --muon-lr, the embeddings and head with
+    AdamW at --embed-lr / --head-lr, norms and biases with AdamW at --lr.
     With --lora-rank the --init-from base is frozen and only adapters train; the output is a lora-adapter.
     """
     from gentool import console
