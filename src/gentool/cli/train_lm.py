@@ -52,9 +52,9 @@ def train_lm(
     muon_momentum: Annotated[float, typer.Option(min=0, max=1,
                                                  help="Muon's Nesterov momentum.", rich_help_panel=OPTIM)] = 0.95,
     embed_lr: Annotated[Optional[float], typer.Option(min=0, max=10, help="Muon runs: AdamW's peak rate on the "
-                                                      "embeddings (default 1e-2).", rich_help_panel=OPTIM)] = None,
+                                                      "embeddings (default 3e-2).", rich_help_panel=OPTIM)] = None,
     head_lr: Annotated[Optional[float], typer.Option(min=0, max=10, help="Muon runs: AdamW's peak rate on an untied "
-                                                     "output head (default 3e-3).", rich_help_panel=OPTIM)] = None,
+                                                     "output head (default 1e-2).", rich_help_panel=OPTIM)] = None,
     cooldown: Annotated[float, typer.Option(min=0, max=1,
                                             help="wsd: fraction of the steps spent decaying to the floor.",
                                             rich_help_panel=OPTIM)] = 0.2,

@@ -40,7 +40,7 @@ def muon_split(model: torch.nn.Module) -> tuple[list[torch.nn.Parameter], list[t
     return muon, rest
 
 
-EMBED_LR, HEAD_LR = 1e-2, 3e-3   # Muon's companions: AdamW on the embeddings and the output head (see build_optimizer)
+EMBED_LR, HEAD_LR = 3e-2, 1e-2   # Muon's companions: AdamW on the embeddings and the output head (see build_optimizer)
 
 
 def build_optimizer(model: torch.nn.Module, *, lr: float, weight_decay: float, betas=(0.9, 0.95),
