@@ -9,10 +9,25 @@ normuon (Polar Express + NorMuon), and the optimizer step alone. Repeats are int
 machine's load falls on all of them alike); best and median of --repeats are reported. "NS GFLOP/step" is the
 orthogonalisation's matrix-multiply work, 5 x (4m^2n + 2m^3) per m x n matrix (m <= n), against the model's
 training FLOPs per step (LMConfig.train_flops_per_token x tokens).
+
+    python bench/train_optim.py --grid SHARDS [SHARDS ...] --out runs/optim-grid   # training quality, CPU
+
+--grid: does `--optimizer muon` at its defaults beat AdamW at the better of --lr 1e-3 and 3e-3? For each token-shard
+directory (`gentool tokenize encode`; each with its own tokenizer) and each --shapes entry (LAYERSxWIDTH, 4 heads,
+2 key/value heads), `gentool train-lm` runs --seeds seeds of each arm one after another (--steps steps of
+--micro-batch x --seq-len tokens, default 200 of 8 x 64, OMP_NUM_THREADS=1, --device cpu; one evaluation, at the
+end, on 16384 val tokens); finished runs under --out are reused. Per cell: final val loss mean +- std per arm,
+and the one-sided Welch p (`gentool compare`) that Muon's mean is lower than each AdamW arm's. --muon-args
+passes extra train-lm flags to the Muon arm (e.g. "--embed-lr 3e-2").
 """
 
+import os
+import shlex
 import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -31,8 +46,62 @@ def ns_flops(model: torch.nn.Module, steps: int = 5) -> float:
     return total
 
 
+ARMS = {"muon": ["--optimizer", "muon"], "adamw-1e-3": ["--lr", "1e-3"], "adamw-3e-3": ["--lr", "3e-3"]}
+
+
+def grid(args) -> None:
+    from gentool.compare import compare
+
+    out = Path(args.out)
+    arms = {**ARMS, "muon": ARMS["muon"] + shlex.split(args.muon_args)}
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
+               PYTHONPATH=str(Path(__file__).resolve().parent.parent / "src"))
+    rows = []
+    for shards in args.grid:
+        for shape in args.shapes.split(","):
+            layers, width = (int(v) for v in shape.lower().split("x"))
+            cell = f"{Path(shards).name} {layers}x{width}"
+            dirs = {}
+            for arm, flags in arms.items():
+                dirs[arm] = [out / f"{Path(shards).name}-{layers}x{width}-{arm}-s{seed}" for seed in range(args.seeds)]
+                for seed, d in enumerate(dirs[arm]):
+                    if d.is_dir():
+                        continue
+                    cmd = [sys.executable, "-m", "gentool", "train-lm", str(shards), "-o", str(d), "--force",
+                           "--num-layers", str(layers), "--hidden-size", str(width), "--num-heads", "4",
+                           "--num-kv-heads", "2", "--steps", str(args.steps), "--seq-len", str(args.seq_len),
+                           "--micro-batch", str(args.micro_batch), "--eval-every", str(args.steps), "--eval-tokens",
+                           "16384", "--device", "cpu",
+                           "--seed", str(seed), *flags]
+                    print(f"# {cell} {arm} seed {seed}", file=sys.stderr, flush=True)
+                    subprocess.run(cmd, env=env, check=True, capture_output=True)
+            res = compare([str(d) for d in dirs["muon"]] + [str(d) for arm in ARMS if arm != "muon"
+                                                           for d in dirs[arm]], alpha=0.05)
+            finals = {arm: g["final_val_loss"] for arm, g in zip(arms, res["groups"])}
+            tests = dict(zip(list(arms)[1:], res["tests"]))
+            best = min(tests, key=lambda a: finals[a]["mean"])
+            row = {"corpus, shape": cell}
+            for arm in arms:
+                row[arm] = f"{finals[arm]['mean']:.3f} +- {finals[arm]['std'] or 0:.3f}"
+            row["better AdamW"] = best
+            row["muon / it"] = finals["muon"]["mean"] / finals[best]["mean"]
+            for arm in tests:
+                row[f"p vs {arm}"] = tests[arm]["p"]
+            rows.append(row)
+    table(f"Muon (train-lm defaults{' ' + args.muon_args if args.muon_args else ''}) vs AdamW: final val loss, "
+          f"mean +- std over {args.seeds} seeds, {args.steps} steps of {args.micro_batch} x {args.seq_len} tokens, "
+          f"one-sided Welch p that Muon is lower", rows)
+
+
 def main():
     p = parser(__doc__)
+    p.add_argument("--grid", nargs="+", default=None, help="token-shard directories: run the quality grid")
+    p.add_argument("--shapes", default="4x96,2x128", help="--grid: LAYERSxWIDTH, comma-separated")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--micro-batch", type=int, default=8)
+    p.add_argument("--out", default="runs/optim-grid", help="--grid: run directories (finished ones are reused)")
+    p.add_argument("--muon-args", default="", help="--grid: extra train-lm flags of the Muon arm")
     p.add_argument("--shape", default=None, help="preset (default: small on CPU, gpt2-small on CUDA)")
     p.add_argument("--vocab", type=int, default=None)
     p.add_argument("--batch", type=int, default=None)
@@ -40,6 +109,9 @@ def main():
     p.add_argument("--steps", type=int, default=None, help="timed steps per repeat")
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
+    if args.grid:
+        args.steps = args.steps or 200
+        return grid(args)
     dev = args.device
     gpu = dev.startswith("cuda")
     shape = args.shape or ("gpt2-small" if gpu else "small")

@@ -137,3 +137,66 @@ def test_muon_recipe_must_match_on_resume(tmp_path):
         _run(tmp_path, resume=True, muon_lr=0.01)
     with pytest.raises(UsageProblem, match="different configuration"):
         _run(tmp_path, resume=True, optimizer="adamw")
+
+
+def _tiny_lm(tie: bool):
+    from gentool.config import config_from_preset
+    from gentool.models.transformer import Transformer
+
+    model = Transformer(config_from_preset("tiny", vocab_size=64, tie_word_embeddings=tie))
+    model.init_weights(0)
+    return model
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_muon_groups_take_the_embedding_and_head_rates(tie):
+    """The embeddings and the head train at their own AdamW rates under Muon (at --lr, 1e-3, they held Muon runs
+    back); norms at --lr; every matrix still shrinks by lr x weight_decay per step."""
+    from gentool.train.optim import EMBED_LR, HEAD_LR
+
+    model = _tiny_lm(tie)
+    opt = build_optimizer(model, lr=1e-3, weight_decay=0.1, optimizer="muon")
+    muon, embed, head, other = opt.param_groups
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.02, EMBED_LR, HEAD_LR, 1e-3])
+    assert EMBED_LR > 1e-3 and HEAD_LR > 1e-3
+    assert [p is model.model.embed_tokens.weight for p in embed["params"]] == [True]
+    assert [p is model.lm_head.weight for p in head["params"]] == ([] if tie else [True])
+    assert all(p.ndim == 1 for p in other["params"]) and other["weight_decay"] == 0
+    assert len(muon["params"]) == 2 * 7                                     # q k v o gate up down per layer
+    for g in (muon, embed, head):
+        assert g["lr_scale"] == pytest.approx(g["lr"] / 1e-3)              # the loop: schedule x lr_scale
+        assert g["lr"] * g["weight_decay"] == pytest.approx(1e-3 * 0.1)
+    n = sum(len(g["params"]) for g in opt.param_groups)
+    assert n == len({id(p) for p in model.parameters()})                   # every parameter in one group
+    opt = build_optimizer(model, lr=2e-3, weight_decay=0.1, optimizer="normuon", embed_lr=0.05, head_lr=4e-3)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.02, 0.05, 4e-3, 2e-3])
+    for flag, kw in (("--embed-lr", {"embed_lr": 0.0}), ("--head-lr", {"head_lr": -1.0})):
+        with pytest.raises(UsageProblem, match=flag):
+            build_optimizer(model, lr=1e-3, weight_decay=0.1, optimizer="muon", **kw)
+
+
+def test_muon_defaults_are_in_the_recipe_and_validated():
+    from gentool.train.optim import EMBED_LR, HEAD_LR
+
+    r = TrainConfig(steps=2, optimizer="muon").recipe()
+    assert r["embed_lr"] == EMBED_LR and r["head_lr"] == HEAD_LR           # resolved: a resume checks them
+    assert TrainConfig(steps=2, optimizer="muon", head_lr=0.01).recipe()["head_lr"] == 0.01
+    assert "embed_lr" not in TrainConfig(steps=2).recipe()                  # adamw: unchanged recipe
+    with pytest.raises(UsageProblem, match="--embed-lr"):
+        TrainConfig(steps=2, optimizer="muon", embed_lr=0.0)
+
+
+def test_tiny_lm_learns_with_the_muon_defaults():
+    import torch.nn.functional as F
+
+    model = _tiny_lm(False)
+    opt = build_optimizer(model, lr=1e-3, weight_decay=0.1, optimizer="muon")
+    x = torch.arange(33).remainder(7).repeat(4, 1)                          # a period-7 sequence
+    losses = []
+    for _ in range(30):
+        loss = F.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses

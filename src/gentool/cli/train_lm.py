@@ -51,6 +51,10 @@ def train_lm(
                                                        "matrices); --lr stays AdamW's.", rich_help_panel=OPTIM)] = 0.02,
     muon_momentum: Annotated[float, typer.Option(min=0, max=1,
                                                  help="Muon's Nesterov momentum.", rich_help_panel=OPTIM)] = 0.95,
+    embed_lr: Annotated[Optional[float], typer.Option(min=0, max=10, help="Muon runs: AdamW's peak rate on the "
+                                                      "embeddings (default 3e-2).", rich_help_panel=OPTIM)] = None,
+    head_lr: Annotated[Optional[float], typer.Option(min=0, max=10, help="Muon runs: AdamW's peak rate on an untied "
+                                                     "output head (default 1e-2).", rich_help_panel=OPTIM)] = None,
     cooldown: Annotated[float, typer.Option(min=0, max=1,
                                             help="wsd: fraction of the steps spent decaying to the floor.",
                                             rich_help_panel=OPTIM)] = 0.2,
@@ -98,7 +102,8 @@ def train_lm(
     Works in OUTPUT.partial/ (state/ checkpoints, metrics.jsonl) and renames it into an lm-checkpoint (Hugging
     Face layout) at the end. Ctrl-C saves state and exits 130; --resume continues exactly. A NaN loss stops with
     an error naming the step. Under torchrun the global batch is split across processes (DDP, or FSDP2 with
-    --parallel fsdp). --optimizer muon trains hidden matrices with Muon at --muon-lr, the rest with AdamW at --lr.
+    --parallel fsdp). --optimizer muon trains hidden matrices with Muon at --muon-lr, the embeddings and head with
+    AdamW at --embed-lr / --head-lr, norms and biases with AdamW at --lr.
     With --lora-rank the --init-from base is frozen and only adapters train; the output is a lora-adapter.
     """
     from gentool import console
@@ -121,7 +126,8 @@ def train_lm(
                         seed=seed,
                         device=resolve_device(device), dtype=dtype, compile=compile_, resume=resume, force=force,
                         init_from=init_from, lora=lora, optimizer=optimizer, muon_lr=muon_lr,
-                        muon_momentum=muon_momentum, parallel=parallel, cooldown=cooldown, zero_init=zero_init,
+                        muon_momentum=muon_momentum, embed_lr=embed_lr, head_lr=head_lr, parallel=parallel,
+                        cooldown=cooldown, zero_init=zero_init,
                         ema_decay=ema_decay, log_to=tuple(log_to or ()))
     if opts.steps is None and opts.tokens is None and opts.flops is None:
         opts.steps = 200

@@ -53,6 +53,8 @@ class LMRunOptions(RunOptions):
     optimizer: str = "adamw"                             # adamw, muon or normuon (gentool.train.optim)
     muon_lr: float = 0.02
     muon_momentum: float = 0.95
+    embed_lr: float | None = None                        # muon: the embeddings' AdamW rate (None: the default)
+    head_lr: float | None = None                         # muon: an untied output head's AdamW rate
     parallel: str = "ddp"                                # under torchrun: ddp or fsdp
     cooldown: float = 0.2                                # wsd: fraction of the steps spent decaying
     zero_init: bool = False                              # output projections (o_proj, down_proj) start at zero
@@ -249,7 +251,8 @@ def run_train_lm(opts: LMRunOptions, objective: Objective | None = None) -> dict
                        save_minutes=opts.save_minutes, keep=opts.keep,
                        seed=opts.seed, device=device, amp_dtype=opts.dtype, compile=opts.compile,
                        log_every=max(1, min(10, steps // 20)), optimizer=opts.optimizer, muon_lr=opts.muon_lr,
-                       muon_momentum=opts.muon_momentum, parallel=opts.parallel, cooldown=opts.cooldown,
+                       muon_momentum=opts.muon_momentum, embed_lr=opts.embed_lr, head_lr=opts.head_lr,
+                       parallel=opts.parallel, cooldown=opts.cooldown,
                        ema_decay=opts.ema_decay, log_to=tuple(opts.log_to))
     recipe = {"model": config.to_hf_dict(), "train": tcfg.recipe(), "seq_len": opts.seq_len,
               "micro_batch": opts.micro_batch, "batch_tokens": batch_tokens, "data": train_shards.manifest.id,

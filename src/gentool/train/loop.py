@@ -28,7 +28,7 @@ from gentool.train import distributed
 from gentool.train.checkpoint import latest_state, load_state, read_state_meta, save_state
 from gentool.train.ema import ema_update
 from gentool.train.metrics import MetricsLog
-from gentool.train.optim import build_optimizer, device_peak_flops
+from gentool.train.optim import EMBED_LR, HEAD_LR, build_optimizer, device_peak_flops
 from gentool.train.schedules import lr_at
 from gentool.train.trackers import Trackers, check_backends
 
@@ -72,6 +72,8 @@ class TrainConfig:
     optimizer: str = "adamw"        # adamw, muon or normuon (train/optim.py)
     muon_lr: float = 0.02
     muon_momentum: float = 0.95
+    embed_lr: float | None = None   # muon: AdamW's rate on the embeddings / an untied head (None: optim.py's)
+    head_lr: float | None = None
     parallel: str = "ddp"           # under torchrun: ddp (replicas) or fsdp (sharded weights, gradients, state)
     cooldown: float = 0.2           # wsd: the fraction of the steps over which the learning rate decays
     log_to: tuple[str, ...] = ()    # experiment trackers beside metrics.jsonl (train/trackers.py)
@@ -92,9 +94,14 @@ class TrainConfig:
                 ("--save-minutes", self.save_minutes, self.save_minutes >= 0), ("--keep", self.keep, self.keep >= 1),
                 ("--muon-lr", self.muon_lr, self.muon_lr > 0),
                 ("--muon-momentum", self.muon_momentum, 0 <= self.muon_momentum < 1),
+                ("--embed-lr", self.embed_lr, self.embed_lr is None or self.embed_lr > 0),
+                ("--head-lr", self.head_lr, self.head_lr is None or self.head_lr > 0),
                 ("--cooldown", self.cooldown, 0 < self.cooldown <= 1)):
             if not ok:
                 raise UsageProblem(f"{name} {value} is out of range")
+        if self.optimizer != "adamw":  # the defaults resolved, so the recipe records the rates a run used
+            self.embed_lr = EMBED_LR if self.embed_lr is None else self.embed_lr
+            self.head_lr = HEAD_LR if self.head_lr is None else self.head_lr
 
     def recipe(self) -> dict[str, Any]:
         """What changes results (device, compile, logging cadence and the parallel layout do not). Options added
@@ -103,7 +110,7 @@ class TrainConfig:
         for k in ("device", "compile", "log_every", "save_every", "save_minutes", "keep", "parallel", "log_to"):
             d.pop(k)
         if self.optimizer == "adamw":
-            for k in ("optimizer", "muon_lr", "muon_momentum"):
+            for k in ("optimizer", "muon_lr", "muon_momentum", "embed_lr", "head_lr"):
                 d.pop(k)
         if self.cooldown == 0.2:
             d.pop("cooldown")
@@ -189,7 +196,8 @@ def train(model: torch.nn.Module, task: Task, cfg: TrainConfig, workdir: Path, *
     if sharded:  # FSDP2 replaces the parameters by DTensor shards: the optimizer is built on those
         distributed.shard(model, device, amp=autocast_dtype(cfg.amp_dtype, device))
     opt = build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas, device=device,
-                          optimizer=cfg.optimizer, muon_lr=cfg.muon_lr, muon_momentum=cfg.muon_momentum)
+                          optimizer=cfg.optimizer, muon_lr=cfg.muon_lr, muon_momentum=cfg.muon_momentum,
+                          embed_lr=cfg.embed_lr, head_lr=cfg.head_lr)
     state_dir = workdir / "state"
     if rank == 0:
         workdir.mkdir(parents=True, exist_ok=True)

@@ -40,16 +40,23 @@ def muon_split(model: torch.nn.Module) -> tuple[list[torch.nn.Parameter], list[t
     return muon, rest
 
 
+EMBED_LR, HEAD_LR = 3e-2, 1e-2   # Muon's companions: AdamW on the embeddings and the output head (see build_optimizer)
+
+
 def build_optimizer(model: torch.nn.Module, *, lr: float, weight_decay: float, betas=(0.9, 0.95),
                     device: str = "cpu", optimizer: str = "adamw", muon_lr: float = 0.02,
-                    muon_momentum: float = 0.95) -> torch.optim.Optimizer:
+                    muon_momentum: float = 0.95, embed_lr: float | None = None,
+                    head_lr: float | None = None) -> torch.optim.Optimizer:
     """Weight decay on >= 2-D trainable tensors (matrices, embeddings); none on norms and biases; frozen
     parameters (LoRA's base) get no optimizer state at all. Fused AdamW kernels on CUDA.
 
     muon / normuon: the hidden matrices (see `muon_split`) take Muon steps at `muon_lr` (Newton-Schulz; normuon:
-    Polar Express + NorMuon), everything else AdamW at `lr`. Muon's decoupled weight decay shrinks the matrices
-    by the same lr·weight_decay per step as AdamW would. Each group's `lr_scale` is its learning rate relative to
-    `lr`: the loop multiplies the schedule by it."""
+    Polar Express + NorMuon); the embeddings (and a head tied to them) AdamW at `embed_lr` (default EMBED_LR), an
+    untied output head AdamW at `head_lr` (default HEAD_LR), norms and biases AdamW at `lr`. Separate rates as
+    nanochat and modded-nanogpt have them: with Muon's matrices at 0.02 the embeddings and head left at an AdamW
+    rate of 1e-3 hold the model back (bench/train_optim.py --grid measures the defaults). Every matrix shrinks by
+    the same lr·weight_decay per step, whatever its own rate. Each group's `lr_scale` is its learning rate
+    relative to `lr`: the loop multiplies the schedule by it."""
     fused = str(device).startswith("cuda")
     if optimizer not in OPTIMIZERS:
         raise UsageProblem(f"unknown --optimizer {optimizer!r}", hint="choose " + ", ".join(OPTIMIZERS))
@@ -61,13 +68,23 @@ def build_optimizer(model: torch.nn.Module, *, lr: float, weight_decay: float, b
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=1e-8, fused=fused)
     from gentool.train.muon import MuonAdamW
 
-    if muon_lr <= 0 or not 0 <= muon_momentum < 1:
-        raise UsageProblem(f"--muon-lr {muon_lr} / --muon-momentum {muon_momentum} out of range",
-                           hint="a positive learning rate, a momentum in [0, 1)")
+    embed_lr = EMBED_LR if embed_lr is None else embed_lr
+    head_lr = HEAD_LR if head_lr is None else head_lr
+    for flag, value in (("--muon-lr", muon_lr), ("--embed-lr", embed_lr), ("--head-lr", head_lr)):
+        if not value > 0:
+            raise UsageProblem(f"{flag} {value} is out of range", hint="a positive learning rate")
+    if not 0 <= muon_momentum < 1:
+        raise UsageProblem(f"--muon-momentum {muon_momentum} is out of range", hint="a momentum in [0, 1)")
     muon, rest = muon_split(model)
-    scale = muon_lr / lr
-    groups = [{"params": muon, "muon": True, "lr": muon_lr, "lr_scale": scale, "weight_decay": weight_decay / scale},
-              {"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
+    embeds = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+
+    def group(params: list[torch.nn.Parameter], group_lr: float, **kw) -> dict:
+        scale = group_lr / lr
+        return {"params": params, "lr": group_lr, "lr_scale": scale, "weight_decay": weight_decay / scale, **kw}
+
+    groups = [group(muon, muon_lr, muon=True),
+              group([p for p in rest if id(p) in embeds], embed_lr),
+              group([p for p in rest if p.dim() >= 2 and id(p) not in embeds], head_lr),
               {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
     return MuonAdamW(groups, lr=lr, betas=betas, momentum=muon_momentum, fused=fused,
                      variant="normuon" if optimizer == "normuon" else "newton-schulz")
