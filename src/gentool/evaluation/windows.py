@@ -83,7 +83,7 @@ class PerplexityResult:
 
     @property
     def perplexity(self) -> float:
-        return math.exp(self.nll)
+        return math.exp(self.nll) if self.nll < 709 else math.inf  # exp overflows a float past 709.78
 
     @property
     def bits_per_byte(self) -> float | None:
