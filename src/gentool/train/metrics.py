@@ -66,7 +66,24 @@ class MetricsLog:
         line["seconds"] = round(time.time() - self.wall0, 3)
         line["train_seconds"] = round(self.train_seconds, 3)
         if self.write:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(line) + "\n")
+            self._append(json.dumps(line) + "\n")
         self.mark_step, self.mark_time, self.excluded = step, time.perf_counter(), 0.0
         return line
+
+    def _append(self, text: str) -> None:
+        """One line, or (a full disk) none: a half line would stop --resume from reading the file."""
+        size = self.path.stat().st_size if self.path.exists() else 0
+        try:
+            with open(self.path, "a") as f:
+                f.write(text)
+        except OSError as e:
+            import os
+
+            from gentool.artifacts.store import write_failure
+            from gentool.train.checkpoint import resume_hint
+
+            try:
+                os.truncate(self.path, size)
+            except OSError:
+                pass
+            raise write_failure(e, self.path, hint=resume_hint(self.path.parent / "state")) from e

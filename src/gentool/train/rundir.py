@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gentool.artifacts import ArtifactBuilder, canonical_json, create_artifact
+from gentool.artifacts import ArtifactBuilder, WriteFailed, canonical_json, check_output, create_artifact
 from gentool.artifacts.store import check_not_an_input
 from gentool.errors import UsageProblem
 from gentool.train import distributed
@@ -50,10 +50,8 @@ class RunDir:
     def check(self, sources=()) -> None:
         """Before any work: the output and the unfinished run this command would replace, and that neither is one
         of the run's inputs (`sources`, paths)."""
-        check_not_an_input(self.out, sources)
+        check_output(self.out, force=self.force, sources=sources)
         check_not_an_input(self.partial, sources)
-        if self.out.exists() and not self.force:
-            raise UsageProblem("output exists", path=self.out, hint="use --force to replace it")
         if self.partial.exists() and not (self.resume or self.force):
             raise UsageProblem("an unfinished run is here", path=self.partial,
                                hint="continue it with --resume, or --force")
@@ -83,8 +81,13 @@ class RunDir:
 
     @contextmanager
     def finish(self, kind: str, *, config: dict[str, Any], inputs: list[dict]) -> Iterator[ArtifactBuilder]:
-        """Rank 0: the final artifact, with the run's metrics.jsonl; OUTPUT.partial/ goes once it is in place."""
-        with create_artifact(self.out, kind, force=True, config=config, inputs=inputs) as art:
-            yield art
-            shutil.copy(self.partial / "metrics.jsonl", art.dir / "metrics.jsonl")
+        """Rank 0: the final artifact, with the run's metrics.jsonl; OUTPUT.partial/ goes once it is in place. When
+        it cannot be written (a full disk) the run stays in OUTPUT.partial/, and --resume writes it again."""
+        try:
+            with create_artifact(self.out, kind, force=True, config=config, inputs=inputs) as art:
+                yield art
+                shutil.copy(self.partial / "metrics.jsonl", art.dir / "metrics.jsonl")
+        except WriteFailed as e:
+            raise WriteFailed(e.message, path=e.path, hint=f"the finished run is kept in {self.partial}; free some "
+                                                           "space, then rerun with --resume to write it") from e
         shutil.rmtree(self.partial, ignore_errors=True)
