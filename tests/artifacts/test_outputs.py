@@ -57,6 +57,9 @@ def test_a_directory_where_a_file_is_expected_and_the_reverse(tmp_path):
         check_output(tmp_path / "nope" / "x", force=True)
     check_output(tmp_path / "file", force=True, file=True)
     check_output(tmp_path / "dir", force=True)
+    check_output(tmp_path / "new" / "run", force=False, parents=True)  # a training run makes its parents
+    with pytest.raises(UsageProblem, match="is not a directory"):
+        check_output(tmp_path / "file" / "a" / "run", force=False, parents=True)
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")

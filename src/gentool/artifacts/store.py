@@ -182,11 +182,13 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
-def check_output(out: str | Path, *, force: bool, sources=(), file: bool = False, option: str = "the output") -> None:
+def check_output(out: str | Path, *, force: bool, sources=(), file: bool = False, option: str = "the output",
+                 parents: bool = False) -> None:
     """Validate an output path before any work (exit 2): not "", ".", ".." nor a directory holding the working
     directory; not an input, nor inside or around one (`sources`, paths); an existing one only with --force, and
-    only of the kind written (a directory artifact, or with `file` a single file); its parent an existing,
-    writable directory. Every option that writes a path goes through here (`option` names it in the message)."""
+    only of the kind written (a directory artifact, or with `file` a single file); its parent an existing (with
+    `parents`: to be created), writable directory. Every option that writes a path goes through here (`option`
+    names it in the message)."""
     out = Path(out)
     what = "a file" if file else "an artifact directory"
     if str(out) == "-":
@@ -210,6 +212,8 @@ def check_output(out: str | Path, *, force: bool, sources=(), file: bool = False
             raise UsageProblem(f"{option} is a file, expected {what}", path=out,
                                hint="pass a directory path (--force replaces an old artifact, never a file)")
     parent = out.parent
+    while parents and not parent.exists() and parent != parent.parent:
+        parent = parent.parent
     if not parent.exists():
         raise UsageProblem("parent directory does not exist", path=parent, hint="create it first")
     if not parent.is_dir():

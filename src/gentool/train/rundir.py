@@ -44,13 +44,13 @@ class RunOptions:
 class RunDir:
     def __init__(self, out: str | Path, *, resume: bool = False, force: bool = False):
         self.out = Path(out)
-        self.partial = self.out.with_name(self.out.name + ".partial")
+        self.partial = self.out.parent / (self.out.name + ".partial")  # check() refuses "", "." and ".."
         self.resume, self.force = resume, force
 
     def check(self, sources=()) -> None:
         """Before any work: the output and the unfinished run this command would replace, and that neither is one
         of the run's inputs (`sources`, paths)."""
-        check_output(self.out, force=self.force, sources=sources)
+        check_output(self.out, force=self.force, sources=sources, parents=True)  # begin() makes the parents
         check_not_an_input(self.partial, sources)
         if self.partial.exists() and not (self.resume or self.force):
             raise UsageProblem("an unfinished run is here", path=self.partial,
