@@ -2,6 +2,7 @@
 
     python bench/tokenize_bench.py             # 200 MB generated corpus, all cores
     python bench/tokenize_bench.py --mb 1000   # bigger corpus: peak memory should not grow with it
+    python bench/tokenize_bench.py --parquet   # also the same documents as Parquet shards (one row each)
 
 The corpus is the bundled Shakespeare, its blank-line documents shuffled into 16 MB files until --mb is reached.
 A tokenizer (BPE, --vocab-size) is trained on the bundled corpus. Every run is its own process, timed wall-clock,
@@ -77,6 +78,17 @@ def make_corpus(directory: Path, megabytes: float, file_mb: float = 16.0) -> int
     return total
 
 
+def to_parquet(text_dir: Path, out_dir: Path) -> None:
+    """The same documents, one Parquet file per text file, one row per blank-line document."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out_dir.mkdir()
+    for f in sorted(text_dir.glob("*.txt")):
+        docs = [d.strip("\n") for d in f.read_text(encoding="utf-8").split("\n\n") if d.strip()]
+        pq.write_table(pa.table({"text": docs}), out_dir / f"{f.stem}.parquet", row_group_size=8192)
+
+
 def _tree(pid: int) -> list[int]:
     out, todo = [], [pid]
     while todo:
@@ -128,6 +140,7 @@ def main() -> None:
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--device", default="cpu", help="ignored: tokenization runs on the CPU")
     p.add_argument("--repeats", type=int, default=3, help="interleaved rounds (best and median are reported)")
+    p.add_argument("--parquet", action="store_true", help="also encode the corpus as Parquet shards (all cores)")
     p.add_argument("--tmp", default=None, help="where to put the corpus (default: the system temp dir)")
     args = p.parse_args()
 
@@ -148,6 +161,11 @@ def main() -> None:
         if args.workers > 1:
             runs.append(("gentool encode", args.workers,
                          gentool + ["-o", str(tmp / f"w{args.workers}"), "--workers", str(args.workers)]))
+        if args.parquet:
+            to_parquet(tmp / "corpus", tmp / "parquet")
+            runs.append(("gentool encode parquet", args.workers,
+                         [*gentool[:6], str(tmp / "parquet"), *gentool[7:], "--glob", "*.parquet", "-o",
+                          str(tmp / "wp"), "--workers", str(args.workers)]))
         results: dict[int, list[dict]] = {i: [] for i in range(len(runs))}
         tokens = {}
         for rnd in range(args.repeats):  # interleaved: a shared machine's load falls on every run alike
@@ -161,7 +179,7 @@ def main() -> None:
                     splits = json.loads(r["stdout"])["contents"]["splits"]
                     tokens[name, workers] = sum(s["tokens"] for s in splits.values())
                 results[i].append(r)
-                for d in ("w1", f"w{args.workers}"):  # free the disk between runs
+                for d in ("w1", f"w{args.workers}", "wp"):  # free the disk between runs
                     shutil.rmtree(tmp / d, ignore_errors=True)
                 (tmp / "plain.bin").unlink(missing_ok=True)
         rows = []
@@ -182,6 +200,9 @@ def main() -> None:
             r["CPU vs plain"] = r["CPU-s best"] / base["CPU-s best"]
         if len(rows) > 2:
             rows[2]["vs 1 worker"] = rows[2]["MB/s best"] / rows[1]["MB/s best"]
+        if args.parquet:
+            text_all = next(r for r in rows[1:] if r["workers"] == args.workers and "parquet" not in r["run"])
+            rows[-1]["vs text, same workers (best)"] = rows[-1]["MB/s best"] / text_all["MB/s best"]
         for r in rows:
             del r["_secs"]
         same = len(set(tokens.values())) == 1

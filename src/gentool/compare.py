@@ -3,14 +3,17 @@
 Each run is a training output (the artifact, its OUT.partial/ while it runs, or a metrics.jsonl). Runs whose recipes
 differ only in the seed form a group; a group's label is the recipe entries in which the groups differ. Per group:
 mean ± sample std over runs of the final metric and of the steps, tokens and training seconds spent; with a target,
-also how many runs reached it and the steps / tokens / seconds to the first evaluation at or below it. Then a
-one-sided Welch t-test of the final metric, first group against each other one (lower is better), the ratios of
-the first group's mean steps and seconds to the other's, and with a target the first group's mean steps and seconds
-to reach it over the other's whole run (with the target at the other's final metric: "reaches its loss in x the
-steps"). The verdict `better` is True when every such test has p < alpha.
+also how many runs reached it (k of n) and the steps / tokens / seconds to the first evaluation at or below it: a
+mean over all n runs when every run reached it (a run that did not has no such step: the mean is then undefined, and
+the runs that did are reported apart). Then a one-sided Welch t-test of the final metric, first group against each
+other one (lower is better), the ratios of the first group's mean steps and seconds to the other's, and with a
+target the first group's mean steps and seconds to reach it over the other's whole run (with the target at the
+other's final metric: "reaches its loss in x the steps"), defined only when every run of the first group reached it.
+The verdict `better` is True when every such test has p < alpha. A non-finite metric (a run that diverged) leaves
+its group's mean undefined and is counted.
 
-Runs trained on different data (token shards, hence tokenizer) or lacking the metric are refused by name: their
-numbers would not be comparable.
+Runs trained on different data (token shards, hence tokenizer), with different objectives (an autoregressive LM
+beside a diffusion model) or lacking the metric are refused by name: their numbers would not be comparable.
 """
 
 from __future__ import annotations
@@ -22,7 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gentool.errors import UsageProblem
+from gentool.errors import GentoolError, UsageProblem
+
+PLOT_FORMATS = ("png", "pdf", "svg", "jpg", "jpeg", "eps", "ps", "tif", "tiff", "webp")
 
 
 @dataclass
@@ -33,6 +38,12 @@ class Run:
     tokenizer: str | None = None
     seed: Any = None
 
+    @property
+    def objective(self) -> str:
+        """What the metric measures: an autoregressive LM's loss, or a diffusion family's (the recipe's family)."""
+        family = self.recipe.get("family")
+        return str(family) if family else "autoregressive LM"
+
 
 @dataclass
 class Group:
@@ -42,9 +53,14 @@ class Group:
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     try:
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    except (OSError, ValueError) as e:
+        lines = [(i, json.loads(line)) for i, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+    except (OSError, ValueError, RecursionError) as e:
         raise UsageProblem(f"cannot read the metrics ({e})", path=path) from None
+    for i, rec in lines:
+        if not isinstance(rec, dict):
+            raise UsageProblem(f"line {i} of the metrics is not a JSON object", path=path,
+                               hint="metrics.jsonl holds one object per line, as train-lm writes it")
+    return [rec for _, rec in lines]
 
 
 def read_run(arg: str) -> Run:
@@ -99,12 +115,20 @@ def group_runs(runs: list[Run]) -> list[Group]:
 
 
 def _check_comparable(runs: list[Run], metric: str) -> None:
+    kinds: dict[str, str] = {}
+    for r in runs:
+        kinds.setdefault(r.objective, r.name)
+    if len(kinds) > 1:
+        (ka, a), (kb, b) = list(kinds.items())[:2]
+        raise UsageProblem(f"runs {a} and {b} train different objectives ({ka}, {kb}): their {metric} is not "
+                           "comparable", hint="compare runs of one kind (train-lm with train-lm, one diffusion "
+                                              "family with itself)")
     for what, get in (("data", lambda r: r.recipe.get("data")), ("tokenizer", lambda r: r.tokenizer)):
         seen = {}
         for r in runs:
             v = get(r)
             if v is not None:
-                seen.setdefault(v, r.name)
+                seen.setdefault(json.dumps(v, sort_keys=True), r.name)
         if len(seen) > 1:
             a, b = list(seen.values())[:2]
             raise UsageProblem(f"runs {a} and {b} were trained on different {what}: their {metric} is not "
@@ -115,29 +139,31 @@ def _check_comparable(runs: list[Run], metric: str) -> None:
                                hint="choose another --metric (e.g. loss, val_loss, val_bpb)")
 
 
-def _stats(xs: list[float]) -> dict[str, float | None]:
-    if not xs:
-        return {"mean": None, "std": None}
+def _stats(xs: list[float]) -> dict[str, Any]:
+    """Mean and sample std; undefined (None) when empty or when a value is not finite (counted in non_finite)."""
+    bad = sum(1 for x in xs if not math.isfinite(x))
+    if not xs or bad:
+        return {"mean": None, "std": None, **({"non_finite": bad} if bad else {})}
     mean = sum(xs) / len(xs)
     std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
     return {"mean": mean, "std": std}
 
 
 def _seconds(m: dict[str, Any]) -> float:
-    return float(m.get("train_seconds", m.get("seconds", math.nan)))
+    return _number(m.get("train_seconds", m.get("seconds")))
 
 
 def summarize(group: Group, metric: str, target: float | None) -> dict[str, Any]:
     finals, steps, tokens, secs, hit = [], [], [], [], []
     for r in group.runs:
         evals = [m for m in r.lines if metric in m]
-        finals.append(float(evals[-1][metric]))
+        finals.append(_number(evals[-1][metric]))
         last = r.lines[-1]
-        steps.append(last["step"])
-        tokens.append(last.get("tokens", math.nan))
+        steps.append(_number(last.get("step")))
+        tokens.append(_number(last.get("tokens")))
         secs.append(_seconds(last))
         if target is not None:
-            first = next((m for m in evals if m[metric] <= target), None)
+            first = next((m for m in evals if _number(m[metric]) <= target), None)
             if first is not None:
                 hit.append(first)
     out = {"group": group.label, "runs": len(group.runs), "seeds": [r.seed for r in group.runs],
@@ -145,16 +171,24 @@ def summarize(group: Group, metric: str, target: float | None) -> dict[str, Any]
            "seconds": _stats(secs), "_finals": finals}
     if target is not None:
         out["reached"] = len(hit)
-        out["to_target"] = {k: _stats([float(f(m)) for m in hit]) for k, f in
-                            (("steps", lambda m: m["step"]), ("tokens", lambda m: m.get("tokens", math.nan)),
-                             ("seconds", _seconds))}
+        each = {k: [float(f(m)) for m in hit] for k, f in
+                (("steps", lambda m: _number(m.get("step"))), ("tokens", lambda m: _number(m.get("tokens"))),
+                 ("seconds", _seconds))}
+        everyone = len(hit) == len(group.runs)   # a run that never reached it has no step to average
+        out["to_target"] = {k: _stats(v) if everyone else {"mean": None, "std": None} for k, v in each.items()}
+        out["to_target_reached"] = {k: _stats(v) for k, v in each.items()}   # the k runs that did
     return out
+
+
+def _number(v: Any) -> float:
+    """A metric value as a float (NaN when absent or not a number)."""
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else math.nan
 
 
 def welch(a: list[float], b: list[float]) -> tuple[float | None, float | None]:
     """(t, one-sided p) of Welch's test that mean(a) < mean(b); None where it is undefined (fewer than two runs
     in a group, or no spread at all)."""
-    if len(a) < 2 or len(b) < 2 or (max(a) == min(a) and max(b) == min(b)):
+    if len(a) < 2 or len(b) < 2 or not all(map(math.isfinite, a + b)) or (max(a) == min(a) and max(b) == min(b)):
         return None, None
     from scipy import stats
 
@@ -194,6 +228,14 @@ def plot_runs(groups: list[Group], metric: str, out: Path, target: float | None 
 
 def compare(args: list[str], *, metric: str = "val_loss", target: float | None = None, alpha: float = 0.01,
             plot: Path | None = None) -> dict[str, Any]:
+    if plot is not None and plot.suffix.lower().lstrip(".") not in PLOT_FORMATS:
+        raise UsageProblem(f"--plot {plot}: not an image format matplotlib writes",
+                           hint="end the name in " + ", ".join("." + f for f in PLOT_FORMATS[:3]))
+    if plot is not None:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise GentoolError("--plot needs matplotlib", hint="pip install 'gentool[plot]'") from None
     paths = [p for a in args for p in (sorted(glob.glob(a)) if any(c in a for c in "*?[") else [a])]
     if not paths:
         raise UsageProblem("no runs to compare", hint="pass run directories, e.g. runs/muon-s* runs/adamw-s*")
@@ -208,8 +250,8 @@ def compare(args: list[str], *, metric: str = "val_loss", target: float | None =
     tests = []
     for g, row in zip(groups[1:], rows[1:]):
         t, p = welch(rows[0]["_finals"], row["_finals"])
-        ratio = {k: (rows[0][k]["mean"] / row[k]["mean"]) if row[k]["mean"] else None
-                 for k in ("steps", "seconds")}
+        ratio = {k: (rows[0][k]["mean"] / row[k]["mean"]) if rows[0][k]["mean"] is not None and row[k]["mean"]
+                 else None for k in ("steps", "seconds")}
         test = {"first": groups[0].label, "other": g.label, "t": t, "p": p, "ratio_first_to_other": ratio}
         if target is not None:  # the first group's way to the target against the other's whole run
             first = rows[0]["to_target"]

@@ -130,6 +130,8 @@ def dumps(obj: Any) -> str:
 
 
 def _fmt(v: Any) -> str:
+    if v is None:
+        return "—"   # a value that does not exist (an undefined statistic), never Python's "None"
     if isinstance(v, float):
         return f"{v:.6g}"
     if isinstance(v, (dict, list)):

@@ -27,7 +27,8 @@ import numpy as np
 
 from gentool import console
 from gentool.artifacts import check_output, create_artifact, input_ref, read_artifact
-from gentool.data.text import TextStats, bundled_corpus, expand_inputs, iter_segments, iter_training_lines
+from gentool.data.text import (TextStats, bundled_corpus, compressed_or_columnar, expand_inputs, iter_segments,
+                               iter_training_lines)
 from gentool.data.tokenizer import SPECIAL_IDS, Tokenizer
 from gentool.errors import UsageProblem
 
@@ -133,12 +134,20 @@ BATCH_CHARS = 1 << 18   # text per encoding task
 IN_FLIGHT = 4           # tasks per worker queued at most: bounds memory whatever the corpus size
 
 
-def _encode_batch(sp, texts: list[str], lasts: list[bool], eos: int, dtype: str
+def _batch_encoder(tok):
+    """texts -> one int array per text, without special tokens. SentencePiece releases the GIL while it encodes and
+    returns int32 buffers (no Python int per token), so a few threads encode in parallel in one process; a Hugging
+    Face tokenizer.json encodes through its own batch call (which releases the GIL too)."""
+    if isinstance(tok, Tokenizer):
+        return lambda texts: tok.sp.encode(texts, num_threads=1, out_type="numpy")
+    return lambda texts: [np.asarray(ids, dtype=np.int64) for ids in tok.encode_batch(texts)]
+
+
+def _encode_batch(encode, texts: list[str], lasts: list[bool], eos: int, dtype: str
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Encode segments; EOS follows each document's last segment. (flat tokens, tokens per segment, UTF-8 bytes
-    per segment). SentencePiece releases the GIL while it encodes and returns int32 buffers (no Python int per
-    token), so a few threads encode in parallel in one process."""
-    ids = sp.encode(texts, num_threads=1, out_type="numpy")
+    per segment)."""
+    ids = encode(texts)
     last = np.fromiter(lasts, dtype=bool, count=len(lasts))
     lens = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
     flat = np.concatenate(ids) if ids else np.zeros(0, np.int32)
@@ -232,9 +241,7 @@ def encode_corpus(inputs: list[str], tokenizer: Path, out: Path, *, val_fraction
     if unit not in ("auto", "file", "blank-line", "jsonl"):
         raise UsageProblem(f"unknown --document {unit!r}", hint="use auto, file, blank-line or jsonl")
     check_output(out, force=force, sources=[*inputs, tokenizer])
-    tok_manifest = read_artifact(tokenizer, "tokenizer")
-    model_file = tok_manifest.path / "tokenizer.model"
-    tok = Tokenizer(model_file)
+    tok, tok_ref = _encoding_tokenizer(Path(tokenizer))
     if tok.eos_id is None:
         raise UsageProblem("the tokenizer has no EOS token", path=tokenizer, hint="train one with gentool tokenize "
                            "train")
@@ -243,11 +250,12 @@ def encode_corpus(inputs: list[str], tokenizer: Path, out: Path, *, val_fraction
     dtype = dtype_for_vocab(tok.vocab_size)
     config = {"dtype": dtype.name, "shard_tokens": shard_tokens, "val_fraction": val_fraction,
               "split_seed": split_seed, "document_unit": unit, "text_field": text_field, "separator": "eos"}
-    total_bytes = sum(s.stat().st_size for s in sources if isinstance(s, Path)) or None
+    sized = [s for s in sources if isinstance(s, Path) and not compressed_or_columnar(s)]
+    total_bytes = sum(s.stat().st_size for s in sized) if len(sized) == len(sources) else None
     stats = TextStats()
     t0 = time.time()
     with create_artifact(out, "token-shards", force=force, config=config,
-                         inputs=[input_ref("tokenizer", tok_manifest)] + [input_ref("corpus", s) for s in sources]
+                         inputs=[tok_ref] + [input_ref("corpus", s) for s in sources]
                          ) as art:
         writers = {s: _ShardWriter(art.dir, s, shard_tokens, dtype) for s in ("train", "val")}
         pending: deque = deque()
@@ -270,11 +278,12 @@ def encode_corpus(inputs: list[str], tokenizer: Path, out: Path, *, val_fraction
         # Threads, not processes: the encoder runs without the GIL, so `workers` threads encode in parallel while
         # this one reads ahead and writes; nothing is pickled and nothing is forked.
         pool = ThreadPoolExecutor(workers, thread_name_prefix="encode", initializer=_signals_to_main_thread)
+        encode = _batch_encoder(tok)
         try:
             with console.progress("encoding (MB)", total_bytes and round(total_bytes / 1e6, 1)) as bar:
                 done = 0
                 for texts, lasts, _ in _batches(iter_segments(sources, unit, text_field, stats, segment_chars)):
-                    pending.append((pool.submit(_encode_batch, tok.sp, texts, lasts, tok.eos_id, dtype.str), lasts))
+                    pending.append((pool.submit(_encode_batch, encode, texts, lasts, tok.eos_id, dtype.str), lasts))
                     while len(pending) >= IN_FLIGHT * workers:
                         done += collect()
                         bar.update(completed=round(done / 1e6, 1))
@@ -295,14 +304,41 @@ def encode_corpus(inputs: list[str], tokenizer: Path, out: Path, *, val_fraction
                          "--val-fraction, or use --document blank-line")
         if stats.invalid_utf8:
             console.warn(f"replaced {stats.invalid_utf8} invalid UTF-8 sequences with U+FFFD")
+        if stats.skipped_rows:
+            console.warn(f"skipped {stats.skipped_rows} rows whose {text_field!r} cell is null or empty")
         seconds = time.time() - t0
         n_bytes = sum(w.bytes for w in writers.values())
-        art.contents.update(tokenizer_id=tok.sha256, vocab_size=tok.vocab_size, eos_id=tok.eos_id,
+        art.contents.update(tokenizer_id=tok.sha256, tokenizer_file=_relative_to(tok.path, out),
+                            tokenizer_file_absolute=str(Path(tok.path).resolve()),
+                            vocab_size=tok.vocab_size, eos_id=tok.eos_id,
                             bos_id=tok.bos_id, pad_id=tok.pad_id, unk_id=tok.unk_id, dtype=dtype.name,
                             splits={s: w.summary() for s, w in writers.items()})
         art.metrics.update(seconds=round(seconds, 3), mb_per_s=round(n_bytes / 1e6 / max(seconds, 1e-9), 3),
-                           workers=workers, invalid_utf8_replaced=stats.invalid_utf8)
+                           workers=workers, invalid_utf8_replaced=stats.invalid_utf8,
+                           skipped_rows=stats.skipped_rows)
     return art.manifest
+
+
+def _encoding_tokenizer(path: Path):
+    """(tokenizer, its `inputs` entry): a tokenizer artifact (its manifest verified), or the tokenizer.model /
+    tokenizer.json of any checkpoint (gentool's, one imported from GGUF, a Hugging Face directory), or that file."""
+    from gentool.artifacts import probe
+    from gentool.data.tokenizer import load_tokenizer
+
+    if path.is_dir() and probe(path).kind == "tokenizer":
+        manifest = read_artifact(path, "tokenizer")
+        return Tokenizer(manifest.path / "tokenizer.model"), input_ref("tokenizer", manifest)
+    tok = load_tokenizer(path)
+    return tok, input_ref("tokenizer", tok.path)
+
+
+def _relative_to(file: Path, directory: Path) -> str:
+    """`file` as the shards' manifest records it: relative to the shards directory (both resolved), so it is found
+    from any working directory and when the two move together; absolute where no relative path exists."""
+    try:
+        return os.path.relpath(Path(file).resolve(), Path(directory).resolve())
+    except ValueError:  # another drive (Windows)
+        return str(Path(file).resolve())
 
 
 _ID = re.compile(r"[+-]?[0-9]+")

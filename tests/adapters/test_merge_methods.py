@@ -45,22 +45,16 @@ def adapters(tmp_path_factory):
     return d
 
 
-def peft_merge(d, names, method, seed=0, **kw):
-    """PEFT's merged adapter "m" as {module: ΔW}. PEFT draws the new adapter's initial weights from the global
-    generator before merging, so the seed is set right after that injection: where gentool's --seed starts."""
+def peft_merge(d, names, method, seed=0, weights=WEIGHTS, **kw):
+    """PEFT's merged adapter "m" as {module: ΔW}, made as a user would: `torch.manual_seed(seed)` then
+    add_weighted_adapter (whose injection of the new adapter draws from the generator before DARE's masks do)."""
     model = peft.PeftModel.from_pretrained(transformers.LlamaForCausalLM.from_pretrained(d / "base"), d / names[0],
                                            adapter_name=names[0])
     for n in names[1:]:
         model.load_adapter(d / n, adapter_name=n)
     inner = model.base_model
-    inject = inner.inject_adapter
-
-    def inject_then_seed(*a, **k):
-        inject(*a, **k)
-        torch.manual_seed(seed)
-
-    inner.inject_adapter = inject_then_seed
-    inner.add_weighted_adapter(names, WEIGHTS[:len(names)], "m", combination_type=method, **kw)
+    torch.manual_seed(seed)
+    inner.add_weighted_adapter(names, weights[:len(names)], "m", combination_type=method, **kw)
     out = {}
     for name, mod in inner.model.named_modules():
         if hasattr(mod, "lora_A") and "m" in mod.lora_A:
@@ -236,3 +230,38 @@ def test_dora_refused_by_factor_methods_and_different_bases_refused(cli, adapter
     r = cli("lora-merge", d / "base", tmp_path / "g1", tmp_path / "g2", "-o", tmp_path / "out")
     assert r.exit_code == 2 and "different bases" in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("init", [True, "gaussian"])
+def test_dare_masks_equal_peft_seeded_before_add_weighted_adapter(cli, adapters, tmp_path, init):
+    """PEFT's injection of the merged adapter draws its layers' initial weights (by the first adapter's
+    init_lora_weights) before the masks; gentool spends the same draws, so `torch.manual_seed(seed)` then
+    add_weighted_adapter gives gentool's --seed masks (the fixture's adapters say init_lora_weights=false)."""
+    import shutil
+
+    shutil.copytree(adapters / "base", tmp_path / "base")
+    for n in ("a", "b"):
+        shutil.copytree(adapters / n, tmp_path / n)
+        cfg = json.loads((tmp_path / n / "adapter_config.json").read_text())
+        (tmp_path / n / "adapter_config.json").write_text(json.dumps({**cfg, "init_lora_weights": init}))
+    for method, extra in (("dare_ties", []), ("dare_linear_svd", ["--rank", "3"])):
+        kw = {"svd_rank": 3} if extra else {}
+        want = peft_merge(tmp_path, ["a", "b"], method, seed=5, density=0.5, **kw)
+        got, _ = ours(cli, tmp_path, ["a", "b"], method, tmp_path / method, "--density", "0.5", "--seed", "5", *extra)
+        for m in want:
+            torch.testing.assert_close(got[m], want[m][0], rtol=1e-4, atol=1e-5, msg=m)
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_linear", "magnitude_prune", "ties_svd", "dare_ties_svd"])
+def test_one_adapter_is_merged_linearly_as_peft_does(cli, adapters, tmp_path, method):
+    """add_weighted_adapter with a single adapter falls back to `linear` whatever the combination type: no
+    pruning, no dropping, the weighted adapter itself (gentool used to prune it)."""
+    d = adapters
+    want = peft_merge(d, ["a"], method, density=0.5)
+    got, summary = ours(cli, d, ["a"], method, tmp_path / "m", "--density", "0.5")
+    assert summary["method"] == "linear" and set(got) == set(want)
+    a = read_adapter(d / "a")
+    for m in want:
+        torch.testing.assert_close(got[m], want[m][0], rtol=1e-4, atol=1e-5, msg=m)
+        exact = WEIGHTS[0] * a.scaling(m) * a.lora[m]["B"] @ a.lora[m]["A"]
+        torch.testing.assert_close(got[m], exact, rtol=1e-4, atol=1e-6, msg=m)

@@ -86,7 +86,36 @@ def world(tmp_path_factory, tiny_tokenizer, tiny_tokens):
     (w / "recipe-bad.toml").write_text("stepz = 3\n")
     (w / "unrelated.txt").write_text("someone's file\n")
     os.link(w / "text.txt", w / "text-link.txt")  # another name of an input
+    (w / "pics.png").mkdir()
+    _tasks(w)
+    shutil.copytree(w / "lm", w / "lm-badmetrics")   # metrics.jsonl lines that are JSON but not objects
+    with open(w / "lm-badmetrics" / "metrics.jsonl", "a") as f:
+        f.write("[1, 2]\n3\n")
+    (w / "recipe-bool.toml").write_text("lr = true\n")  # click would train at lr 1.0
+    (w / "badinvocation").mkdir()
+    (w / "badinvocation" / "manifest.json").write_text(json.dumps(
+        {"format": "gentool.lm-checkpoint", "invocation": {"command": "train-lm", "options": {"steps": "three"}}}))
+    shutil.copytree(tiny_tokenizer, w / "tok-changed")  # shards encoded with it, then the tokenizer retrained in place
+    ok("tokenize", "encode", w / "text.txt", "--tokenizer", w / "tok-changed", "-o", w / "tokens-changed",
+       "--val-fraction", "0", "--workers", "1")
+    (w / "tok-changed" / "tokenizer.model").write_bytes((w / "tok-changed" / "tokenizer.model").read_bytes() + b"\0")
     return w
+
+
+def _tasks(w: Path) -> None:
+    """evaluate's task files: a good multiple-choice task and one broken way per row."""
+    rows = [{"q": f"Line {i}", "choices": ["yes", "no"], "label": i % 2} for i in range(4)]
+    (w / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (w / "mc-one-choice.jsonl").write_text(json.dumps({"q": "x", "choices": ["only"], "label": 0}) + "\n")
+    (w / "mc-empty.jsonl").write_text("")
+    base = ("output_type: multiple_choice\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
+            "test_split: test\ndoc_to_text: \"{text}\"\ndoc_to_choice: choices\ndoc_to_target: label\n")
+    for name, data, text in (("task-ok", "mc.jsonl", "{{q}}"), ("task-badtemplate", "mc.jsonl", "{{nope}}"),
+                             ("task-onechoice", "mc-one-choice.jsonl", "{{q}}"),
+                             ("task-emptysplit", "mc-empty.jsonl", "{{q}}")):
+        (w / f"{name}.yaml").write_text(base.format(data=w / data, text=text))
+    (w / "task-nofield.yaml").write_text(base.format(data=w / "mc.jsonl", text="{{q}}").replace(
+        "doc_to_choice: choices\n", ""))
 
 
 def _poke_nan(path: Path) -> None:
@@ -168,6 +197,14 @@ ROWS = [
     ("sample-diffusion-zero-samples", "sample {moons} --num-samples 0 -o {out}"),
     ("quantize-group-size", "quantize {lm} --scheme int4 --group-size 7 -o {out}"),
     ("recipe-unknown-key", "train-lm {tokens} -o {out} --config {recipe-bad}"),
+    ("recipe-wrong-type", "train-diffusion builtin:moons -o {out} --steps 2 --config {recipe-bool.toml}"),
+    ("recipe-manifest-wrong-type", "train-lm -o {out} --config {badinvocation}"),
+    ("train-diffusion-lr-zero", "train-diffusion builtin:moons -o {out} --steps 2 --lr 0"),
+    ("train-diffusion-lm-lr-zero", "train-diffusion {tokens} -o {out} --steps 1 --lr 0"),
+    ("train-diffusion-lr-inf", "train-diffusion builtin:moons -o {out} --steps 2 --lr inf"),
+    ("train-lm-lr-inf", "train-lm {tokens} -o {out} --steps 1 --lr inf"),
+    ("train-lm-tokenizer-changed", "train-lm {tokens-changed} -o {out} --steps 1 --preset tiny --seq-len 16"),
+    ("encode-checkpoint-without-tokenizer", "tokenize encode {text} --tokenizer {moons} -o {out}"),
     # an output that is, or nests in, an input
     ("quantize-onto-input", "quantize {lm} --scheme int8 -o {lm} --force"),
     ("quantize-into-input", "quantize {lm} --scheme int8 -o {lm}/q8 --force"),
@@ -179,6 +216,10 @@ ROWS = [
     # commands added in this push
     ("compare-missing-run", "compare {w}/nope"),
     ("compare-not-a-run", "compare {tok}"),
+    ("compare-lm-beside-diffusion", "compare {lm} {mdlm}"),
+    ("compare-lm-beside-image-diffusion", "compare {lm} {moons}"),
+    ("compare-non-object-metrics", "compare {lm-badmetrics}"),
+    ("compare-plot-not-an-image", "compare {lm} --plot {out}.txt"),
     ("lora-extract-adapter-as-base", "lora-extract {ada} {lm} -o {out}"),
     ("lora-extract-onto-input", "lora-extract {lm} {lm} -o {lm} --force"),
     ("lora-resize-model-as-adapter", "lora-resize {lm} -o {out}"),
@@ -199,8 +240,8 @@ ROWS = [
     ("kl-tokens-exists", "quantize {lm} --scheme int8 -o {out} --eval {text} --kl-tokens {unrelated}"),
     ("kl-tokens-into-output", "quantize {lm} --scheme int8 -o {out} --eval {text} --kl-tokens {out}/kl.jsonl"),
     ("kl-tokens-directory", "quantize {lm} --scheme int8 -o {out} --eval {text} --kl-tokens {tok} --force"),
-    ("plot-onto-run", "compare {lm} --plot {lm}/metrics.jsonl"),
-    ("plot-directory", "compare {lm} --plot {tok}"),
+    ("plot-into-run", "compare {lm} --plot {lm}/p.png"),
+    ("plot-onto-directory", "compare {lm} --plot {pics.png}"),
     ("plot-no-parent", "compare {lm} --plot {w}/nope/p.png"),
     # output paths that cannot be an output
     ("export-gguf-onto-directory", "export-gguf {lm} -o {tok} --force"),
@@ -219,7 +260,16 @@ ROWS = [
       for cmd in ("train-lm {tokens} --steps 1", "train-diffusion builtin:moons --steps 1", "sample {moons}",
                   "quantize {lm} --scheme int8", "tokenize train {text}", "tokenize encode {text} --tokenizer {tok}",
                   "lora-merge {lm} {ada}", "lora-extract {lm} {lm}", "lora-resize {ada}", "import-gguf {binary}",
-                  "export-gguf {lm}", "scale-fit {log} --form power --x flops --y loss")],
+                  "export-gguf {lm}", "scale-fit {log} --form power --x flops --y loss",
+                  "evaluate {lm} {task-ok.yaml}")],
+    ("evaluate-task-missing-field", "evaluate {lm} {task-nofield.yaml} -o {out}"),
+    ("evaluate-template-fails-on-row", "evaluate {lm} {task-badtemplate.yaml} -o {out}"),
+    ("evaluate-empty-split", "evaluate {lm} {task-emptysplit.yaml} -o {out}"),
+    ("evaluate-one-choice", "evaluate {lm} {task-onechoice.yaml} -o {out}"),
+    ("evaluate-too-many-shots", "evaluate {lm} {task-ok.yaml} --num-fewshot 9 -o {out}"),
+    ("evaluate-missing-task", "evaluate {lm} {w}/nope.yaml -o {out}"),
+    ("evaluate-tokenizer-as-model", "evaluate {tok} {task-ok.yaml} -o {out}"),
+    ("evaluate-onto-input", "evaluate {lm} {task-ok.yaml} -o {lm} --force"),
     # misuse
     ("resume-nothing", "train-lm {tokens} -o {out} --steps 1 --resume"),
     ("lora-rank-without-base", "train-lm {tokens} -o {out} --steps 1 --lora-rank 4"),

@@ -81,3 +81,64 @@ def test_sample_and_train_diffusion_take_recipes(cli, tmp_path):
     assert a.exit_code == b.exit_code == 0, a.output
     ma, mb = manifest(tmp_path / "a"), manifest(tmp_path / "b")
     assert ma["files"]["samples.safetensors"] == mb["files"]["samples.safetensors"]
+
+
+@pytest.mark.parametrize("command, text, words", [
+    ("train-diffusion", "lr = true\n", "option 'lr' in the recipe must be a number, not bool"),
+    ("train-diffusion", "steps = 2.5\n", "option 'steps' in the recipe must be an integer, not float"),
+    ("train-diffusion", "steps = [3]\n", "option 'steps' in the recipe must be an integer, not list"),
+    ("train-diffusion", "unconditional = 1\n", "option 'unconditional' in the recipe must be true or false"),
+    ("train-diffusion", 'width = "16"\n', "option 'width' in the recipe must be an integer, not str"),
+    ("train-diffusion", "[arguments]\ndata = 3\n", "argument 'data' in the recipe must be a string, not int"),
+    ("train-lm", "lr = true\n", "option 'lr' in the recipe must be a number, not bool"),
+    ("train-lm", "init-from = 1\n", "option 'init-from' in the recipe must be a path (a string), not int"),
+])
+def test_recipe_values_must_have_the_options_types(cli, tiny_tokens, tmp_path, command, text, words):
+    """click would take TOML `lr = true` as 1.0 and `steps = 2.5` as 2: a wrong type is refused, naming the key."""
+    (tmp_path / "r.toml").write_text(text)
+    data = tiny_tokens if command == "train-lm" else "builtin:moons"
+    r = cli(command, data, "-o", tmp_path / "out", "--config", tmp_path / "r.toml", "--steps", "1", "--device", "cpu") \
+        if "steps" not in text and "data" not in text else \
+        cli(command, "-o", tmp_path / "out", "--config", tmp_path / "r.toml", *([data] if "data" not in text else []))
+    assert r.exit_code == 2 and words in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.output
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+@pytest.mark.parametrize("invocation, words", [
+    ({"options": {"steps": "three"}}, "option 'steps' in the recipe must be an integer, not str"),
+    ({"options": {"lr": [1e-3]}}, "option 'lr' in the recipe must be a number, not list"),
+    ({"arguments": ["tokens"]}, "the manifest's invocation is malformed"),
+    ({"options": "steps=3"}, "the manifest's invocation is malformed"),
+])
+def test_a_manifest_invocation_of_wrong_types_is_a_usage_error(cli, tmp_path, invocation, words):
+    m = {"format": "gentool.lm-checkpoint", "invocation": {"command": "train-lm", **invocation}}
+    (tmp_path / "manifest.json").write_text(json.dumps(m))
+    r = cli("train-lm", "-o", tmp_path / "out", "--config", tmp_path / "manifest.json")
+    assert r.exit_code == 2 and words in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.output
+    assert "internal error" not in r.stderr
+
+
+def test_a_manifest_repeats_its_run_from_any_directory(cli, tiny_tokens, tmp_path, monkeypatch):
+    """Recorded paths are absolute: `--config RUN/manifest.json` works from anywhere, for a path argument (train-lm's
+    TOKENS) and a string one naming a file (train-diffusion's DATA)."""
+    import shutil
+
+    import numpy as np
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    shutil.copytree(tiny_tokens, a / "tokens")
+    np.save(a / "points.npy", np.random.default_rng(0).normal(size=(64, 2)).astype(np.float32))
+    monkeypatch.chdir(a)
+    assert cli("train-lm", "tokens", "-o", "lm", *FLAGS).exit_code == 0
+    assert cli("train-diffusion", "points.npy", "-o", "dif", "--steps", "2", "--batch-size", "8", "--model", "mlp",
+               "--width", "8", "--device", "cpu").exit_code == 0
+    first = manifest(a / "lm")
+    assert first["invocation"]["arguments"]["tokens"] == str((a / "tokens").absolute())
+    monkeypatch.chdir(b)
+    r = cli("train-lm", "-o", "again", "--config", "../a/lm/manifest.json")
+    assert r.exit_code == 0, r.output
+    assert manifest(b / "again")["fingerprint"] == first["fingerprint"]
+    r = cli("train-diffusion", "-o", "dif2", "--config", "../a/dif")
+    assert r.exit_code == 0, r.output
+    assert manifest(b / "dif2")["fingerprint"] == manifest(a / "dif")["fingerprint"]

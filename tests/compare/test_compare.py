@@ -12,11 +12,13 @@ from gentool.errors import UsageProblem
 
 
 def _run(path, *, optimizer, seed, finals, data="sha256:d", tokenizer="sha256:t", partial=False, metric="val_loss",
-         steps=100, sec_per_step=0.5):
-    """A run whose metric falls linearly from 6 to `finals` over `steps`, evaluated every 10 steps."""
+         steps=100, sec_per_step=0.5, family=None):
+    """A run whose metric falls linearly from 6 to `finals` over `steps`, evaluated every 10 steps (family: a
+    diffusion recipe's)."""
     d = path.with_name(path.name + ".partial") if partial else path
     d.mkdir(parents=True)
-    recipe = {"data": data, "train": {"optimizer": optimizer, "seed": seed, "steps": steps}, "seq_len": 32}
+    recipe = {"data": data, "train": {"optimizer": optimizer, "seed": seed, "steps": steps}, "seq_len": 32,
+              **({"family": family} if family else {})}
     if partial:
         (d / "run.json").write_text(json.dumps(recipe))
     else:
@@ -102,3 +104,57 @@ def test_refusals(tmp_path, cli):
         r = cli("compare", *runs)
         assert r.exit_code == 2 and msg in r.output and "Traceback" not in r.output
     assert cli("compare", a, d, "--metric", "loss").exit_code == 1   # every run logs the training loss
+
+
+def test_target_reached_by_some_runs_is_k_of_n(tmp_path, cli):
+    # group [1]: one of three runs reaches 4.2 (at step 90), the other two end above it; [1] is worse on average
+    first = [_run(tmp_path / f"a-{i}", optimizer="muon", seed=i, finals=f) for i, f in enumerate([4.18, 4.5, 4.6])]
+    other = [_run(tmp_path / f"b-{i}", optimizer="adamw", seed=i, finals=f) for i, f in enumerate([4.1, 4.12, 4.11])]
+    r = compare(first + other, target=4.2)
+    g = r["groups"][0]
+    assert g["reached"] == 1 and g["runs"] == 3
+    assert g["to_target"]["steps"]["mean"] is None                 # undefined: two runs never reached it
+    step = next(s for s in range(10, 101, 10) if 6 - (6 - 4.18) * s / 100 <= 4.2)
+    assert g["to_target_reached"]["steps"]["mean"] == pytest.approx(step)
+    assert r["tests"][0]["first_to_target_vs_other_final"] == {"steps": None, "seconds": None}
+    out = cli("compare", *first, *other, "--target", "4.2")
+    assert out.exit_code == 1 and "1/3 (the others never did)" in out.stdout
+    assert "[1] reached 4.2 in 1 of 3 runs: no ratio" in out.stdout and "reaches 4.2 in" not in out.stdout
+
+
+def test_non_finite_metric_is_undefined_not_inf(tmp_path, cli):
+    a = [_run(tmp_path / f"a-{i}", optimizer="muon", seed=i, finals=f) for i, f in enumerate([4.0, 4.01])]
+    b = [_run(tmp_path / f"b-{i}", optimizer="adamw", seed=i, finals=f) for i, f in enumerate([4.1, 4.12])]
+    with open(tmp_path / "a-1" / "metrics.jsonl", "a") as f:   # the run diverged at its last evaluation
+        f.write(json.dumps({"step": 110, "tokens": 7040, "loss": float("nan"), "val_loss": float("inf"),
+                            "seconds": 58.0, "train_seconds": 55.0}) + "\n")
+    r = compare(a + b)
+    fin = r["groups"][0]["final_val_loss"]
+    assert fin["mean"] is None and fin["non_finite"] == 1 and r["tests"][0]["p"] is None and not r["better"]
+    out = cli("compare", *a, *b)
+    assert "(1 runs not finite)" in out.stdout and "inf" not in out.stdout and "nan" not in out.stdout
+
+
+def test_other_objectives_bad_lines_and_plot_names_are_refused(tmp_path, cli):
+    lm = _run(tmp_path / "lm", optimizer="adamw", seed=0, finals=4.0)
+    mdlm = _run(tmp_path / "mdlm", optimizer="adamw", seed=0, finals=4.0, family="masked-lm")
+    with pytest.raises(UsageProblem, match="train different objectives .autoregressive LM, masked-lm."):
+        compare([lm, mdlm])
+    img = _run(tmp_path / "img", optimizer="adamw", seed=0, finals=0.1, family="ddpm", data={"spec": "builtin:moons"})
+    r = cli("compare", lm, img)
+    assert r.exit_code == 2 and "different objectives" in r.stderr and "internal error" not in r.stderr
+    bad = _run(tmp_path / "bad", optimizer="adamw", seed=1, finals=4.0)
+    with open(tmp_path / "bad" / "metrics.jsonl", "a") as f:
+        f.write("[1, 2]\n")
+    r = cli("compare", lm, bad)
+    assert r.exit_code == 2 and "line 11 of the metrics is not a JSON object" in r.stderr
+    r = cli("compare", lm, "--plot", tmp_path / "x.txt")
+    assert r.exit_code == 2 and "--plot" in r.stderr and not (tmp_path / "x.txt").exists()
+
+
+def test_tables_show_a_dash_for_none(capsys):
+    from gentool import console
+
+    console.emit({"rmse": None, "p": 0.5}, as_json=False)
+    out = capsys.readouterr().out
+    assert "None" not in out and "rmse  —" in out

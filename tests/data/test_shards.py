@@ -1,6 +1,7 @@
 """Token shards: memory-mapped reading equals what was written, across shard boundaries, in uint16 and uint32."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -66,3 +67,60 @@ def test_manifest_facts_and_errors(tmp_path):
     shard.write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 4)
     with pytest.raises(GentoolError, match="not a valid token shard"):
         mmap_tokens(shard)
+
+
+TEXT = "Now is the winter of our discontent made glorious summer by this sun of York.\n\n" * 40
+
+
+@pytest.fixture
+def encoded_here(tmp_path, monkeypatch, tiny_tokenizer):
+    """Shards encoded from tmp/a with relative paths (`--tokenizer tok -o tokens`), as a user types them."""
+    import shutil
+
+    from gentool.tokenize import encode_corpus
+
+    a = tmp_path / "a"
+    a.mkdir()
+    shutil.copytree(tiny_tokenizer, a / "tok")
+    (a / "text.txt").write_text(TEXT)
+    monkeypatch.chdir(a)
+    encode_corpus(["text.txt"], Path("tok"), Path("tokens"), workers=1, val_fraction=0)
+    (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "b")
+    return a
+
+
+def test_the_tokenizer_is_found_relative_to_the_shards_from_any_directory(encoded_here):
+    shards = open_shards(encoded_here / "tokens")
+    assert shards.contents["tokenizer_file"] == "../tok/tokenizer.model"
+    assert shards.tokenizer_file() == (encoded_here / "tok" / "tokenizer.model").resolve()
+
+
+def test_a_tokenizer_changed_since_encoding_is_an_error(encoded_here, tmp_path):
+    model = encoded_here / "tok" / "tokenizer.model"
+    model.write_bytes(model.read_bytes() + b"\0")  # retrained in place, say
+    with pytest.raises(GentoolError, match="tokenizer changed since these shards were encoded"):
+        open_shards(encoded_here / "tokens").tokenizer_file()
+    model.unlink()
+    with pytest.raises(GentoolError, match="tokenizer these shards were encoded with is gone"):
+        open_shards(encoded_here / "tokens").tokenizer_file()
+
+
+def test_old_manifests_use_the_typed_path_where_it_resolves(encoded_here, monkeypatch):
+    shards = open_shards(encoded_here / "tokens")
+    del shards.contents["tokenizer_file"]  # an older gentool's manifest: the tokenizer input's path as typed
+    assert shards.manifest.inputs[0]["path"] == "tok"
+    assert shards.tokenizer_file() is None  # from tmp/b "tok" is nothing
+    monkeypatch.chdir(encoded_here)
+    assert shards.tokenizer_file().resolve() == (encoded_here / "tok" / "tokenizer.model").resolve()
+
+
+def test_shards_moved_alone_or_with_their_tokenizer_still_find_it(encoded_here, tmp_path):
+    import shutil
+
+    shutil.copytree(encoded_here / "tokens", tmp_path / "c" / "tokens")  # alone: the absolute path
+    want = (encoded_here / "tok" / "tokenizer.model").resolve()
+    assert open_shards(tmp_path / "c" / "tokens").tokenizer_file() == want
+    shutil.move(encoded_here, tmp_path / "d")  # together: the relative one
+    want = (tmp_path / "d" / "tok" / "tokenizer.model").resolve()
+    assert open_shards(tmp_path / "d" / "tokens").tokenizer_file() == want

@@ -130,3 +130,25 @@ def test_bad_inputs_give_one_line_errors(cli, tmp_path):
         assert r.exit_code == 2 and words in r.output, r.output
     r = cli("train-diffusion", "builtin:moons", "-o", str(tmp_path / "m"), "--steps", "2")
     assert r.exit_code == 2 and "exists" in r.output
+
+
+@pytest.mark.parametrize("data", ["builtin:moons", "tokens"])
+@pytest.mark.parametrize("lr", ["0", "inf", "nan"])
+def test_an_unusable_lr_is_refused_not_replaced(cli, tmp_path, tiny_tokens, data, lr):
+    """`--lr 0` used to become 1e-3 (`lr or 1e-3`) and `--lr inf` started a run that left OUTPUT.partial."""
+    data = str(tiny_tokens) if data == "tokens" else data
+    r = cli("train-diffusion", data, "-o", tmp_path / "m", "--steps", "2", "--batch-size", "4", "--seq-len", "16",
+            "--preset", "tiny", "--model", "mlp", "--width", "8", "--device", "cpu", "--lr", lr)
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1 and "--lr" in r.stderr, r.output
+    assert not list(tmp_path.glob("m*"))
+
+
+def test_lm_batch_size_and_lr_are_honoured(cli, tmp_path, tiny_tokens):
+    """--batch-size above 64 used to be cut to 64 for LMs; explicit values are the run's values."""
+    _train(cli, tmp_path / "m", str(tiny_tokens), "--preset", "tiny", "--seq-len", "16", "--steps", "1",
+           "--batch-size", "80", "--lr", "5e-4")
+    config = json.loads((tmp_path / "m" / "manifest.json").read_text())["config"]
+    assert config["micro_batch"] == 80 and config["train"]["lr"] == 5e-4
+    _train(cli, tmp_path / "d", "builtin:moons", "--steps", "1", "--model", "mlp", "--width", "8",
+           "--batch-size", "300")
+    assert json.loads((tmp_path / "d" / "manifest.json").read_text())["config"]["batch_size"] == 300

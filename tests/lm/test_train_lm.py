@@ -232,3 +232,26 @@ def test_sigterm_from_outside_saves_and_exits_143(tokens, tmp_path):
     assert last.startswith("error: ") and "terminated at step" in last and "state saved" in last, err
     assert "Traceback" not in err and not out.exists()
     assert any((tmp_path / "run.partial" / "state").iterdir())
+
+
+def test_the_checkpoint_gets_the_shards_tokenizer_from_any_directory(tiny_tokenizer, tmp_path, cli, monkeypatch):
+    """The shards record their tokenizer relative to themselves, with its hash: a run from another directory still
+    copies it, and a tokenizer changed since encoding stops the run before it starts."""
+    import shutil
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    shutil.copytree(tiny_tokenizer, a / "tok")
+    (a / "text.txt").write_text("Now is the winter of our discontent made glorious summer by this sun of York.\n\n"
+                                * 40)
+    monkeypatch.chdir(a)
+    assert cli("tokenize", "encode", "text.txt", "--tokenizer", "tok", "-o", "tokens", "--workers", "1").exit_code == 0
+    monkeypatch.chdir(b)
+    small = ["--preset", "tiny", "--steps", "1", "--seq-len", "16", "--micro-batch", "2", "--device", "cpu"]
+    r = cli("train-lm", "../a/tokens", "-o", "run", *small)
+    assert r.exit_code == 0, r.output
+    assert (b / "run" / "tokenizer.model").read_bytes() == (a / "tok" / "tokenizer.model").read_bytes()
+    (a / "tok" / "tokenizer.model").write_bytes((a / "tok" / "tokenizer.model").read_bytes() + b"\0")
+    r = cli("train-lm", "../a/tokens", "-o", "run2", *small)
+    assert r.exit_code == 1 and "tokenizer changed since these shards were encoded" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not list(b.glob("run2*"))

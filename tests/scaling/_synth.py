@@ -37,10 +37,28 @@ def power_rows(seed, a=1e4, b=-0.3, c=1.8, noise=0.003, n=20):
 CURVE = (2.5, 1.2, 0.5, 0.3)   # L0, A, alpha, B of the multi-power law (curve.py): eta in units of the peak
 
 
+def multi_power(eta, warmup, t, params, shape=(30.0, 1.0, 0.5)):
+    """The multi-power law (Luo et al. 2025) by its defining sums, with its own annealing shape (tau, beta, gamma):
+    L(t) = L0 + A (sum_{j<t} eta_j)^-alpha - B sum_{W<k<t} (eta_{k-1} - eta_k) G(eta_k^-gamma sum_{k<=j<t} eta_j),
+    G(x) = 1 - (1 + x / tau)^-beta; eta in units of the peak, t 1-based step counts."""
+    l0, a, alpha, b = params
+    tau, beta, gamma = shape
+    cum = np.concatenate([[0.0], np.cumsum(eta)])
+    out = []
+    for tt in t:
+        k = np.arange(warmup + 1, tt)
+        x = (cum[tt] - cum[k]) / eta[k] ** gamma
+        out.append(l0 + a * cum[tt] ** -alpha - b * np.sum((eta[k - 1] - eta[k]) * (1 - (1 + x / tau) ** -beta)))
+    return np.array(out)
+
+
 def curve_run(root, name, *, steps=1200, schedule="cosine", lr=3e-3, warmup=60, params=CURVE, noise=0.004,
-              upto=None, finished=False, every=20, seed=0, lr_scale=1.0):
+              upto=None, finished=False, every=20, seed=0, lr_scale=1.0, cooldown=0.2, shape=None, rho=0.0):
     """A train-lm run directory whose validation loss follows the multi-power law exactly (plus noise): run.json
-    (unfinished: name.partial/) or manifest.json, and metrics.jsonl up to step `upto`."""
+    (unfinished: name.partial/) or manifest.json, and metrics.jsonl up to step `upto`. cooldown: WSD's decay
+    fraction (the recipe names it only when not the default 0.2, as train-lm's does). shape: generate with this
+    annealing shape (tau, beta, gamma) instead of the forecaster's own (a law it does not assume); rho: the
+    evaluation noise's lag-1 autocorrelation (AR(1), as the same eval batch seen by a slowly moving model gives)."""
     import json
     import math
     from pathlib import Path
@@ -49,13 +67,18 @@ def curve_run(root, name, *, steps=1200, schedule="cosine", lr=3e-3, warmup=60, 
     from gentool.train.schedules import lr_at
 
     rng = np.random.default_rng(seed)
-    eta = np.array([lr_at(i, total=steps, lr=lr, warmup=warmup, schedule=schedule) for i in range(steps)])
+    eta = np.array([lr_at(i, total=steps, lr=lr, warmup=warmup, schedule=schedule, decay_fraction=cooldown)
+                    for i in range(steps)])
     sch = Schedule(eta / lr, warmup, lr)
     t = np.arange(every, steps + 1, every)
-    s, d = sch.features(t)
     theta = np.array([params[0], math.log(params[1]), params[2], math.log(params[3])])
-    y = law(theta, s, d) + rng.normal(0, noise, len(t))
-    train = {"steps": steps, "lr": lr, "warmup": warmup, "schedule": schedule, "min_lr_ratio": 0.1, "seed": seed}
+    clean = law(theta, *sch.features(t)) if shape is None else multi_power(eta / lr, warmup, t, params, shape)
+    e = rng.normal(0, noise, len(t))
+    for i in range(1, len(e)):   # AR(1) with marginal sd `noise`
+        e[i] = rho * e[i - 1] + math.sqrt(1 - rho * rho) * e[i]
+    y = clean + e
+    train = {"steps": steps, "lr": lr, "warmup": warmup, "schedule": schedule, "min_lr_ratio": 0.1, "seed": seed,
+             **({"cooldown": cooldown} if cooldown != 0.2 else {})}
     run = Path(root) / (name if finished else name + ".partial")
     run.mkdir(parents=True, exist_ok=True)
     upto = steps if upto is None else upto
@@ -69,5 +92,6 @@ def curve_run(root, name, *, steps=1200, schedule="cosine", lr=3e-3, warmup=60, 
                                                        "metrics": {"val_loss": float(y[-1])}}))
     else:
         (run / "run.json").write_text(json.dumps({"train": train}))
-    truth = float(law(theta, *sch.features(np.array([steps])))[0])
-    return run, truth
+    end = np.array([steps])
+    truth = law(theta, *sch.features(end)) if shape is None else multi_power(eta / lr, warmup, end, params, shape)
+    return run, float(truth[0])

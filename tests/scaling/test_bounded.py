@@ -126,3 +126,14 @@ def test_downstream_two_step_fit(csv_file, cli, tmp_path):
     assert (tmp_path / "ds" / "plot.png").stat().st_size > 5000
     r = cli("scale-fit", path, "--form", "downstream", "--y", "missing")
     assert r.exit_code == 2 and "no column 'missing'" in r.stderr
+
+
+def test_an_open_interval_is_in_the_json_warnings_too(csv_file, cli):
+    rows = [{"run": i, "x": float(x), "acc": 0.3 + 0.06 * x} for i, x in enumerate(np.linspace(0, 10, 12))]
+    path = csv_file("lin.csv", rows)
+    r = cli("scale-fit", path, "--form", "sigmoid", "--x", "x", "--y", "acc", "--json")
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    assert "high" in res["params"]["hi"]["open"]
+    want = "the 95% interval of hi reaches a parameter bound: its upper end is not determined by the data"
+    assert want in res["warnings"] and want in r.stderr

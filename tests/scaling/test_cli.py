@@ -100,3 +100,29 @@ def test_cli_plots_every_form(tmp_path, cli, form, extra):
             else "X=4.5", "-o", tmp_path / "fit")
     assert r.exit_code == 0, r.output
     assert (tmp_path / "fit" / "plot.png").stat().st_size > 5000
+
+
+def test_a_file_without_the_x_column_is_skipped_beside_others(tmp_path, cli):
+    good = _synth.write_csv(tmp_path / "good.csv", _synth.power_rows(0))
+    other = _synth.write_csv(tmp_path / "other.csv", [{"run": "z", "flops": 1e15, "loss": 3.0}])
+    r = cli("scale-fit", good, other, "--form", "power", "--bootstrap", "0", "--json")
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    assert res["skipped"] == 1 and res["n_points"] == 20 and [s["path"] for s in res["sources"]] == [good]
+    assert f"skipped {other}: no column 'C'; the columns are: flops, loss, run; file skipped" in r.stderr
+    r = cli("scale-fit", good, other, "--form", "power", "--strict")          # --strict refuses, as for rows
+    assert r.exit_code == 1 and "malformed" in r.stderr
+    r = cli("scale-fit", other, other, "--form", "power")                    # no input has it: refused
+    assert r.exit_code == 2 and "no column 'C'" in r.stderr
+
+
+def test_tables_never_print_none(tmp_path, cli):
+    # isoflop has no rmse (its law predicts N_opt, not the loss): the table shows a dash, not Python's None
+    rows = []
+    for c in (1e15, 1e16, 1e17):
+        for f in (0.25, 0.5, 1, 2, 4):
+            n = 0.1 * c**0.5 * f
+            rows.append({"run": f"{c:g}-{f}", "N": n, "C": c, "loss": 2 + 30 * c**-0.1 + 0.05 * (f - 1) ** 2})
+    r = cli("scale-fit", _synth.write_csv(tmp_path / "iso.csv", rows), "--form", "isoflop", "--bootstrap", "0")
+    assert r.exit_code == 0, r.output
+    assert "None" not in r.stdout and any(line.split()[:2] == ["rmse", "—"] for line in r.stdout.splitlines())

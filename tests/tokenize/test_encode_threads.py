@@ -31,7 +31,10 @@ def test_shards_equal_a_plain_sentencepiece_loop(tok, tmp_path, monkeypatch, wor
 def test_empty_segments_and_eos_placement(tok):
     sp = spm.SentencePieceProcessor(model_file=str(tok / "tokenizer.model"))
     texts, lasts = ["to be", "", "or not", "", ""], [False, True, True, False, True]
-    flat, counts, nbytes = T._encode_batch(sp, texts, lasts, 2, "<u2")
+    from gentool.data.tokenizer import Tokenizer
+
+    flat, counts, nbytes = T._encode_batch(T._batch_encoder(Tokenizer(tok / "tokenizer.model")), texts, lasts, 2,
+                                           "<u2")
     want = [sp.encode(t) + [2] * last for t, last in zip(texts, lasts)]
     assert counts.tolist() == [len(w) for w in want] and flat.tolist() == sum(want, [])
     assert nbytes.tolist() == [5, 0, 6, 0, 0] and flat.dtype == np.uint16

@@ -152,9 +152,10 @@ def test_bad_inputs(tok, tmp_path, cli):
         (["tokenize", "train", "-", "-o", tmp_path / "o4"], 2, "holds no text"),  # empty stdin
         (["tokenize", "train", "builtin:nope", "-o", tmp_path / "o4"], 2, "no bundled corpus"),
         (["tokenize", "encode", empty, "--tokenizer", tok, "-o", tmp_path / "o5"], 2, "holds no text"),
-        (["tokenize", "encode", COMEDIES, "--tokenizer", empty, "-o", tmp_path / "o6"], 2, "not a gentool artifact"),
+        (["tokenize", "encode", COMEDIES, "--tokenizer", empty, "-o", tmp_path / "o6"], 2,
+         "no tokenizer.model or tokenizer.json"),
         (["tokenize", "encode", COMEDIES, "--tokenizer", tmp_path / "shards", "-o", tmp_path / "o6"], 2,
-         "expected gentool.tokenizer, found gentool.token-shards"),
+         "no tokenizer.model or tokenizer.json"),
         (["tokenize", "encode", COMEDIES, "--tokenizer", tok, "-o", tmp_path / "o6", "--val-fraction", "1"], 2,
          "val-fraction"),
         (["tokenize", "encode", COMEDIES, "--tokenizer", tok, "-o", tmp_path / "o6", "--document", "x"], 2,

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from gentool.adapters.methods import (FACTOR_METHODS, SVD_METHODS, check_method, combine, combine_factors,
-                                      dense_kind, svd_factors)
+                                      dense_kind, peft_injection_draws, single_adapter_method, svd_factors)
 from gentool.adapters.peft import ADAPTER_CONFIG, Adapter, Base, check_adapter, linear_modules, read_adapter, read_base
 from gentool.errors import UsageProblem
 
@@ -83,6 +83,14 @@ def plan_merge(base: Base, sources: list[Source], *, method: str = "task_arithme
     adapters = [s for s in sources if s.adapter is not None]
     tuned = [s for s in sources if s.tuned is not None]
     _check_bases(base, adapters, tuned, ignore_base_mismatch)
+    if len(sources) == 1 and adapters:
+        single = single_adapter_method(method, rank, any("m" in p for p in adapters[0].adapter.lora.values()))
+        if single != method:
+            from gentool.console import log
+
+            log(f"one adapter: merged by {single}, as PEFT merges a single adapter linearly whatever the method "
+                f"(--method {method} prunes or drops only across adapters)")
+            method, density = single, None
     if as_adapter and method == "task_arithmetic" and not tuned and rank is None:
         method = "cat"  # the exact sum of adapters as one adapter: their factors stacked (rank Σ r)
     space = "factors" if method in (*FACTOR_METHODS, "cat") and not tuned else "dense"
@@ -216,6 +224,9 @@ def combine_sources(sources: list[Source], plan: Plan, base_weight, shapes: dict
     tuned = [s for s in sources if s.tuned is not None]
     kw = {"density": plan.density, "majority_sign": plan.majority_sign, "gen": gen}
     modules = sorted({m for s in adapters for m in s.adapter.lora}, key=lambda m: (order.get(m, 1 << 30), m))
+    if "dare" in plan.method and not tuned:  # PEFT's draws for the new adapter's layers come before the masks
+        peft_injection_draws(gen, [tuple(shapes[f"{m}.weight"]) for m in modules], _peft_rank(adapters, plan),
+                             adapters[0].adapter.raw_config.get("init_lora_weights", True))
     rank_modules = set(linear_modules(shapes)) if tuned else set()
     tuned_files = {}
     for s in tuned:
@@ -255,6 +266,16 @@ def combine_sources(sources: list[Source], plan: Plan, base_weight, shapes: dict
         _dense_or_factors(out, m, combine(dense_kind(plan.method), deltas, weights, **kw), plan)
     _rest(out, sources, plan, base_weight, list(shapes), set(modules), rank_modules, tuned_files, order, kw)
     return out
+
+
+def _peft_rank(adapters: list[Source], plan: Plan) -> int:
+    """The rank PEFT gives the merged adapter: the adapters' (largest) rank, or the SVD rank."""
+    ranks = []
+    for s in adapters:
+        raw = s.adapter.raw_config
+        r = raw.get("r") or max(p["A"].shape[0] for p in s.adapter.lora.values())
+        ranks.append(max([r, *(raw.get("rank_pattern") or {}).values()]))
+    return plan.rank if plan.method in SVD_METHODS and plan.rank is not None else max(ranks)
 
 
 def _dense_or_factors(out: Combined, module: str, delta: torch.Tensor, plan: Plan) -> None:

@@ -10,9 +10,11 @@ Two spaces:
   1/density; Yu et al. 2024), magnitude pruning. PEFT's `svd`, `ties_svd`, `dare_*_svd`, `magnitude_prune_svd`
   then factor the result back to a target rank by truncated SVD; `cat` stacks the factors (rank Σ r_i, exact).
 
-The tensor functions below follow peft/utils/merge_utils.py (Apache-2.0) step for step, so seeded DARE draws the
-same masks in the same order as PEFT under `torch.manual_seed(seed)`; only the random generator is passed
-explicitly instead of using the global one.
+The tensor functions below follow peft/utils/merge_utils.py (Apache-2.0) step for step, and `peft_injection_draws`
+first spends the random numbers PEFT spends creating the new adapter's layers, so seeded DARE draws the same masks
+in the same order as `torch.manual_seed(seed); model.add_weighted_adapter(...)` on CPU (LoRA on linear layers;
+init_lora_weights true, false or "gaussian"); only the random generator is passed explicitly instead of using the
+global one. With one adapter PEFT merges linearly whatever the method (`single_adapter_method`).
 """
 
 from __future__ import annotations
@@ -50,6 +52,31 @@ def check_method(method: str, density: float | None, majority_sign: str) -> None
                            hint="it is for " + ", ".join(DENSITY_METHODS))
     if majority_sign not in ("total", "frequency"):
         raise UsageProblem(f"unknown --majority-sign {majority_sign!r}", hint="use total or frequency")
+
+
+def single_adapter_method(method: str, rank: int | None, dora: bool) -> str:
+    """What one adapter is merged by: PEFT's add_weighted_adapter takes `linear` for a single adapter whatever the
+    combination type (no pruning, no dropping; the weighted adapter itself). An explicit SVD --rank still truncates
+    that change (`svd`); a DoRA adapter, which has no factor form, takes its exact change (`task_arithmetic`)."""
+    if method not in DENSITY_METHODS and method not in SVD_METHODS:
+        return method
+    if rank is not None and method in SVD_METHODS:
+        return "svd"
+    return "task_arithmetic" if dora else "linear"
+
+
+def peft_injection_draws(gen: torch.Generator, shapes: list[tuple[int, int]], rank: int, init) -> None:
+    """Spend what PEFT's add_weighted_adapter spends from the global generator before its first DARE mask: injecting
+    the new adapter creates, per target module (out, in) in the model's module order, lora_A = nn.Linear(in, r) and
+    lora_B = nn.Linear(r, out) (each a kaiming-uniform draw of its weight), then re-initialises A by the first
+    adapter's init_lora_weights (true: kaiming-uniform; "gaussian": normal; false: nothing)."""
+    for out_f, in_f in shapes:
+        torch.empty(rank, in_f).uniform_(generator=gen)
+        torch.empty(out_f, rank).uniform_(generator=gen)
+        if init is True:
+            torch.empty(rank, in_f).uniform_(generator=gen)
+        elif isinstance(init, str) and init.lower() == "gaussian":
+            torch.empty(rank, in_f).normal_(generator=gen)
 
 
 # --- peft/utils/merge_utils.py, with an explicit generator ---------------------------------------------------------

@@ -9,6 +9,7 @@ KINDS: dict[str, int] = {
     "diffusion-checkpoint": 1,
     "samples": 1,
     "scale-fit": 1,
+    "evaluation": 1,
 }
 
 PREFIX = "gentool."

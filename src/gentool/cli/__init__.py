@@ -10,24 +10,16 @@ import typer
 from typer.core import TyperGroup
 
 from gentool import __version__, console
+from gentool.cli._help import no_hyphen_breaks, plain_help
 from gentool.cli._recipe import recorded
 from gentool.errors import GentoolError, Terminated
 
 # (module under gentool.cli, attribute): a function becomes a command, a Typer becomes a command group.
 _COMMANDS: list[tuple[str, str]] = [
-    ("tokenize", "app"),
-    ("train_lm", "train_lm"),
-    ("train_diffusion", "train_diffusion"),
-    ("sample", "sample"),
-    ("perplexity", "perplexity"),
-    ("quantize", "quantize"),
-    ("scale_fit", "scale_fit"),
-    ("compare", "compare"),
-    ("lora_merge", "lora_merge"),
-    ("lora_extract", "lora_extract"),
-    ("lora_extract", "lora_resize"),
-    ("gguf_io", "import_gguf"),
-    ("gguf_io", "export_gguf"),
+    ("tokenize", "app"), ("train_lm", "train_lm"), ("train_diffusion", "train_diffusion"), ("sample", "sample"),
+    ("perplexity", "perplexity"), ("evaluate", "evaluate"), ("quantize", "quantize"), ("scale_fit", "scale_fit"),
+    ("compare", "compare"), ("lora_merge", "lora_merge"), ("lora_extract", "lora_extract"),
+    ("lora_extract", "lora_resize"), ("gguf_io", "import_gguf"), ("gguf_io", "export_gguf"),
 ]
 
 
@@ -37,6 +29,11 @@ _EXTRAS = {"gguf": "gguf", "matplotlib": "plot", "tokenizers": "hf", "jinja2": "
 
 class _Group(TyperGroup):
     """Turns errors a user can cause into one line and an exit code (tracebacks only with --debug)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        plain_help(self)
+        no_hyphen_breaks()
 
     def main(self, args: Any = None, prog_name: Any = None, complete_var: Any = None, standalone_mode: bool = True,
              **extra: Any) -> Any:
@@ -104,6 +101,7 @@ class _Group(TyperGroup):
 
 app = typer.Typer(
     name="gentool", cls=_Group, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    rich_markup_mode=None,
     help="Single-purpose tools for generative-model experiments. Results go to stdout, progress and logs to "
          "stderr; every tool reads and writes artifact directories (safetensors + manifest.json).",
     context_settings={"help_option_names": ["-h", "--help"]},

@@ -20,6 +20,9 @@ Dtype = Annotated[Optional[str], typer.Option("--dtype", help="float32, bfloat16
                                                                "on GPU, float32 on CPU).", rich_help_panel=RUNTIME)]
 Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the model (pays off on a GPU).",
                                        rich_help_panel=RUNTIME)]
+LogTo = Annotated[Optional[list[str]], typer.Option(
+    "--log-to", help="Also log to tensorboard, wandb, mlflow or trackio (repeatable; local or offline by default).",
+    rich_help_panel=RUNTIME)]
 Resume = Annotated[bool, typer.Option("--resume", help="Continue the unfinished run in OUTPUT.partial/.")]
 SaveMinutes = Annotated[float, typer.Option("--save-minutes", min=0, help="Also save resumable state when this many "
                                             "minutes passed since the last save (0: off).", rich_help_panel=ADVANCED)]

@@ -19,6 +19,7 @@ from typing import Annotated, Any, Callable, Optional
 
 import typer
 
+from gentool.cli._recipe_values import check_type, recorded_value
 from gentool.errors import UsageProblem
 
 try:  # typer >= 0.26 vendors its own click
@@ -57,14 +58,6 @@ def command_name(ctx: Any) -> str:
     return " ".join(reversed(words))
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
-
-
 def _read_table(path: Path, command: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """(arguments, options) from a TOML recipe or an artifact's recorded invocation."""
     if path.is_dir():
@@ -82,7 +75,11 @@ def _read_table(path: Path, command: str) -> tuple[dict[str, Any], dict[str, Any
         if inv["command"] != command:
             raise UsageProblem(f"the manifest was written by `gentool {inv['command']}`, not `gentool {command}`",
                                path=path, hint=f"pass a manifest of a {command} run, or a TOML recipe")
-        return dict(inv.get("arguments") or {}), dict(inv.get("options") or {})
+        arguments, options = inv.get("arguments") or {}, inv.get("options") or {}
+        if not isinstance(arguments, dict) or not isinstance(options, dict):
+            raise UsageProblem("the manifest's invocation is malformed (arguments and options must be tables)",
+                               path=path, hint="pass a TOML recipe instead")
+        return dict(arguments), dict(options)
     if sys.version_info >= (3, 11):
         import tomllib
     else:  # pragma: no cover
@@ -114,6 +111,7 @@ def load_config(ctx: typer.Context, param: typer.CallbackParam, value: Optional[
                 continue
             if getattr(p, "multiple", False) or p.nargs == -1:
                 v = list(v) if isinstance(v, (list, tuple)) else [v]
+            check_type(what, key, v, p, value)
             defaults[p.name] = v
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
     return value
@@ -136,8 +134,8 @@ def recorded(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         options, arguments = _keys(ctx.command)
         inv = {"command": command_name(ctx),
-               "arguments": {k: _jsonable(ctx.params.get(p.name)) for k, p in arguments.items()},
-               "options": {k: _jsonable(ctx.params.get(p.name)) for k, p in options.items()}}
+               "arguments": {k: recorded_value(ctx.params.get(p.name), positional=True) for k, p in arguments.items()},
+               "options": {k: recorded_value(ctx.params.get(p.name)) for k, p in options.items()}}
         token = INVOCATION.set(inv)
         try:
             return fn(*args, **kwargs)

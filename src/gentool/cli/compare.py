@@ -11,7 +11,9 @@ from gentool.cli._options import Json, examples
 
 
 def _ms(s: dict, fmt: str = ".4f") -> str:
-    return "-" if s["mean"] is None else f"{s['mean']:{fmt}} ± {s['std']:{fmt}}"
+    if s.get("non_finite"):
+        return f"— ({s['non_finite']} runs not finite)"
+    return "—" if s["mean"] is None else f"{s['mean']:{fmt}} ± {s['std']:{fmt}}"
 
 
 def compare(
@@ -48,10 +50,13 @@ def compare(
                    f"final {metric}": _ms(g[f"final_{metric}"]), "steps": _ms(g["steps"], ".0f"),
                    "tokens": _ms(g["tokens"], ".0f"), "train seconds": _ms(g["seconds"], ".1f")}
             if target is not None:
-                t = g["to_target"]
-                row[f"reached {target:g}"] = f"{g['reached']}/{g['runs']}"
-                row.update({f"to target: {k}": _ms(t[k], ".0f" if k != "seconds" else ".1f")
-                            for k in ("steps", "tokens", "seconds")})
+                every = g["reached"] == g["runs"]
+                t = g["to_target"] if every else g["to_target_reached"]
+                row[f"reached {target:g}"] = f"{g['reached']}/{g['runs']}" + ("" if every else
+                                                                            " (the others never did)")
+                if g["reached"]:
+                    row.update({f"to target: {k}" + ("" if every else f" ({g['reached']} that reached it)"):
+                                _ms(t[k], ".0f" if k != "seconds" else ".1f") for k in ("steps", "tokens", "seconds")})
             console.emit(row, as_json=False, title=f"[{i}] {g['group']}")
         for j, t in enumerate(result["tests"], 2):
             p = "undefined (needs 2+ runs per group with spread)" if t["p"] is None else f"{t['p']:.3g}"
@@ -62,6 +67,10 @@ def compare(
                               if v is not None)
             if reach:
                 typer.echo(f"[1] reaches {target:g} in {reach} of [{j}]'s whole run")
+            elif target is not None and result["groups"][0]["reached"] < result["groups"][0]["runs"]:
+                g1 = result["groups"][0]
+                typer.echo(f"[1] reached {target:g} in {g1['reached']} of {g1['runs']} runs: no ratio to [{j}]'s "
+                           "whole run")
         verdict = "better" if result["better"] else "not shown better"
         typer.echo(f"first group {verdict} at alpha {alpha:g}")
     if plot is not None:

@@ -54,16 +54,19 @@ def train(
 
 
 @app.command(epilog=examples("gentool tokenize encode builtin:shakespeare --tokenizer tok -o tokens",
-                             "gentool tokenize encode data.jsonl --tokenizer tok -o tokens --text-field body"))
+                             "gentool tokenize encode data.jsonl --tokenizer tok -o tokens --text-field body",
+                             "gentool tokenize encode 'fineweb/*.parquet' --tokenizer tok -o tokens"))
 def encode(
     inputs: Inputs,
-    tokenizer: Annotated[Path, typer.Option("--tokenizer", "-t", help="Tokenizer artifact directory.")],
+    tokenizer: Annotated[Path, typer.Option("--tokenizer", "-t", help="Tokenizer artifact, or a checkpoint's "
+                                                              "tokenizer (a directory with tokenizer.model or "
+                                                              "tokenizer.json, or the file).")],
     output: Output,
     val_fraction: Annotated[float, typer.Option(min=0, max=1, help="Share of documents in the val split.")] = 0.05,
     split_seed: Annotated[int, typer.Option(min=0, help="Seed of the train/val split.")] = 0,
     document: Annotated[str, typer.Option("--document", help="auto (JSONL records for .jsonl, else blank-line "
                                                              "blocks), file, blank-line or jsonl.")] = "auto",
-    text_field: Annotated[str, typer.Option(help="JSONL field holding the text.")] = "text",
+    text_field: Annotated[str, typer.Option(help="JSONL field or Parquet/Arrow column holding the text.")] = "text",
     shard_tokens: Annotated[int, typer.Option(min=1, help="Tokens per shard file.")] = 1 << 24,
     workers: Annotated[int, typer.Option(min=0, help="Encoding processes (0: all cores); the result does not depend "
                                                      "on it.")] = 0,
@@ -76,6 +79,8 @@ def encode(
     Streams the corpus with bounded memory across all cores; the split is by document and deterministic. The
     manifest counts documents, tokens and UTF-8 bytes per split (for bits per byte). Invalid UTF-8 bytes are
     replaced by U+FFFD with a warning that counts them (also in the manifest's metrics).
+
+    Inputs may be gzip or zstd compressed (.gz, .zst), Parquet files (one document per row, read a row group at a time) or a directory written by datasets' save_to_disk; Parquet and zstd need the data extra (pip install 'gentool[data]'). Null or empty cells are skipped and counted.
     """
     from gentool import console
     from gentool.tokenize import encode_corpus

@@ -7,7 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from gentool.cli._options import Compile, Device, Dtype, Force, Json, Output, Resume, SaveMinutes, Seed, examples
+from gentool.cli._options import (Compile, Device, Dtype, Force, Json, LogTo, Output, Resume, SaveMinutes, Seed,
+                                  examples)
 from gentool.cli._recipe import Config
 
 Int = Optional[int]
@@ -23,9 +24,10 @@ def train_diffusion(
                                            "on token shards; auto picks an LM for a token-shards DATA.")] = "auto",
     family: Annotated[str, typer.Option(help="ddpm or flow-matching.")] = "ddpm",
     steps: Annotated[int, typer.Option(min=1, help="Optimizer steps.")] = 2000,
-    batch_size: Annotated[int, typer.Option(min=1, help="Examples per step.")] = 256,
-    lr: Annotated[Optional[float], typer.Option(min=0,
-                                                help="Peak learning rate (default 2e-3 MLP, 3e-4 U-Net).")] = None,
+    batch_size: Annotated[Int, typer.Option(min=1, help="Examples per step (default 256; 64 sequences for LMs).")
+                          ] = None,
+    lr: Annotated[Optional[float], typer.Option(min=0, help="Peak learning rate, finite and above 0 (default 2e-3 MLP, "
+                                                            "3e-4 U-Net, 1e-3 LMs).")] = None,
     parameterization: Annotated[Optional[str], typer.Option(help="ddpm: eps, v or x0 (default eps).",
                                                             rich_help_panel=MODEL)] = None,
     schedule: Annotated[str, typer.Option(help="ddpm noise schedule: linear or cosine.",
@@ -67,6 +69,7 @@ def train_diffusion(
     dtype: Dtype = None,
     compile_: Compile = False,
     resume: Resume = False,
+    log_to: LogTo = None,
     force: Force = False,
     config: Config = None,
     json_: Json = False,
@@ -93,10 +96,11 @@ def train_diffusion(
         from gentool.lm.train import LMRunOptions
 
         opts = LMRunOptions(
-            tokens_dir=Path(data), out=output, preset=preset, seq_len=seq_len, micro_batch=min(batch_size, 64),
-            steps=steps, lr=lr or 1e-3, save_every=save_every, save_minutes=save_minutes, seed=seed,
+            tokens_dir=Path(data), out=output, preset=preset, seq_len=seq_len,
+            micro_batch=64 if batch_size is None else batch_size, steps=steps, lr=1e-3 if lr is None else lr,
+            save_every=save_every, save_minutes=save_minutes, seed=seed,
             device=resolve_device(device), dtype=dtype,
-            compile=compile_, resume=resume, force=force)
+            compile=compile_, resume=resume, force=force, log_to=tuple(log_to or ()))
         if kind == "block-lm":
             from gentool.lm.diffusion.block import parse_mask_range, train_block_lm
 
@@ -125,10 +129,12 @@ def train_diffusion(
         summary = run_train_diffusion(TrainDiffusionOptions(
             data=data, out=output, family=family, parameterization=parameterization, schedule=schedule,
             timesteps=timesteps, model=model, width=width, depth=depth, conditional=not unconditional,
-            class_dropout=class_dropout, image_size=image_size, steps=steps, batch_size=batch_size, lr=lr,
+            class_dropout=class_dropout, image_size=image_size, steps=steps,
+            batch_size=256 if batch_size is None else batch_size, lr=lr,
             ema_decay=ema_decay, reflow_from=reflow_from, reflow_pairs=reflow_pairs, save_every=save_every,
             save_minutes=save_minutes,
-            seed=seed, device=resolve_device(device), dtype=dtype, compile=compile_, resume=resume, force=force))
+            seed=seed, device=resolve_device(device), dtype=dtype, compile=compile_, resume=resume, force=force,
+            log_to=tuple(log_to or ())))
     console.log(f"wrote {output}")
     console.emit(summary, as_json=json_)
 

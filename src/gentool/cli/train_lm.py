@@ -8,8 +8,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from gentool.cli._options import (RUNTIME, Compile, Device, Dtype, Force, Json, Output, Resume, SaveMinutes, Seed,
-                                  examples)
+from gentool.cli._options import (RUNTIME, Compile, Device, Dtype, Force, Json, LogTo, Output, Resume, SaveMinutes,
+                                  Seed, examples)
 from gentool.cli._recipe import Config
 
 Int = Optional[int]
@@ -88,6 +88,7 @@ def train_lm(
     parallel: Annotated[str, typer.Option(help="Under torchrun: ddp (replicas) or fsdp (FSDP2: weights, grads, "
                                                "optimizer state sharded).", rich_help_panel=RUNTIME)] = "ddp",
     resume: Resume = False,
+    log_to: LogTo = None,
     force: Force = False,
     config: Config = None,
     json_: Json = False,
@@ -121,7 +122,7 @@ def train_lm(
                         device=resolve_device(device), dtype=dtype, compile=compile_, resume=resume, force=force,
                         init_from=init_from, lora=lora, optimizer=optimizer, muon_lr=muon_lr,
                         muon_momentum=muon_momentum, parallel=parallel, cooldown=cooldown, zero_init=zero_init,
-                        ema_decay=ema_decay)
+                        ema_decay=ema_decay, log_to=tuple(log_to or ()))
     if opts.steps is None and opts.tokens is None and opts.flops is None:
         opts.steps = 200
     summary = run_train_lm(opts)

@@ -83,6 +83,10 @@ class HFTokenizer:
             ids = ids + [self.eos_id]
         return ids
 
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Without special tokens, as `encode`; the batch is encoded in parallel, outside the GIL."""
+        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+
     def encode_default(self, text: str) -> list[int]:
         """What AutoTokenizer(text) gives: the post-processor's special tokens, plus add_bos/add_eos if set."""
         ids = self._tok.encode(text, add_special_tokens=True).ids

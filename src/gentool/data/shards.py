@@ -72,6 +72,35 @@ class TokenShards:
     def tokenizer_id(self) -> str:
         return self.contents["tokenizer_id"]
 
+    def tokenizer_file(self) -> Path | None:
+        """The tokenizer file these shards were encoded with, checked against their `tokenizer_id` (its sha256).
+
+        The manifest records it relative to the shards directory (`tokenizer_file`: found when the two move together)
+        and absolute (`tokenizer_file_absolute`: when the shards move alone); manifests of older gentools
+        recorded only the tokenizer directory as typed at `tokenize encode`, which is used where it still resolves
+        (None where it does not). A recorded file that is gone or changed is an error: a tokenizer retrained in
+        place would pair the tokens with the wrong text."""
+        from gentool.data.tokenizer import file_id
+
+        recorded = self.contents.get("tokenizer_file")
+        if recorded is not None:
+            places = [(self.manifest.path.resolve() / recorded).resolve(),
+                      *([Path(self.contents["tokenizer_file_absolute"])] if "tokenizer_file_absolute" in self.contents
+                        else [])]
+            file = next((f for f in places if f.is_file()), None)
+            if file is None:
+                raise GentoolError("the tokenizer these shards were encoded with is gone", path=places[-1],
+                                   hint="restore it, or encode the data again with `gentool tokenize encode`")
+        else:
+            typed = next((i.get("path") for i in self.manifest.inputs if i.get("role") == "tokenizer"), None)
+            file = _tokenizer_in(Path(typed)) if typed else None
+            if file is None:
+                return None
+        if file_id(file) != self.tokenizer_id:
+            raise GentoolError("the tokenizer changed since these shards were encoded (its sha256 differs)",
+                               path=file, hint="encode the data again with it, or restore the tokenizer used")
+        return file
+
     @property
     def vocab_size(self) -> int:
         return int(self.contents["vocab_size"])
@@ -100,6 +129,12 @@ class TokenShards:
             start += take
             i += 1
         return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+
+def _tokenizer_in(path: Path) -> Path | None:
+    if path.is_file():
+        return path
+    return next((path / n for n in ("tokenizer.model", "tokenizer.json") if (path / n).is_file()), None)
 
 
 def open_shards(path: str | Path, split: str = "train", *, verify: bool = True) -> TokenShards:

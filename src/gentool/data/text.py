@@ -5,7 +5,9 @@ in blocks cut at newlines, so memory is bounded by the block size and the longes
 
 Documents (`unit`): `blank-line` (blocks separated by empty lines, CRLF read as LF, whitespace-only blocks
 dropped), `file` (a whole file), `jsonl` (one JSON record per line, its text field), `auto` (jsonl for *.jsonl,
-else blank-line). A long document is yielded as line-aligned segments of about `segment_chars` characters:
+else blank-line). Files ending in .gz or .zst are decompressed as they are read (`x.jsonl.gz` is JSONL). Parquet
+files and Hugging Face `datasets` directories are one document per row of the text column, whatever the unit
+(`data/columnar.py`). A long document is yielded as line-aligned segments of about `segment_chars` characters:
 gentool's tokenizers have no piece that spans a newline, so encoding the segments one by one gives the same ids
 as encoding the whole document.
 """
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from gentool.data import columnar
 from gentool.errors import GentoolError, UsageProblem
 
 BUILTIN = "builtin:"
@@ -38,7 +41,8 @@ def bundled_corpus(name: str = "shakespeare") -> Path:
 
 
 def expand_inputs(inputs: list[str], glob: str = "*.txt") -> list[Path | str]:
-    """Files, directories (recursively, filtered by glob, sorted), `-` for stdin, builtin:NAME for bundled text."""
+    """Files, directories (recursively, filtered by glob, sorted), `-` for stdin, builtin:NAME for bundled text, a
+    `datasets` directory (one source), and a quoted glob pattern such as 'shards/*.parquet' (matches sorted)."""
     out: list[Path | str] = []
     if not inputs:
         raise UsageProblem("no input given", hint="pass text files, directories, - for stdin, or builtin:shakespeare")
@@ -49,11 +53,20 @@ def expand_inputs(inputs: list[str], glob: str = "*.txt") -> list[Path | str]:
             out.append("-")
             continue
         p = bundled_corpus(item[len(BUILTIN):]) if item.startswith(BUILTIN) else Path(item)
-        if p.is_dir():
+        if not p.exists() and any(c in item for c in "*?[") and not item.startswith(BUILTIN):
+            anchor = Path(item).anchor or "."
+            files = sorted(f for f in Path(anchor).glob(str(Path(item).relative_to(anchor))) if f.is_file())
+            if not files:
+                raise UsageProblem("no files match the pattern", path=item)
+            out.extend(files)
+        elif columnar.is_datasets_dir(p):
+            out.append(p)
+        elif p.is_dir():
             files = sorted(f for f in p.rglob(glob) if f.is_file())
             if not files:
+                found = sorted({_suffix(f) for f in p.rglob("*") if f.is_file() and _suffix(f) in READABLE})
                 raise UsageProblem(f"no files matching {glob!r} in the directory", path=p,
-                                   hint="pass another --glob, e.g. --glob '*.md'")
+                                   hint=f"pass another --glob, e.g. --glob '*{found[0] if found else '.md'}'")
             out.extend(files)
         elif p.is_file():
             out.append(p)
@@ -62,13 +75,54 @@ def expand_inputs(inputs: list[str], glob: str = "*.txt") -> list[Path | str]:
     return out
 
 
+READABLE = (".txt", ".md", ".jsonl", ".json", ".parquet", ".pq", ".gz", ".zst")
+
+
+def _suffix(path: Path) -> str:
+    return "".join(path.suffixes[-2:]) if path.suffix in (".gz", ".zst") else path.suffix
+
+
+def _compression(source: Path | str) -> str | None:
+    name = str(source).lower()
+    return "gzip" if name.endswith(".gz") else "zstd" if name.endswith(".zst") else None
+
+
 def _open(source: Path | str) -> BinaryIO:
     if source == "-":
         return sys.stdin.buffer
     try:
-        return open(source, "rb")
+        f = open(source, "rb")
     except OSError as e:
         raise UsageProblem(f"cannot read ({e.strerror})", path=source) from None
+    kind = _compression(source)
+    if kind == "gzip":
+        import gzip
+        return gzip.GzipFile(fileobj=f)  # type: ignore[return-value]
+    if kind == "zstd":
+        try:
+            import zstandard
+        except ImportError:
+            f.close()
+            raise UsageProblem("reading .zst files needs zstandard", hint="pip install 'gentool[data]'") from None
+        import io
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(f, closefd=True))  # type: ignore
+    return f
+
+
+def document_kind(source: Path | str, unit: str) -> str:
+    """How a source is read: `column` (Parquet, datasets directory), or the document unit (auto resolved by the
+    name without its compression suffix)."""
+    if source != "-" and (columnar.is_parquet(source) or Path(source).is_dir()):
+        return "column"
+    if unit != "auto":
+        return unit
+    name = str(source).lower().removesuffix(".gz").removesuffix(".zst")
+    return "jsonl" if name.endswith(".jsonl") else "blank-line"
+
+
+def compressed_or_columnar(source: Path | str) -> bool:
+    """The file's size on disk is not its text's size (progress totals skip it)."""
+    return source != "-" and (_compression(source) is not None or document_kind(source, "auto") == "column")
 
 
 @dataclass
@@ -76,6 +130,7 @@ class TextStats:
     """What reading saw: invalid UTF-8 sequences replaced by U+FFFD."""
 
     invalid_utf8: int = 0
+    skipped_rows: int = 0  # null or empty cells of a column store's text column
 
 
 def iter_blocks(source: Path | str, stats: TextStats, block: int | None = None) -> Iterator[str]:
@@ -85,7 +140,7 @@ def iter_blocks(source: Path | str, stats: TextStats, block: int | None = None) 
     block = block or BLOCK
     try:
         parts: list[bytes] = []
-        while data := f.read1(block):
+        while data := _read_block(f, block, source):
             cut = data.rfind(b"\n") + 1
             if not cut:  # no newline yet: memory grows with the line, not the file
                 parts.append(data)
@@ -98,6 +153,17 @@ def iter_blocks(source: Path | str, stats: TextStats, block: int | None = None) 
     finally:
         if f is not sys.stdin.buffer:
             f.close()
+
+
+def _read_block(f: BinaryIO, block: int, source: Path | str) -> bytes:
+    errors: tuple[type[BaseException], ...] = (OSError, EOFError)
+    if "zstandard" in sys.modules:
+        errors += (sys.modules["zstandard"].ZstdError,)
+    try:
+        return f.read1(block)
+    except errors as e:  # a damaged gzip/zstd stream (an unreadable plain file fails at open)
+        raise GentoolError(f"cannot decompress ({str(e)[:120]})", path=source,
+                           hint="the file is damaged or truncated; write it again") from None
 
 
 def _decode(data: bytes, stats: TextStats) -> str:
@@ -126,8 +192,10 @@ def iter_segments(sources: list[Path | str], unit: str = "auto", text_field: str
     stats = stats if stats is not None else TextStats()
     segment_chars = segment_chars or SEGMENT_CHARS
     for src in sources:
-        kind = unit if unit != "auto" else ("jsonl" if str(src).endswith(".jsonl") else "blank-line")
-        if kind == "jsonl":
+        kind = document_kind(src, unit)
+        if kind == "column":
+            yield from columnar.iter_column_documents(Path(src), text_field, stats)
+        elif kind == "jsonl":
             yield from _jsonl_documents(src, text_field, stats)
         elif kind == "file":
             yield from _file_document(src, stats, segment_chars)
@@ -201,9 +269,17 @@ def _jsonl_documents(src: Path | str, text_field: str, stats: TextStats) -> Iter
             yield doc, True
 
 
-def iter_training_lines(sources: list[Path | str], stats: TextStats) -> Iterator[str]:
-    """Non-blank lines without their line ending (what SentencePiece trains on)."""
+def iter_training_lines(sources: list[Path | str], stats: TextStats, text_field: str = "text") -> Iterator[str]:
+    """Non-blank lines without their line ending (what SentencePiece trains on); of JSONL and column stores, the
+    lines of the text field."""
     for src in sources:
+        kind = document_kind(src, "auto")
+        if kind in ("column", "jsonl"):
+            docs = columnar.iter_column_documents(Path(src), text_field, stats) if kind == "column" else \
+                _jsonl_documents(src, text_field, stats)
+            for doc, _ in docs:
+                yield from (line for line in doc.splitlines() if line.strip())
+            continue
         for line in iter_lines(src, stats):
             line = line.rstrip("\r\n")
             if line.strip():

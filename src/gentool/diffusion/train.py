@@ -5,6 +5,7 @@ training loop (gentool.train) with an EMA copy of the weights (used for sampling
 from __future__ import annotations
 
 import copy
+import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -157,15 +158,19 @@ def run_train_diffusion(opts: TrainDiffusionOptions) -> dict[str, Any]:
         if teacher.denoiser.data_shape != train_ds.shape or teacher.spec.num_classes != spec.num_classes:
             raise UsageProblem("the data does not match the --reflow-from checkpoint's shape or classes",
                                path=opts.data)
-    lr = opts.lr or (2e-3 if denoiser.kind == "mlp" else 3e-4)
+    lr = opts.lr if opts.lr is not None else 2e-3 if denoiser.kind == "mlp" else 3e-4
     ema_decay = opts.ema_decay if opts.ema_decay is not None else min(0.999, max(0.9, 1 - 10 / opts.steps))
     tcfg = TrainConfig(steps=opts.steps, lr=lr, warmup=opts.warmup if opts.warmup is not None else
                        min(100, opts.steps // 10), weight_decay=opts.weight_decay, betas=(0.9, 0.999),
                        eval_every=opts.eval_every or max(1, opts.steps // 5), save_every=opts.save_every,
                        save_minutes=opts.save_minutes,
                        seed=opts.seed, device=device, amp_dtype=opts.dtype, compile=opts.compile,
-                       log_every=max(1, min(50, opts.steps // 20)), ema_decay=ema_decay)
-    data_src = {"spec": str(opts.data), "image_size": opts.image_size, "n": opts.n_generated, "seed": opts.seed,
+                       log_every=max(1, min(50, opts.steps // 20)), ema_decay=ema_decay,
+                       log_to=tuple(opts.log_to))
+    # a path absolute, not as typed: the same run from another directory is the same recipe, and `sample` finds the
+    # held-out data from anywhere (a built-in stays its name)
+    where = os.path.abspath(opts.data) if Path(opts.data).exists() else str(opts.data)
+    data_src = {"spec": where, "image_size": opts.image_size, "n": opts.n_generated, "seed": opts.seed,
                 "val_fraction": 0.1}
     recipe = {"family": family, "parameterization": param,
               "schedule": spec.schedule_obj().to_dict() if family == "ddpm" else None,

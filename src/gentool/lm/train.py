@@ -164,6 +164,23 @@ def _steps(opts: LMRunOptions, tokens_per_step: int, flops_per_token: float) -> 
     return steps
 
 
+TOKENIZER_EXTRAS = ("tokenizer_config.json", "special_tokens_map.json")  # beside a tokenizer.json: its specials
+
+
+def _tokenizer_source(shards: TokenShards, init) -> Path | None:
+    """The tokenizer file the checkpoint gets: the shards' own (found relative to their manifest and checked by
+    hash), else the --init-from checkpoint's. Resolved before training, so a missing or changed tokenizer stops the
+    run before it starts."""
+    own = shards.tokenizer_file()
+    if own is not None:
+        return own
+    if init is not None and init.tokenizer_path is not None:
+        return init.tokenizer_path
+    console.warn("the tokenizer these shards were encoded with is not found from here (an older gentool recorded its "
+                 "path as typed): the checkpoint will have no tokenizer; re-encode the data to record it")
+    return None
+
+
 def run_train_lm(opts: LMRunOptions, objective: Objective | None = None) -> dict[str, Any]:
     objective = objective or Objective()
     device = distributed.init_from_env(opts.device, always=opts.parallel == "fsdp")
@@ -201,6 +218,7 @@ def run_train_lm(opts: LMRunOptions, objective: Objective | None = None) -> dict
     if init_tok and init_tok != train_shards.tokenizer_id:
         raise UsageProblem("the token shards come from a different tokenizer than the --init-from checkpoint",
                            path=opts.tokens_dir, hint="encode the data with the checkpoint's tokenizer.model")
+    tokenizer = _tokenizer_source(train_shards, init)
     if train_shards.vocab_size > config.vocab_size:
         raise UsageProblem(f"the data's vocabulary ({train_shards.vocab_size}) is larger than the model's "
                            f"({config.vocab_size})", path=opts.tokens_dir, hint="use shards from the model's tokenizer")
@@ -232,7 +250,7 @@ def run_train_lm(opts: LMRunOptions, objective: Objective | None = None) -> dict
                        seed=opts.seed, device=device, amp_dtype=opts.dtype, compile=opts.compile,
                        log_every=max(1, min(10, steps // 20)), optimizer=opts.optimizer, muon_lr=opts.muon_lr,
                        muon_momentum=opts.muon_momentum, parallel=opts.parallel, cooldown=opts.cooldown,
-                       ema_decay=opts.ema_decay)
+                       ema_decay=opts.ema_decay, log_to=tuple(opts.log_to))
     recipe = {"model": config.to_hf_dict(), "train": tcfg.recipe(), "seq_len": opts.seq_len,
               "micro_batch": opts.micro_batch, "batch_tokens": batch_tokens, "data": train_shards.manifest.id,
               "init": str(opts.init_from) if opts.init_from else "scratch", "lora": opts.lora,
@@ -285,8 +303,6 @@ def run_train_lm(opts: LMRunOptions, objective: Objective | None = None) -> dict
                "n_params": config.n_params(), "n_params_non_embedding": config.n_params(non_embedding=True)}
     if rank != 0:
         return summary
-    tok_src = train_shards.manifest.inputs
-    tok_dir = next((Path(i["path"]) for i in tok_src if i.get("role") == "tokenizer"), None)
     kind = "lora-adapter" if opts.lora is not None else objective.kind
     inputs = [input_ref("data", train_shards.manifest)]
     if init is not None:
@@ -305,10 +321,10 @@ def run_train_lm(opts: LMRunOptions, objective: Objective | None = None) -> dict
                                 context_length=opts.seq_len, dtype="float32", step=result.step,
                                 tokens_seen=result.tokens, train_flops=result.flops, flops_formula="6N+6LTd")
             art.contents.update(objective.contents(train_shards, config, opts.seq_len))
-        if tok_dir is not None and (tok_dir / "tokenizer.model").is_file():
-            shutil.copy(tok_dir / "tokenizer.model", art.dir / "tokenizer.model")
-        elif init is not None and init.tokenizer_path is not None:
-            shutil.copy(init.tokenizer_path, art.dir / init.tokenizer_path.name)
+        if tokenizer is not None:
+            for f in (tokenizer, *(tokenizer.parent / n for n in TOKENIZER_EXTRAS if tokenizer.suffix == ".json")):
+                if f.is_file():
+                    shutil.copy(f, art.dir / f.name)
         art.metrics.update({k: v for k, v in summary.items() if k not in ("output",)},
                            wall_seconds=round(time.time() - t0, 3))
     return summary

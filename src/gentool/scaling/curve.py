@@ -107,15 +107,27 @@ class CurveFit:
 
         value = float(law(self.theta, np.array([s]), np.array([d]))[0])
         scale = max(self.noise, 1e-4) * 3
-        q = Quantity("loss", value, 1, solve, scale, 0.0, math.inf, profile=self._profile(s, d))
         r = self.predict(self.t_fit) - self.y_fit
         rho = float(np.corrcoef(r[:-1], r[1:])[0, 1]) if len(r) > 3 and np.std(r) > 0 else 0.0
         inflation = min(max((1 + rho) / (1 - rho), 1.0), 10.0) if rho < 1 else 10.0
+        # Correlated residuals carry less information than their number says: the threshold on the data's SSE grows
+        # by the AR(1) variance inflation. The prior on B is not a residual series: its term is weighted up by the
+        # same factor, so that it still admits exactly its own 95% range (the threshold grows by inflation * t^2,
+        # the prior's term by inflation * (delta log B / sigma)^2).
+        w = math.sqrt(inflation)
+        base = self.problem.resid
+
+        def resid(th):
+            out = np.array(base(th), float)
+            out[-1] *= w
+            return out
+
+        prob = LSProblem(resid, self.theta, self.problem.lower, self.problem.upper)
+        q = Quantity("loss", value, 1, solve, scale, 0.0, math.inf, profile=self._profile(s, d, w))
         with np.errstate(all="ignore"):
-            return profile_interval(self.problem, q, len(self.t_fit) + 1, level=level, inflation=inflation)
+            return profile_interval(prob, q, len(self.t_fit) + 1, level=level, inflation=inflation)
 
-
-    def _profile(self, s_at: float, d_at: float):
+    def _profile(self, s_at: float, d_at: float, prior_weight: float = 1.0):
         """min over the parameters of the penalised SSE with the loss at (s_at, d_at) pinned to v: variable
         projection again (L0 in closed form, A from the pin) over (alpha, log B) from several starts, because the
         (L0, A, alpha) valley defeats a local search from the previous point."""
@@ -131,7 +143,7 @@ class CurveFit:
             l0 = float(x @ z / (x @ x)) if x @ x > 0 else 0.0
             l0 = min(max(l0, 0.0), l0_max, v + b * d_at - 1e-12)
             fitted = l0 * x + (v + b * d_at) * u - b * d
-            return np.concatenate([(fitted - y) / noise, [(log_b - b0) / PRIOR_SIGMA]])
+            return np.concatenate([(fitted - y) / noise, [prior_weight * (log_b - b0) / PRIOR_SIGMA]])
 
         def profile(v: float) -> float:
             best = math.inf

@@ -72,8 +72,10 @@ def schedule_of(train: dict[str, Any]) -> Schedule:
 
     try:
         steps, lr, warmup = int(train["steps"]), float(train["lr"]), int(train.get("warmup", 0))
+        cooldown = float(train.get("cooldown", 0.2))   # the recipe leaves WSD's decay fraction out at its default
         eta = np.array([lr_at(i, total=steps, lr=lr, warmup=warmup, schedule=train.get("schedule", "cosine"),
-                              min_ratio=float(train.get("min_lr_ratio", 0.1))) for i in range(steps)])
+                              min_ratio=float(train.get("min_lr_ratio", 0.1)), decay_fraction=cooldown)
+                        for i in range(steps)])
     except (KeyError, TypeError, ValueError) as e:
         raise GentoolError(f"the run's recipe has no usable schedule ({e})") from None
     return Schedule(eta / lr, warmup, lr)

@@ -110,7 +110,8 @@ def _run_records(path: Path, point: str, y_col: str = "loss", problems: list[str
         key = "loss" if y_col == "train_loss" else "val_loss"
         return [rec(min(curve, key=lambda r: v if (v := number(r.get(key))) is not None else math.inf))]
     if manifest:
-        return [{**base, "D": contents.get("tokens_seen"), "C": contents.get("train_flops"),
+        extra = {k: v for k, v in metrics.items() if k not in base}  # `gentool evaluate`'s acc, TASK/acc, ...
+        return [{**extra, **base, "D": contents.get("tokens_seen"), "C": contents.get("train_flops"),
                  "loss": metrics.get("val_loss"), "val_loss": metrics.get("val_loss"),
                  "train_loss": metrics.get("train_loss"), "step": contents.get("step")}]
     return [rec(curve[-1])] if curve else []  # an unfinished run: its latest evaluation
@@ -213,6 +214,7 @@ def read_table(inputs: list[str], columns: dict[str, str], *, point: str = "fina
     seen_dirs: set[str] = set()
     run_keys: set[str] = set()
     raw: list[tuple[str, str, dict, bool, tuple]] = []   # where, run, record, grouped, roles to derive
+    lacking: list[UsageProblem] = []   # tables without a mapped column: skipped while another input has it
     for src in expanded:
         path = Path(src)
         if src != "-" and path.is_dir():
@@ -240,9 +242,18 @@ def read_table(inputs: list[str], columns: dict[str, str], *, point: str = "fina
                     "" if y_col == "train_loss" else " (--y train_loss uses the training loss)"))
         else:
             rows, names, n = _table_rows(src, path)
+            try:
+                roles = prep.check_columns(src, names, columns, best_of, table.notes) if names else ()
+            except UsageProblem as e:
+                if len(expanded) == 1:
+                    raise
+                lacking.append(e)
+                table.skipped.append(f"{src}: {e.message}; file skipped")
+                continue
             table.sources.append({"path": src, "kind": "table", "rows": n})
-            roles = prep.check_columns(src, names, columns, best_of, table.notes) if names else ()
             raw += [(*r, roles) for r in rows]
+    if lacking and not table.sources:   # no input has the columns: the first one's error, as with one input
+        raise lacking[0]
     if run_keys and all(s["kind"] == "run" for s in table.sources):   # a column no run directory has: one error
         prep.check_columns("run directories", run_keys, columns, best_of, {})
     raw = prep.drop_duplicates(raw, keep_duplicates, table.notes)

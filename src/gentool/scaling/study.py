@@ -209,10 +209,12 @@ def run_study(opts: StudyOptions, out: Path | None = None, *, force: bool = Fals
                            for k in prediction(opts.form, fit.params, at)}} for i, at in enumerate(at_points)]
     for name, iv in ivs.items():
         if iv.open_lo or iv.open_hi:
-            console.warn(f"the 95% interval of {name} reaches "
-                         + (f"a bound in {iv.bound_hits} bootstrap resamples" if iv.bound_hits else "a parameter bound")
-                         + f": its {' and '.join(e for e, o in (('lower', iv.open_lo), ('upper', iv.open_hi)) if o)}"
-                         + " end is not determined by the data")
+            fit.warnings.append(f"the 95% interval of {name} reaches "
+                                + (f"a bound in {iv.bound_hits} bootstrap resamples" if iv.bound_hits
+                                   else "a parameter bound") + ": its "
+                                + " and ".join(e for e, o in (("lower", iv.open_lo), ("upper", iv.open_hi)) if o)
+                                + " end is not determined by the data")
+            console.warn(fit.warnings[-1])   # and in the result's warnings, as the fit's own are
     data = [{"run": p.run, **p.values, "held_out": bool(h)} for p, h in zip(points, ~train)]
     residuals = None
     if opts.form != "isoflop":

@@ -14,7 +14,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -22,6 +22,7 @@ from typing import Any, Protocol
 import torch
 
 from gentool import console
+from gentool.artifacts.store import INVOCATION
 from gentool.errors import GentoolError, Terminated, UsageProblem
 from gentool.train import distributed
 from gentool.train.checkpoint import latest_state, load_state, read_state_meta, save_state
@@ -29,6 +30,7 @@ from gentool.train.ema import ema_update
 from gentool.train.metrics import MetricsLog
 from gentool.train.optim import build_optimizer, device_peak_flops
 from gentool.train.schedules import lr_at
+from gentool.train.trackers import Trackers, check_backends
 
 
 class Task(Protocol):
@@ -72,13 +74,15 @@ class TrainConfig:
     muon_momentum: float = 0.95
     parallel: str = "ddp"           # under torchrun: ddp (replicas) or fsdp (sharded weights, gradients, state)
     cooldown: float = 0.2           # wsd: the fraction of the steps over which the learning rate decays
+    log_to: tuple[str, ...] = ()    # experiment trackers beside metrics.jsonl (train/trackers.py)
 
     def __post_init__(self) -> None:
         """Refuse what no trainer can run, before a run directory exists (a corrected rerun is not an unfinished
         run)."""
         autocast_dtype(self.amp_dtype, self.device)
+        check_backends(self.log_to)
         for name, value, ok in (
-                ("--steps", self.steps, self.steps >= 1), ("--lr", self.lr, self.lr > 0),
+                ("--steps", self.steps, self.steps >= 1), ("--lr", self.lr, 0 < self.lr < math.inf),
                 ("--min-lr-ratio", self.min_lr_ratio, 0 <= self.min_lr_ratio <= 1),
                 ("--warmup", self.warmup, self.warmup >= 0),
                 ("--weight-decay", self.weight_decay, self.weight_decay >= 0),
@@ -96,7 +100,7 @@ class TrainConfig:
         """What changes results (device, compile, logging cadence and the parallel layout do not). Options added
         later are left out at their defaults, so a run started before they existed still resumes."""
         d = asdict(self)
-        for k in ("device", "compile", "log_every", "save_every", "save_minutes", "keep", "parallel"):
+        for k in ("device", "compile", "log_every", "save_every", "save_minutes", "keep", "parallel", "log_to"):
             d.pop(k)
         if self.optimizer == "adamw":
             for k in ("optimizer", "muon_lr", "muon_momentum"):
@@ -244,7 +248,10 @@ def train(model: torch.nn.Module, task: Task, cfg: TrainConfig, workdir: Path, *
             metrics.exclude(time.perf_counter() - t)
         distributed.barrier()  # every rank calls save(): none goes on (or resumes) before rank 0 has written
 
-    with _deferred_interrupt() as interrupt, console.progress("training", cfg.steps) as bar:
+    trackers = Trackers(cfg.log_to if rank == 0 else (), workdir,
+                        {**(INVOCATION.get() or {}), "train": cfg.recipe()})
+    with _deferred_interrupt() as interrupt, console.progress("training", cfg.steps) as bar, \
+            closing(trackers):
         bar.update(completed=start)
         try:
             for step in range(start, cfg.steps):
@@ -286,6 +293,8 @@ def train(model: torch.nn.Module, task: Task, cfg: TrainConfig, workdir: Path, *
                         metrics.exclude(time.perf_counter() - t)
                     line = metrics.log(done, loss=last_loss, lr=lr, grad_norm=float(norm),
                                        extra=evals if is_eval else None)
+                    if trackers.live:
+                        trackers.log(line)
                     eta = (cfg.steps - done) * tokens_per_step / max(line["tokens_per_s"], 1e-9)
                     bar.update(completed=done, loss=last_loss, tok_s=round(line["tokens_per_s"]),
                                eta=console.format_eta(eta))

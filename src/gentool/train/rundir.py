@@ -21,6 +21,7 @@ from gentool.artifacts.store import check_not_an_input
 from gentool.errors import UsageProblem
 from gentool.train import distributed
 from gentool.train.checkpoint import latest_state
+from gentool.train.trackers import LOCAL_DIRS
 
 RECIPE = "run.json"
 
@@ -39,6 +40,7 @@ class RunOptions:
     compile: bool = False
     resume: bool = False
     force: bool = False
+    log_to: tuple[str, ...] = ()  # experiment trackers (train/trackers.py)
 
 
 class RunDir:
@@ -87,6 +89,9 @@ class RunDir:
             with create_artifact(self.out, kind, force=True, config=config, inputs=inputs) as art:
                 yield art
                 shutil.copy(self.partial / "metrics.jsonl", art.dir / "metrics.jsonl")
+                for name in LOCAL_DIRS:  # --log-to's local logs go with the run
+                    if (self.partial / name).is_dir():
+                        shutil.copytree(self.partial / name, art.dir / name)
         except WriteFailed as e:
             raise WriteFailed(e.message, path=e.path, hint=f"the finished run is kept in {self.partial}; free some "
                                                            "space, then rerun with --resume to write it") from e
