@@ -87,6 +87,7 @@ def world(tmp_path_factory, tiny_tokenizer, tiny_tokens):
     (w / "unrelated.txt").write_text("someone's file\n")
     os.link(w / "text.txt", w / "text-link.txt")  # another name of an input
     (w / "pics.png").mkdir()
+    ok("export-gguf", w / "lm", "-o", w / "lm.gguf")
     _tasks(w)
     shutil.copytree(w / "lm", w / "lm-badmetrics")   # metrics.jsonl lines that are JSON but not objects
     with open(w / "lm-badmetrics" / "metrics.jsonl", "a") as f:
@@ -247,7 +248,7 @@ ROWS = [
     ("export-gguf-onto-directory", "export-gguf {lm} -o {tok} --force"),
     ("export-gguf-dot", "export-gguf {lm} -o . --force"),
     ("quantize-onto-file", "quantize {lm} --scheme int8 -o {unrelated} --force"),
-    ("import-gguf-onto-hard-link", "import-gguf {binary} -o {text-link} --force"),
+    ("import-gguf-onto-hard-link", "import-gguf {lm.gguf} -o {text-link} --force"),
     ("quantize-parent-is-file", "quantize {lm} --scheme int8 -o {unrelated}/q8"),
     ("train-lm-dotdot", "train-lm {tokens} -o .. --force --steps 1 --seq-len 32 --micro-batch 2"),
     ("train-lm-cwd", "train-lm {tokens} -o {here} --force --steps 1"),

@@ -197,8 +197,11 @@ def check_output(out: str | Path, *, force: bool, sources=(), file: bool = False
     if out.name in ("", ".", ".."):
         raise UsageProblem(f"{option} needs a name, not {str(out)!r}", path=out,
                            hint=f"pass a new path for {what}, e.g. runs/out")
-    here = Path.cwd().resolve()
-    if out.resolve() == here or out.resolve() in here.parents:
+    try:
+        here = Path.cwd().resolve()
+    except OSError:  # the working directory was removed: nothing to hold
+        here = None
+    if here is not None and (out.resolve() == here or out.resolve() in here.parents):
         raise UsageProblem(f"{option} holds the working directory", path=out, hint="write to another path")
     check_not_an_input(out, sources, option=option)
     if out.exists() or out.is_symlink():
