@@ -142,3 +142,27 @@ def test_outputs_without_a_name_are_refused_before_anything(tmp_path, monkeypatc
         with pytest.raises(UsageProblem, match="needs a name"):
             RunDir(out, force=True).check()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_while_resuming_keeps_the_metrics(tmp_path, monkeypatch):
+    """--resume rewrites metrics.jsonl without the lines after the saved state: a full disk then loses nothing."""
+    import errno
+    from pathlib import Path
+
+    from gentool.artifacts import WriteFailed
+    from gentool.train.metrics import MetricsLog
+
+    path = tmp_path / "metrics.jsonl"
+    text = '{"step": 1, "seconds": 1.0}\n{"step": 2, "seconds": 2.0}\n{"step": 3, "seconds": 3.0}\n'
+    path.write_text(text)
+    real = Path.write_text
+
+    def half(self, data, *args, **kwargs):
+        real(self, data[:7], *args, **kwargs)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", half)
+    with pytest.raises(WriteFailed, match=f"no space left on {tmp_path}"):
+        MetricsLog(path, tokens_per_step=8, flops_per_step=1.0, peak_flops=None, start_step=2, resume=True)
+    monkeypatch.undo()
+    assert path.read_text() == text and [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]

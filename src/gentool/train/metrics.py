@@ -32,7 +32,10 @@ class MetricsLog:
         self.tokens_per_step, self.flops_per_step, self.peak = tokens_per_step, flops_per_step, peak_flops
         kept = [m for m in read_metrics(path) if m["step"] <= start_step] if resume else []
         if write:  # on resume, drop lines logged after the state we resume from (they will be logged again)
-            path.write_text("".join(json.dumps(m) + "\n" for m in kept))
+            from gentool.artifacts import atomic_file
+
+            with atomic_file(path) as tmp:  # a full disk here loses no line
+                tmp.write_text("".join(json.dumps(m) + "\n" for m in kept))
         self.wall0 = time.time() - (kept[-1]["seconds"] if kept else 0.0)  # wall time adds up across resumes
         self.train_seconds = kept[-1].get("train_seconds", 0.0) if kept else 0.0
         self.mark_step, self.mark_time = start_step, time.perf_counter()

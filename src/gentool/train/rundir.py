@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gentool.artifacts import ArtifactBuilder, WriteFailed, canonical_json, check_output, create_artifact
+from gentool.artifacts import (ArtifactBuilder, WriteFailed, atomic_file, canonical_json, check_output,
+                               create_artifact)
 from gentool.artifacts.store import check_not_an_input
 from gentool.errors import UsageProblem
 from gentool.train import distributed
@@ -78,7 +79,8 @@ class RunDir:
         if distributed.rank() == 0 and not self.resume:
             shutil.rmtree(self.partial, ignore_errors=True)
             self.partial.mkdir(parents=True)
-            saved_file.write_text(canonical_json(recipe))
+            with atomic_file(saved_file) as tmp:
+                tmp.write_text(canonical_json(recipe))
         distributed.barrier()
 
     @contextmanager
