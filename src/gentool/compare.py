@@ -217,11 +217,13 @@ def plot_runs(groups: list[Group], metric: str, out: Path, target: float | None 
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7, loc="upper right")
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{out.suffix}")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(out)
+    from gentool.artifacts import atomic_file
+
+    try:
+        with atomic_file(out, suffix=True) as tmp:  # matplotlib picks the format from the suffix
+            fig.savefig(tmp, dpi=120)
+    finally:
+        plt.close(fig)
 
 
 def compare(args: list[str], *, metric: str = "val_loss", target: float | None = None, alpha: float = 0.01,
@@ -237,6 +239,10 @@ def compare(args: list[str], *, metric: str = "val_loss", target: float | None =
     paths = [p for a in args for p in (sorted(glob.glob(a)) if any(c in a for c in "*?[") else [a])]
     if not paths:
         raise UsageProblem("no runs to compare", hint="pass run directories, e.g. runs/muon-s* runs/adamw-s*")
+    if plot is not None:  # an existing picture is replaced; a run, a directory or a missing parent is refused
+        from gentool.artifacts import check_output
+
+        check_output(plot, force=True, sources=paths, file=True, option="--plot")
     runs = [read_run(p) for p in paths]
     _check_comparable(runs, metric)
     groups = group_runs(runs)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import struct
 from pathlib import Path
@@ -91,6 +92,10 @@ def world(tmp_path_factory, tiny_tokenizer, tiny_tokens):
                                                         for c in (1e12, 3e12, 1e13, 3e13, 1e14)))
     (w / "same.csv").write_text("flops,loss\n" + "1e12,3.0\n" * 6)
     (w / "recipe-bad.toml").write_text("stepz = 3\n")
+    (w / "unrelated.txt").write_text("someone's file\n")
+    os.link(w / "text.txt", w / "text-link.txt")  # another name of an input
+    (w / "pics.png").mkdir()
+    ok("export-gguf", w / "lm", "-o", w / "lm.gguf")
     _tasks(w)
     shutil.copytree(w / "lm", w / "lm-badmetrics")   # metrics.jsonl lines that are JSON but not objects
     with open(w / "lm-badmetrics" / "metrics.jsonl", "a") as f:
@@ -279,6 +284,37 @@ ROWS = [
     ("image-model-lm-sampler", "sample {moons} --sampler remdm -o {out}"),
     ("export-gguf-into-input", "export-gguf {lm} -o {lm}/lm.gguf"),
     ("scale-fit-onto-input", "scale-fit {log} --form power --x flops --y loss -o {log} --force"),
+    # side outputs get the output's checks
+    ("kl-tokens-onto-eval", "quantize {lm} --scheme int8 -o {out} --eval {text} --kl-tokens {text} --force"),
+    ("kl-tokens-onto-model", "quantize {lm} --scheme int8 -o {out} --eval {text} --kl-tokens {lm}/model.safetensors "
+                             "--force"),
+    ("kl-tokens-hard-link-of-eval", "quantize {lm} --scheme int8 -o {out} --eval {text} --kl-tokens {text-link} "
+                                    "--force"),
+    ("kl-tokens-exists", "quantize {lm} --scheme int8 -o {out} --eval {text} --kl-tokens {unrelated}"),
+    ("kl-tokens-into-output", "quantize {lm} --scheme int8 -o {out} --eval {text} --kl-tokens {out}/kl.jsonl"),
+    ("kl-tokens-directory", "quantize {lm} --scheme int8 -o {out} --eval {text} --kl-tokens {tok} --force"),
+    ("plot-into-run", "compare {lm} --plot {lm}/p.png"),
+    ("plot-onto-directory", "compare {lm} --plot {pics.png}"),
+    ("plot-no-parent", "compare {lm} --plot {w}/nope/p.png"),
+    # output paths that cannot be an output
+    ("export-gguf-onto-directory", "export-gguf {lm} -o {tok} --force"),
+    ("export-gguf-dot", "export-gguf {lm} -o . --force"),
+    ("quantize-onto-file", "quantize {lm} --scheme int8 -o {unrelated} --force"),
+    ("import-gguf-onto-hard-link", "import-gguf {lm.gguf} -o {text-link} --force"),
+    ("quantize-parent-is-file", "quantize {lm} --scheme int8 -o {unrelated}/q8"),
+    ("train-lm-dotdot", "train-lm {tokens} -o .. --force --steps 1 --seq-len 32 --micro-batch 2"),
+    ("train-lm-cwd", "train-lm {tokens} -o {here} --force --steps 1"),
+    ("train-diffusion-dotdot", "train-diffusion builtin:moons -o .. --force --steps 1"),
+    ("lora-merge-dotdot", "lora-merge {lm} {ada} -o .. --force"),
+    ("scale-fit-dotdot", "scale-fit {log} --form power --x flops --y loss -o .. --force"),
+    *[(f"{cmd.split()[0]}{'-' + cmd.split()[1] if cmd.startswith('tokenize') else ''}-output-{name}",
+       f"{cmd} -o {arg} --force")
+      for name, arg in (("empty", "''"), ("dot", "."))
+      for cmd in ("train-lm {tokens} --steps 1", "train-diffusion builtin:moons --steps 1", "sample {moons}",
+                  "quantize {lm} --scheme int8", "tokenize train {text}", "tokenize encode {text} --tokenizer {tok}",
+                  "lora-merge {lm} {ada}", "lora-extract {lm} {lm}", "lora-resize {ada}", "import-gguf {binary}",
+                  "export-gguf {lm}", "scale-fit {log} --form power --x flops --y loss",
+                  "evaluate {lm} {task-ok.yaml}")],
     ("evaluate-task-missing-field", "evaluate {lm} {task-nofield.yaml} -o {out}"),
     ("evaluate-template-fails-on-row", "evaluate {lm} {task-badtemplate.yaml} -o {out}"),
     ("evaluate-empty-split", "evaluate {lm} {task-emptysplit.yaml} -o {out}"),
@@ -297,9 +333,13 @@ def _argv(template: str, world: Path, out: Path) -> list[str]:
     names = {p.name: p for p in world.iterdir()}
     names.update({"w": world, "out": out, "text": world / "text.txt", "empty": world / "empty.txt",
                   "binary": world / "binary.bin", "log": world / "log.csv", "same": world / "same.csv",
-                  "recipe-bad": world / "recipe-bad.toml"})
+                  "recipe-bad": world / "recipe-bad.toml", "unrelated": world / "unrelated.txt",
+                  "text-link": world / "text-link.txt", "here": Path.cwd()})
     args = []
     for word in template.split():
+        if word == "''":  # an empty argument
+            args.append("")
+            continue
         for key in sorted(names, key=len, reverse=True):
             word = word.replace("{" + key + "}", str(names[key]))
         args.append(word)
@@ -309,7 +349,15 @@ def _argv(template: str, world: Path, out: Path) -> list[str]:
 def _check(cli, world, tmp_path, template, stdin=None):
     before = _tree(world)
     out = tmp_path / "out"
-    r = cli(*_argv(template, world, out), input=stdin)
+    here = tmp_path / "cwd"  # the working directory: "-o ." and "-o .." must leave it (and its parent) alone
+    here.mkdir(exist_ok=True)
+    cwd = os.getcwd()
+    os.chdir(here)
+    try:
+        r = cli(*_argv(template, world, out), input=stdin)
+    finally:
+        os.chdir(cwd)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cwd"] and not list(here.iterdir()), template
     err = [line for line in r.stderr.splitlines() if line.strip()]
     assert r.exit_code in (1, 2), (template, r.exit_code, r.output)
     # one error line, the last one (warnings and progress may come before it)
@@ -318,6 +366,7 @@ def _check(cli, world, tmp_path, template, stdin=None):
     assert "internal error" not in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert not out.exists() and not list(tmp_path.glob(".out*")) and not Path(f"{out}.gguf").exists(), template
     assert _tree(world) == before, f"{template}: an input changed"
+    return r
 
 
 @pytest.mark.parametrize("row", ROWS, ids=[r[0] for r in ROWS])
@@ -367,18 +416,52 @@ def test_numbers_out_of_range(cli, world, tmp_path, number):
 
 
 def test_full_disk_loses_nothing(cli, world, tmp_path, monkeypatch):
+    """A full disk: one line naming the directory, nothing half-written, and a training run resumable."""
     import errno
 
-    def full(src, dst):
+    import gguf
+
+    def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("gentool.artifacts.store.replace_dir", full)
-    for template in ("quantize {lm} --scheme int8 -o {out}", "tokenize encode {text} --tokenizer {tok} -o {out}",
-                     "lora-merge {lm} {ada} -o {out}", "quantize {q8} --dequantize -o {out}",
-                     "sample {moons} -o {out} --num-samples 8 --steps 2"):
-        _check(cli, world, tmp_path, template)
-    r = cli(*_argv("train-lm {tokens} -o {out} --preset tiny --steps 2 --seq-len 32 --micro-batch 2", world,
-                   tmp_path / "out"))
-    assert r.exit_code == 1 and "No space left on device" in r.stderr and not (tmp_path / "out").exists()
-    assert (tmp_path / "out.partial" / "state").is_dir()  # the run is resumable once there is room
+    with monkeypatch.context() as m:
+        m.setattr("gentool.artifacts.store.replace_dir", full)
+        m.setattr(gguf.GGUFWriter, "write_tensors_to_file", full)
+        for template in ("quantize {lm} --scheme int8 -o {out}", "tokenize encode {text} --tokenizer {tok} -o {out}",
+                         "lora-merge {lm} {ada} -o {out}", "quantize {q8} --dequantize -o {out}",
+                         "sample {moons} -o {out} --num-samples 8 --steps 2", "export-gguf {lm} -o {out}.gguf",
+                         "export-gguf {ada} --adapter-of {lm} -o {out}.gguf"):
+            r = _check(cli, world, tmp_path, template)
+            assert f"no space left on {tmp_path}" in r.stderr, (template, r.stderr)
+        train = "train-lm {tokens} -o {out} --preset tiny --steps 2 --seq-len 32 --micro-batch 2"
+        r = cli(*_argv(train, world, tmp_path / "out"))
+        assert r.exit_code == 1 and f"no space left on {tmp_path}" in r.stderr and "--resume" in r.stderr, r.stderr
+        assert not (tmp_path / "out").exists() and (tmp_path / "out.partial" / "state").is_dir()
+    r = cli(*_argv(train + " --resume", world, tmp_path / "out"))  # once there is room
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cwd", "out"]
     torch.manual_seed(0)
+
+
+def test_stale_temporaries_of_a_killed_export_are_swept(cli, world, tmp_path):
+    """`export-gguf` killed with -9 leaves .X.gguf.tmp-PID-HEX; the next export of X removes it (its process is
+    gone), and --force over a hard link leaves no .old- copy."""
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()  # a pid that no process has now
+    stale = tmp_path / f".m.gguf.tmp-{p.pid}-0123abcd"
+    stale.write_bytes(b"GGUF half written")
+    (tmp_path / "keep.gguf").write_bytes(b"another name")
+    os.link(tmp_path / "keep.gguf", tmp_path / "m.gguf")
+    r = cli("export-gguf", world / "lm", "-o", tmp_path / "m.gguf", "--force")
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.gguf", "m.gguf"]
+    assert (tmp_path / "keep.gguf").read_bytes() == b"another name"
+    stale = tmp_path / f".art.old-{p.pid}-0123abcd"
+    stale.mkdir()
+    for _ in range(2):
+        r = cli("import-gguf", tmp_path / "m.gguf", "-o", tmp_path / "art", "--force")
+        assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art", "keep.gguf", "m.gguf"]

@@ -14,9 +14,7 @@ gentool adds `gentool.base_sha256` / `gentool.base_id` (llama.cpp ignores them) 
 from __future__ import annotations
 
 import json
-import os
 import re
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -55,12 +53,10 @@ def export_adapter(adapter_path: Path, out: Path, *, base_path: Path, qtype: str
     """A lora-adapter (or PEFT adapter) of BASE -> a GGUF LoRA file llama.cpp loads with --lora."""
     import gguf
 
-    from gentool.artifacts.store import check_not_an_input
+    from gentool.artifacts import atomic_file, check_output
 
     out = Path(out)
-    check_not_an_input(out, [adapter_path, base_path])
-    if out.exists() and not force:
-        raise UsageProblem("output exists", path=out, hint="use --force to replace it")
+    check_output(out, force=force, sources=[adapter_path, base_path], file=True)
     if qtype not in ("f32", "f16"):
         raise UsageProblem(f"--type {qtype} is not available for adapters", hint="use f32 or f16")
     ad = read_adapter(adapter_path, verify=verify)
@@ -86,8 +82,7 @@ def export_adapter(adapter_path: Path, out: Path, *, base_path: Path, qtype: str
         a = p["A"].float().numpy()
         b = _permute(module, (p["B"].float() * fold).numpy(), n_head, n_kv, permute_qk)
         tensors[f"{name}.lora_a"], tensors[f"{name}.lora_b"] = a, b
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
+    with atomic_file(out) as tmp:
         w = gguf.GGUFWriter(str(tmp), "llama")
         w.add_type(gguf.GGUFType.ADAPTER)
         w.add_name(ad.path.name)
@@ -105,10 +100,6 @@ def export_adapter(adapter_path: Path, out: Path, *, base_path: Path, qtype: str
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return {"output": str(out), "kind": "gguf lora adapter", "type": qtype, "alpha": alpha,
             "modules": len(ad.lora), "tensors": len(tensors), "bytes": out.stat().st_size}
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import hashlib
 import os
 import platform
+import re
 import shutil
 import sys
 import uuid
@@ -157,55 +159,186 @@ class ArtifactBuilder:
             environment=environment(), invocation=INVOCATION.get() or {})
 
 
-def check_not_an_input(out: str | Path, sources) -> None:
-    """Refuse an output that is, contains or lies inside one of this command's inputs (symlinks resolved):
-    --force replaces an old output, never an input."""
+def check_not_an_input(out: str | Path, sources, *, option: str = "the output") -> None:
+    """Refuse an output that is, contains or lies inside one of this command's inputs (symlinks and hard links
+    resolved): --force replaces an old output, never an input. A source may be (what, path): another output."""
     o = Path(out).resolve()
     for src in sources:
+        what, src = src if isinstance(src, tuple) else ("the input", src)
         if src is None or str(src) == "-" or str(src).startswith("builtin:"):
             continue
         i = Path(src).resolve()
-        where = "is" if o == i else "lies inside" if i in o.parents else "contains" if o in i.parents else None
+        where = "is" if o == i or _same_file(o, i) else "lies inside" if i in o.parents \
+            else "contains" if o in i.parents else None
         if where:
-            raise UsageProblem(f"the output {where} the input {src}", path=out,
+            raise UsageProblem(f"{option} {where} {what} {src}", path=out,
                                hint="write to another path (--force replaces old outputs, never inputs)")
 
 
-def check_output(out: str | Path, *, force: bool, sources=()) -> None:
-    """Refuse (exit 2) an existing output unless --force, and an output that is or overlaps an input (`sources`,
-    paths); call before any work."""
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_output(out: str | Path, *, force: bool, sources=(), file: bool = False, option: str = "the output",
+                 parents: bool = False) -> None:
+    """Validate an output path before any work (exit 2): not "", ".", ".." nor a directory holding the working
+    directory; not an input, nor inside or around one (`sources`, paths); an existing one only with --force, and
+    only of the kind written (a directory artifact, or with `file` a single file); its parent an existing (with
+    `parents`: to be created), writable directory. Every option that writes a path goes through here (`option`
+    names it in the message)."""
     out = Path(out)
+    what = "a file" if file else "an artifact directory"
     if str(out) == "-":
-        raise UsageProblem("an artifact is a directory and cannot be written to stdout", path=out,
-                           hint="pass a directory with -o")
-    check_not_an_input(out, sources)
-    if out.exists() and not force:
-        raise UsageProblem("output exists", path=out, hint="use --force to replace it")
-    if not out.parent.exists():
-        raise UsageProblem("parent directory does not exist", path=out.parent, hint="create it first")
+        raise UsageProblem(f"{option} is {what} and cannot be written to stdout", path=out,
+                           hint="pass a path")
+    if out.name in ("", ".", ".."):
+        raise UsageProblem(f"{option} needs a name, not {str(out)!r}", path=out,
+                           hint=f"pass a new path for {what}, e.g. runs/out")
+    try:
+        here = Path.cwd().resolve()
+    except OSError:  # the working directory was removed: nothing to hold
+        here = None
+    if here is not None and (out.resolve() == here or out.resolve() in here.parents):
+        raise UsageProblem(f"{option} holds the working directory", path=out, hint="write to another path")
+    check_not_an_input(out, sources, option=option)
+    if out.exists() or out.is_symlink():
+        if not force:
+            raise UsageProblem(f"{option} exists" if option != "the output" else "output exists", path=out,
+                               hint="use --force to replace it")
+        if file and out.is_dir():
+            raise UsageProblem(f"{option} is a directory, expected a file", path=out,
+                               hint="pass a file path (--force replaces an old file, never a directory)")
+        if not file and not out.is_dir():
+            raise UsageProblem(f"{option} is a file, expected {what}", path=out,
+                               hint="pass a directory path (--force replaces an old artifact, never a file)")
+    parent = out.parent
+    while parents and not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.exists():
+        raise UsageProblem("parent directory does not exist", path=parent, hint="create it first")
+    if not parent.is_dir():
+        raise UsageProblem("is not a directory", path=parent, hint=f"{option} must go in a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageProblem("directory is not writable", path=parent, hint="write somewhere else")
 
 
-def sweep_stale(out: Path) -> None:
-    """Remove temporary siblings of `out` that a killed gentool left behind (their process is gone)."""
-    for tmp in out.parent.glob(f".{out.name}.tmp-*"):
+# Our temporaries: ".NAME.tmp-PID-HEX" (being written) and ".NAME.old-PID-HEX" (an output being replaced), an
+# optional suffix after them (matplotlib picks the format from it).
+_TEMP = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?P<pid>\d+)-[0-9a-f]{8}(?:\.\w+)?$")
+
+
+def temp_sibling(out: Path, tag: str = "tmp", suffix: str = "") -> Path:
+    """A hidden sibling of `out` named for this process, which `sweep_stale` removes once the process is gone."""
+    return out.with_name(f".{out.name}.{tag}-{os.getpid()}-{uuid.uuid4().hex[:8]}{suffix}")
+
+
+def _started(pid: int) -> float | None:
+    """When process `pid` started (seconds since the epoch), from /proc; None where there is no /proc."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        ticks = int(stat[stat.rindex(")") + 2:].split()[19])
+        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def _owned(pid: int, tmp: Path) -> bool:
+    """Whether a live process may still be writing `tmp`: its pid runs, and did not start after tmp last changed
+    (a younger process only reuses the number)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # alive, another user's
+        return True
+    started = _started(pid)
+    try:
+        changed = tmp.lstat().st_mtime
+    except OSError:
+        return True
+    return started is None or started <= changed + 2  # /proc's boot time has whole seconds
+
+
+def remove_path(path: Path) -> None:
+    """Remove a file, link or directory tree, whichever it is; quietly when it is gone."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
         try:
-            pid = int(tmp.name[len(f".{out.name}.tmp-"):].split("-")[0])
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            shutil.rmtree(tmp, ignore_errors=True)
-        except (ValueError, PermissionError, OSError):
-            continue
+            path.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError:
+            shutil.rmtree(path, ignore_errors=True)
 
 
-def write_failure(e: BaseException) -> str | None:
-    """Why writing failed, when it failed for a reason outside gentool (disk full, permissions, I/O); safetensors
-    raises its own error type for those."""
-    if isinstance(e, OSError):
-        return e.strerror or str(e)
+def sweep_stale(out: Path, *, every: bool = False) -> None:
+    """Remove temporaries of `out` (with `every`: of anything in directory `out`) that a killed gentool left
+    behind: files or directories of our naming whose process is gone."""
+    directory = out if every else out.parent
+    try:
+        entries = list(directory.iterdir())
+    except OSError:
+        return
+    for tmp in entries:
+        m = _TEMP.match(tmp.name)
+        if m and (every or m["name"] == out.name) and not _owned(int(m["pid"]), tmp):
+            remove_path(tmp)
+
+
+class WriteFailed(GentoolError):
+    """Writing failed for a reason outside gentool: the disk is full, a quota, permissions, an I/O error."""
+
+
+def write_failure(e: BaseException, out: str | Path, *, hint: str | None = None) -> WriteFailed | None:
+    """The one-line error for an exception raised while writing `out`, or None when it is not a write failure;
+    safetensors wraps the operating system's error in its own type."""
+    code, text = getattr(e, "errno", None), str(e)
     if type(e).__name__ == "SafetensorError":
-        text = str(e)
-        return "No space left on device" if "No space left" in text or "StorageFull" in text else text
-    return None
+        found = re.search(r"os error (\d+)|code: (\d+)", text)
+        code = int(found[1] or found[2]) if found else errno.ENOSPC if "StorageFull" in text else None
+        if code is None and "I/O error" not in text and "IoError" not in text:
+            return None  # about the tensors, not the disk
+        reason = os.strerror(code) if code else text
+    elif isinstance(e, OSError):
+        reason = e.strerror or text
+    else:
+        return None
+    directory = os.path.abspath(Path(out).parent)
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        what = "no space left on" if code == errno.ENOSPC else "disk quota exceeded on"
+        return WriteFailed(f"{what} {directory}", path=out,
+                           hint=hint or "free some space (or write elsewhere) and run the command again")
+    return WriteFailed(f"cannot write in {directory} ({reason})", path=out,
+                       hint=hint or "check free disk space and permissions")
+
+
+@contextmanager
+def atomic_file(out: str | Path, *, suffix: bool = False) -> Iterator[Path]:
+    """Write a single file through a temporary sibling that is renamed into place on success and removed on any
+    failure; stale temporaries of `out` are swept first. Yields the temporary's path (with `suffix`, it keeps the
+    output's extension)."""
+    out = Path(out)
+    sweep_stale(out)
+    tmp = temp_sibling(out, suffix=out.suffix if suffix else "")
+    try:
+        yield tmp
+        os.replace(tmp, out)
+    except Exception as e:
+        remove_path(tmp)
+        if failed := write_failure(e, out):
+            raise failed from e
+        raise
+    except BaseException:
+        remove_path(tmp)
+        raise
 
 
 def write_manifest(builder: ArtifactBuilder, directory: Path, final_path: Path) -> Manifest:
@@ -217,15 +350,21 @@ def write_manifest(builder: ArtifactBuilder, directory: Path, final_path: Path) 
 
 
 def replace_dir(src: Path, dst: Path) -> None:
-    """Move a finished directory into place; with an existing dst, move it aside first (two renames)."""
+    """Move a finished directory into place; with an existing dst (a directory, a file, a link), move it aside
+    first (two renames), then remove it."""
     old = None
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{uuid.uuid4().hex[:8]}")
+    if dst.exists() or dst.is_symlink():
+        old = temp_sibling(dst, "old")
         os.replace(dst, old)
-    os.replace(src, dst)
+    try:
+        os.replace(src, dst)
+    except BaseException:
+        if old is not None:  # put the old output back
+            os.replace(old, dst)
+        raise
     _fsync_dir(dst.parent)
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        remove_path(old)
 
 
 @contextmanager
@@ -238,8 +377,11 @@ def create_artifact(out: str | Path, kind: str, *, force: bool = False, config: 
     out = Path(out)
     check_output(out, force=force, sources=[i.get("path") for i in inputs or ()])
     sweep_stale(out)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
+    tmp = temp_sibling(out)
+    try:
+        tmp.mkdir()
+    except OSError as e:
+        raise write_failure(e, out) from e
     builder = ArtifactBuilder(out, kind, tmp, dict(config or {}), list(inputs or []),
                               command if command is not None else ["gentool", *sys.argv[1:]])
     try:
@@ -249,9 +391,8 @@ def create_artifact(out: str | Path, kind: str, *, force: bool = False, config: 
         replace_dir(tmp, out)
     except Exception as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if reason := write_failure(e):
-            raise GentoolError(f"cannot write output ({reason})", path=out,
-                               hint="check free disk space and permissions") from e
+        if failed := write_failure(e, out):
+            raise failed from e
         raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -243,7 +243,10 @@ def _reflow_data(teacher, train_ds: ArrayDataset, opts: TrainDiffusionOptions,
         d = {"noise": noise, "x": torch.cat(xs)}
         if y is not None:
             d["y"] = y
-        save_file(d, str(cache))
+        from gentool.artifacts import atomic_file
+
+        with atomic_file(cache) as tmp:  # a run killed here must not resume from half a cache
+            save_file(d, str(tmp))
     pairs = ArrayDataset(d["x"], d.get("y"), train_ds.classes, train_ds.kind, train_ds.levels, train_ds.name,
                          train_ds.source)
     return pairs, d["noise"]

@@ -147,6 +147,10 @@ def compare_logits(base: torch.nn.Module, quant: torch.nn.Module, ids: torch.Ten
         llama_arithmetic = protocol == "llama.cpp"
     autocast = device.startswith("cuda") and dtype != torch.float32
     with contextlib.ExitStack() as stack:
+        if kl_tokens:  # through a temporary sibling: a failure or Ctrl-C leaves no half-written file
+            from gentool.artifacts import atomic_file
+
+            kl_tokens = stack.enter_context(atomic_file(kl_tokens))
         stats = KLStats(stack.enter_context(open(kl_tokens, "w", encoding="utf-8")) if kl_tokens else None)
         if llama_arithmetic:
             stack.enter_context(llama_cpp_arithmetic(base, quant))

@@ -386,17 +386,11 @@ def export_gguf(ckpt: str | Path, out: str | Path, *, qtype: str | None = None, 
     """lm-checkpoint, HF Llama directory or GGML quantized-checkpoint -> GGUF file (temporary sibling, renamed).
     A quantized-checkpoint's blocks are copied as they are (never re-quantized); a 16-bit checkpoint is written
     as `qtype` (default f16), quantized here for a llama-quantize mix."""
-    import os
-    import uuid
-
-    from gentool.artifacts import MANIFEST, read_artifact
-    from gentool.artifacts.store import check_not_an_input
+    from gentool.artifacts import MANIFEST, atomic_file, check_output, read_artifact
     from gentool.models.checkpoint import quantization_config
 
     ckpt, out = Path(ckpt), Path(out)
-    check_not_an_input(out, [ckpt, imatrix])
-    if out.exists() and not force:
-        raise UsageProblem("output exists", path=out, hint="use --force to replace it")
+    check_output(out, force=force, sources=[ckpt, imatrix], file=True)
     if not (ckpt / "config.json").is_file():
         raise UsageProblem("no config.json: not an LM checkpoint", path=ckpt, hint="pass an lm-checkpoint directory")
     qconf = quantization_config(ckpt)
@@ -432,15 +426,10 @@ def export_gguf(ckpt: str | Path, out: str | Path, *, qtype: str | None = None, 
         tok = tokenizer_metadata_from_json(ckpt)
     else:
         raise UsageProblem("no tokenizer.model or tokenizer.json", path=ckpt, hint="llama.cpp needs the tokenizer")
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
+    with atomic_file(out) as tmp:  # a full disk: one line naming the directory, no temporary left
         types = write_gguf(tmp, config, tensors, qtype=qtype, tokenizer=tok, name=ckpt.name, quantized=quantized,
                            float_types=float_types, tensor_types=tensor_types, imatrix=values, file_type=file_type,
                            provenance=provenance)
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     counts: dict[str, int] = {}
     for t in types.values():
         counts[t] = counts.get(t, 0) + 1

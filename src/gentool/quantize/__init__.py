@@ -94,8 +94,11 @@ def quantize_checkpoint(ckpt: Path, out: Path, *, scheme: str | None, group_size
                         eval_data: list[str] | None = None, eval_options: dict | None = None, force: bool = False,
                         verify: bool = True) -> dict[str, Any]:
     ckpt = Path(ckpt)
-    check_output(out, force=force,
-                 sources=[ckpt, *(eval_data or []), *(calibrate or []), *([imatrix] if imatrix else [])])
+    sources = [ckpt, *(eval_data or []), *(calibrate or []), *([imatrix] if imatrix else [])]
+    check_output(out, force=force, sources=sources)
+    if (kl_tokens := (eval_options or {}).get("kl_tokens")) is not None:
+        check_output(kl_tokens, force=force, sources=[*sources, ("the output", out)], file=True,
+                     option="--kl-tokens")
     qconf = quantization_config(ckpt) if ckpt.is_dir() else None
     if qconf is not None and not dequantize:
         raise UsageProblem(f"the checkpoint is already quantized ({qconf.get('mix') or qconf.get('scheme')})",

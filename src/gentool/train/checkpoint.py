@@ -7,7 +7,8 @@ state/step-NNNNNNNN/
     rng.safetensors        torch CPU / CUDA generator states (uint8 tensors)
     state.json             step, optimizer scalars, numpy and python RNG states, the task's data cursor, the recipe
 
-Each directory is written under a temporary name and renamed into place; the last `keep` are kept.
+Each directory is written under a temporary name and renamed into place; the last `keep` are kept. A failed write
+(a full disk) leaves the states saved before it as they were, and says so.
 
 Under FSDP2 the state is consolidated: the DTensor shards are gathered one tensor at a time (save_state is called
 on all ranks; only rank 0 keeps the CPU copies and writes), and on load every rank reads one tensor at a time and
@@ -18,15 +19,15 @@ price is that rank 0 holds the whole state in CPU memory while saving (12 bytes 
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from gentool.artifacts.store import replace_dir, sweep_stale, temp_sibling, write_failure
 
 
 def _whole(t: torch.Tensor, keep: bool = True) -> torch.Tensor | None:
@@ -109,10 +110,11 @@ def save_state(directory: Path, *, model: torch.nn.Module, optimizer: torch.opti
                 scalars[f"{idx}.{k}"] = v
     if not write:
         return final
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / f".tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    tmp = temp_sibling(final)
     try:
+        directory.mkdir(parents=True, exist_ok=True)
+        sweep_stale(directory, every=True)  # what a killed run was writing
+        tmp.mkdir()
         save_file(weights, str(tmp / "model.safetensors"))
         if ema_weights is not None:
             save_file(ema_weights, str(tmp / "ema.safetensors"))
@@ -123,15 +125,26 @@ def save_state(directory: Path, *, model: torch.nn.Module, optimizer: torch.opti
         save_file(rng, str(tmp / "rng.safetensors"))
         meta = {"step": step, "aliases": aliases, "optimizer_scalars": scalars, "rng": _rng_json(), **extra}
         (tmp / "state.json").write_text(json.dumps(meta) + "\n")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        replace_dir(tmp, final)
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if failed := write_failure(e, final, hint=resume_hint(directory)):
+            raise failed from e
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     for old in sorted(directory.glob("step-*"))[:-max(1, keep)]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def resume_hint(directory: Path) -> str:
+    """After a failed write (a full disk): what the state directory keeps to resume from, and how."""
+    last = latest_state(directory)
+    if last is None:
+        return "no state had been saved yet; free some space and run again"
+    return f"the last saved state ({last}) is intact; free some space, then continue with --resume"
 
 
 def latest_state(directory: Path) -> Path | None:

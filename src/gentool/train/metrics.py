@@ -32,7 +32,10 @@ class MetricsLog:
         self.tokens_per_step, self.flops_per_step, self.peak = tokens_per_step, flops_per_step, peak_flops
         kept = [m for m in read_metrics(path) if m["step"] <= start_step] if resume else []
         if write:  # on resume, drop lines logged after the state we resume from (they will be logged again)
-            path.write_text("".join(json.dumps(m) + "\n" for m in kept))
+            from gentool.artifacts import atomic_file
+
+            with atomic_file(path) as tmp:  # a full disk here loses no line
+                tmp.write_text("".join(json.dumps(m) + "\n" for m in kept))
         self.wall0 = time.time() - (kept[-1]["seconds"] if kept else 0.0)  # wall time adds up across resumes
         self.train_seconds = kept[-1].get("train_seconds", 0.0) if kept else 0.0
         self.mark_step, self.mark_time = start_step, time.perf_counter()
@@ -66,7 +69,24 @@ class MetricsLog:
         line["seconds"] = round(time.time() - self.wall0, 3)
         line["train_seconds"] = round(self.train_seconds, 3)
         if self.write:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(line) + "\n")
+            self._append(json.dumps(line) + "\n")
         self.mark_step, self.mark_time, self.excluded = step, time.perf_counter(), 0.0
         return line
+
+    def _append(self, text: str) -> None:
+        """One line, or (a full disk) none: a half line would stop --resume from reading the file."""
+        size = self.path.stat().st_size if self.path.exists() else 0
+        try:
+            with open(self.path, "a") as f:
+                f.write(text)
+        except OSError as e:
+            import os
+
+            from gentool.artifacts.store import write_failure
+            from gentool.train.checkpoint import resume_hint
+
+            try:
+                os.truncate(self.path, size)
+            except OSError:
+                pass
+            raise write_failure(e, self.path, hint=resume_hint(self.path.parent / "state")) from e

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gentool.artifacts import ArtifactBuilder, canonical_json, create_artifact
+from gentool.artifacts import (ArtifactBuilder, WriteFailed, atomic_file, canonical_json, check_output,
+                               create_artifact)
 from gentool.artifacts.store import check_not_an_input
 from gentool.errors import UsageProblem
 from gentool.train import distributed
@@ -46,16 +47,14 @@ class RunOptions:
 class RunDir:
     def __init__(self, out: str | Path, *, resume: bool = False, force: bool = False):
         self.out = Path(out)
-        self.partial = self.out.with_name(self.out.name + ".partial")
+        self.partial = self.out.parent / (self.out.name + ".partial")  # check() refuses "", "." and ".."
         self.resume, self.force = resume, force
 
     def check(self, sources=()) -> None:
         """Before any work: the output and the unfinished run this command would replace, and that neither is one
         of the run's inputs (`sources`, paths)."""
-        check_not_an_input(self.out, sources)
+        check_output(self.out, force=self.force, sources=sources, parents=True)  # begin() makes the parents
         check_not_an_input(self.partial, sources)
-        if self.out.exists() and not self.force:
-            raise UsageProblem("output exists", path=self.out, hint="use --force to replace it")
         if self.partial.exists() and not (self.resume or self.force):
             raise UsageProblem("an unfinished run is here", path=self.partial,
                                hint="continue it with --resume, or --force")
@@ -80,16 +79,22 @@ class RunDir:
         if distributed.rank() == 0 and not self.resume:
             shutil.rmtree(self.partial, ignore_errors=True)
             self.partial.mkdir(parents=True)
-            saved_file.write_text(canonical_json(recipe))
+            with atomic_file(saved_file) as tmp:
+                tmp.write_text(canonical_json(recipe))
         distributed.barrier()
 
     @contextmanager
     def finish(self, kind: str, *, config: dict[str, Any], inputs: list[dict]) -> Iterator[ArtifactBuilder]:
-        """Rank 0: the final artifact, with the run's metrics.jsonl; OUTPUT.partial/ goes once it is in place."""
-        with create_artifact(self.out, kind, force=True, config=config, inputs=inputs) as art:
-            yield art
-            shutil.copy(self.partial / "metrics.jsonl", art.dir / "metrics.jsonl")
-            for name in LOCAL_DIRS:  # --log-to's local logs go with the run
-                if (self.partial / name).is_dir():
-                    shutil.move(self.partial / name, art.dir / name)
+        """Rank 0: the final artifact, with the run's metrics.jsonl; OUTPUT.partial/ goes once it is in place. When
+        it cannot be written (a full disk) the run stays in OUTPUT.partial/, and --resume writes it again."""
+        try:
+            with create_artifact(self.out, kind, force=True, config=config, inputs=inputs) as art:
+                yield art
+                shutil.copy(self.partial / "metrics.jsonl", art.dir / "metrics.jsonl")
+                for name in LOCAL_DIRS:  # --log-to's local logs go with the run
+                    if (self.partial / name).is_dir():
+                        shutil.copytree(self.partial / name, art.dir / name)
+        except WriteFailed as e:
+            raise WriteFailed(e.message, path=e.path, hint=f"the finished run is kept in {self.partial}; free some "
+                                                           "space, then rerun with --resume to write it") from e
         shutil.rmtree(self.partial, ignore_errors=True)
