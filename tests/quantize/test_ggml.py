@@ -140,40 +140,50 @@ def test_tensor_type_overrides_and_refusals(cli, base, tmp_path, tiny_tokenizer)
     assert r.exit_code == 2 and "never re-quantizes" in r.output
 
 
-def test_low_bit_types_and_llama_quantize_flags(cli, base, tmp_path):
+@pytest.mark.parametrize("mix,flags", [
+    ("q2_k", []), ("iq4_nl", []),
+    ("q3_k_s", ["--pure", "--output-tensor-type", "iq4_xs", "--token-embedding-type", "q2_k"])])
+def test_low_bit_types_and_llama_quantize_flags(cli, base, tmp_path, mix, flags):
     """q2_k … iq4_xs mixes and --pure / --output-tensor-type / --token-embedding-type: llama-quantize's recipe,
-    the codec's bytes, and a checkpoint that loads and computes with exactly the dequantized weights."""
+    the codec's bytes, a checkpoint that loads and computes with exactly the dequantized weights, and GGUF export
+    and import that copy the blocks."""
+    from safetensors.torch import load_file
+
     lm = load_lm(base / "lm")
     sd = lm.model.state_dict()
     shapes = {gguf_name(k): tuple(v.shape) for k, v in sd.items()}
-    runs = [("q2_k", []), ("iq4_nl", []),
-            ("q3_k_s", ["--pure", "--output-tensor-type", "iq4_xs", "--token-embedding-type", "q2_k"])]
-    for mix, flags in runs:
-        out = tmp_path / mix
-        r = cli("quantize", base / "lm", "--scheme", mix, *flags, "-o", out, "--json")
-        assert r.exit_code == 0, r.output
-        types = json.loads((out / "config.json").read_text())["quantization_config"]["tensor_types"]
-        want = tensor_types(shapes, mix, n_layer=2, n_head=4, n_head_kv=2, pure="--pure" in flags,
-                            output_type=flags[2] if flags else None, token_embd_type=flags[4] if flags else None)
-        assert {gguf_name(k): t for k, t in types.items()} == want
-        from safetensors.torch import load_file
-
-        stored = load_file(out / "model.safetensors")
-        for k, t in types.items():
-            if t != "F32":
-                assert np.array_equal(stored[k].numpy(), ggml.quantize(sd[k].numpy(), t)), (mix, k)
-        q = load_lm(out)
-        ref = Transformer(lm.config)
-        ref.load_state_dict({k: torch.from_numpy(ggml.dequantize(stored[k].numpy(), t, sd[k].shape[-1]))
-                             .reshape(sd[k].shape) if t != "F32" else stored[k] for k, t in types.items()},
-                            strict=False)
-        ids = torch.randint(0, 400, (1, 12))
-        with torch.no_grad():
-            assert torch.allclose(q.model(ids), ref(ids), atol=1e-4), mix
-    assert set(types.values()) == {"F32", "Q3_K", "IQ4_XS", "Q2_K"}
-    assert types["lm_head.weight"] == "IQ4_XS" and types["model.embed_tokens.weight"] == "Q2_K"
-    r = cli("sample", tmp_path / "q2_k", "--prompt", "Now is", "--max-new-tokens", "4", "--temperature", "0")
+    out = tmp_path / mix
+    r = cli("quantize", base / "lm", "--scheme", mix, *flags, "-o", out, "--json")
     assert r.exit_code == 0, r.output
+    types = json.loads((out / "config.json").read_text())["quantization_config"]["tensor_types"]
+    want = tensor_types(shapes, mix, n_layer=2, n_head=4, n_head_kv=2, pure="--pure" in flags,
+                        output_type=flags[2] if flags else None, token_embd_type=flags[4] if flags else None)
+    assert {gguf_name(k): t for k, t in types.items()} == want
+    stored = load_file(out / "model.safetensors")
+    for k, t in types.items():
+        if t != "F32":
+            assert np.array_equal(stored[k].numpy(), ggml.quantize(sd[k].numpy(), t)), k
+    q = load_lm(out)
+    ref = Transformer(lm.config)
+    ref.load_state_dict({k: torch.from_numpy(ggml.dequantize(stored[k].numpy(), t, sd[k].shape[-1]))
+                         .reshape(sd[k].shape) if t != "F32" else stored[k] for k, t in types.items()}, strict=False)
+    ids = torch.randint(0, 400, (1, 12))
+    with torch.no_grad():
+        assert torch.allclose(q.model(ids), ref(ids), atol=1e-4)
+    if mix == "q2_k":
+        assert {t for t in types.values()} == {"F32", "Q2_K", "Q3_K", "Q6_K"}
+        r = cli("sample", out, "--prompt", "Now is", "--max-new-tokens", "4", "--temperature", "0")
+        assert r.exit_code == 0, r.output
+    if flags:
+        assert set(types.values()) == {"F32", "Q3_K", "IQ4_XS", "Q2_K"}
+        assert types["lm_head.weight"] == "IQ4_XS" and types["model.embed_tokens.weight"] == "Q2_K"
+        # export-gguf copies the new block types, import-gguf --keep-quantized reads them back unchanged
+        assert cli("export-gguf", out, "-o", tmp_path / "q.gguf").exit_code == 0
+        assert {n: t for n, (t, _) in gguf_tensors(tmp_path / "q.gguf").items()} == want
+        r = cli("import-gguf", tmp_path / "q.gguf", "--keep-quantized", "-o", tmp_path / "back")
+        assert r.exit_code == 0, r.output
+        again = load_file(tmp_path / "back" / "model.safetensors")
+        assert all(torch.equal(again[k], stored[k]) for k in stored)
 
 
 def test_dequantize_bytes_equals_codec_for_low_bit_types():
