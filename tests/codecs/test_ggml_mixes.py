@@ -37,7 +37,8 @@ def test_types_equal_llama_quantize(run):
     spec, cfg = manifest()["runs"][run], manifest()["config"]
     got = tensor_types(_shapes(spec["tied"]), spec["mix"], n_layer=cfg["n_layer"], n_head=cfg["n_head"],
                        n_head_kv=cfg["n_head_kv"], pure=spec["pure"], has_imatrix=bool(spec["imatrix"]),
-                       overrides=spec["overrides"])
+                       overrides=spec["overrides"], output_type=spec.get("output_type"),
+                       token_embd_type=spec.get("token_embd_type"))
     assert got == spec["types"]
 
 
