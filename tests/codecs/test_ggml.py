@@ -238,7 +238,8 @@ needs_llama = pytest.mark.skipif(_bin() is None, reason="llama.cpp tools not bui
 
 def _libggml_path():
     """libggml-base.so of the llama.cpp build (it is there before llama-quantize is linked)."""
-    for d in (_bin(), os.environ.get("GENTOOL_LLAMA_CPP_BIN"), FIX.parents[2] / ".anchors" / "llama.cpp" / "build" / "bin"):
+    for d in (_bin(), os.environ.get("GENTOOL_LLAMA_CPP_BIN"),
+              FIX.parents[2] / ".anchors" / "llama.cpp" / "build" / "bin"):
         if d and (Path(d) / "libggml-base.so").is_file():
             return Path(d) / "libggml-base.so"
     return None
@@ -336,3 +337,28 @@ def test_fixture_script_reports_missing_tools(tmp_path):
     res = subprocess.run([sys.executable, str(FIX / "make_fixtures.py"), "--bin", str(tmp_path)],
                          capture_output=True, text=True, check=False)
     assert res.returncode == 2 and "not found" in res.stderr
+
+
+def test_iq4_best_index_equals_the_c_binary_search():
+    """best_index_int8 transliterated (scalar float32 arithmetic) against the vectorised table lookup, on random
+    values, every half-integer, the grid's midpoints and the IEEE special values."""
+    from gentool.codecs.ggml_lowbit import KVALUES, best_index
+
+    k = KVALUES.astype(np.float32)
+
+    def c_best_index(x):
+        if x <= k[0]:
+            return 0
+        if x >= k[15]:
+            return 15
+        lo, hi = 0, 15
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if x < k[mid] else (mid, hi)
+        return hi - 1 if np.float32(x - k[hi - 1]) < np.float32(k[hi] - x) else hi
+
+    rng = np.random.default_rng(11)
+    xs = np.concatenate([rng.uniform(-140, 130, 4000), np.arange(-130, 120, 0.5), (k[:-1] + k[1:]) / 2,
+                         np.nextafter((k[:-1] + k[1:]) / 2, np.float32(200)), [np.inf, -np.inf, np.nan, 1e30, -0.0]])
+    xs = xs.astype(np.float32)
+    assert best_index(xs).tolist() == [c_best_index(x) for x in xs]

@@ -3,7 +3,6 @@ the checkpoint loading in sample/perplexity, export-gguf copying the blocks, imp
 refusals. Live checks against the llama.cpp build ($GENTOOL_LLAMA_CPP_BIN or .anchors/) skip without it."""
 
 import json
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,14 @@ import importlib.util
 _spec = importlib.util.spec_from_file_location("_qhelpers", Path(__file__).with_name("_helpers.py"))
 _h = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_h)
-gguf_tensors, llama_bin, make_lm, needs_llama = _h.gguf_tensors, _h.llama_bin, _h.make_lm, _h.needs_llama
+gguf_tensors, make_lm = _h.gguf_tensors, _h.make_lm
+_spec = importlib.util.spec_from_file_location("ggml_make_fixtures", Path(__file__).resolve().parents[1] / "fixtures"
+                                               / "ggml" / "make_fixtures.py")
+_mf = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_mf)
+# llama-quantize, or before it is linked the libllama it fronts (llama_model_quantize with its parameters)
+needs_llama_quantize = pytest.mark.skipif(_mf.find_bin() is None,
+                                          reason="llama.cpp's llama-quantize/libllama not built")
 
 
 @pytest.fixture(scope="module")
@@ -217,8 +223,8 @@ def test_llama_quantize_flag_refusals(cli, base, tmp_path, tiny_tokenizer):
 def _llama_same_file(cli, base, tmp_path, mix, ftype, flags=()):
     for name in ("lm", "tied"):
         assert cli("export-gguf", base / name, "-o", tmp_path / f"{name}.gguf", "--type", "f32").exit_code == 0
-        subprocess.run([llama_bin() / "llama-quantize", *flags, tmp_path / f"{name}.gguf",
-                        tmp_path / f"{name}-ref.gguf", ftype], check=True, capture_output=True)
+        _mf.quantize_with_llama(_mf.find_bin(), tmp_path / f"{name}.gguf", tmp_path / f"{name}-ref.gguf", ftype,
+                                pure="--pure" in flags, extra=[f for f in flags if f != "--pure"])
         r = cli("quantize", base / name, "--scheme", mix, *flags, "-o", tmp_path / f"{name}-q")
         assert r.exit_code == 0, r.output
         assert cli("export-gguf", tmp_path / f"{name}-q", "-o", tmp_path / f"{name}-q.gguf").exit_code == 0
@@ -230,7 +236,7 @@ def _llama_same_file(cli, base, tmp_path, mix, ftype, flags=()):
             gguf.GGUFReader(tmp_path / f"{name}-ref.gguf").fields["general.file_type"].contents()
 
 
-@needs_llama
+@needs_llama_quantize
 @pytest.mark.parametrize("mix,ftype", [("q4_k_m", "Q4_K_M"), ("q5_k_m", "Q5_K_M"), ("q6_k", "Q6_K"),
                                        ("q4_0", "Q4_0"), ("q2_k", "Q2_K"), ("q3_k_s", "Q3_K_S"),
                                        ("q3_k_m", "Q3_K_M"), ("q3_k_l", "Q3_K_L"), ("iq4_nl", "IQ4_NL"),
@@ -240,7 +246,7 @@ def test_live_llama_quantize_same_file(cli, base, tmp_path, mix, ftype):
     _llama_same_file(cli, base, tmp_path, mix, ftype)
 
 
-@needs_llama
+@needs_llama_quantize
 @pytest.mark.parametrize("mix,ftype,flags", [
     ("q4_k_m", "Q4_K_M", ["--pure"]), ("q3_k_m", "Q3_K_M", ["--output-tensor-type", "q8_0"]),
     ("q2_k", "Q2_K", ["--token-embedding-type", "iq4_nl", "--output-tensor-type", "q3_k"]),

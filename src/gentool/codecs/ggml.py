@@ -1,5 +1,6 @@
 """GGML block codecs: numpy quantize/dequantize for llama.cpp's Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K
-(here) and Q2_K, Q3_K, IQ4_NL, IQ4_XS (ggml_lowbit.py), bit-for-bit equal to ggml's `quantize_*` (what llama-quantize runs), with or without an importance matrix.
+(here) and Q2_K, Q3_K, IQ4_NL, IQ4_XS (ggml_lowbit.py), bit-for-bit equal to ggml's `quantize_*` (what
+llama-quantize runs), with or without an importance matrix.
 
 Legend (GGUF byte layouts, little-endian; `d`/`m`/`dmin` are fp16; a row of `cols` weights is cols/block blocks)
     Q8_0  32 w, 34 B   d | qs[32] int8                                   w = d*q

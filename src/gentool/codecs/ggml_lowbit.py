@@ -163,12 +163,18 @@ def dq_q3_k(raw: np.ndarray) -> np.ndarray:
 
 # --- IQ4_NL / IQ4_XS -------------------------------------------------------------------------------------------------
 
+_MU = np.clip(np.searchsorted(_KF, np.arange(-128, 114, dtype=f32), side="right"), 1, 15)  # of floor(x)
+
+
 def best_index(x: np.ndarray) -> np.ndarray:
-    """best_index_int8(16, kvalues_iq4nl, x): the nearest grid level, the lower one on ties (NaN -> 15)."""
-    mu = np.clip(np.searchsorted(_KF, x, side="right"), 1, 15)
+    """best_index_int8(16, kvalues_iq4nl, x): the nearest grid level, the lower one on ties (NaN -> 15).
+    C's binary search ends at mu with K[mu-1] <= x < K[mu], which for an integer grid depends on floor(x) only (a
+    table); its end cases x <= K[0] and x >= K[15] (and +-inf, NaN) come out of the same comparison."""
+    fl = np.minimum(np.maximum(np.floor(x), f32(-128)), f32(113))
+    np.nan_to_num(fl, copy=False, nan=113.0)
+    mu = _MU[(fl + f32(128)).astype(np.intp)]
     lower = (x - _KF[mu - 1]) < (_KF[mu] - x)
-    idx = np.where(lower, mu - 1, mu)
-    return np.where(x <= _KF[0], 0, np.where(x >= _KF[15], 15, idx)).astype(np.uint8)
+    return (mu - lower).astype(np.uint8)
 
 
 def _iq4_fit(Xs: np.ndarray, W: np.ndarray, amax: np.ndarray, mx: np.ndarray) -> np.ndarray:

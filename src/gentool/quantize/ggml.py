@@ -1,6 +1,7 @@
-"""GGML schemes of `gentool quantize` (q4_0 … q8_0, q2_k, q3_k_m, q4_k_m, q5_k_m, q6_k, iq4_xs, ...): llama-quantize's per-tensor types,
-the blocks made by codecs.ggml (bit-identical to llama-quantize's, with or without an importance matrix), the
-layers swapped into the model, and the quantized-checkpoint written with the GGUF bytes themselves.
+"""GGML schemes of `gentool quantize` (q4_0 … q8_0, q2_k, q3_k_m, q4_k_m, q5_k_m, q6_k, iq4_xs, ...):
+llama-quantize's per-tensor types, the blocks made by codecs.ggml (bit-identical to llama-quantize's, with or
+without an importance matrix), the layers swapped into the model, and the quantized-checkpoint written with the
+GGUF bytes themselves.
 
 Checkpoint layout (config.json `quantization_config`, scheme "ggml"): `tensor_types` maps every Hugging Face tensor
 name to its GGML type; a block-quantized tensor is stored as `<name>` uint8 (rows, row_bytes), the GGUF bytes in
