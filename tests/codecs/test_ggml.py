@@ -362,3 +362,27 @@ def test_iq4_best_index_equals_the_c_binary_search():
                          np.nextafter((k[:-1] + k[1:]) / 2, np.float32(200)), [np.inf, -np.inf, np.nan, 1e30, -0.0]])
     xs = xs.astype(np.float32)
     assert best_index(xs).tolist() == [c_best_index(x) for x in xs]
+
+
+def _overflowing_rows():
+    """Rows whose importance-weighted sums overflow float32 (x ~ 1e18 with imatrix values up to 1e20): Q3_K's
+    sub-block scales come out inf/NaN, and ggml's second-level search must treat them as C does."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((3, 512))
+    w[0, rng.random(512) < 0.85] = 0
+    w[1] = rng.standard_normal()
+    w[2, ::2] *= 1e-12
+    return (w * 1e18).astype(np.float32), (10.0 ** rng.uniform(-20, 20, 512)).astype(np.float32)
+
+
+def test_q3_k_super_scale_stays_finite_when_sub_scales_overflow():
+    w, im = _overflowing_rows()
+    d = gc.quantize(w, "Q3_K", imatrix=im).reshape(-1, 110)[:, 108:110].copy().view("<f2")
+    assert not np.isnan(d).any()  # C's make_qx_quants: NaN never wins `ax > amax`, nearest_int(NaN) is 0
+
+
+@needs_libggml
+def test_live_overflowing_imatrix_rows_match_ggml():
+    w, im = _overflowing_rows()
+    for qtype in ("Q2_K", "Q3_K", "IQ4_NL", "IQ4_XS", "Q4_K", "Q6_K"):
+        assert np.array_equal(gc.quantize(w, qtype, imatrix=im), ggml_quantize(w, qtype, im)), qtype
