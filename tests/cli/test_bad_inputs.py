@@ -249,6 +249,8 @@ ROWS = [
     ("sample-zero-samples", "sample {lm} -p hi --num-samples 0"),
     ("sample-diffusion-zero-samples", "sample {moons} --num-samples 0 -o {out}"),
     ("quantize-group-size", "quantize {lm} --scheme int4 --group-size 7 -o {out}"),
+    ("quantize-output-tensor-type", "quantize {lm} --scheme q2_k --output-tensor-type iq2_xxs -o {out}"),
+    ("quantize-pure-int8", "quantize {lm} --scheme int8 --pure -o {out}"),
     ("recipe-unknown-key", "train-lm {tokens} -o {out} --config {recipe-bad}"),
     ("recipe-wrong-type", "train-diffusion builtin:moons -o {out} --steps 2 --config {recipe-bool.toml}"),
     ("recipe-manifest-wrong-type", "train-lm -o {out} --config {badinvocation}"),

@@ -3,7 +3,6 @@ the checkpoint loading in sample/perplexity, export-gguf copying the blocks, imp
 refusals. Live checks against the llama.cpp build ($GENTOOL_LLAMA_CPP_BIN or .anchors/) skip without it."""
 
 import json
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,14 @@ import importlib.util
 _spec = importlib.util.spec_from_file_location("_qhelpers", Path(__file__).with_name("_helpers.py"))
 _h = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_h)
-gguf_tensors, llama_bin, make_lm, needs_llama = _h.gguf_tensors, _h.llama_bin, _h.make_lm, _h.needs_llama
+gguf_tensors, make_lm = _h.gguf_tensors, _h.make_lm
+_spec = importlib.util.spec_from_file_location("ggml_make_fixtures", Path(__file__).resolve().parents[1] / "fixtures"
+                                               / "ggml" / "make_fixtures.py")
+_mf = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_mf)
+# llama-quantize, or before it is linked the libllama it fronts (llama_model_quantize with its parameters)
+needs_llama_quantize = pytest.mark.skipif(_mf.find_bin() is None,
+                                          reason="llama.cpp's llama-quantize/libllama not built")
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +135,7 @@ def test_tensor_type_overrides_and_refusals(cli, base, tmp_path, tiny_tokenizer)
     for args, message in [(["--skip", "lm_head"], "--skip and --keep-16bit apply to gentool's schemes"),
                           (["--method", "optimized"], "--method optimized applies to int4"),
                           (["--tensor-type", "attn_v"], "malformed --tensor-type"),
-                          (["--tensor-type", "attn_v=q3_k"], "no codec for type"),
+                          (["--tensor-type", "attn_v=iq2_xxs"], "no codec for type"),
                           (["--group-size", "64"], "--group-size applies to int4 only")]:
         r = cli("quantize", base / "lm", "--scheme", "q4_k_m", *args, "-o", tmp_path / "bad")
         assert r.exit_code == 2 and message in r.output, (args, r.output)
@@ -140,16 +146,87 @@ def test_tensor_type_overrides_and_refusals(cli, base, tmp_path, tiny_tokenizer)
     assert r.exit_code == 2 and "never re-quantizes" in r.output
 
 
-@needs_llama
-@pytest.mark.parametrize("mix,ftype", [("q4_k_m", "Q4_K_M"), ("q5_k_m", "Q5_K_M"), ("q6_k", "Q6_K"),
-                                       ("q4_0", "Q4_0")])
-def test_live_llama_quantize_same_file(cli, base, tmp_path, mix, ftype):
-    """gentool's export of its quantized checkpoint holds llama-quantize's tensors: same types, same bytes."""
+@pytest.mark.parametrize("mix,flags", [
+    ("q2_k", []), ("iq4_nl", []),
+    ("q3_k_s", ["--pure", "--output-tensor-type", "iq4_xs", "--token-embedding-type", "q2_k"])])
+def test_low_bit_types_and_llama_quantize_flags(cli, base, tmp_path, mix, flags):
+    """q2_k … iq4_xs mixes and --pure / --output-tensor-type / --token-embedding-type: llama-quantize's recipe,
+    the codec's bytes, a checkpoint that loads and computes with exactly the dequantized weights, and GGUF export
+    and import that copy the blocks."""
+    from safetensors.torch import load_file
+
+    lm = load_lm(base / "lm")
+    sd = lm.model.state_dict()
+    shapes = {gguf_name(k): tuple(v.shape) for k, v in sd.items()}
+    out = tmp_path / mix
+    r = cli("quantize", base / "lm", "--scheme", mix, *flags, "-o", out, "--json")
+    assert r.exit_code == 0, r.output
+    types = json.loads((out / "config.json").read_text())["quantization_config"]["tensor_types"]
+    want = tensor_types(shapes, mix, n_layer=2, n_head=4, n_head_kv=2, pure="--pure" in flags,
+                        output_type=flags[2] if flags else None, token_embd_type=flags[4] if flags else None)
+    assert {gguf_name(k): t for k, t in types.items()} == want
+    stored = load_file(out / "model.safetensors")
+    for k, t in types.items():
+        if t != "F32":
+            assert np.array_equal(stored[k].numpy(), ggml.quantize(sd[k].numpy(), t)), k
+    q = load_lm(out)
+    ref = Transformer(lm.config)
+    ref.load_state_dict({k: torch.from_numpy(ggml.dequantize(stored[k].numpy(), t, sd[k].shape[-1]))
+                         .reshape(sd[k].shape) if t != "F32" else stored[k] for k, t in types.items()}, strict=False)
+    ids = torch.randint(0, 400, (1, 12))
+    with torch.no_grad():
+        assert torch.allclose(q.model(ids), ref(ids), atol=1e-4)
+    if mix == "q2_k":
+        assert {t for t in types.values()} == {"F32", "Q2_K", "Q3_K", "Q6_K"}
+        r = cli("sample", out, "--prompt", "Now is", "--max-new-tokens", "4", "--temperature", "0")
+        assert r.exit_code == 0, r.output
+    if flags:
+        assert set(types.values()) == {"F32", "Q3_K", "IQ4_XS", "Q2_K"}
+        assert types["lm_head.weight"] == "IQ4_XS" and types["model.embed_tokens.weight"] == "Q2_K"
+        # export-gguf copies the new block types, import-gguf --keep-quantized reads them back unchanged
+        assert cli("export-gguf", out, "-o", tmp_path / "q.gguf").exit_code == 0
+        assert {n: t for n, (t, _) in gguf_tensors(tmp_path / "q.gguf").items()} == want
+        r = cli("import-gguf", tmp_path / "q.gguf", "--keep-quantized", "-o", tmp_path / "back")
+        assert r.exit_code == 0, r.output
+        again = load_file(tmp_path / "back" / "model.safetensors")
+        assert all(torch.equal(again[k], stored[k]) for k in stored)
+
+
+def test_dequantize_bytes_equals_codec_for_low_bit_types():
+    from gentool.models.quant_ggml import dequantize_bytes
+
+    rng = np.random.default_rng(4)
+    w = (rng.standard_normal((5, 512)) * rng.uniform(1e-3, 2, (5, 1))).astype(np.float32)
+    w[1, :40] = 0
+    for qtype in ("Q2_K", "Q3_K", "IQ4_NL", "IQ4_XS"):
+        q = ggml.quantize(w, qtype, imatrix=rng.random(512))
+        got = dequantize_bytes(torch.from_numpy(q), qtype, 512).numpy()
+        assert np.array_equal(got.view(np.int32), ggml.dequantize(q, qtype, 512).view(np.int32)), qtype
+
+
+def test_llama_quantize_flag_refusals(cli, base, tmp_path, tiny_tokenizer):
+    odd = make_lm(tmp_path / "odd", tiny_tokenizer, hidden=96, inter=192)
+    for src, args, message in [
+            (base / "lm", ["--scheme", "int8", "--pure"], "--pure applies to GGML schemes"),
+            (base / "lm", ["--scheme", "int4", "--output-tensor-type", "q8_0"], "--output-tensor-type applies to GGML"),
+            (base / "lm", ["--scheme", "q2_k", "--token-embedding-type", "iq2_xxs"], "no codec for this type"),
+            (base / "lm", ["--target-kl", "0.1", "--calibrate", base / "text.txt", "--pure"], "both choose"),
+            (odd, ["--scheme", "q2_k", "--output-tensor-type", "q4_k"], "output.weight has rows of 96")]:
+        r = cli("quantize", src, *args, "-o", tmp_path / "bad")
+        assert r.exit_code == 2 and message in r.output, (args, r.output)
+    assert not (tmp_path / "bad").exists()
+    r = cli("quantize", odd, "--scheme", "q3_k_m", "-o", tmp_path / "o", "--json")  # the mix falls back itself
+    assert r.exit_code == 0, r.output
+    assert set(json.loads(r.stdout)["type_counts"]) <= {"F32", "Q4_0", "Q5_0", "Q5_1", "Q8_0"}
+
+
+def _llama_same_file(cli, base, tmp_path, mix, ftype, flags=()):
     for name in ("lm", "tied"):
         assert cli("export-gguf", base / name, "-o", tmp_path / f"{name}.gguf", "--type", "f32").exit_code == 0
-        subprocess.run([llama_bin() / "llama-quantize", tmp_path / f"{name}.gguf", tmp_path / f"{name}-ref.gguf",
-                        ftype], check=True, capture_output=True)
-        assert cli("quantize", base / name, "--scheme", mix, "-o", tmp_path / f"{name}-q").exit_code == 0
+        _mf.quantize_with_llama(_mf.find_bin(), tmp_path / f"{name}.gguf", tmp_path / f"{name}-ref.gguf", ftype,
+                                pure="--pure" in flags, extra=[f for f in flags if f != "--pure"])
+        r = cli("quantize", base / name, "--scheme", mix, *flags, "-o", tmp_path / f"{name}-q")
+        assert r.exit_code == 0, r.output
         assert cli("export-gguf", tmp_path / f"{name}-q", "-o", tmp_path / f"{name}-q.gguf").exit_code == 0
         ours, ref = gguf_tensors(tmp_path / f"{name}-q.gguf"), gguf_tensors(tmp_path / f"{name}-ref.gguf")
         assert ours.keys() == ref.keys()
@@ -157,3 +234,23 @@ def test_live_llama_quantize_same_file(cli, base, tmp_path, mix, ftype):
             assert ours[n][0] == t and np.array_equal(ours[n][1], data), (name, n)
         assert gguf.GGUFReader(tmp_path / f"{name}-q.gguf").fields["general.file_type"].contents() == \
             gguf.GGUFReader(tmp_path / f"{name}-ref.gguf").fields["general.file_type"].contents()
+
+
+@needs_llama_quantize
+@pytest.mark.parametrize("mix,ftype", [("q4_k_m", "Q4_K_M"), ("q5_k_m", "Q5_K_M"), ("q6_k", "Q6_K"),
+                                       ("q4_0", "Q4_0"), ("q2_k", "Q2_K"), ("q3_k_s", "Q3_K_S"),
+                                       ("q3_k_m", "Q3_K_M"), ("q3_k_l", "Q3_K_L"), ("iq4_nl", "IQ4_NL"),
+                                       ("iq4_xs", "IQ4_XS")])
+def test_live_llama_quantize_same_file(cli, base, tmp_path, mix, ftype):
+    """gentool's export of its quantized checkpoint holds llama-quantize's tensors: same types, same bytes."""
+    _llama_same_file(cli, base, tmp_path, mix, ftype)
+
+
+@needs_llama_quantize
+@pytest.mark.parametrize("mix,ftype,flags", [
+    ("q4_k_m", "Q4_K_M", ["--pure"]), ("q3_k_m", "Q3_K_M", ["--output-tensor-type", "q8_0"]),
+    ("q2_k", "Q2_K", ["--token-embedding-type", "iq4_nl", "--output-tensor-type", "q3_k"]),
+    ("iq4_xs", "IQ4_XS", ["--pure", "--token-embedding-type", "f16"])])
+def test_live_llama_quantize_flags_same_file(cli, base, tmp_path, mix, ftype, flags):
+    """--pure, --output-tensor-type and --token-embedding-type give llama-quantize's file, tied and untied."""
+    _llama_same_file(cli, base, tmp_path, mix, ftype, flags)

@@ -21,7 +21,8 @@ def quantize(
                                                     "quantized-checkpoint with --dequantize).")],
     output: Output,
     scheme: Annotated[str | None, typer.Option(help="int8, int4, nf4, fp8, or a llama.cpp type: q4_k_m, q5_k_m, "
-                                                       "q6_k, q8_0, q4_0, q4_1, q5_0, q5_1, q4_k_s, q5_k_s.")] = None,
+                                                       "q6_k, q8_0, q4_0, q4_1, q5_0, q5_1, q4_k_s, q5_k_s, q2_k, "
+                                                       "q3_k_s, q3_k_m, q3_k_l, iq4_nl, iq4_xs.")] = None,
     group_size: Annotated[int | None, typer.Option(min=1, help="int4 group size along the input dimension: 32, 64 "
                                                            "or 128 (default 128: 4.25 bits per weight).")] = None,
     method: Annotated[str, typer.Option(help="int4 without data: rtn (round to nearest) or optimized (searched "
@@ -41,6 +42,14 @@ def quantize(
     tensor_type: Annotated[list[str] | None, typer.Option(
         help="PATTERN=TYPE: GGML type of the tensors whose GGUF name matches the regex, as llama-quantize's "
              "(repeatable; e.g. attn_v=q8_0, output=f16).", rich_help_panel=ADVANCED)] = None,
+    output_tensor_type: Annotated[str | None, typer.Option(
+        help="GGML type of output.weight (of the tied embedding when there is none), as llama-quantize's.",
+        rich_help_panel=ADVANCED)] = None,
+    token_embedding_type: Annotated[str | None, typer.Option(
+        help="GGML type of token_embd.weight, as llama-quantize's.", rich_help_panel=ADVANCED)] = None,
+    pure: Annotated[bool, typer.Option(help="No per-tensor mix: every quantized tensor gets the scheme's type, as "
+                                            "llama-quantize --pure (shape fallbacks and the type options still "
+                                            "apply).", rich_help_panel=ADVANCED)] = False,
     skip: Annotated[str | None, typer.Option(help="Comma-separated module names or globs kept in 16-bit by "
                                                      "gentool's schemes (default: embed_tokens,lm_head).",
                                                 rich_help_panel=ADVANCED)] = None,
@@ -92,7 +101,8 @@ def quantize(
         checkpoint, output, scheme=scheme, group_size=group_size, method=method, skip=_csv(skip),
         keep_16bit=_csv(keep_16bit), tensor_types=tensor_type or (), calibrate=calibrate,
         calibrate_split=calibrate_split, calibrate_tokens=calibrate_tokens, imatrix=imatrix, target_kl=target_kl,
-        dequantize=dequantize, eval_data=eval_, force=force, verify=not no_verify,
+        dequantize=dequantize, eval_data=eval_, force=force, verify=not no_verify, pure=pure,
+        output_tensor_type=output_tensor_type, token_embedding_type=token_embedding_type,
         eval_options={"split": split, "window": window, "max_tokens": max_tokens, "batch_size": batch_size,
                       "device": dev, "dtype": resolve_dtype(dtype, dev), "kl_tokens": kl_tokens,
                       "protocol": protocol})

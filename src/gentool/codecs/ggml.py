@@ -1,5 +1,6 @@
-"""GGML block codecs: numpy quantize/dequantize for llama.cpp's Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K,
-bit-for-bit equal to ggml's `quantize_*` (what llama-quantize runs), with or without an importance matrix.
+"""GGML block codecs: numpy quantize/dequantize for llama.cpp's Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K
+(here) and Q2_K, Q3_K, IQ4_NL, IQ4_XS (ggml_lowbit.py), bit-for-bit equal to ggml's `quantize_*` (what
+llama-quantize runs), with or without an importance matrix.
 
 Legend (GGUF byte layouts, little-endian; `d`/`m`/`dmin` are fp16; a row of `cols` weights is cols/block blocks)
     Q8_0  32 w, 34 B   d | qs[32] int8                                   w = d*q
@@ -19,7 +20,8 @@ the half keeps its low 4 bits in ql[l] (k=0 low, k=2 high nibble) or ql[l+32] (k
 qh[l] >> 2k.
 
 Types that need a row length divisible by their block fall back as llama.cpp's `tensor_type_fallback` does
-(Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, then F16 when even 32 does not divide). The scale searches live in
+(Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, Q2_K/Q3_K -> Q4_0, IQ4_XS -> IQ4_NL, then F16 when even 32 does not
+divide). The scale searches live in
 ggml_search.py; all arithmetic is float32 in C's order, see there why that makes the bytes identical.
 """
 
@@ -29,16 +31,21 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from gentool.codecs import ggml_lowbit as lowbit
 from gentool.errors import GentoolError, UsageProblem
 from gentool.codecs.ggml_search import (
     GROUP_MAX_EPS,
+    blocks,
     f32,
+    fp16_bytes,
+    fp16_read,
     make_qkx,
     make_qp,
     make_qx,
     nearest_int_exact,
     running_max,
     seqsum,
+    tile,
 )
 
 QK_K = 256
@@ -62,9 +69,11 @@ TYPES: dict[str, GGMLType] = {t.name: t for t in (
     GGMLType("Q4_0", 2, 32, 18), GGMLType("Q4_1", 3, 32, 20), GGMLType("Q5_0", 6, 32, 22),
     GGMLType("Q5_1", 7, 32, 24), GGMLType("Q8_0", 8, 32, 34),
     GGMLType("Q4_K", 12, QK_K, 144), GGMLType("Q5_K", 13, QK_K, 176), GGMLType("Q6_K", 14, QK_K, 210),
+    GGMLType("Q2_K", 10, QK_K, 84), GGMLType("Q3_K", 11, QK_K, 110), GGMLType("IQ4_NL", 20, 32, 18),
+    GGMLType("IQ4_XS", 23, QK_K, 136),
 )}
 TYPES_BY_ID = {t.type_id: t for t in TYPES.values()}
-_FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+_FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0", "Q2_K": "Q4_0", "Q3_K": "Q4_0", "IQ4_XS": "IQ4_NL"}
 
 
 def ggml_type(qtype: str | int | GGMLType) -> GGMLType:
@@ -117,22 +126,7 @@ def check_fits(qtype, shape, name: str | None = None) -> None:
 
 # --- helpers ---------------------------------------------------------------------------------------------------------
 
-def _fp16_bytes(v: np.ndarray) -> np.ndarray:
-    with np.errstate(over="ignore"):
-        return np.asarray(v, dtype=f32).astype("<f2").view(np.uint8).reshape(*np.shape(v), 2)
-
-
-def _fp16_read(raw: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(raw).view("<f2")[..., 0].astype(f32)
-
-
-def _blocks(X: np.ndarray, n: int) -> np.ndarray:
-    """(rows, cols) -> (n, blocks): value index first, the layout of ggml_search."""
-    return np.ascontiguousarray(X.reshape(-1, n).T)
-
-
-def _tile(qw: np.ndarray | None, rows: int, n: int) -> np.ndarray | None:
-    return None if qw is None else np.ascontiguousarray(np.tile(qw.reshape(-1, n), (rows, 1)).T)
+_fp16_bytes, _fp16_read, _blocks, _tile = fp16_bytes, fp16_read, blocks, tile
 
 
 def _row_sigma2(X: np.ndarray) -> np.ndarray:
@@ -326,6 +320,7 @@ _QUANT = {
     "Q4_0": lambda X, qw: _q_sym(X, qw, 4), "Q5_0": lambda X, qw: _q_sym(X, qw, 5),
     "Q4_1": lambda X, qw: _q_asym(X, qw, 4), "Q5_1": lambda X, qw: _q_asym(X, qw, 5),
     "Q4_K": lambda X, qw: _q45_k(X, qw, 15), "Q5_K": lambda X, qw: _q45_k(X, qw, 31), "Q6_K": _q6_k,
+    **lowbit.QUANT,
 }
 
 
@@ -446,5 +441,8 @@ def dequantize(data, qtype, cols: int) -> np.ndarray:
         return raw.view("<f2").reshape(rows, cols).astype(f32)
     blocks = raw.reshape(-1, t.bytes_per_block)
     with np.errstate(all="ignore"):
-        out = _dq_k(blocks, t.name) if t.block_size == QK_K else _dq_32(blocks, t.name)
+        if t.name in lowbit.DEQUANT:
+            out = lowbit.DEQUANT[t.name](blocks)
+        else:
+            out = _dq_k(blocks, t.name) if t.block_size == QK_K else _dq_32(blocks, t.name)
     return out.reshape(rows, cols)

@@ -1,8 +1,8 @@
 """llama-quantize's per-tensor type choice ("mixes" such as Q4_K_M), as a pure function of names and shapes.
 
 Legend
-    mix        a llama-quantize file type by name: q4_0 q4_1 q5_0 q5_1 q8_0 q4_k_s q4_k_m q5_k_s q5_k_m q6_k
-               (q4_k and q5_k are its aliases for the _m mixes)
+    mix        a llama-quantize file type by name: q4_0 q4_1 q5_0 q5_1 q8_0 q2_k q3_k_s q3_k_m q3_k_l q4_k_s q4_k_m
+               q5_k_s q5_k_m q6_k iq4_nl iq4_xs (q3_k, q4_k and q5_k are its aliases for the _m mixes)
     name       GGUF tensor name, e.g. "blk.3.attn_v.weight"; shape is numpy's (rows, cols), cols = GGML ne[0]
     result     GGML type name ("Q4_K", "Q6_K", "F32", ...) as in codecs.ggml.TYPES
 
@@ -13,6 +13,10 @@ What it reproduces (src/llama-quant.cpp, `llama_tensor_get_type`):
     * _m mixes give Q6_K to attn_v / ffn_down in the layers where use_more_bits(i, n) holds (the first and last
       eighth and every third layer in between); q4_k_s gives Q5_K to the first 4 attn_v and the first eighth of
       ffn_down; q4_0/q5_0 with an importance matrix give Q4_1/Q5_1 to the first eighth of ffn_down;
+    * q2_k: attn_v Q3_K (Q4_K when n_head/n_head_kv >= 4), ffn_down and attn_output Q3_K; q3_k_m: the first 2
+      attn_v Q5_K, the rest Q4_K, ffn_down Q5_K in the first sixteenth and Q4_K after, attn_output Q4_K; q3_k_l:
+      attn_v, ffn_down, attn_output Q5_K; iq4_nl/iq4_xs: attn_v Q5_K at n_gqa >= 4, ffn_down Q5_K in the first
+      eighth without an importance matrix; 8-expert models get Q5_K attn_output in the 2-4 bit mixes;
     * llama.cpp counts attn_v tensors in its tensor order (layer, then name) rather than parsing the layer; the
       whole-model `tensor_types` does the same, `tensor_type` assumes one attn_v per layer;
     * `--tensor-type PATTERN=TYPE` overrides (first regex that matches anywhere in the name wins) replace the
@@ -32,9 +36,10 @@ from gentool.codecs.ggml import TYPES, block_size, fallback_type
 MIXES: dict[str, tuple[str, int]] = {
     "q4_0": ("Q4_0", 2), "q4_1": ("Q4_1", 3), "q8_0": ("Q8_0", 7), "q5_0": ("Q5_0", 8), "q5_1": ("Q5_1", 9),
     "q4_k_s": ("Q4_K", 14), "q4_k_m": ("Q4_K", 15), "q5_k_s": ("Q5_K", 16), "q5_k_m": ("Q5_K", 17),
-    "q6_k": ("Q6_K", 18),
+    "q6_k": ("Q6_K", 18), "q2_k": ("Q2_K", 10), "q3_k_s": ("Q3_K", 11), "q3_k_m": ("Q3_K", 12),
+    "q3_k_l": ("Q3_K", 13), "iq4_nl": ("IQ4_NL", 25), "iq4_xs": ("IQ4_XS", 30),
 }
-_ALIASES = {"q4_k": "q4_k_m", "q5_k": "q5_k_m"}
+_ALIASES = {"q4_k": "q4_k_m", "q5_k": "q5_k_m", "q3_k": "q3_k_m"}
 
 _NOT_QUANTIZED = ("_norm.weight", "ffn_gate_inp.weight", "ffn_gate_tid2eid.weight", "altup", "laurel",
                   "per_layer_model_proj", "ssm_conv1d", "shortconv.conv.weight", "indexer.k_proj.weight",
@@ -130,12 +135,19 @@ def _recipe(st: _State, name: str, cols: int, mix: str, default: str) -> str:
         if falcon or cols % block_size(default):
             return "Q8_0"
         return new if new == "Q8_0" else "Q6_K"
+    gqa4 = st.n_head_kv > 0 and st.n_head // st.n_head_kv >= 4  # hparams.n_gqa() >= 4
     if cat == "attn_v":
-        if mix in ("q4_k_m", "q5_k_m") and _use_more_bits(st.i_attention_wv, st.n_attention_wv):
+        if mix == "q2_k":
+            new = "Q4_K" if gqa4 else "Q3_K"
+        elif mix == "q3_k_m":
+            new = "Q5_K" if st.i_attention_wv < 2 else "Q4_K"
+        elif mix == "q3_k_l" or (mix in ("iq4_nl", "iq4_xs") and gqa4):
+            new = "Q5_K"
+        elif mix in ("q4_k_m", "q5_k_m") and _use_more_bits(st.i_attention_wv, st.n_attention_wv):
             new = "Q6_K"
         elif mix == "q4_k_s" and st.i_attention_wv < 4:
             new = "Q5_K"
-        if st.arch == "llama" and st.n_layer == 80 and st.n_head != st.n_head_kv and new == "Q4_K":
+        if st.arch == "llama" and st.n_layer == 80 and st.n_head != st.n_head_kv and new in ("Q3_K", "Q4_K"):
             new = "Q5_K"  # LLM_TYPE_70B: 8 heads share each attn_v row block
         if st.n_expert == 8:
             new = "Q8_0"
@@ -144,7 +156,15 @@ def _recipe(st: _State, name: str, cols: int, mix: str, default: str) -> str:
         new = "Q8_0"
     elif cat == "ffn_down":
         i, n = (_layer(name) if st.n_expert > 1 else st.i_ffn_down), st.n_layer
-        if mix == "q4_k_m":
+        if mix == "q2_k":
+            new = "Q3_K"
+        elif mix == "q3_k_m":
+            new = "Q5_K" if i < n // 16 else "Q4_K" if not falcon or _use_more_bits(i, n) else "Q3_K"
+        elif mix == "q3_k_l":
+            new = "Q4_K" if falcon else "Q5_K"
+        elif mix in ("iq4_nl", "iq4_xs") and i < n // 8 and not st.has_imatrix:
+            new = "Q5_K"
+        elif mix == "q4_k_m":
             if falcon:
                 new = "Q6_K" if i < n // 16 else "Q5_K" if _use_more_bits(i, n) else "Q4_K"
             elif _use_more_bits(i, n):
@@ -156,8 +176,13 @@ def _recipe(st: _State, name: str, cols: int, mix: str, default: str) -> str:
         elif mix in ("q4_0", "q5_0") and st.has_imatrix and i < n // 8:
             new = "Q4_1" if mix == "q4_0" else "Q5_1"
         st.i_ffn_down += 1
-    elif cat == "attn_output" and not falcon and st.n_expert == 8 and mix in ("q4_k_s", "q4_k_m"):
-        new = "Q5_K"
+    elif cat == "attn_output":
+        if falcon:
+            new = "Q4_K" if mix == "q3_k_l" else new
+        elif st.n_expert == 8:
+            new = "Q5_K" if mix in ("q2_k", "q3_k_s", "q3_k_m", "iq4_nl", "q4_k_s", "q4_k_m", "iq4_xs") else new
+        else:
+            new = {"q2_k": "Q3_K", "q3_k_m": "Q4_K", "q3_k_l": "Q5_K"}.get(mix, new)
     return new
 
 

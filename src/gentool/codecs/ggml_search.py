@@ -60,6 +60,26 @@ def _clip_nearest(v: np.ndarray, lo: float, hi: float) -> np.ndarray:
     return v
 
 
+def fp16_bytes(v: np.ndarray) -> np.ndarray:
+    """float32 -> fp16 little-endian bytes (..., 2), rounded to nearest even as GGML_FP32_TO_FP16."""
+    with np.errstate(over="ignore"):
+        return np.asarray(v, dtype=f32).astype("<f2").view(np.uint8).reshape(*np.shape(v), 2)
+
+
+def fp16_read(raw: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(raw).view("<f2")[..., 0].astype(f32)
+
+
+def blocks(X: np.ndarray, n: int) -> np.ndarray:
+    """(rows, cols) -> (n, blocks): value index first, the layout of the searches here."""
+    return np.ascontiguousarray(X.reshape(-1, n).T)
+
+
+def tile(qw: np.ndarray | None, rows: int, n: int) -> np.ndarray | None:
+    """An importance row (cols,) repeated for every row, in the layout of `blocks(X, n)`."""
+    return None if qw is None else np.ascontiguousarray(np.tile(qw.reshape(-1, n), (rows, 1)).T)
+
+
 def running_max(a: np.ndarray, start: float = 0.0) -> np.ndarray:
     """`m = start; for v in a: if (v > m) m = v;` over axis 0 (NaN never wins, as in C)."""
     m = np.full(a.shape[1:], f32(start), dtype=f32)
@@ -73,6 +93,7 @@ def make_qx(X: np.ndarray, nmax: int, W: np.ndarray | None = None) -> tuple[np.n
     Weights are x*x without W. Returns (scale (B,), L (n, B))."""
     B = X.shape[1]
     A = np.abs(X)
+    A[np.isnan(A)] = 0  # NaN never wins C's `ax > amax` (Q3_K's sub-block scales may be NaN)
     idx = A.argmax(axis=0)
     cols = np.arange(B)
     mx, amax = X[idx, cols], A[idx, cols]
@@ -80,8 +101,10 @@ def make_qx(X: np.ndarray, nmax: int, W: np.ndarray | None = None) -> tuple[np.n
     WX = Wt * X
     nm = f32(nmax)
 
+    clip = _clip_rint if np.isfinite(X).all() else _clip_nearest  # inf * -0 is NaN: C's nearest_int makes it 0
+
     def levels(iscale):
-        return _clip_rint(iscale * X, -nmax, nmax - 1)
+        return clip(iscale * X, -nmax, nmax - 1)
 
     def sums(lv):
         return seqsum(WX * lv), seqsum((Wt * lv) * lv)
@@ -107,9 +130,10 @@ def make_qx(X: np.ndarray, nmax: int, W: np.ndarray | None = None) -> tuple[np.n
     return scale, L
 
 
-def make_qkx(X: np.ndarray, W: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int):
-    """make_qkx2_quants / make_qkx3_quants (with weights, use_mad=false): levels 0..nmax, x ~ scale*L + min, min <= 0,
-    trying nstep+1 grid scales each refined by weighted least squares. Returns (scale, the_min = -min, L)."""
+def make_qkx(X: np.ndarray, W: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int, mad: bool = False):
+    """make_qkx2_quants / make_qkx3_quants (with weights): levels 0..nmax, x ~ scale*L + min, min <= 0, trying
+    nstep+1 grid scales each refined by weighted least squares; the error is w*diff^2, or w*|diff| with `mad`
+    (use_mad, Q2_K without an imatrix). Returns (scale, the_min = -min, L)."""
     n = X.shape[0]
     mn0 = np.minimum(X.min(axis=0), f32(0.0))
     mn = mn0.copy()
@@ -124,7 +148,7 @@ def make_qkx(X: np.ndarray, W: np.ndarray, nmax: int, rmin: float, rdelta: float
 
     def err(scale, minv, lv):
         diff = (scale * lv + minv) - X
-        return seqsum(W * (diff * diff))
+        return seqsum(W * (np.abs(diff) if mad else diff * diff))
 
     with np.errstate(all="ignore"):
         iscale = nm / (mx - mn)
@@ -201,3 +225,35 @@ def make_qp(X: np.ndarray, nmax: int, W: np.ndarray) -> tuple[np.ndarray, np.nda
     out[zero] = 0
     L[:, zero] = 0
     return out, L
+
+
+def make_q3(X: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """make_q3_quants(n, nmax, x, L, do_rmse=true): signed levels -nmax..nmax-1 with weights x*x, refined one value
+    at a time (up to 5 passes) while the weighted fit improves. Returns (scale (B,), L + nmax (n, B))."""
+    A = np.abs(X)
+    idx = A.argmax(axis=0)
+    cols = np.arange(X.shape[1])
+    mx, amax = X[idx, cols], A[idx, cols]
+    W = X * X
+    WX = W * X
+    with np.errstate(all="ignore"):
+        L = _clip_rint((-f32(nmax) / mx) * X, -nmax, nmax - 1)
+        sumlx, suml2 = seqsum(WX * L), seqsum((W * L) * L)
+        for _ in range(5):  # a pass that changed nothing would change nothing again: no break needed
+            for i in range(X.shape[0]):
+                w, li = W[i], L[i]
+                slx = sumlx - WX[i] * li
+                sl2 = suml2 - (w * li) * li
+                new_l = np.clip(nearest_int_exact((X[i] * sl2) / slx), -nmax, nmax - 1).astype(f32)
+                slx2 = slx + WX[i] * new_l
+                sl22 = sl2 + (w * new_l) * new_l
+                acc = (slx > 0) & (new_l != li) & (sl22 > 0) & ((slx2 * slx2) * suml2 > (sumlx * sumlx) * sl22)
+                np.copyto(L[i], new_l, where=acc)
+                np.copyto(sumlx, slx2, where=acc)
+                np.copyto(suml2, sl22, where=acc)
+        scale = np.where(suml2 > 0, sumlx / suml2, f32(0.0)).astype(f32)
+    L += f32(nmax)
+    zero = amax < GROUP_MAX_EPS
+    scale[zero] = 0
+    L[:, zero] = 0
+    return scale, L

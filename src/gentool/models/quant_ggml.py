@@ -28,7 +28,9 @@ GGML_CPU_KERNEL = "dense"  # "dense" (dequantize once, F.linear) or "int4" (Int4
 FLOAT_TYPES = ("F32", "F16")
 # type -> (smallest code, number of codes, group size) of `affine`'s codes
 _CODES = {"Q4_0": (-8, 16, 32), "Q4_1": (0, 16, 32), "Q5_0": (-16, 32, 32), "Q5_1": (0, 32, 32),
-          "Q8_0": (-128, 256, 32), "Q4_K": (0, 16, 32), "Q5_K": (0, 32, 32), "Q6_K": (-32, 64, 16)}
+          "Q8_0": (-128, 256, 32), "Q4_K": (0, 16, 32), "Q5_K": (0, 32, 32), "Q6_K": (-32, 64, 16),
+          "Q2_K": (0, 4, 16), "Q3_K": (-4, 8, 16), "IQ4_NL": (-127, 241, 32), "IQ4_XS": (-127, 241, 32)}
+_KVALUES_IQ4 = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)  # IQ4 codes: K[nibble]
 SUPPORTED = tuple(_CODES)
 
 
@@ -58,7 +60,7 @@ def affine(raw: torch.Tensor, qtype: str, cols: int) -> tuple[torch.Tensor, torc
     b = raw.reshape(-1, t.bytes_per_block)
     S = b.shape[0]
     zero = None
-    if t.block_size == 32:
+    if t.block_size == 32 and t.name != "IQ4_NL":
         d = _f16(b[:, 0:2])
         pos = 4 if t.name in ("Q4_1", "Q5_1") else 2
         if t.name == "Q8_0":
@@ -79,6 +81,31 @@ def affine(raw: torch.Tensor, qtype: str, cols: int) -> tuple[torch.Tensor, torc
         shift = (2 * torch.arange(4, device=raw.device, dtype=torch.uint8))[:, None]
         q = (low | (((qh >> shift) & 3) << 4)).to(torch.int16).reshape(S, QK_K) - 32
         scale = _f16(b[:, 208:210]) * b[:, 192:208].contiguous().view(torch.int8).float()     # (S, 16)
+    elif t.name in ("Q2_K", "Q3_K"):  # 2-bit codes laid out as Q6_K's low bits; Q3_K's third bit in hmask
+        pos = 16 if t.name == "Q2_K" else 32
+        shift = (2 * torch.arange(4, device=raw.device, dtype=torch.uint8))[:, None]
+        q = ((b[:, pos:pos + 64].reshape(S, 2, 1, 32) >> shift) & 3).to(torch.int16).reshape(S, QK_K)
+        if t.name == "Q2_K":
+            sc, d = b[:, :16], _f16(b[:, 80:82])
+            scale, zero = d * (sc & 0xF).float(), -(_f16(b[:, 82:84]) * (sc >> 4).float())            # (S, 16)
+        else:
+            bit = torch.arange(8, device=raw.device, dtype=torch.uint8)[:, None]
+            q = q - 4 * (1 - ((b[:, None, :32] >> bit) & 1).to(torch.int16).reshape(S, QK_K))
+            sc = b[:, 96:108]
+            hi = ((sc[:, None, 8:12] >> shift) & 3).reshape(S, 16)
+            ls = torch.cat([sc[:, :8] & 0xF, sc[:, :8] >> 4], 1) | (hi << 4)
+            scale = _f16(b[:, 108:110]) * (ls.to(torch.int16) - 32).float()                    # (S, 16)
+    elif t.name in ("IQ4_NL", "IQ4_XS"):
+        qs = b[:, 8:] if t.name == "IQ4_XS" else b[:, 2:]
+        qs = qs.reshape(S, -1, 1, 16)
+        kv = torch.tensor(_KVALUES_IQ4, dtype=torch.int16, device=raw.device)
+        q = kv[torch.cat([qs & 0xF, qs >> 4], 2).long()].reshape(S, -1)
+        scale = _f16(b[:, 0:2])
+        if t.name == "IQ4_XS":
+            h = b[:, 2:4].contiguous().view(torch.int16).int() & 0xFFFF                           # (S, 1)
+            lo4 = torch.stack([b[:, 4:8] & 0xF, b[:, 4:8] >> 4], 2).reshape(S, 8).int()
+            ls = lo4 | (((h >> (2 * torch.arange(8, device=raw.device))) & 3) << 4)
+            scale = scale * (ls - 32).float()                                                  # (S, 8)
     else:  # Q4_K, Q5_K
         d, dmin = _f16(b[:, 0:2]), _f16(b[:, 2:4])
         sc, m = _scales_k4(b[:, 4:16])
@@ -105,7 +132,7 @@ def dequantize_bytes(raw: torch.Tensor, qtype: str, cols: int) -> torch.Tensor:
     q, scale, zero, g = affine(raw, name, cols)
     r = q.shape[0]
     w = q.float().reshape(r, -1, g) * scale[..., None]
-    if name in ("Q4_1", "Q5_1", "Q4_K", "Q5_K"):
+    if name in ("Q4_1", "Q5_1", "Q4_K", "Q5_K", "Q2_K"):
         w = w + zero[..., None]
     return w.reshape(r, cols)
 
@@ -131,7 +158,7 @@ def ggml_activations(x: torch.Tensor, qtype: str) -> torch.Tensor:
     32-weight types, Q8_K blocks of 256 (quantize_row_q8_K_ref: iscale = -127/max, d = 1/iscale) for K-quants."""
     m, k = x.shape
     xf = x.float()
-    if _CODES[qtype][2] == 16 or qtype in ("Q4_K", "Q5_K"):
+    if _CODES[qtype][2] == 16 or qtype in ("Q4_K", "Q5_K", "IQ4_XS"):
         b = xf.reshape(m, k // QK_K, QK_K)
         idx = b.abs().argmax(-1, keepdim=True)
         mx = b.gather(-1, idx)                                           # the signed value of largest magnitude

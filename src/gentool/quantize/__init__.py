@@ -1,8 +1,8 @@
 """`gentool quantize`: write a quantized-checkpoint (or a dequantized LM checkpoint) and measure the damage.
 
 Schemes: gentool's int8 / int4 (groups) / NF4 / FP8 (codecs/quant.py, models/quant.py) and llama.cpp's GGML types
-by llama-quantize's mix names (q4_0 … q8_0, q4_k_m, q5_k_m, q6_k; quantize/ggml.py), whose blocks are what
-llama-quantize writes byte for byte. Options that change the numbers:
+by llama-quantize's mix names (q4_0 … q8_0, q2_k, q3_k_s/m/l, q4_k_m, q5_k_m, q6_k, iq4_nl, iq4_xs;
+quantize/ggml.py), whose blocks are what llama-quantize writes byte for byte. Options that change the numbers:
 - `--method optimized`: int4 scale/zero search (quantize/int4.py) instead of round-to-nearest;
 - `--calibrate DATA`: an importance matrix from the model's own activations (quantize/calibrate.py), stored as
   `imatrix.gguf` in the artifact; it drives llama.cpp's importance-weighted block search for GGML types and GPTQ
@@ -54,8 +54,10 @@ __all__ = ["GGML_SCHEMES", "METHODS", "SCHEME_NAMES", "check_options", "quantize
 
 
 def check_options(scheme: str, group_size: int | None, *, method: str = "rtn", tensor_types=(), skip=None,
-                  keep_16bit=None, calibrated: bool = False, target_kl: float | None = None) -> int:
-    """Refuse option combinations that make no sense, before any work. Returns the int4 group size."""
+                  keep_16bit=None, calibrated: bool = False, target_kl: float | None = None,
+                  mix_flags: list[str] | tuple = ()) -> int:
+    """Refuse option combinations that make no sense, before any work. Returns the int4 group size. `mix_flags`
+    are llama-quantize's type options given (--pure, --output-tensor-type, --token-embedding-type)."""
     ggml = is_ggml(scheme)
     if scheme not in SCHEMES and not ggml:
         raise UsageProblem(f"unknown scheme {scheme!r}",
@@ -69,6 +71,11 @@ def check_options(scheme: str, group_size: int | None, *, method: str = "rtn", t
         raise UsageProblem(f"--method {method} applies to int4 (GGML types use llama.cpp's own search)")
     if tensor_types and not ggml:
         raise UsageProblem("--tensor-type applies to GGML schemes (q4_k_m, q6_k, ...)")
+    if mix_flags and not ggml:
+        raise UsageProblem(f"{mix_flags[0]} applies to GGML schemes (q4_k_m, q6_k, ...)")
+    if mix_flags and target_kl is not None:
+        raise UsageProblem(f"{mix_flags[0]} and --target-kl both choose tensor types",
+                           hint="under --target-kl pin a tensor's type with --tensor-type PATTERN=TYPE")
     if ggml and (skip is not None or keep_16bit):
         raise UsageProblem("--skip and --keep-16bit apply to gentool's schemes",
                            hint="with GGML types keep tensors 16-bit with --tensor-type PATTERN=f16")
@@ -92,8 +99,13 @@ def quantize_checkpoint(ckpt: Path, out: Path, *, scheme: str | None, group_size
                         calibrate_split: str = "train", calibrate_tokens: int = cal_.DEFAULT_TOKENS,
                         imatrix: Path | None = None, target_kl: float | None = None, dequantize: bool = False,
                         eval_data: list[str] | None = None, eval_options: dict | None = None, force: bool = False,
-                        verify: bool = True) -> dict[str, Any]:
+                        verify: bool = True, output_tensor_type: str | None = None,
+                        token_embedding_type: str | None = None, pure: bool = False) -> dict[str, Any]:
+    """`output_tensor_type`, `token_embedding_type` and `pure` are llama-quantize's --output-tensor-type,
+    --token-embedding-type and --pure for the GGML schemes."""
     ckpt = Path(ckpt)
+    mix_flags = [f for f, v in (("--pure", pure), ("--output-tensor-type", output_tensor_type),
+                                ("--token-embedding-type", token_embedding_type)) if v]
     sources = [ckpt, *(eval_data or []), *(calibrate or []), *([imatrix] if imatrix else [])]
     check_output(out, force=force, sources=sources)
     if (kl_tokens := (eval_options or {}).get("kl_tokens")) is not None:
@@ -104,7 +116,7 @@ def quantize_checkpoint(ckpt: Path, out: Path, *, scheme: str | None, group_size
         raise UsageProblem(f"the checkpoint is already quantized ({qconf.get('mix') or qconf.get('scheme')})",
                            path=ckpt, hint="quantize the 16-bit original, or pass --dequantize to write it back as "
                                            "an LM checkpoint")
-    if qconf is not None and (scheme is not None or calibrate or imatrix or target_kl or tensor_types):
+    if qconf is not None and (scheme is not None or calibrate or imatrix or target_kl or tensor_types or mix_flags):
         raise UsageProblem("--dequantize of a quantized checkpoint takes no quantization options", path=ckpt,
                            hint="drop --scheme and the rest: the checkpoint's own quantization is undone")
     if qconf is None and scheme is None:
@@ -119,7 +131,8 @@ def quantize_checkpoint(ckpt: Path, out: Path, *, scheme: str | None, group_size
         raise UsageProblem("--target-kl measures KL on calibration data", hint="add --calibrate DATA")
     if qconf is None:
         group_size = check_options(scheme, group_size, method=method, tensor_types=tensor_types, skip=skip,
-                                   keep_16bit=keep_16bit, calibrated=bool(calibrate or imatrix), target_kl=target_kl)
+                                   keep_16bit=keep_16bit, calibrated=bool(calibrate or imatrix), target_kl=target_kl,
+                                   mix_flags=mix_flags)
     ggml = qconf is None and is_ggml(scheme)
     skip = [] if ggml else list(DEFAULT_SKIP if skip is None else skip)
     manifest = read_artifact(ckpt, verify=verify) if (ckpt / MANIFEST).is_file() else None
@@ -150,6 +163,8 @@ def quantize_checkpoint(ckpt: Path, out: Path, *, scheme: str | None, group_size
                   "method": _method(scheme, ggml, method, calibrated=cal is not None, imatrix=values is not None),
                   "symmetric": scheme in ("int8", "fp8"), "skip": skip, "keep_16bit": list(keep_16bit or []),
                   "tensor_types": list(tensor_types), "target_kl": target_kl,
+                  **({"pure": pure, "output_tensor_type": output_tensor_type,
+                      "token_embedding_type": token_embedding_type} if mix_flags else {}),
                   "calibration": cal.source if cal is not None else None,
                   "imatrix": str(imatrix) if imatrix else None, "dequantize": dequantize}
         if ggml:
@@ -159,7 +174,8 @@ def quantize_checkpoint(ckpt: Path, out: Path, *, scheme: str | None, group_size
                 types, info["target"] = choose_types(lm, ids, target_kl, values=values, overrides=tensor_types,
                                                      window=window)
             else:
-                types = plan_for(lm.model, lm.config, scheme, overrides=tensor_types, has_imatrix=bool(values))
+                types = plan_for(lm.model, lm.config, scheme, overrides=tensor_types, has_imatrix=bool(values),
+                                 output_type=output_tensor_type, token_embd_type=token_embedding_type, pure=pure)
             info.update(quantize_model_ggml(lm.model, types, imatrix=values))
         elif scheme == "int4" and (method == "optimized" or values is not None):
             info = _quantize_int4(lm.model, targets, group_size, cal, values)

@@ -1,6 +1,7 @@
-"""GGML schemes of `gentool quantize` (q4_0 … q8_0, q4_k_m, q5_k_m, q6_k, ...): llama-quantize's per-tensor types,
-the blocks made by codecs.ggml (bit-identical to llama-quantize's, with or without an importance matrix), the
-layers swapped into the model, and the quantized-checkpoint written with the GGUF bytes themselves.
+"""GGML schemes of `gentool quantize` (q4_0 … q8_0, q2_k, q3_k_m, q4_k_m, q5_k_m, q6_k, iq4_xs, ...):
+llama-quantize's per-tensor types, the blocks made by codecs.ggml (bit-identical to llama-quantize's, with or
+without an importance matrix), the layers swapped into the model, and the quantized-checkpoint written with the
+GGUF bytes themselves.
 
 Checkpoint layout (config.json `quantization_config`, scheme "ggml"): `tensor_types` maps every Hugging Face tensor
 name to its GGML type; a block-quantized tensor is stored as `<name>` uint8 (rows, row_bytes), the GGUF bytes in
@@ -46,10 +47,22 @@ def weight_shapes(model: torch.nn.Module, config) -> dict[str, tuple[int, ...]]:
     return out
 
 
+def explicit_type(option: str, qtype: str | None) -> str | None:
+    """A GGML type named on the command line (--output-tensor-type, --token-embedding-type), upper-cased."""
+    if qtype is None:
+        return None
+    if qtype.upper() not in SUPPORTED + FLOAT_TYPES:
+        raise UsageProblem(f"{option} {qtype}: gentool has no codec for this type",
+                           hint="use one of " + ", ".join(SUPPORTED + FLOAT_TYPES))
+    return qtype.upper()
+
+
 def plan_types(shapes: dict[str, tuple[int, ...]], mix: str, *, n_layer: int, n_head: int, n_kv: int,
-               overrides=(), has_imatrix: bool = False) -> dict[str, str]:
+               overrides=(), has_imatrix: bool = False, output_type: str | None = None,
+               token_embd_type: str | None = None, pure: bool = False) -> dict[str, str]:
     """llama-quantize's type for every tensor (Hugging Face names), --tensor-type overrides and fallbacks included.
-    `overrides` are "PATTERN=TYPE" strings, matched against GGUF names as llama-quantize does."""
+    `overrides` are "PATTERN=TYPE" strings, matched against GGUF names as llama-quantize does; `output_type`,
+    `token_embd_type` and `pure` are its --output-tensor-type, --token-embedding-type and --pure."""
     from gentool.codecs.ggml_mixes import parse_tensor_type
 
     parsed = [parse_tensor_type(o) for o in overrides]
@@ -57,13 +70,17 @@ def plan_types(shapes: dict[str, tuple[int, ...]], mix: str, *, n_layer: int, n_
         if t not in SUPPORTED + FLOAT_TYPES:
             raise UsageProblem(f"--tensor-type type {t} cannot be written by gentool",
                                hint="use one of " + ", ".join(SUPPORTED + FLOAT_TYPES))
+    output_type = explicit_type("--output-tensor-type", output_type)
+    token_embd_type = explicit_type("--token-embedding-type", token_embd_type)
     gg = {gguf_name(k): s for k, s in shapes.items()}
     for name, shape in gg.items():  # an explicit choice that does not fit is an error; the mixes fall back
         t = next((t for pattern, t in parsed if pattern.search(name)), None)
+        t = {"output.weight": output_type, "token_embd.weight": token_embd_type}.get(name) or t
         if t is not None and t not in FLOAT_TYPES and allows_quantization(name, shape):
             ggml.check_fits(t, shape, name)
     types = tensor_types(gg, mix, n_layer=n_layer, n_head=n_head, n_head_kv=n_kv, overrides=parsed,
-                         has_imatrix=has_imatrix)
+                         has_imatrix=has_imatrix, output_type=output_type, token_embd_type=token_embd_type,
+                         pure=pure)
     block = ggml.block_size(mix_info(mix)[1])
     odd = [k for k, s in gg.items() if allows_quantization(k, s) and s[-1] % block]
     if odd:
