@@ -11,6 +11,9 @@ derived from them on the device the layer lives on (`_prepare`, rerun after ever
 - fp8:  `torch._scaled_mm` with row-wise scales (activations quantized per row on the fly) on GPUs with FP8;
   dequantize + matmul elsewhere.
 - nf4:  dequantize + matmul (the QLoRA base layer).
+On a CPU all of these except fp8 first try gentool's own kernel (models/qkernel.py: float32 activations times the
+packed codes, widened in registers; the codes are read once per decode step and no dense weight is built), whose
+layout `_layout()` derives from the stored tensors; the paths above are the fallback where it is unavailable.
 Whenever gradients must flow to the input (LoRA on a quantized base) the dequantize + matmul path is used, and
 the dense weight is dequantized again in backward rather than kept (QLoRA's memory saving).
 """
@@ -25,8 +28,10 @@ import torch.nn.functional as F
 
 from gentool.errors import GentoolError, UsageProblem
 from gentool.codecs import quant as qp
+from gentool.models import qkernel
 
 DEFAULT_SKIP = ("embed_tokens", "lm_head")
+_QK = ("_qk_codes", "_qk_scale", "_qk_offset", "_qk_lut")  # gentool's CPU kernel layout (qkernel.Layout)
 COMPANIONS = {"int8": ("weight", "weight_scale"), "int4": ("weight", "weight_scale", "weight_zero"),
               "nf4": ("weight", "weight_absmax", "weight_absmax_scale", "weight_absmax_mean"),
               "fp8": ("weight", "weight_scale"), "ggml": ("weight",)}  # ggml: GGUF blocks, models/quant_ggml.py
@@ -47,9 +52,9 @@ class QuantLinear(nn.Module):
             self.register_buffer(name, t)
         self.register_buffer("bias", bias)
         self.register_buffer("_probe", torch.zeros((), dtype=dtype, device=self.weight.device), persistent=False)
-        for name in ("_packed", "_sz", "_scale_row", "_code", "_pairs"):  # kernel layouts, rebuilt by _prepare
+        for name in ("_packed", "_sz", "_scale_row", "_code", "_pairs") + _QK:  # kernel layouts, rebuilt by _refresh
             self.register_buffer(name, None, persistent=False)
-        self._prepare()
+        self._refresh()
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int = 128) -> QuantLinear:
@@ -79,11 +84,33 @@ class QuantLinear(nn.Module):
         self._buffers["_probe"] = probe
         if self.bias is not None:
             self._buffers["bias"] = fn(self.bias)
-        self._prepare()
+        self._refresh()
         return self
+
+    def _refresh(self) -> None:
+        """Kernel layouts for the current device: gentool's CPU kernel where it runs, then `_prepare`'s."""
+        lay = None
+        if self.weight.device.type == "cpu" and qkernel.ENABLED and qkernel.available():
+            lay = self._layout()
+        for name, field in zip(_QK, ("codes", "scale", "offset", "lut")):
+            self._buffers[name] = getattr(lay, field) if lay is not None else None
+        self._qk_group, self._qk_bits = (lay.group, lay.bits) if lay is not None else (0, 0)
+        self._prepare()
+
+    def _layout(self) -> qkernel.Layout | None:
+        """The stored weight as gentool's CPU kernel layout (None: the format or shape has none)."""
+        return None
 
     def _prepare(self) -> None:
         """Build kernel-specific layouts for the current device (none by default)."""
+
+    def _qk_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def _qk(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.gentool_qk.qmm(self._qk_input(x).float(), self._qk_codes, self._qk_scale, self._qk_offset,
+                                     self._qk_group, self._qk_bits, self._qk_lut)
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
 
     def _dense(self, x: torch.Tensor) -> torch.Tensor:
         w = self.dequantize(x.dtype)
@@ -97,7 +124,12 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
-        y = _DequantLinear.apply(x2, self) if x.requires_grad and torch.is_grad_enabled() else self._mm(x2)
+        if x.requires_grad and torch.is_grad_enabled():
+            y = _DequantLinear.apply(x2, self)
+        elif self._qk_codes is not None and x2.device.type == "cpu":
+            y = self._qk(x2)
+        else:
+            y = self._mm(x2)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*shape[:-1], self.out_features)
@@ -124,6 +156,9 @@ class _DequantLinear(torch.autograd.Function):
 class Int8Linear(QuantLinear):
     scheme = "int8"
 
+    def _layout(self):  # w = q·scale[n]: one group per row
+        return qkernel.layout(self.weight, self.weight_scale.float()[:, None], None, 8)
+
     def _mm(self, x):
         s = self.weight_scale.to(x.dtype)
         cpu = x.device.type == "cpu"
@@ -143,10 +178,14 @@ class Int8Linear(QuantLinear):
 class Int4Linear(QuantLinear):
     scheme = "int4"
 
+    def _layout(self):  # w = (q - 8)·s + z = q·s + (z - 8s)
+        s = self.weight_scale.float()
+        return qkernel.layout(qp.int4_codes(self.stored()), s, self.weight_zero.float() - 8 * s, 4)
+
     def _prepare(self):
         self._packed = self._sz = None
         dev = self.weight.device
-        if dev.type not in ("cpu", "cuda"):
+        if dev.type not in ("cpu", "cuda") or self._qk_codes is not None:
             return
         sz = torch.stack([self.weight_scale.t(), self.weight_zero.t()], -1).contiguous()  # (K/g, N, 2)
         try:
@@ -175,6 +214,12 @@ _NF4_CHUNK = 1 << 19  # bytes of NF4 codes dequantized at a time (a multiple of 
 
 class NF4Linear(QuantLinear):
     scheme = "nf4"
+
+    def _layout(self):  # w = NF4[q]·absmax of the row's block of 64 (when blocks do not straddle rows)
+        if self.in_features % qp.NF4_BLOCK:
+            return None
+        absmax = qp.nf4_absmax(self.stored()).reshape(self.out_features, -1)
+        return qkernel.layout(qp.unpack_4bit(self.weight), absmax, None, 4, qp.NF4_CODE)
 
     def _prepare(self):
         self._code = qp.NF4_CODE.to(self.weight.device)  # on the device: no host tensor in a captured graph
