@@ -286,11 +286,17 @@ def keep_16bit_patterns(values, n_layers: int) -> list[str]:
     return out
 
 
+def int4_group(k: int, group_size: int) -> int | None:
+    """The int4 group size for an input dimension k: `group_size` if it divides k, else the largest supported
+    size below it that does (llama-quantize likewise falls back per tensor); None when none does."""
+    return next((g for g in sorted(qp.INT4_GROUP_SIZES, reverse=True) if g <= group_size and k % g == 0), None)
+
+
 def check_quantizable(name: str, linear: nn.Linear, scheme: str, group_size: int) -> None:
     k = linear.in_features
-    if scheme == "int4" and k % group_size:
-        raise UsageProblem(f"group size {group_size} does not divide {name}'s input dimension {k}",
-                           hint=f"use a --group-size that divides {k}, or --skip {name.split('.')[-1]}")
+    if scheme == "int4" and int4_group(k, group_size) is None:
+        raise UsageProblem(f"group size {group_size} does not divide {name}'s input dimension {k}, nor does any "
+                           f"smaller supported one", hint=f"--skip {name.split('.')[-1]}")
     if scheme == "nf4" and (k * linear.out_features) % qp.NF4_BLOCK:
         raise UsageProblem(f"{name} has {k * linear.out_features} weights, not a multiple of NF4's block of "
                            f"{qp.NF4_BLOCK}", hint=f"--skip {name.split('.')[-1]}")
@@ -309,11 +315,15 @@ def quantize_model(model: nn.Module, scheme: str, *, group_size: int = 128, skip
     targets = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and not matches(n, patterns)]
     for name, m in targets:
         check_quantizable(name, m, scheme, group_size)
+    groups = {}
     for name, m in targets:
-        model.set_submodule(name, LAYERS[scheme].from_linear(m, group_size))
+        g = int4_group(m.in_features, group_size) if scheme == "int4" else group_size
+        if g != group_size:
+            groups[name] = g
+        model.set_submodule(name, LAYERS[scheme].from_linear(m, g))
     quantized = [n for n, _ in targets]
     skipped = [k for k, v in model.state_dict().items() if v.dim() == 2 and k.rsplit(".", 1)[0] not in quantized]
-    return {"quantized": quantized, "skipped": skipped}
+    return {"quantized": quantized, "skipped": skipped, "group_sizes": groups}
 
 
 def quantized_modules(model: nn.Module) -> dict[str, QuantLinear]:
@@ -355,10 +365,15 @@ def install_from_state(model: nn.Module, state: dict[str, torch.Tensor], qconfig
                 raise GentoolError(f"missing tensor {name}.{c}", path=where, hint="the checkpoint is corrupt")
             tensors[c] = state.pop(f"{name}.{c}")
         bias = state.pop(f"{name}.bias", None)
-        layer = LAYERS[scheme](lin.in_features, lin.out_features, tensors,
-                               bias.to(dtype) if bias is not None else None,
-                               group_size=qconfig.get("group_size") if scheme == "int4" else None, dtype=dtype)
         n, k = lin.out_features, lin.in_features
+        group = None
+        if scheme == "int4":  # per tensor where the default did not divide it (`int4_group`)
+            group = (qconfig.get("group_sizes") or {}).get(name) or qconfig.get("group_size")
+            scale_cols = tensors["weight_scale"].shape[-1] if tensors["weight_scale"].dim() == 2 else 0
+            if scale_cols and k % scale_cols == 0 and k // scale_cols in qp.INT4_GROUP_SIZES:
+                group = k // scale_cols
+        layer = LAYERS[scheme](lin.in_features, lin.out_features, tensors,
+                               bias.to(dtype) if bias is not None else None, group_size=group, dtype=dtype)
         shapes = {"weight": (n, k) if scheme in ("int8", "fp8") else (n, k // 2)}
         if scheme == "int4":
             shapes["weight_scale"] = shapes["weight_zero"] = (n, k // (layer.group_size or k))
