@@ -207,8 +207,9 @@ def quantize_checkpoint(ckpt: Path, out: Path, *, scheme: str | None, group_size
                       "compression_ratio": base_bytes / stats["bytes"]}
             if ggml:
                 result["type_counts"] = stats["type_counts"]
-            if info.get("group_sizes"):
-                result["group_sizes"] = info["group_sizes"]
+            if info.get("group_sizes"):  # layers per fallback group size (config.json lists them by name)
+                sizes = list(info["group_sizes"].values())
+                result["group_size_fallback"] = {str(g): sizes.count(g) for g in sorted(set(sizes), reverse=True)}
             if cal is not None:
                 result["calibration_tokens"] = cal.tokens
             if "target" in info:
