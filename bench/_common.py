@@ -50,6 +50,33 @@ def copy_bandwidth(device: str) -> float:
     return measure_copy_bandwidth(device)
 
 
+def llc_bytes() -> int:
+    """The last-level cache's size (sysfs), 32 MiB when unknown."""
+    sizes = []
+    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        t = f.read_text().strip()
+        sizes.append(int(t[:-1]) * {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[t[-1]] if t[-1] in "KMG" else int(t))
+    return max(sizes, default=32 << 20)
+
+
+def read_bandwidth(*, reps: int = 15, min_bytes: int = 512 << 20) -> dict[str, float]:
+    """Bytes *read* per second from a buffer of max(512 MiB, 8 x the last-level cache) of float32, by a reduction
+    (torch.sum: reads each byte once, writes nothing): the roofline of batch-1 decoding, which reads every weight
+    once per token. Best and median of `reps` passes after two warm-ups; the best is the figure (a shared machine's
+    load only ever slows a pass down), the median says how loaded it was."""
+    n = max(min_bytes, 8 * llc_bytes()) // 4
+    buf = torch.ones(n, dtype=torch.float32)
+    for _ in range(2):
+        buf.sum()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        buf.sum()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return {"best": 4 * n / times[0], "median": 4 * n / times[len(times) // 2], "bytes": 4 * n}
+
+
 def table(title: str, rows: list[dict]) -> None:
     print(f"\n## {title}")
     cols = list(rows[0])

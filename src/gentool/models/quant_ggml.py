@@ -5,12 +5,14 @@ in Hugging Face row order (q/k not permuted), so `state_dict()` is the file layo
 
 Decoding: `affine(raw, qtype, cols)` splits any type into integer codes q (R, cols) and a scale and offset per group
 (32 weights; 16 for Q6_K), w = q·scale + offset, with signed codes where ggml's `dequantize_row_*` subtracts first,
-so `dequantize` equals codecs.ggml.dequantize bit for bit. Kernel layouts (`_prepare`, rerun after every `.to()`):
-- CPU with GGML_CPU_KERNEL = "int4", group-32 types: the codes as nibble planes in `Int4Linear`'s layout
-  (w = (c - 8)·s + z), run by Int4Linear's kernel: Q4_0, Q4_1, Q4_K one plane (Q4_K: s = d·sc, z = 8s - dmin·m),
-  Q5_0, Q5_1, Q5_K, Q8_0 two (the low nibble, and the high bits with scale 16s).
-- otherwise (the default while torch's CPU int4 kernel is slower than a float32 GEMV on this hardware, Q6_K's
-  groups of 16, CUDA): the weight dequantized once into the compute dtype, then F.linear.
+so `dequantize` equals codecs.ggml.dequantize bit for bit. Kernel layouts (`_refresh`, rerun after every `.to()`):
+- CPU, the default: gentool's kernel (models/qkernel.py) on the same affine split, repacked once at load: Q4_0,
+  Q4_1, Q4_K as 4-bit codes c = q - lo with offset z + lo·s; Q5_0, Q5_1, Q5_K, Q6_K (groups of 16), Q8_0 as int8
+  codes. w = c·s + z is the dequantized weight up to float32 rounding; activations stay float32.
+- CPU with GGML_CPU_KERNEL = "int4" where that kernel is unavailable, group-32 types: the codes as nibble planes in
+  `Int4Linear`'s layout (w = (c - 8)·s + z), run by torch's int4 kernel: Q4_0, Q4_1, Q4_K one plane (Q4_K: s = d·sc,
+  z = 8s - dmin·m), Q5_0, Q5_1, Q5_K, Q8_0 two (the low nibble, and the high bits with scale 16s).
+- otherwise (no CPU kernel, CUDA): the weight dequantized once into the compute dtype, then F.linear.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from torch import nn
 from gentool.codecs import quant as qp
 from gentool.codecs.ggml import QK_K, fits, ggml_type, row_bytes
 from gentool.errors import GentoolError
+from gentool.models import qkernel
 from gentool.models.quant import Int4Linear, QuantLinear
 
 GGML_CPU_KERNEL = "dense"  # "dense" (dequantize once, F.linear) or "int4" (Int4Linear's kernel on nibble planes)
@@ -191,11 +194,21 @@ class GGMLLinear(QuantLinear):
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return dequantize_bytes(self.weight, self.qtype, self.in_features).to(dtype or self.compute_dtype)
 
+    def _layout(self):
+        lo, n, _ = _CODES[self.qtype]
+        q, scale, zero, _ = affine(self.weight, self.qtype, self.in_features)
+        if n <= 16:  # 4-bit codes from 0
+            return qkernel.layout(q - lo, scale, zero + lo * scale, 4)
+        return qkernel.layout(q, scale, zero, 8)
+
+    def _qk_input(self, x):
+        return ggml_activations(x, self.qtype) if self.cpu_arithmetic else x
+
     def _prepare(self) -> None:
         self.__dict__["_kernels"] = []
         self._packed = None  # the dense weight, when that is the kernel
         dev = self.weight.device
-        if dev.type == "meta":
+        if dev.type == "meta" or self._qk_codes is not None:
             return
         if dev.type == "cpu" and GGML_CPU_KERNEL == "int4" and _CODES[self.qtype][2] == 32:
             self.__dict__["_kernels"] = [

@@ -30,6 +30,7 @@ from gentool.models.quant import (
     DEFAULT_SKIP,
     Int4Linear,
     check_quantizable,
+    int4_group,
     dequantize_model,
     keep_16bit_patterns,
     matches,
@@ -202,6 +203,12 @@ def quantize_checkpoint(ckpt: Path, out: Path, *, scheme: str | None, group_size
                 stats = save_ggml(lm.model, lm.config, art.dir, types, mix=scheme if target_kl is None else
                                   "target-kl", base_dtype=base_dt, extra={**extra, "target_kl": target_kl})
             else:
+                if info.get("group_sizes"):  # int4 tensors the default group size does not divide
+                    extra["group_sizes"] = info["group_sizes"]
+                    console.log(f"int4: group size {group_size} does not divide the input dimension of "
+                                f"{len(info['group_sizes'])} layers; they use "
+                                + ", ".join(f"{g} ({sum(v == g for v in info['group_sizes'].values())} layers)"
+                                            for g in sorted(set(info["group_sizes"].values()), reverse=True)))
                 stats = save_quantized(lm, art.dir, scheme, group_size, skip, keep_16bit or [], info, base_dt,
                                        extra=extra)
             base_bytes = weights_bytes(ckpt)
@@ -219,6 +226,9 @@ def quantize_checkpoint(ckpt: Path, out: Path, *, scheme: str | None, group_size
                       "compression_ratio": base_bytes / stats["bytes"]}
             if ggml:
                 result["type_counts"] = stats["type_counts"]
+            if info.get("group_sizes"):  # layers per fallback group size (config.json lists them by name)
+                sizes = list(info["group_sizes"].values())
+                result["group_size_fallback"] = {str(g): sizes.count(g) for g in sorted(set(sizes), reverse=True)}
             if cal is not None:
                 result["calibration_tokens"] = cal.tokens
             if "target" in info:
@@ -264,22 +274,26 @@ def _quantize_int4(model, targets: list[str], group_size: int, cal, values) -> d
     search (--method optimized); the layers are the same Int4Linear as round-to-nearest's."""
     from gentool.quantize.int4 import quantize_int4_gptq, quantize_int4_optimized
 
+    groups = {}
     with console.progress("quantizing", total=len(targets)) as bar:
         for name in targets:
             lin = model.get_submodule(name)
             w, key = lin.weight.detach(), f"{name}.weight"
+            g = int4_group(lin.in_features, group_size)
+            if g != group_size:
+                groups[name] = g
             if cal is not None and key in cal.gram:
-                t = quantize_int4_gptq(w, cal.gram.pop(key), group_size)
+                t = quantize_int4_gptq(w, cal.gram.pop(key), g)
             else:
                 imp = torch.from_numpy(values[key]) if values is not None and key in values else None
-                t = quantize_int4_optimized(w, group_size, imp)
+                t = quantize_int4_optimized(w, g, imp)
             bias = lin.bias.detach() if lin.bias is not None else None
-            model.set_submodule(name, Int4Linear(lin.in_features, lin.out_features, t, bias, group_size=group_size,
+            model.set_submodule(name, Int4Linear(lin.in_features, lin.out_features, t, bias, group_size=g,
                                                  dtype=w.dtype))
             bar.update(1)
     quantized = list(targets)
     skipped = [k for k, v in model.state_dict().items() if v.dim() == 2 and k.rsplit(".", 1)[0] not in quantized]
-    return {"quantized": quantized, "skipped": skipped}
+    return {"quantized": quantized, "skipped": skipped, "group_sizes": groups}
 
 
 def _save_dequantized(lm, directory: Path, qconf: dict | None, ggml: bool, base_dt: torch.dtype) -> None:
