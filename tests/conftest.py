@@ -6,6 +6,18 @@ import pytest
 
 def pytest_configure(config):
     os.environ.setdefault("NO_COLOR", "1")
+    # the CPU kernel for quantized layers is built once per session, not once per test or subprocess
+    import tempfile
+
+    if "GENTOOL_KERNEL_DIR" not in os.environ:
+        os.environ["GENTOOL_KERNEL_DIR"] = config._gentool_kernels = tempfile.mkdtemp(prefix="gentool-kernels-")
+
+
+def pytest_unconfigure(config):
+    if getattr(config, "_gentool_kernels", None):
+        import shutil
+
+        shutil.rmtree(config._gentool_kernels, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):

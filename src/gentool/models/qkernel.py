@@ -40,6 +40,9 @@ def _isa() -> str | None:
 
 
 def cache_dir() -> Path:
+    """$GENTOOL_KERNEL_DIR, else $GENTOOL_CACHE_DIR/kernels (default ~/.cache/gentool/kernels)."""
+    if os.environ.get("GENTOOL_KERNEL_DIR"):
+        return Path(os.environ["GENTOOL_KERNEL_DIR"])
     return Path(os.environ.get("GENTOOL_CACHE_DIR") or Path.home() / ".cache" / "gentool") / "kernels"
 
 

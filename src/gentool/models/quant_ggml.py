@@ -197,9 +197,9 @@ class GGMLLinear(QuantLinear):
     def _layout(self):
         lo, n, _ = _CODES[self.qtype]
         q, scale, zero, _ = affine(self.weight, self.qtype, self.in_features)
-        if n <= 16:  # 4-bit codes from 0
-            return qkernel.layout(q - lo, scale, zero + lo * scale, 4)
-        return qkernel.layout(q, scale, zero, 8)
+        if n <= 16 and (lay := qkernel.layout(q - lo, scale, zero + lo * scale, 4)) is not None:
+            return lay  # 4-bit codes from 0 (the kernel pairs nibbles 32 apart: groups of 32 or more)
+        return qkernel.layout(q, scale, zero, 8)  # Q2_K/Q3_K's groups of 16, 5-8 bit codes, IQ4's table values
 
     def _qk_input(self, x):
         return ggml_activations(x, self.qtype) if self.cpu_arithmetic else x
