@@ -10,6 +10,7 @@ import typer
 
 from gentool.cli._options import (RUNTIME, Compile, Device, Dtype, Force, Json, Output, Resume, SaveMinutes, Seed,
                                   examples)
+from gentool.cli._posttrain import Beta, LabelSmoothing, Objective, ReferenceLive, SimpoGamma, objective
 from gentool.cli._recipe import Config
 
 Int = Optional[int]
@@ -81,6 +82,8 @@ def train_lm(
     lora_dropout: Annotated[float, typer.Option(min=0, max=1,
                                                 help="Dropout on the LoRA input.", rich_help_panel=LORA)] = 0.0,
     rslora: Annotated[bool, typer.Option(help="Scale by alpha/sqrt(rank) (rsLoRA).", rich_help_panel=LORA)] = False,
+    objective_: Objective = None, beta: Beta = 0.1, label_smoothing: LabelSmoothing = 0.0,
+    simpo_gamma: SimpoGamma = 0.5, reference_live: ReferenceLive = False,
     seed: Seed = 0,
     device: Device = "auto",
     dtype: Dtype = None,
@@ -99,6 +102,8 @@ def train_lm(
     an error naming the step. Under torchrun the global batch is split across processes (DDP, or FSDP2 with
     --parallel fsdp). --optimizer muon trains hidden matrices with Muon at --muon-lr, the rest with AdamW at --lr.
     With --lora-rank the --init-from base is frozen and only adapters train; the output is a lora-adapter.
+    On example shards (tokenize encode --format chat|prompt-completion) it trains on the masked tokens only (SFT,
+    packed without cross-attention); on preference pairs with --objective dpo|ipo|simpo|orpo.
     """
     from gentool import console
     from gentool.devices import resolve_device
@@ -124,7 +129,7 @@ def train_lm(
                         ema_decay=ema_decay)
     if opts.steps is None and opts.tokens is None and opts.flops is None:
         opts.steps = 200
-    summary = run_train_lm(opts)
+    summary = run_train_lm(opts, objective(tokens, objective_, beta, label_smoothing, simpo_gamma, reference_live))
     if int(os.environ.get("RANK", "0")):  # torchrun: rank 0 reports
         return
     console.log(f"wrote {output}")
@@ -136,6 +141,7 @@ train_lm.epilog = examples(
     "gentool train-lm tokens -o runs/s1 --preset mini --flops 1e14 --seed 1",
     "gentool train-lm tokens -o runs/lm2 --config recipe.toml --seed 2",
     "gentool train-lm tokens -o runs/ada --init-from runs/lm --lora-rank 8 --steps 100",
+    "gentool train-lm pairs -o runs/dpo --init-from runs/sft --objective dpo --beta 0.1 --lora-rank 8",
     "gentool train-lm tokens -o runs/mu --optimizer muon --muon-lr 0.02 --schedule wsd --cooldown 0.5",
     "torchrun --nproc-per-node 8 -m gentool train-lm tokens -o runs/big --preset base --tokens 1000000000 \\",
     "    --batch-tokens 524288 --micro-batch 32 --seq-len 512 --device cuda --compile --parallel fsdp",
