@@ -83,7 +83,40 @@ def world(tmp_path_factory, tiny_tokenizer, tiny_tokens):
                                                         for c in (1e12, 3e12, 1e13, 3e13, 1e14)))
     (w / "same.csv").write_text("flops,loss\n" + "1e12,3.0\n" * 6)
     (w / "recipe-bad.toml").write_text("stepz = 3\n")
+    _post_training_inputs(w, ok)
     return w
+
+
+def _post_training_inputs(w: Path, ok) -> None:
+    """Chat and preference JSONL (good and bad), an HF tokenizer with a ChatML template and one whose template
+    fails, and example shards of each kind."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    def jsonl(name, rows):
+        (w / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    chat = [{"role": "user", "content": "Speak."}, {"role": "assistant", "content": "To be, or not to be."}]
+    jsonl("chat.jsonl", [{"messages": chat}] * 4)
+    jsonl("chat-no-assistant.jsonl", [{"messages": chat}, {"messages": chat[:1]}])
+    jsonl("chat-bad-role.jsonl", [{"messages": [{"role": "narrator", "content": "x"}] + chat}])
+    jsonl("pref.jsonl", [{"prompt": "Speak. ", "chosen": "To be.", "rejected": "Not to be."}] * 4)
+    jsonl("pref-empty.jsonl", [{"prompt": "Speak. ", "chosen": "To be.", "rejected": " "}])
+    jsonl("pref-same.jsonl", [{"prompt": "Speak. ", "chosen": "To be.", "rejected": "To be."}])
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(["To be, or not to be. Speak."], trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    chatml = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+              "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+    for name, template in (("hftok", chatml), ("hftok-broken", "{{ messages[0]['content'] + 1 }}")):
+        (w / name).mkdir()
+        tok.save(str(w / name / "tokenizer.json"))
+        (w / name / "tokenizer_config.json").write_text(json.dumps({"chat_template": template,
+                                                                     "eos_token": "<|im_end|>"}))
+    ok("tokenize", "encode", w / "chat.jsonl", "--tokenizer", w / "tok", "-o", w / "sft", "--val-fraction", "0")
+    ok("tokenize", "encode", w / "chat.jsonl", "--tokenizer", w / "hftok", "-o", w / "sft-hf", "--val-fraction", "0")
+    ok("tokenize", "encode", w / "pref.jsonl", "--tokenizer", w / "tok", "-o", w / "pairs", "--val-fraction", "0")
 
 
 def _poke_nan(path: Path) -> None:
@@ -187,6 +220,17 @@ ROWS = [
     ("image-model-lm-sampler", "sample {moons} --sampler remdm -o {out}"),
     ("export-gguf-into-input", "export-gguf {lm} -o {lm}/lm.gguf"),
     ("scale-fit-onto-input", "scale-fit {log} --form power --x flops --y loss -o {log} --force"),
+    # post-training data and objectives
+    ("chat-without-assistant", "tokenize encode {chat-no-assistant.jsonl} --tokenizer {tok} -o {out}"),
+    ("chat-unknown-role", "tokenize encode {chat-bad-role.jsonl} --tokenizer {tok} -o {out}"),
+    ("preference-empty-rejected", "tokenize encode {pref-empty.jsonl} --tokenizer {tok} -o {out}"),
+    ("preference-identical", "tokenize encode {pref-same.jsonl} --tokenizer {tok} -o {out}"),
+    ("chat-template-fails", "tokenize encode {chat.jsonl} --tokenizer {hftok-broken} -o {out}"),
+    ("chat-train-on-completion", "tokenize encode {chat.jsonl} --tokenizer {tok} -o {out} --train-on completion"),
+    ("sft-checkpoint-tokenizer-differs", "train-lm {sft-hf} -o {out} --init-from {lm} --steps 1 --seq-len 32"),
+    ("dpo-on-text-shards", "train-lm {tokens} -o {out} --init-from {lm} --objective dpo --steps 1"),
+    ("pairs-without-objective", "train-lm {pairs} -o {out} --init-from {lm} --steps 1"),
+    ("dpo-beta-zero", "train-lm {pairs} -o {out} --init-from {lm} --objective dpo --beta 0 --steps 1"),
     # misuse
     ("resume-nothing", "train-lm {tokens} -o {out} --steps 1 --resume"),
     ("lora-rank-without-base", "train-lm {tokens} -o {out} --steps 1 --lora-rank 4"),

@@ -16,8 +16,8 @@ LabelSmoothing = Annotated[float, typer.Option(min=0, max=0.5, help="dpo: robust
                                                                     "label smoothing.", rich_help_panel=POST)]
 SimpoGamma = Annotated[float, typer.Option(min=0, max=100, help="SimPO's target reward margin γ.",
                                            rich_help_panel=POST)]
-ReferenceLive = Annotated[bool, typer.Option(help="dpo/ipo full fine-tune: keep a frozen copy as the reference "
-                                                  "instead of precomputed log-probs.", rich_help_panel=POST)]
+ReferenceLive = Annotated[bool, typer.Option(help="dpo/ipo: reference log-probs in every step (LoRA: adapters off; "
+                                                  "full: a frozen copy), not precomputed once.", rich_help_panel=POST)]
 
 
 def objective(tokens, name, beta, label_smoothing, simpo_gamma, reference_live):

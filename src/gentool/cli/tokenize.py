@@ -77,8 +77,10 @@ def encode(
     force: Force = False,
     json_: Json = False,
 ) -> None:
-    """Encode text into train/val token shards (documents end with EOS), or chat, prompt-completion and
-    preference JSONL into example shards with a loss mask or pairs (gentool.tokenize_examples).
+    """Encode text, chats or preference pairs into train/val token shards.
+
+    Text documents end with EOS. Chat, prompt-completion and preference JSONL (--format, auto-detected from the
+    keys) become example shards with a loss mask, or pairs kept together (gentool.tokenize_examples).
 
     Streams the corpus with bounded memory across all cores; the split is by document and deterministic. The
     manifest counts documents, tokens and UTF-8 bytes per split (for bits per byte). Invalid UTF-8 bytes are

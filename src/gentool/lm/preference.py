@@ -7,10 +7,11 @@ A micro-batch is `micro_batch` pairs as 2·B rows, prompt+chosen then prompt+rej
 attention: padding after a sequence changes nothing before it), cut to `seq_len`. Sequence log-probabilities are
 sums over the answer's tokens (`gentool.evaluation.logprobs`); IPO, SimPO and ORPO use their per-token means.
 
-The reference model of DPO and IPO costs no second copy: with LoRA it is the base with the adapters switched off;
-for a full fine-tune the reference log-probabilities of every pair are computed once before the first step and
-kept in the run directory (`reference_logps.safetensors`, reused on --resume), unless `reference_live` keeps a
-frozen copy of the initial weights instead.
+The reference model of DPO and IPO costs no second copy and no forward pass per step: its log-probabilities of
+every pair are computed once before the first step (with LoRA: the base with the adapters switched off; full
+fine-tune: the initial weights) and kept in the run directory (`reference_logps.safetensors`, reused on
+--resume). `reference_live` computes them in every step instead: with LoRA by switching the adapters off (still no
+copy), for a full fine-tune from a frozen copy of the initial weights.
 """
 
 from __future__ import annotations
@@ -144,10 +145,11 @@ class PreferenceTask:
     def prepare(self, model: torch.nn.Module, workdir: Path, *, lora: bool) -> None:
         """Set up the reference before the first step (see the module's docstring)."""
         self.lora = lora
-        if not self.cfg.needs_reference or lora:
+        if not self.cfg.needs_reference:
             return
         if self.cfg.reference_live:
-            self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+            if not lora:
+                self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
             return
         from safetensors.torch import load_file, save_file
 
@@ -161,7 +163,9 @@ class PreferenceTask:
         was = model.training
         model.eval()
         out = {}
-        with torch.no_grad():
+        from gentool.models.lora import adapters_disabled
+
+        with torch.no_grad(), adapters_disabled(model):
             for split, pairs in self.pairs.items():
                 rows = []
                 for i in range(0, len(pairs), self.micro):
@@ -200,12 +204,12 @@ class PreferenceTask:
         return self._collate(pairs, [int(i) for i in rng.integers(len(pairs), size=self.micro)])
 
     def compute(self, model, batch, split: str = "train") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        ref_c = ref_r = nll = None
+        if self.cfg.needs_reference:  # first: its temporaries are gone before the policy's activations exist
+            ref_c, ref_r = self._reference(model, batch, split)
         s, n, logp = sequence_logps(model, batch)
         chosen, rejected = s.chunk(2)
         nc, nr = n.chunk(2)
-        ref_c = ref_r = nll = None
-        if self.cfg.needs_reference:
-            ref_c, ref_r = self._reference(model, batch, split)
         if self.cfg.loss == "orpo":  # TRL's ORPO: the NLL over the whole prompt+chosen sequence
             valid = batch[2][:len(chosen), 1:]
             vs, vn = masked_sums(logp[:len(chosen)], valid)

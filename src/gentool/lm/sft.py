@@ -26,7 +26,8 @@ from gentool.lm.train import Objective
 def pack(rows: list[list[tuple[np.ndarray, np.ndarray]]], length: int, pad_id: int
          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One row per list of (ids, mask) examples: (ids (B, L), document ids (B, L), target mask (B, L-1)). Target t
-    (the token at t+1) counts where that token is masked and in the same example as position t."""
+    (the token at t+1) counts where that token is masked and in the same example as position t. Document ids are
+    None when no row holds two examples (the padding after an example is never read)."""
     b = len(rows)
     ids = np.full((b, length), pad_id, np.int64)
     doc = np.empty((b, length), np.int64)
@@ -40,6 +41,8 @@ def pack(rows: list[list[tuple[np.ndarray, np.ndarray]]], length: int, pad_id: i
             at += n
     doc_t = torch.from_numpy(doc)
     target = torch.from_numpy(mask[:, 1:]) & (doc_t[:, 1:] == doc_t[:, :-1])
+    if all(len(row) <= 1 for row in rows):  # one example per row: plain causal attention (fused kernels) will do
+        return torch.from_numpy(ids), None, target
     return torch.from_numpy(ids), doc_t, target
 
 
@@ -64,7 +67,7 @@ def nll(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor, torch.T
         ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed NLL of the batch's targets and how many there are."""
     ids, doc, target = batch
-    logp = next_token_logprobs(model, ids, document_ids=doc[:, :-1])
+    logp = next_token_logprobs(model, ids, **({} if doc is None else {"document_ids": doc[:, :-1]}))
     s, n = masked_sums(logp, target)
     return -s.sum(), n.sum()
 
@@ -99,7 +102,7 @@ class SFTTask:
     def batch(self, step: int, micro: int, rank: int):
         rng = np.random.default_rng([self.seed, step, micro * self.world + rank])
         rows = fill_rows(lambda: self.train.example(int(rng.integers(len(self.train)))), self.micro, self.seq_len)
-        return tuple(t.to(self.device) for t in pack(rows, self.seq_len, self.pad))
+        return tuple(None if t is None else t.to(self.device) for t in pack(rows, self.seq_len, self.pad))
 
     def loss(self, model: torch.nn.Module, batch) -> torch.Tensor:
         s, n = nll(model, batch)
@@ -113,7 +116,7 @@ class SFTTask:
         model.eval()
         total = count = 0.0
         for b in self.eval_batches:
-            s, n = nll(model, tuple(t.to(self.device) for t in b))
+            s, n = nll(model, tuple(None if t is None else t.to(self.device) for t in b))
             total, count = total + s.item(), count + n.item()
         model.train(was)
         return {"val_loss": total / max(count, 1)} if count else {}
