@@ -74,3 +74,12 @@ def test_loss_is_mean_over_masked_targets():
                                            ignore_index=-100)
     s, n = nll(model, batch)
     assert abs((s / n).item() - ce.item()) < 1e-5
+
+
+def test_fill_rows_packs_a_finite_list():
+    """The validation examples are a finite list: packing them must stop when they run out (it raised
+    StopIteration when the rows outnumbered what the examples filled)."""
+    exs = _examples(np.random.default_rng(2), 6)
+    it = iter(exs)
+    rows = [r for r in fill_rows(lambda: next(it, None), len(exs), 24) if r]
+    assert [x for r in rows for x, _ in r] == [x for x, _ in exs] and len(rows) < len(exs)

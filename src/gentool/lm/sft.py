@@ -47,13 +47,16 @@ def pack(rows: list[list[tuple[np.ndarray, np.ndarray]]], length: int, pad_id: i
 
 
 def fill_rows(draw, rows: int, length: int) -> list[list[tuple[np.ndarray, np.ndarray]]]:
-    """Greedy packing: examples from `draw()` fill each row in turn; one that does not fit starts the next row."""
+    """Greedy packing: examples from `draw()` fill each row in turn; one that does not fit starts the next row.
+    `draw()` returning None means no more examples (the rows left are empty)."""
     out, pending = [], None
     for _ in range(rows):
         row, used = [], 0
         while used < length:
             ex = pending if pending is not None else draw()
             pending = None
+            if ex is None:
+                break
             if used and used + len(ex[0]) > length:
                 pending = ex
                 break
@@ -95,7 +98,7 @@ class SFTTask:
                 if total >= eval_tokens:
                     break
             it = iter(examples)
-            rows = [row for row in fill_rows(lambda: next(it), len(examples), seq_len) if row]
+            rows = [row for row in fill_rows(lambda: next(it, None), len(examples), seq_len) if row]
             self.eval_batches = [pack(rows[i:i + micro_batch], seq_len, self.pad)
                                  for i in range(0, len(rows), micro_batch)]
 
