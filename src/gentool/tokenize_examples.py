@@ -234,12 +234,14 @@ def encode_examples(inputs: list[str], tokenizer: Path, out: Path, *, fmt: str, 
               "dtype": dtype.name}
     with create_artifact(out, "token-shards", force=force, config=config,
                          inputs=[tok_ref] + [input_ref("data", s) for s in sources]) as art:
-        write = write_pairs if fmt == "preference" else write_masked
         splits = {}
         for split, items in kept.items():
-            if items:
-                splits[split] = write(art.dir, split, items, dtype) if fmt == "preference" else \
-                    write(art.dir, split, [i[0] for i in items], [i[1] for i in items], dtype)
+            if not items:
+                continue
+            if fmt == "preference":
+                splits[split] = write_pairs(art.dir, split, items, dtype)
+            else:
+                splits[split] = write_masked(art.dir, split, [i[0] for i in items], [i[1] for i in items], dtype)
         art.contents.update(tokenizer_id=tok.sha256, vocab_size=tok.vocab_size, eos_id=tok.eos_id,
                             bos_id=tok.bos_id, pad_id=tok.pad_id, unk_id=getattr(tok, "unk_id", None),
                             dtype=dtype.name, format=fmt, train_on=train_on, template_sha256=chat.hash,
