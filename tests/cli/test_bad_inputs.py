@@ -108,6 +108,7 @@ def world(tmp_path_factory, tiny_tokenizer, tiny_tokens):
     ok("tokenize", "encode", w / "text.txt", "--tokenizer", w / "tok-changed", "-o", w / "tokens-changed",
        "--val-fraction", "0", "--workers", "1")
     (w / "tok-changed" / "tokenizer.model").write_bytes((w / "tok-changed" / "tokenizer.model").read_bytes() + b"\0")
+    _post_training_inputs(w, ok)
     return w
 
 
@@ -125,6 +126,38 @@ def _tasks(w: Path) -> None:
         (w / f"{name}.yaml").write_text(base.format(data=w / data, text=text))
     (w / "task-nofield.yaml").write_text(base.format(data=w / "mc.jsonl", text="{{q}}").replace(
         "doc_to_choice: choices\n", ""))
+
+
+def _post_training_inputs(w: Path, ok) -> None:
+    """Chat and preference JSONL (good and bad), an HF tokenizer with a ChatML template and one whose template
+    fails, and example shards of each kind."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    def jsonl(name, rows):
+        (w / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    chat = [{"role": "user", "content": "Speak."}, {"role": "assistant", "content": "To be, or not to be."}]
+    jsonl("chat.jsonl", [{"messages": chat}] * 4)
+    jsonl("chat-no-assistant.jsonl", [{"messages": chat}, {"messages": chat[:1]}])
+    jsonl("chat-bad-role.jsonl", [{"messages": [{"role": "narrator", "content": "x"}] + chat}])
+    jsonl("pref.jsonl", [{"prompt": "Speak. ", "chosen": "To be.", "rejected": "Not to be."}] * 4)
+    jsonl("pref-empty.jsonl", [{"prompt": "Speak. ", "chosen": "To be.", "rejected": " "}])
+    jsonl("pref-same.jsonl", [{"prompt": "Speak. ", "chosen": "To be.", "rejected": "To be."}])
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(["To be, or not to be. Speak."], trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    chatml = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+              "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+    for name, template in (("hftok", chatml), ("hftok-broken", "{{ messages[0]['content'] + 1 }}")):
+        (w / name).mkdir()
+        tok.save(str(w / name / "tokenizer.json"))
+        (w / name / "tokenizer_config.json").write_text(json.dumps({"chat_template": template,
+                                                                     "eos_token": "<|im_end|>"}))
+    ok("tokenize", "encode", w / "chat.jsonl", "--tokenizer", w / "tok", "-o", w / "sft", "--val-fraction", "0")
+    ok("tokenize", "encode", w / "chat.jsonl", "--tokenizer", w / "hftok", "-o", w / "sft-hf", "--val-fraction", "0")
+    ok("tokenize", "encode", w / "pref.jsonl", "--tokenizer", w / "tok", "-o", w / "pairs", "--val-fraction", "0")
 
 
 def _edit(path: Path, change) -> None:
@@ -325,6 +358,17 @@ ROWS = [
     ("evaluate-missing-task", "evaluate {lm} {w}/nope.yaml -o {out}"),
     ("evaluate-tokenizer-as-model", "evaluate {tok} {task-ok.yaml} -o {out}"),
     ("evaluate-onto-input", "evaluate {lm} {task-ok.yaml} -o {lm} --force"),
+    # post-training data and objectives
+    ("chat-without-assistant", "tokenize encode {chat-no-assistant.jsonl} --tokenizer {tok} -o {out}"),
+    ("chat-unknown-role", "tokenize encode {chat-bad-role.jsonl} --tokenizer {tok} -o {out}"),
+    ("preference-empty-rejected", "tokenize encode {pref-empty.jsonl} --tokenizer {tok} -o {out}"),
+    ("preference-identical", "tokenize encode {pref-same.jsonl} --tokenizer {tok} -o {out}"),
+    ("chat-template-fails", "tokenize encode {chat.jsonl} --tokenizer {hftok-broken} -o {out}"),
+    ("chat-train-on-completion", "tokenize encode {chat.jsonl} --tokenizer {tok} -o {out} --train-on completion"),
+    ("sft-checkpoint-tokenizer-differs", "train-lm {sft-hf} -o {out} --init-from {lm} --steps 1 --seq-len 32"),
+    ("dpo-on-text-shards", "train-lm {tokens} -o {out} --init-from {lm} --objective dpo --steps 1"),
+    ("pairs-without-objective", "train-lm {pairs} -o {out} --init-from {lm} --steps 1"),
+    ("dpo-beta-zero", "train-lm {pairs} -o {out} --init-from {lm} --objective dpo --beta 0 --steps 1"),
     # misuse
     ("resume-nothing", "train-lm {tokens} -o {out} --steps 1 --resume"),
     ("lora-rank-without-base", "train-lm {tokens} -o {out} --steps 1 --lora-rank 4"),

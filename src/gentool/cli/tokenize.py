@@ -55,7 +55,8 @@ def train(
 
 @app.command(epilog=examples("gentool tokenize encode builtin:shakespeare --tokenizer tok -o tokens",
                              "gentool tokenize encode data.jsonl --tokenizer tok -o tokens --text-field body",
-                             "gentool tokenize encode 'fineweb/*.parquet' --tokenizer tok -o tokens"))
+                             "gentool tokenize encode 'fineweb/*.parquet' --tokenizer tok -o tokens",
+                             "gentool tokenize encode chats.jsonl --tokenizer ckpt -o sft --max-len 1024"))
 def encode(
     inputs: Inputs,
     tokenizer: Annotated[Path, typer.Option("--tokenizer", "-t", help="Tokenizer artifact, or a checkpoint's "
@@ -71,10 +72,18 @@ def encode(
     workers: Annotated[int, typer.Option(min=0, help="Encoding processes (0: all cores); the result does not depend "
                                                      "on it.")] = 0,
     glob: Glob = "*.txt",
+    format_: Annotated[str, typer.Option("--format", help="auto (from the JSONL keys), text, chat, "
+                                                          "prompt-completion or preference.")] = "auto",
+    train_on: Annotated[str | None, typer.Option(help="Loss mask: assistant (chats), completion or all.")] = None,
+    max_len: Annotated[int | None, typer.Option(min=2, help="Examples' token limit (chat/pairs).")] = None,
+    overlong: Annotated[str, typer.Option(help="Over --max-len: truncate or drop (counted).")] = "truncate",
     force: Force = False,
     json_: Json = False,
 ) -> None:
-    """Encode text into train/val token shards (documents end with EOS).
+    """Encode text, chats or preference pairs into train/val token shards.
+
+    Text documents end with EOS. Chat, prompt-completion and preference JSONL (--format, auto-detected from the
+    keys) become example shards with a loss mask, or pairs kept together (gentool.tokenize_examples).
 
     Streams the corpus with bounded memory across all cores; the split is by document and deterministic. The
     manifest counts documents, tokens and UTF-8 bytes per split (for bits per byte). Invalid UTF-8 bytes are
@@ -84,7 +93,16 @@ def encode(
     """
     from gentool import console
     from gentool.tokenize import encode_corpus
+    from gentool.tokenize_examples import detect_format, encode_examples
 
+    fmt = detect_format(inputs, format_, glob)
+    if fmt != "text":
+        m = encode_examples(inputs, tokenizer, output, fmt=fmt, train_on=train_on, max_len=max_len,
+                            overlong=overlong, val_fraction=val_fraction, split_seed=split_seed, force=force,
+                            glob="*.jsonl" if glob == "*.txt" else glob)
+        console.log(f"wrote {output}")
+        return console.emit(m.to_dict() if json_ else {"output": str(output), **{k: v for k, v in m.contents.items()
+                            if k != "splits"}}, as_json=json_)
     m = encode_corpus(inputs, tokenizer, output, val_fraction=val_fraction, split_seed=split_seed, unit=document,
                       text_field=text_field, shard_tokens=shard_tokens, workers=workers, glob=glob, force=force)
     console.log(f"wrote {output}")

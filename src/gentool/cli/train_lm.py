@@ -10,6 +10,8 @@ import typer
 
 from gentool.cli._options import (RUNTIME, Compile, Device, Dtype, Force, Json, LogTo, Output, Resume, SaveMinutes,
                                   Seed, examples)
+from gentool.cli._posttrain import (Beta, EmbedLr, HeadLr, LabelSmoothing, Objective, ReferenceLive, SimpoGamma,
+                                    objective)
 from gentool.cli._recipe import Config
 
 Int = Optional[int]
@@ -51,18 +53,14 @@ def train_lm(
                                                        "matrices); --lr stays AdamW's.", rich_help_panel=OPTIM)] = 0.02,
     muon_momentum: Annotated[float, typer.Option(min=0, max=1,
                                                  help="Muon's Nesterov momentum.", rich_help_panel=OPTIM)] = 0.95,
-    embed_lr: Annotated[Optional[float], typer.Option(min=0, max=10, help="Muon runs: AdamW's peak rate on the "
-                                                      "embeddings (default 3e-2).", rich_help_panel=OPTIM)] = None,
-    head_lr: Annotated[Optional[float], typer.Option(min=0, max=10, help="Muon runs: AdamW's peak rate on an untied "
-                                                     "output head (default 1e-2).", rich_help_panel=OPTIM)] = None,
-    cooldown: Annotated[float, typer.Option(min=0, max=1,
-                                            help="wsd: fraction of the steps spent decaying to the floor.",
-                                            rich_help_panel=OPTIM)] = 0.2,
+    embed_lr: EmbedLr = None,
+    head_lr: HeadLr = None,
+    cooldown: Annotated[float, typer.Option(min=0, max=1, help="wsd: fraction of the steps spent decaying to the "
+                                            "floor.", rich_help_panel=OPTIM)] = 0.2,
     zero_init: Annotated[bool, typer.Option(help="Start the output projections (o_proj, down_proj) at zero.",
                                             rich_help_panel=OPTIM)] = False,
-    ema_decay: Annotated[Optional[float], typer.Option(min=0, max=1,
-                                                       help="Keep an EMA of the weights (e.g. 0.99): evaluated "
-                                                            "and saved instead.", rich_help_panel=OPTIM)] = None,
+    ema_decay: Annotated[Optional[float], typer.Option(min=0, max=1, help="Keep an EMA of the weights (e.g. 0.99): "
+                                                       "evaluated and saved instead.", rich_help_panel=OPTIM)] = None,
     grad_clip: Annotated[float, typer.Option(min=0, help="Clip the global gradient norm (0: off).",
                                                     rich_help_panel=OPTIM)] = 1.0,
     eval_every: Annotated[int, typer.Option(min=0, help="Validate every N steps (0: five times per run).",
@@ -85,6 +83,8 @@ def train_lm(
     lora_dropout: Annotated[float, typer.Option(min=0, max=1,
                                                 help="Dropout on the LoRA input.", rich_help_panel=LORA)] = 0.0,
     rslora: Annotated[bool, typer.Option(help="Scale by alpha/sqrt(rank) (rsLoRA).", rich_help_panel=LORA)] = False,
+    objective_: Objective = None, beta: Beta = 0.1, label_smoothing: LabelSmoothing = 0.0,
+    simpo_gamma: SimpoGamma = 0.5, reference_live: ReferenceLive = False,
     seed: Seed = 0,
     device: Device = "auto",
     dtype: Dtype = None,
@@ -105,6 +105,8 @@ def train_lm(
     --parallel fsdp). --optimizer muon trains hidden matrices with Muon at --muon-lr, the embeddings and head with
     AdamW at --embed-lr / --head-lr, norms and biases with AdamW at --lr.
     With --lora-rank the --init-from base is frozen and only adapters train; the output is a lora-adapter.
+    On example shards (tokenize encode --format chat|prompt-completion) it trains on the masked tokens only (SFT,
+    packed without cross-attention); on preference pairs with --objective dpo|ipo|simpo|orpo.
     """
     from gentool import console
     from gentool.devices import resolve_device
@@ -127,11 +129,10 @@ def train_lm(
                         device=resolve_device(device), dtype=dtype, compile=compile_, resume=resume, force=force,
                         init_from=init_from, lora=lora, optimizer=optimizer, muon_lr=muon_lr,
                         muon_momentum=muon_momentum, embed_lr=embed_lr, head_lr=head_lr, parallel=parallel,
-                        cooldown=cooldown, zero_init=zero_init,
-                        ema_decay=ema_decay, log_to=tuple(log_to or ()))
+                        cooldown=cooldown, zero_init=zero_init, ema_decay=ema_decay, log_to=tuple(log_to or ()))
     if opts.steps is None and opts.tokens is None and opts.flops is None:
         opts.steps = 200
-    summary = run_train_lm(opts)
+    summary = run_train_lm(opts, objective(tokens, objective_, beta, label_smoothing, simpo_gamma, reference_live))
     if int(os.environ.get("RANK", "0")):  # torchrun: rank 0 reports
         return
     console.log(f"wrote {output}")
@@ -140,9 +141,9 @@ def train_lm(
 
 train_lm.epilog = examples(
     "gentool train-lm tokens -o runs/lm --preset small --steps 300",
-    "gentool train-lm tokens -o runs/s1 --preset mini --flops 1e14 --seed 1",
-    "gentool train-lm tokens -o runs/lm2 --config recipe.toml --seed 2",
+    "gentool train-lm tokens -o runs/lm2 --config recipe.toml --seed 2 --flops 1e14",
     "gentool train-lm tokens -o runs/ada --init-from runs/lm --lora-rank 8 --steps 100",
+    "gentool train-lm pairs -o runs/dpo --init-from runs/sft --objective dpo --beta 0.1 --lora-rank 8",
     "gentool train-lm tokens -o runs/mu --optimizer muon --muon-lr 0.02 --schedule wsd --cooldown 0.5",
     "torchrun --nproc-per-node 8 -m gentool train-lm tokens -o runs/big --preset base --tokens 1000000000 \\",
     "    --batch-tokens 524288 --micro-batch 32 --seq-len 512 --device cuda --compile --parallel fsdp",

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from gentool.data.chat import render_chat_template
 from gentool.errors import GentoolError, UsageProblem
 
 
@@ -141,21 +142,3 @@ class HFTokenizer:
                                     bos_token=_token_text(self.config.get("bos_token")) or "",
                                     eos_token=_token_text(self.config.get("eos_token")) or "")
 
-
-def render_chat_template(template: str, messages: list[dict[str, str]], **variables: Any) -> str:
-    try:
-        import jinja2
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-    except ImportError:
-        raise UsageProblem("--chat needs jinja2", hint="pip install 'gentool[hf]'") from None
-
-    def raise_exception(message: str) -> None:
-        raise jinja2.exceptions.TemplateError(message)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-    env.globals["raise_exception"] = raise_exception
-    env.filters["tojson"] = lambda x, indent=None, **_: json.dumps(x, ensure_ascii=False, indent=indent)
-    try:
-        return env.from_string(template).render(messages=messages, **variables)
-    except jinja2.exceptions.TemplateError as e:
-        raise GentoolError(f"chat template failed: {e}", hint="check the messages' roles") from None

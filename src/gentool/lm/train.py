@@ -226,7 +226,7 @@ def run_train_lm(opts: LMRunOptions, objective: Objective | None = None) -> dict
                            f"({config.vocab_size})", path=opts.tokens_dir, hint="use shards from the model's tokenizer")
     if opts.seq_len > config.max_position_embeddings:
         raise UsageProblem(f"--seq-len {opts.seq_len} exceeds the model's context {config.max_position_embeddings}")
-    if len(train_shards) < opts.seq_len + 2:
+    if type(objective) is Objective and len(train_shards) < opts.seq_len + 2:  # examples/pairs: any length
         raise UsageProblem(f"too little data: {len(train_shards)} train tokens for --seq-len {opts.seq_len}",
                            path=opts.tokens_dir, hint="encode more text or lower --seq-len")
     if opts.schedule not in SCHEDULES:
@@ -278,6 +278,8 @@ def run_train_lm(opts: LMRunOptions, objective: Objective | None = None) -> dict
     model.train()
     task = objective.task(train_shards, val_shards, config, seq_len=opts.seq_len, micro_batch=opts.micro_batch,
                           seed=opts.seed, world=world, device=device, eval_tokens=opts.eval_tokens)
+    if hasattr(objective, "prepare"):  # e.g. a preference loss's reference log-probs, before the first step
+        objective.prepare(model, run.partial, lora=opts.lora is not None)
     console.log(f"model: {config.n_params():,} parameters ({config.n_params(non_embedding=True):,} non-embedding); "
                 f"{steps} steps of {batch_tokens:,} tokens")
     t0 = time.time()

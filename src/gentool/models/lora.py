@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -132,8 +133,12 @@ class LoRALinear(nn.Module):
             merged = merged * (self.lora_magnitude_vector.float() / torch.linalg.norm(merged, dim=1)).unsqueeze(1)
         return merged
 
+    disabled = False  # adapters_disabled(): the base layer alone (a preference loss's reference model)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
+        if self.disabled:
+            return y
         a_dtype = self.lora_A.weight.dtype
         xd = self.lora_dropout(x).to(a_dtype)
         lora = self.lora_B(self.lora_A(xd))  # (..., out)
@@ -162,6 +167,19 @@ def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
     for name, m in model.named_modules():
         if isinstance(m, LoRALinear):
             yield name, m
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[None]:
+    """Run `model` as its frozen base: every LoRA layer returns its base layer's output."""
+    layers = [m for _, m in lora_modules(model)]
+    for m in layers:
+        m.disabled = True
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.disabled = False
 
 
 def inject_lora(model: nn.Module, cfg: LoRAConfig, *, only: set[str] | None = None) -> list[str]:

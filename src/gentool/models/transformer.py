@@ -218,16 +218,28 @@ class Transformer(nn.Module):
 
     def hidden_states(self, input_ids: torch.Tensor, *, input_pos: torch.Tensor | None = None,
                       attention_mask: torch.Tensor | None = None, block_size: int | None = None,
-                      clean_ids: torch.Tensor | None = None) -> torch.Tensor:
+                      clean_ids: torch.Tensor | None = None, document_ids: torch.Tensor | None = None
+                      ) -> torch.Tensor:
         """Final normed hidden states (B, T, D). With a cache set up, `input_pos` (T,) says where the tokens go;
         `attention_mask` (B, S) bool marks valid keys (False for left padding). `block_size`: block-causal
-        attention; with `clean_ids` (B, T) as well, the states of input_ids (noised) given the clean sequence."""
+        attention; with `clean_ids` (B, T) as well, the states of input_ids (noised) given the clean sequence.
+        `document_ids` (B, T): packed examples, each a run of equal ids; positions restart at 0 in each and a
+        token attends causally within its own example only (a block-diagonal causal mask)."""
         t = input_ids.shape[1]
         fresh = input_pos is None  # positions 0..T-1
         if fresh:
             input_pos = torch.arange(t, device=input_ids.device)
         mask = None
-        if clean_ids is not None:  # BD3-LM: the noised and the clean copy share positions
+        if document_ids is not None:
+            assert fresh and not self.max_seq_len and attention_mask is None and block_size is None
+            same = document_ids[:, :, None] == document_ids[:, None, :]                  # (B, T, T)
+            mask = (same & torch.ones(t, t, dtype=torch.bool, device=input_ids.device).tril())[:, None]
+            start = torch.cat([torch.ones_like(document_ids[:, :1], dtype=torch.bool),
+                               document_ids[:, 1:] != document_ids[:, :-1]], 1)
+            idx = torch.arange(t, device=input_ids.device).expand_as(document_ids)
+            first = torch.cummax(torch.where(start, idx, torch.zeros_like(idx)), 1).values
+            input_pos = idx - first                                                    # (B, T)
+        elif clean_ids is not None:  # BD3-LM: the noised and the clean copy share positions
             assert block_size and fresh and not self.max_seq_len and attention_mask is None
             input_ids, input_pos = torch.cat([input_ids, clean_ids], 1), torch.cat([input_pos, input_pos])
             mask = self.block_mask(t, block_size, input_ids.device, two_stream=True)
@@ -250,9 +262,11 @@ class Transformer(nn.Module):
             if self.causal:
                 mask = mask & torch.ones(t, t, dtype=torch.bool, device=input_ids.device).tril()
             mask = mask | torch.eye(t, dtype=torch.bool, device=input_ids.device)
-        freqs = input_pos.float()[:, None] * self.inv_freq[None, :]      # (T, E/2)
+        freqs = input_pos.float()[..., None] * self.inv_freq             # (T, E/2), or (B, T, E/2) per example
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos(), emb.sin()                                  # (T, E)
+        if cos.dim() == 3:
+            cos, sin = cos[:, None], sin[:, None]                        # (B, 1, T, E) against (B, H, T, E)
         x = self.model.embed_tokens(input_ids)
         for layer in self.model.layers:
             x = layer(x, cos, sin, input_pos, mask)
@@ -260,7 +274,8 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, *, input_pos: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, block_size: int | None = None,
-                clean_ids: torch.Tensor | None = None) -> torch.Tensor:
+                clean_ids: torch.Tensor | None = None, document_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, V)."""
         return self.lm_head(self.hidden_states(input_ids, input_pos=input_pos, attention_mask=attention_mask,
-                                               block_size=block_size, clean_ids=clean_ids))
+                                               block_size=block_size, clean_ids=clean_ids,
+                                               document_ids=document_ids))

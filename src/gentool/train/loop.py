@@ -299,8 +299,9 @@ def train(model: torch.nn.Module, task: Task, cfg: TrainConfig, workdir: Path, *
                         t = time.perf_counter()
                         evals = task.evaluate(ema if ema is not None else model)
                         metrics.exclude(time.perf_counter() - t)
-                    line = metrics.log(done, loss=last_loss, lr=lr, grad_norm=float(norm),
-                                       extra=evals if is_eval else None)
+                    extra = {**(task.log_metrics() if hasattr(task, "log_metrics") else {}),  # e.g. rewards/*
+                             **(evals if is_eval else {})}
+                    line = metrics.log(done, loss=last_loss, lr=lr, grad_norm=float(norm), extra=extra or None)
                     if trackers.live:
                         trackers.log(line)
                     eta = (cfg.steps - done) * tokens_per_step / max(line["tokens_per_s"], 1e-9)
