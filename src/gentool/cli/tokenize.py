@@ -89,7 +89,9 @@ def encode(
     manifest counts documents, tokens and UTF-8 bytes per split (for bits per byte). Invalid UTF-8 bytes are
     replaced by U+FFFD with a warning that counts them (also in the manifest's metrics).
 
-    Inputs may be gzip or zstd compressed (.gz, .zst), Parquet files (one document per row, read a row group at a time) or a directory written by datasets' save_to_disk; Parquet and zstd need the data extra (pip install 'gentool[data]'). Null or empty cells are skipped and counted.
+    Inputs may be gzip or zstd compressed (.gz, .zst), Parquet files (one document per row, read a row group at a
+    time) or a directory written by datasets' save_to_disk; Parquet and zstd need the data extra (pip install
+    'gentool[data]'). Null or empty cells are skipped and counted.
     """
     from gentool import console
     from gentool.tokenize import encode_corpus
