@@ -23,6 +23,7 @@ from torch import nn
 
 from gentool.codecs import quant as qp
 from gentool.codecs.ggml import QK_K, fits, ggml_type, row_bytes
+from gentool.codecs.ggml_lowbit import KVALUES as KVALUES_IQ4
 from gentool.errors import GentoolError
 from gentool.models import qkernel
 from gentool.models.quant import Int4Linear, QuantLinear
@@ -33,7 +34,6 @@ FLOAT_TYPES = ("F32", "F16")
 _CODES = {"Q4_0": (-8, 16, 32), "Q4_1": (0, 16, 32), "Q5_0": (-16, 32, 32), "Q5_1": (0, 32, 32),
           "Q8_0": (-128, 256, 32), "Q4_K": (0, 16, 32), "Q5_K": (0, 32, 32), "Q6_K": (-32, 64, 16),
           "Q2_K": (0, 4, 16), "Q3_K": (-4, 8, 16), "IQ4_NL": (-127, 241, 32), "IQ4_XS": (-127, 241, 32)}
-_KVALUES_IQ4 = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)  # IQ4 codes: K[nibble]
 SUPPORTED = tuple(_CODES)
 
 
@@ -101,7 +101,7 @@ def affine(raw: torch.Tensor, qtype: str, cols: int) -> tuple[torch.Tensor, torc
     elif t.name in ("IQ4_NL", "IQ4_XS"):
         qs = b[:, 8:] if t.name == "IQ4_XS" else b[:, 2:]
         qs = qs.reshape(S, -1, 1, 16)
-        kv = torch.tensor(_KVALUES_IQ4, dtype=torch.int16, device=raw.device)
+        kv = torch.tensor(KVALUES_IQ4.tolist(), dtype=torch.int16, device=raw.device)  # IQ4 codes: K[nibble]
         q = kv[torch.cat([qs & 0xF, qs >> 4], 2).long()].reshape(S, -1)
         scale = _f16(b[:, 0:2])
         if t.name == "IQ4_XS":
