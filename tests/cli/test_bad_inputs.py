@@ -101,6 +101,16 @@ def _tasks(w: Path) -> None:
         (w / f"{name}.yaml").write_text(base.format(data=w / data, text=text))
     (w / "task-nofield.yaml").write_text(base.format(data=w / "mc.jsonl", text="{{q}}").replace(
         "doc_to_choice: choices\n", ""))
+    # an HF model directory whose tokenizer.json (WordLevel, no [UNK] in its vocabulary) cannot encode "0".."3"
+    (w / "hf-wordlevel").mkdir()
+    for name in ("config.json", "model.safetensors", "generation_config.json"):
+        shutil.copy(w / "hf" / name, w / "hf-wordlevel" / name)
+    vocab = {t: i for i, t in enumerate(["<s>", "</s>", "Line", "yes", "no"])}
+    (w / "hf-wordlevel" / "tokenizer.json").write_text(json.dumps({
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
+        "pre_tokenizer": {"type": "Whitespace"}, "post_processor": None, "decoder": None,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"}}))
+    (w / "hf-wordlevel" / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
 
 
 def _poke_nan(path: Path) -> None:
@@ -212,6 +222,7 @@ ROWS = [
     ("evaluate-missing-task", "evaluate {lm} {w}/nope.yaml -o {out}"),
     ("evaluate-tokenizer-as-model", "evaluate {tok} {task-ok.yaml} -o {out}"),
     ("evaluate-onto-input", "evaluate {lm} {task-ok.yaml} -o {lm} --force"),
+    ("evaluate-tokenizer-cannot-encode", "evaluate {hf-wordlevel} {task-ok.yaml} -o {out}"),
     # misuse
     ("resume-nothing", "train-lm {tokens} -o {out} --steps 1 --resume"),
     ("lora-rank-without-base", "train-lm {tokens} -o {out} --steps 1 --lora-rank 4"),
