@@ -197,14 +197,14 @@ def _generate(scorer: Scorer, ctxs: list[str], task: T.Task, max_gen_toks: int |
 def _generate_diffusion(scorer: Scorer, ctxs: list[str], task: T.Task, max_gen_toks: int | None) -> list[str]:
     """Greedy generate_until for masked/block-diffusion LMs (see the module docstring); the text is cut at the
     end-of-text token and at the first `until` string."""
-    from gentool.lm.diffusion.serve import _finish
     from gentool.lm.diffusion.samplers import Sampler, generate_blocks, sample_blocks
+    from gentool.lm.diffusion.serve import _finish
 
     until = [u for u in task.generation_kwargs.get("until", []) if u]
     n_new = int(max_gen_toks or task.generation_kwargs.get("max_gen_toks", 256))
     tok, bk = scorer.tokenizer, scorer.block_size
     g = torch.Generator(device=scorer.device).manual_seed(scorer.seed)
-    kw = dict(sampler=Sampler("confidence"), temperature=0.0, generator=g)
+    kw = {"sampler": Sampler("confidence"), "temperature": 0.0, "generator": g}
 
     def done(new: torch.Tensor) -> bool:
         return all(_finish(tok, r, until)[2] != "length" for r in new.tolist())
