@@ -126,6 +126,16 @@ def _tasks(w: Path) -> None:
         (w / f"{name}.yaml").write_text(base.format(data=w / data, text=text))
     (w / "task-nofield.yaml").write_text(base.format(data=w / "mc.jsonl", text="{{q}}").replace(
         "doc_to_choice: choices\n", ""))
+    # an HF model directory whose tokenizer.json (WordLevel, no [UNK] in its vocabulary) cannot encode "0".."3"
+    (w / "hf-wordlevel").mkdir()
+    for name in ("config.json", "model.safetensors", "generation_config.json"):
+        shutil.copy(w / "hf" / name, w / "hf-wordlevel" / name)
+    vocab = {t: i for i, t in enumerate(["<s>", "</s>", "Line", "yes", "no"])}
+    (w / "hf-wordlevel" / "tokenizer.json").write_text(json.dumps({
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
+        "pre_tokenizer": {"type": "Whitespace"}, "post_processor": None, "decoder": None,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"}}))
+    (w / "hf-wordlevel" / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
 
 
 def _post_training_inputs(w: Path, ok) -> None:
@@ -369,6 +379,7 @@ ROWS = [
     ("dpo-on-text-shards", "train-lm {tokens} -o {out} --init-from {lm} --objective dpo --steps 1"),
     ("pairs-without-objective", "train-lm {pairs} -o {out} --init-from {lm} --steps 1"),
     ("dpo-beta-zero", "train-lm {pairs} -o {out} --init-from {lm} --objective dpo --beta 0 --steps 1"),
+    ("evaluate-tokenizer-cannot-encode", "evaluate {hf-wordlevel} {task-ok.yaml} -o {out}"),
     # misuse
     ("resume-nothing", "train-lm {tokens} -o {out} --steps 1 --resume"),
     ("lora-rank-without-base", "train-lm {tokens} -o {out} --steps 1 --lora-rank 4"),

@@ -74,3 +74,66 @@ def test_diffusion_bound_of_a_block_size_one_model_is_the_exact_ar_loglikelihood
             logits[20] = -float("inf")
             want += torch.log_softmax(logits, -1)[x0[0, i]].item()
     assert ll == pytest.approx(want, abs=1e-4) and se == pytest.approx(0, abs=1e-5)
+
+
+def test_masked_diffusion_lm_generates_until(cli, runs):
+    r = cli("evaluate", runs / "mdlm", TASKS / "arithmetic.yaml", "--limit", "2", "--json", "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)["results"]["arithmetic"]
+    assert res["samples"] == 2 and res["exact_match"] in (0.0, 0.5, 1.0)
+
+
+def _greedy_reference(model, ids, n_new, mask_id, block_size=None):
+    """Low-confidence greedy decoding written out: one token per network call, the masked position whose most
+    probable token is most probable, set to that token; a block model fills one block at a time."""
+    import torch
+
+    def fill(prefix, canvas):
+        while mask_id in canvas:
+            with torch.no_grad():
+                x = torch.tensor([prefix + canvas])
+                logits = (model(x, block_size=block_size) if block_size else model(x))[0, len(prefix):].double()
+            logits[:, mask_id] = -float("inf")
+            p = torch.softmax(logits, -1)
+            conf, arg = p.max(-1)
+            conf[[i for i, t in enumerate(canvas) if t != mask_id]] = -1
+            i = int(conf.argmax())
+            canvas[i] = int(arg[i])
+        return canvas
+
+    if not block_size:
+        return fill(list(ids), [mask_id] * n_new)
+    seq = list(ids)
+    while len(seq) < len(ids) + n_new:
+        b0 = len(seq) // block_size * block_size
+        seq = seq[:b0] + fill(seq[:b0], seq[b0:] + [mask_id] * (b0 + block_size - len(seq)))
+    return seq[len(ids):len(ids) + n_new]
+
+
+@pytest.mark.parametrize("block_size", [None, 4])
+def test_diffusion_generate_until_is_greedy_low_confidence_decoding(tiny_tokenizer, tmp_path, block_size):
+    import torch
+
+    from gentool.config import config_from_preset
+    from gentool.data.tokenizer import load_tokenizer
+    from gentool.evaluation.continuation import encode_default
+    from gentool.evaluation.tasks import load_task
+    from gentool.lm.diffusion.masked import MaskSchedule
+    from gentool.lm.evaluate import Scorer, run_task
+    from gentool.models.transformer import Transformer
+
+    tok = load_tokenizer(tiny_tokenizer)
+    mask = tok.vocab_size
+    m = Transformer(config_from_preset("tiny", vocab_size=mask + 1, max_position_embeddings=64), causal=False).eval()
+    m.init_weights(1)
+    y = (TASKS / "arithmetic.yaml").read_text().replace("max_gen_toks: 8", "max_gen_toks: 6")
+    for split in ("test", "train"):
+        y = y.replace(f"arithmetic.{split}.jsonl", str(TASKS / f"arithmetic.{split}.jsonl"))
+    (tmp_path / "a.yaml").write_text(y.replace('until: ["\\n"]', 'until: ["9"]'))
+    kind = "block-lm" if block_size else "masked-lm"
+    scorer = Scorer(kind, m, tok, 64, "cpu", torch.float32, 4, mask, block_size, schedule=MaskSchedule())
+    _, log = run_task(scorer, load_task(tmp_path / "a.yaml"), num_fewshot=1, limit=3, seed=1234)
+    for rec in log:
+        row = _greedy_reference(m, encode_default(tok, rec["prompt"]), 6, mask, block_size)
+        row = row[:row.index(tok.eos_id)] if tok.eos_id in row else row
+        assert rec["generation"] == tok.decode(row).split("9")[0]

@@ -47,7 +47,8 @@ def evaluate(
     loglikelihood_rolling (word/byte perplexity, bits per byte) and generate_until (exact_match), each metric with
     lm-eval's standard error. Prompts, few-shot draws and tokenization are lm-eval's, so the numbers are the same;
     multiple-choice contexts run once for all their choices. A diffusion LM scores a continuation by its
-    Monte-Carlo NELBO bound given the context (--mc-samples), with its standard error in the example log.
+    Monte-Carlo NELBO bound given the context (--mc-samples), with its standard error in the example log, and
+    generates greedily (low-confidence remasking, one token per step) for generate_until.
     """
     from gentool import console
     from gentool.artifacts.store import check_output

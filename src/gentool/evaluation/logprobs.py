@@ -14,8 +14,9 @@ import torch.nn.functional as F
 def token_logprobs(logits_BTV: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
     """log p(targets[b, t] | logits[b, t]) as float32 (B, T). Positions whose target is negative (ignored) get 0."""
     safe = targets_BT.clamp_min(0)
-    logp = -F.cross_entropy(logits_BTV.float().transpose(1, 2), safe, reduction="none")
-    return logp.masked_fill(targets_BT < 0, 0.0)
+    # rows of V contiguous logits: the vectorised log-sum-exp (a transposed (B, V, T) view sums serially, 10x worse)
+    logp = -F.cross_entropy(logits_BTV.float().flatten(0, -2), safe.flatten(), reduction="none")
+    return logp.view(safe.shape).masked_fill(targets_BT < 0, 0.0)
 
 
 def next_token_logprobs(model: torch.nn.Module, input_ids_BT: torch.Tensor, *, chunk_rows: int = 4096,

@@ -4,7 +4,10 @@ AR checkpoints (gentool, quantized, Hugging Face Llama; with a LoRA adapter) and
 Per task: documents -> prompts (evaluation.tasks, lm-eval's text) -> requests (lm-eval's tokenization,
 evaluation.continuation) -> scores (AR: exact log-likelihoods with shared-context batching; diffusion: the
 Monte-Carlo bound of lm.diffusion.likelihood) -> per-document metrics and their aggregation (evaluation.metrics).
-generate_until decodes greedily with the KV-cache generator and cuts at the first `until` string, as lm-eval.
+generate_until decodes greedily and cuts at the first `until` string, as lm-eval: AR checkpoints with the KV-cache
+generator; masked/block-diffusion LMs with the samplers' confidence rule at temperature 0 (LLaDA's low-confidence
+remasking: one token per step, the most probable of all masked positions, set to its argmax), the masked LM over
+the context's tail and `max_gen_toks` masks, the block LM block by block after the context.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ class Scorer:
     block_size: int | None = None
     mc_samples: int = 1
     seed: int = 0
+    schedule: Any = None             # diffusion LMs: the masking schedule
 
     def loglikelihoods(self, requests: list[tuple[list[int], list[int]]]) -> list[dict[str, Any]]:
         if self.kind == "ar":
@@ -72,7 +76,7 @@ def load_scorer(checkpoint: Path, *, adapter: Path | None, device: str, dtype: t
         if m.tokenizer is None:
             raise UsageProblem("the checkpoint has no tokenizer", path=checkpoint)
         return Scorer(m.family, m.model, m.tokenizer, m.seq_len, device, dtype, batch_size, m.mask_id, m.block_size,
-                      mc_samples, seed), {"family": m.family, "mc_samples": mc_samples}
+                      mc_samples, seed, m.schedule), {"family": m.family, "mc_samples": mc_samples}
     from gentool.data.tokenizer import load_tokenizer
     from gentool.models.checkpoint import load_lm
 
@@ -105,10 +109,7 @@ def run_task(scorer: Scorer, task: T.Task, *, num_fewshot: int, limit: int | Non
     logs: list[dict[str, Any]] = []
     wheres = [task.where(task.eval_split, i) for i in range(len(docs))]
     if task.output_type == "generate_until":
-        if scorer.kind != "ar":
-            raise UsageProblem("generate_until tasks need an AR checkpoint", hint="score diffusion LMs on "
-                                                                                 "likelihood tasks")
-        texts = _generate(scorer, ctxs, task, max_gen_toks)
+        texts = (_generate if scorer.kind == "ar" else _generate_diffusion)(scorer, ctxs, task, max_gen_toks)
         for doc, ctx, text, where in zip(docs, ctxs, texts, wheres):
             target = T.answer_text(task, doc, where)
             pred = M.apply_filters(text, task.filters[0].get("filter", []) if task.filters else [])
@@ -189,6 +190,41 @@ def _generate(scorer: Scorer, ctxs: list[str], task: T.Task, max_gen_toks: int |
             for u in until:
                 text = text.split(u)[0]
             out.append(text)
+            bar.update(advance=1)
+    return out
+
+
+def _generate_diffusion(scorer: Scorer, ctxs: list[str], task: T.Task, max_gen_toks: int | None) -> list[str]:
+    """Greedy generate_until for masked/block-diffusion LMs (see the module docstring); the text is cut at the
+    end-of-text token and at the first `until` string."""
+    from gentool.lm.diffusion.samplers import Sampler, generate_blocks, sample_blocks
+    from gentool.lm.diffusion.serve import _finish
+
+    until = [u for u in task.generation_kwargs.get("until", []) if u]
+    n_new = int(max_gen_toks or task.generation_kwargs.get("max_gen_toks", 256))
+    tok, bk = scorer.tokenizer, scorer.block_size
+    g = torch.Generator(device=scorer.device).manual_seed(scorer.seed)
+    kw = {"sampler": Sampler("confidence"), "temperature": 0.0, "generator": g}
+
+    def done(new: torch.Tensor) -> bool:
+        return all(_finish(tok, r, until)[2] != "length" for r in new.tolist())
+
+    out = []
+    with console.progress("generating", total=len(ctxs)) as bar:
+        for ctx in ctxs:
+            ids = cont_mod.encode_default(tok, ctx) or [cont_mod.prefix_token(tok)]
+            if bk:
+                ids = ids[-max(1, scorer.max_len - bk):]
+                start = torch.tensor([ids], device=scorer.device)
+                res = generate_blocks(scorer.model, start, n_new, scorer.mask_id, bk, context=scorer.max_len,
+                                      steps=bk, should_stop=done, **kw)
+            else:
+                ids = ids[-max(1, scorer.max_len - n_new):]
+                block = min(n_new, scorer.max_len - len(ids))
+                start = torch.tensor([ids], device=scorer.device)
+                res = sample_blocks(scorer.model, start, n_new, scorer.mask_id, scorer.schedule,
+                                    context=scorer.max_len, block=block, steps=block, should_stop=done, **kw)
+            out.append(_finish(tok, res.tokens[0, len(ids):len(ids) + n_new].tolist(), until)[0])
             bar.update(advance=1)
     return out
 
