@@ -43,3 +43,8 @@ def test_progress_without_a_terminal_prints_plain_lines_and_leaves_stdout_alone(
         bar.update(advance=4, loss=2.5)
         sys.stdout.write("")  # stdout is never diverted
     assert re.search(r"training: 4/10  eta \d+m\d\ds  loss 2.5", err.getvalue())  # ETA from the rate so far
+
+
+def test_quiet_silences_logs_but_never_errors(cli, tmp_path):
+    r = cli("-q", "sample", tmp_path / "nope", "-p", "hi")
+    assert r.exit_code == 2 and r.stderr.startswith("error:") and len(r.stderr.strip().splitlines()) == 1, r.output

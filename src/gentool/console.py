@@ -27,10 +27,11 @@ def is_debug() -> bool:
 
 
 def err_console() -> Console:
-    """The stderr console (created lazily so tests that swap sys.stderr see their stream)."""
+    """The stderr console (created lazily so tests that swap sys.stderr see their stream). Not quiet under --quiet:
+    log lines, warnings and progress check the setting themselves, and errors always show."""
     global _err
     if _err is None or _err.file is not sys.stderr:
-        _err = Console(stderr=True, quiet=_state["quiet"], highlight=False, soft_wrap=True)
+        _err = Console(stderr=True, highlight=False, soft_wrap=True)
     return _err
 
 
