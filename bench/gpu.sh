@@ -45,6 +45,7 @@ TABLE=(
   "diffusion|60|--steps 1500|--steps 2 --samples 32"
   "diffusion_lm|40|--preset small --steps 300 --seq-len 256 --blocks 16,4 --samples 8 --nfe 64,128|--preset tiny --steps 2 --seq-len 16 --micro-batch 2 --vocab 512 --blocks 4 --eval-tokens 256 --eval-samples 1 --samples 1 --nfe 8 --samplers ancestral,remdm"
   "lora|45|--steps 10|--batch 1 --seq 16 --steps 1 --warmup 0"
+  "evaluate|45|--limit 100 --reps 3|--limit 2 --reps 1 --no-smollm2"
 )
 
 device_name=$("$PY" -c "
