@@ -260,6 +260,7 @@ ROWS = [
     ("quantize-q4-scale-overflow", "quantize {hf-fp16big} --scheme q4_0 -o {out}"),
     ("perplexity-fp16-overflow", "perplexity {hf-fp16big} {text} --dtype float16"),
     ("sample-fp16-overflow", "sample {hf-fp16big} -p hi --dtype float16 --max-new-tokens 2"),
+    ("perplexity-llamacpp-shorter-than-window", "perplexity {lm} {unrelated} --protocol llama.cpp --window 32"),
     ("perplexity-reference-fp16-activations", "perplexity {hf-fp16act} {text} --reference {hf} --dtype float16"),
     ("quantize-eval-fp16-activations", "quantize {hf-fp16act} --scheme int8 -o {out} --eval {text} --dtype float16"),
     ("evaluate-fp16-activations", "evaluate {hf-fp16act} {task-ok.yaml} --dtype float16 -o {out}"),
