@@ -193,3 +193,16 @@ def test_resume_of_a_run_without_its_recipe_says_there_is_nothing_to_resume(tmp_
     (tmp_path / "out.partial").mkdir()  # e.g. left by an older gentool killed at the start
     with pytest.raises(UsageProblem, match="saved no state to resume from"):
         _run(tmp_path, {"lr": 1}, resume=True)
+
+
+def test_the_hint_after_a_full_disk_before_any_state_names_force(tmp_path):
+    """A full disk before the first saved state: rerunning as before is refused (an unfinished run is here), so the
+    hint must say --force."""
+    from gentool.train.checkpoint import resume_hint
+
+    run = _run(tmp_path, {"lr": 1})
+    hint = resume_hint(run.partial / "state")
+    with pytest.raises(UsageProblem, match="unfinished run"):
+        RunDir(tmp_path / "out").check()
+    assert "--force" in hint
+    RunDir(tmp_path / "out", force=True).check()
