@@ -66,6 +66,8 @@ def world(tmp_path_factory, tiny_tokenizer, tiny_tokens):
         "nan": lambda d: _poke(d / "model.safetensors", float("nan")),
         "inf": lambda d: _poke(d / "model.safetensors", float("inf")),
         "fp16big": lambda d: _poke(d / "model.safetensors", 1e6),  # finite, but float16 stops at 65504
+        # every weight fits float16, but the final norm's output does not: NaN logits in float16
+        "fp16act": lambda d: _edit(d / "model.safetensors", lambda t: t["model.norm.weight"].fill_(60000.0)),
         "missing": lambda d: _edit(d / "model.safetensors", lambda t: t.pop("model.norm.weight")),
         "extra": lambda d: _edit(d / "model.safetensors", lambda t: t.update(extra=t["model.norm.weight"].clone())),
         "heads0": lambda d: (d / "config.json").write_text(
@@ -258,6 +260,10 @@ ROWS = [
     ("quantize-q4-scale-overflow", "quantize {hf-fp16big} --scheme q4_0 -o {out}"),
     ("perplexity-fp16-overflow", "perplexity {hf-fp16big} {text} --dtype float16"),
     ("sample-fp16-overflow", "sample {hf-fp16big} -p hi --dtype float16 --max-new-tokens 2"),
+    ("perplexity-llamacpp-shorter-than-window", "perplexity {lm} {unrelated} --protocol llama.cpp --window 32"),
+    ("perplexity-reference-fp16-activations", "perplexity {hf-fp16act} {text} --reference {hf} --dtype float16"),
+    ("quantize-eval-fp16-activations", "quantize {hf-fp16act} --scheme int8 -o {out} --eval {text} --dtype float16"),
+    ("evaluate-fp16-activations", "evaluate {hf-fp16act} {task-ok.yaml} --dtype float16 -o {out}"),
     ("perplexity-heads-zero", "perplexity {hf-heads0} {text}"),
     ("import-gguf-nan-weights", "import-gguf {nan.gguf} -o {out}"),
     ("import-gguf-nan-weights-kept", "import-gguf {nan.gguf} -o {out} --keep-quantized"),

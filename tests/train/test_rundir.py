@@ -166,3 +166,43 @@ def test_a_full_disk_while_resuming_keeps_the_metrics(tmp_path, monkeypatch):
         MetricsLog(path, tokens_per_step=8, flops_per_step=1.0, peak_flops=None, start_step=2, resume=True)
     monkeypatch.undo()
     assert path.read_text() == text and [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]
+
+
+def test_a_full_disk_while_writing_the_recipe_leaves_no_unfinished_run(tmp_path, monkeypatch):
+    """The disk fills as run.json is written: nothing is left that a rerun would take for an unfinished run (issue
+    25 QA: the rerun was told "an unfinished run is here", and --resume "a different configuration")."""
+    import errno
+    from pathlib import Path
+
+    from gentool.artifacts import WriteFailed
+
+    def full(self, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(Path, "write_text", full)
+        run = RunDir(tmp_path / "out")
+        run.check()
+        with pytest.raises(WriteFailed, match="no space left"):
+            run.begin({"lr": 1})
+    assert not (tmp_path / "out.partial").exists()
+    _run(tmp_path, {"lr": 1})  # the same command again simply runs
+
+
+def test_resume_of_a_run_without_its_recipe_says_there_is_nothing_to_resume(tmp_path):
+    (tmp_path / "out.partial").mkdir()  # e.g. left by an older gentool killed at the start
+    with pytest.raises(UsageProblem, match="saved no state to resume from"):
+        _run(tmp_path, {"lr": 1}, resume=True)
+
+
+def test_the_hint_after_a_full_disk_before_any_state_names_force(tmp_path):
+    """A full disk before the first saved state: rerunning as before is refused (an unfinished run is here), so the
+    hint must say --force."""
+    from gentool.train.checkpoint import resume_hint
+
+    run = _run(tmp_path, {"lr": 1})
+    hint = resume_hint(run.partial / "state")
+    with pytest.raises(UsageProblem, match="unfinished run"):
+        RunDir(tmp_path / "out").check()
+    assert "--force" in hint
+    RunDir(tmp_path / "out", force=True).check()

@@ -25,7 +25,9 @@ import numpy as np
 import torch
 
 from gentool import console
-from gentool.errors import UsageProblem
+from gentool.devices import dtype_name
+from gentool.errors import GentoolError, UsageProblem
+from gentool.evaluation.metrics import exp_or_inf
 from gentool.evaluation.tokens import bos_rule, load_eval_tokens
 from gentool.evaluation.windows import PROTOCOLS, check_stride, pick_window, plan_for, trained_length
 from gentool.models.quant_ggml import llama_cpp_arithmetic
@@ -99,7 +101,7 @@ class KLStats:
             raise UsageProblem("no token was scored", hint="pass more data or a smaller --window")
         log_q, log_q_err = _mean_and_uncertainty(s["nll"], s["nll2"], n)
         log_b, log_b_err = _mean_and_uncertainty(s["nll_base"], s["nll_base2"], n)
-        ppl_q, ppl_b = math.exp(log_q), math.exp(log_b)
+        ppl_q, ppl_b = exp_or_inf(log_q), exp_or_inf(log_b)
         cov = _covariance(s["nll"], s["nll_base"], s["nll_nll_base"], n)
         ratio_err = math.sqrt(max(log_q_err ** 2 + log_b_err ** 2 - 2 * cov, 0.0))
         ppl_cov = ppl_q * ppl_b * cov
@@ -115,7 +117,7 @@ class KLStats:
             "tokens": n, "ppl_base": ppl_b, "ppl_base_err": ppl_b_err, "ppl_quant": ppl_q, "ppl_quant_err": ppl_q_err,
             "ppl_correlation": cov / (log_q_err * log_b_err) if log_q_err * log_b_err > 0 else None,
             "ln_ppl_ratio": log_q - log_b, "ln_ppl_ratio_err": ratio_err,
-            "ppl_ratio": math.exp(log_q - log_b), "ppl_ratio_err": math.exp(log_q - log_b) * ratio_err,
+            "ppl_ratio": exp_or_inf(log_q - log_b), "ppl_ratio_err": exp_or_inf(log_q - log_b) * ratio_err,
             "delta_ppl": ppl_q - ppl_b,
             "delta_ppl_err": math.sqrt(max(ppl_q_err ** 2 + ppl_b_err ** 2 - 2 * ppl_cov, 0.0)),
             "delta_ppl_pct": 100 * (ppl_q / ppl_b - 1),
@@ -201,6 +203,10 @@ def damage_report(base_lm, quant_lm, data: list[str], *, split: str = "val", win
     report = compare_logits(base_lm.model, quant_lm.model, ev.ids, window=window, stride=stride,
                             batch_size=batch_size, device=device, dtype=dtype, protocol=protocol, kl_tokens=kl_tokens,
                             bos_id=tok.bos_id if adds_bos(tok) and protocol == "llama.cpp" else None)
+    for key, lm in (("ppl_base", base_lm), ("ppl_quant", quant_lm)):
+        if math.isnan(report[key]):  # NaN logits: an infinite NLL is a perplexity, NaN is not
+            raise GentoolError(f"the NLL is not finite (nan) in {dtype_name(dtype)}: the model's activations overflow",
+                               path=lm.path, hint="score with --dtype bfloat16 or float32")
     return {**report, "window_from": window_from, "bos": bos, "bos_rule": rule}
 
 

@@ -36,6 +36,11 @@ KNOWN = {"multiple_choice": {"acc", "acc_norm", "acc_bytes"}, "loglikelihood": {
          "generate_until": {"exact_match"}}
 
 
+def exp_or_inf(x: float) -> float:
+    """exp(x), infinite past 709.78 where a float overflows (a perplexity, not an OverflowError); NaN stays NaN."""
+    return math.inf if x > 709.78 else math.exp(x)
+
+
 def check_metrics(output_type: str, metrics: list[dict], where) -> list[str]:
     names = []
     for m in metrics:
@@ -126,7 +131,7 @@ def bootstrap_perplexity(xs: list[float], iters: int = 100000) -> float:
         sums = picked[:, 0].copy()
         for j in range(1, n):
             sums += picked[:, j]
-        res.extend(math.exp(-s / n) for s in sums.tolist())
+        res.extend(exp_or_inf(-s / n) for s in sums.tolist())
     return sample_stddev(res)
 
 
@@ -137,9 +142,9 @@ def aggregate(name: str, items: list, bootstrap_iters: int = 100000) -> tuple[fl
         value = _mean(items)
         return value, (sample_stddev(items) / math.sqrt(len(items)) if len(items) > 1 else None)
     if kind == "perplexity":
-        value = math.exp(-_mean(items))
+        value = exp_or_inf(-_mean(items))
         return value, (bootstrap_perplexity(items, bootstrap_iters) if len(items) > 1 and bootstrap_iters else None)
     ll, n = sum(a for a, _ in items), sum(b for _, b in items)
     if kind == "weighted_perplexity":
-        return math.exp(-ll / n), None
+        return exp_or_inf(-ll / n), None
     return -ll / n / math.log(2), None

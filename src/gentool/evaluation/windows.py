@@ -219,6 +219,9 @@ def perplexity(model: torch.nn.Module, ids: torch.Tensor, *, window: int, stride
                       protocol=protocol, bos_id=bos_id, compile=compile)
     total = float(nlls.sum())
     n = len(nlls)
+    if n == 0:  # llama.cpp's chunks: fewer tokens than one window score none (llama-perplexity refuses them too)
+        raise UsageProblem(f"no token was scored: the data holds {len(ids)} tokens, fewer than one --window of "
+                           f"{window} under the {protocol} protocol", hint="pass more data or a smaller --window")
     n_bytes = total_bytes if total_bytes is not None else (bytes_per_token * n if bytes_per_token else None)
     bos = protocol == "llama.cpp" and bos_id is not None
     return PerplexityResult(total / max(n, 1), n, total, n_bytes, window, stride if protocol != "llama.cpp" else

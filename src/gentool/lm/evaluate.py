@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,8 @@ import torch
 from gentool import console
 from gentool.artifacts import probe
 from gentool.artifacts.probe import LM_FAMILIES
-from gentool.errors import UsageProblem
+from gentool.devices import dtype_name
+from gentool.errors import GentoolError, UsageProblem
 from gentool.evaluation import continuation as cont_mod
 from gentool.evaluation import metrics as M
 from gentool.evaluation import tasks as T
@@ -45,6 +47,13 @@ class Scorer:
     schedule: Any = None             # diffusion LMs: the masking schedule
 
     def loglikelihoods(self, requests: list[tuple[list[int], list[int]]]) -> list[dict[str, Any]]:
+        out = self._loglikelihoods(requests)
+        if not all(math.isfinite(r["ll"]) for r in out):  # NaN/inf logits: no metric can come of them
+            raise GentoolError(f"a log-likelihood is not finite in {dtype_name(self.dtype)}: the model's activations "
+                               "overflow", hint="evaluate with --dtype bfloat16 or float32")
+        return out
+
+    def _loglikelihoods(self, requests: list[tuple[list[int], list[int]]]) -> list[dict[str, Any]]:
         if self.kind == "ar":
             pad = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0
             got = cont_mod.score_continuations(self.model, requests, batch_size=self.batch_size, device=self.device,

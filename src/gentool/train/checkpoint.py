@@ -143,7 +143,7 @@ def resume_hint(directory: Path) -> str:
     """After a failed write (a full disk): what the state directory keeps to resume from, and how."""
     last = latest_state(directory)
     if last is None:
-        return "no state had been saved yet; free some space and run again"
+        return "no state had been saved yet; free some space and run again with --force (it starts over)"
     return f"the last saved state ({last}) is intact; free some space, then continue with --resume"
 
 

@@ -69,18 +69,22 @@ class RunDir:
                 raise UsageProblem("nothing to resume: no unfinished run", path=self.partial,
                                    hint="drop --resume to start a new run")
             saved = json.loads(saved_file.read_text()) if saved_file.is_file() else None
-            if saved != json.loads(canonical_json(recipe)):
+            if saved is not None and saved != json.loads(canonical_json(recipe)):
                 raise UsageProblem("the unfinished run was started with a different configuration", path=self.partial,
                                    hint="repeat the original options, or start over with --force")
-            if latest_state(self.partial / "state") is None:
+            if saved is None or latest_state(self.partial / "state") is None:
                 raise UsageProblem("the unfinished run saved no state to resume from", path=self.partial,
                                    hint="start it over with --force")
         distributed.barrier()
         if distributed.rank() == 0 and not self.resume:
             shutil.rmtree(self.partial, ignore_errors=True)
             self.partial.mkdir(parents=True)
-            with atomic_file(saved_file) as tmp:
-                tmp.write_text(canonical_json(recipe))
+            try:
+                with atomic_file(saved_file) as tmp:
+                    tmp.write_text(canonical_json(recipe))
+            except BaseException:  # a full disk now leaves nothing a rerun would take for an unfinished run
+                shutil.rmtree(self.partial, ignore_errors=True)
+                raise
         distributed.barrier()
 
     @contextmanager
