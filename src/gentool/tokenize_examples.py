@@ -64,8 +64,9 @@ def _records(sources: list[Path | str]) -> Iterator[tuple[str, int, dict]]:
                 f.close()
 
 
-def detect_format(inputs: list[str], fmt: str = "auto", glob: str = "*.txt") -> str:
-    """The format asked for, or (auto) the one the first JSONL record's keys name: text for non-JSONL input."""
+def detect_format(inputs: list[str], fmt: str = "auto", glob: str = "*.txt", text_field: str = "text") -> str:
+    """The format asked for, or (auto) the one the first JSONL record's keys name (text: it has `text_field`):
+    text for non-JSONL input."""
     if fmt not in ("auto", *FORMATS):
         raise UsageProblem(f"unknown --format {fmt!r}", hint="use auto, " + ", ".join(FORMATS))
     if fmt != "auto":
@@ -77,7 +78,8 @@ def detect_format(inputs: list[str], fmt: str = "auto", glob: str = "*.txt") -> 
     if first is None:
         return "text"
     keys = set(first[2])
-    found = [f for f in ("preference", "prompt-completion", "chat", "text") if KEYS[f] <= keys]
+    found = [f for f in ("preference", "prompt-completion", "chat", "text")
+             if (KEYS[f] if f != "text" else {text_field}) <= keys]
     if "preference" in found:
         found.remove("prompt-completion") if "prompt-completion" in found else None
     if len(found) != 1:

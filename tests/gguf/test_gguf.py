@@ -175,8 +175,8 @@ def test_sentencepiece_model_read_and_written_without_protobuf(tmp_path, tiny_to
 def test_keep_quantized_refuses_block_types_it_cannot_decode(tmp_path, cli):
     model, cfg = _tiny_llama(tmp_path)
     tensors = {k: v.numpy() for k, v in model.state_dict().items()}
-    raw = np.zeros((96, 84), np.uint8)  # one Q2_K block's bytes per row: only the type matters here
+    raw = np.zeros((96, 66), np.uint8)  # one IQ2_XXS block's bytes per row: only the type matters here
     write_gguf(tmp_path / "m.gguf", cfg.to_dict(), tensors, qtype="f32", tokenizer=_gpt2_tok(64),
-               quantized={"model.layers.0.mlp.up_proj.weight": ("Q2_K", raw)})
+               quantized={"model.layers.0.mlp.up_proj.weight": ("IQ2_XXS", raw)})
     r = cli("import-gguf", tmp_path / "m.gguf", "--keep-quantized", "-o", tmp_path / "out")
-    assert r.exit_code == 2 and "cannot decode block type Q2_K" in r.output and not (tmp_path / "out").exists()
+    assert r.exit_code == 2 and "cannot decode block type IQ2_XXS" in r.output and not (tmp_path / "out").exists()

@@ -60,8 +60,7 @@ def train(
 def encode(
     inputs: Inputs,
     tokenizer: Annotated[Path, typer.Option("--tokenizer", "-t", help="Tokenizer artifact, or a checkpoint's "
-                                                              "tokenizer (a directory with tokenizer.model or "
-                                                              "tokenizer.json, or the file).")],
+                                            "tokenizer.model / tokenizer.json (or its directory).")],
     output: Output,
     val_fraction: Annotated[float, typer.Option(min=0, max=1, help="Share of documents in the val split.")] = 0.05,
     split_seed: Annotated[int, typer.Option(min=0, help="Seed of the train/val split.")] = 0,
@@ -87,17 +86,15 @@ def encode(
 
     Streams the corpus with bounded memory across all cores; the split is by document and deterministic. The
     manifest counts documents, tokens and UTF-8 bytes per split (for bits per byte). Invalid UTF-8 bytes are
-    replaced by U+FFFD with a warning that counts them (also in the manifest's metrics).
-
-    Inputs may be gzip or zstd compressed (.gz, .zst), Parquet files (one document per row, read a row group at a
-    time) or a directory written by datasets' save_to_disk; Parquet and zstd need the data extra (pip install
-    'gentool[data]'). Null or empty cells are skipped and counted.
+    replaced by U+FFFD with a warning that counts them. Inputs may be gzip or zstd compressed (.gz, .zst), Parquet
+    (a document per row, a row group at a time) or a directory written by datasets' save_to_disk (Parquet and zstd
+    need pip install 'gentool[data]'); null or empty cells are skipped and counted.
     """
     from gentool import console
     from gentool.tokenize import encode_corpus
     from gentool.tokenize_examples import detect_format, encode_examples
 
-    fmt = detect_format(inputs, format_, glob)
+    fmt = detect_format(inputs, format_, glob, text_field)
     if fmt != "text":
         m = encode_examples(inputs, tokenizer, output, fmt=fmt, train_on=train_on, max_len=max_len,
                             overlong=overlong, val_fraction=val_fraction, split_seed=split_seed, force=force,

@@ -46,9 +46,14 @@ def cache_dir() -> Path:
     return Path(os.environ.get("GENTOOL_CACHE_DIR") or Path.home() / ".cache" / "gentool") / "kernels"
 
 
-def _build(isa: str) -> Path:
-    from torch.utils import cpp_extension
+def _torch_paths() -> tuple[list[Path], list[Path]]:
+    """torch's C++ headers and libraries (what torch.utils.cpp_extension would give, without importing it: it
+    needs setuptools, which a Python 3.12+ venv does not have)."""
+    root = Path(torch.__file__).resolve().parent
+    return [root / "include", root / "include" / "torch" / "csrc" / "api" / "include"], [root / "lib"]
 
+
+def _build(isa: str) -> Path:
     from gentool.models.qkernel_src import SOURCE
 
     flags = ["-mavx2", "-mfma", "-mf16c"] + (["-mavx512f", "-mavx512bw", "-mavx512vl"] if isa == "avx512" else [])
@@ -63,9 +68,10 @@ def _build(isa: str) -> Path:
     tmp = out.with_suffix(f".{os.getpid()}.tmp")
     cmd = [os.environ.get("CXX", "g++"), "-O3", "-std=c++17", "-shared", "-fPIC", *flags, str(src), "-o", str(tmp),
            "-D_GLIBCXX_USE_CXX11_ABI=" + str(int(torch._C._GLIBCXX_USE_CXX11_ABI))]
-    cmd += [f"-I{p}" for p in cpp_extension.include_paths()]
-    cmd += [f"-L{p}" for p in cpp_extension.library_paths()] + ["-lc10", "-ltorch_cpu", "-ltorch"]
-    cmd += [f"-Wl,-rpath,{p}" for p in cpp_extension.library_paths()]
+    includes, libraries = _torch_paths()
+    cmd += [f"-I{p}" for p in includes]
+    cmd += [f"-L{p}" for p in libraries] + ["-lc10", "-ltorch_cpu", "-ltorch"]
+    cmd += [f"-Wl,-rpath,{p}" for p in libraries]
     try:
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
@@ -92,7 +98,7 @@ def available() -> bool:
             torch.ops.load_library(str(_build(isa)))
             _register_fake()
             ok = True
-        except (OSError, RuntimeError, FileNotFoundError) as e:
+        except (OSError, RuntimeError, ImportError) as e:
             why = f"the build failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
     if not ok and ENABLED:
         console.log(f"note: gentool's CPU kernel for quantized layers is unavailable ({why}); "
