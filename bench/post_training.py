@@ -8,8 +8,9 @@
     python bench/post_training.py                  # all three
 
 Preference accuracy: the share of held-out pairs whose chosen answer has the higher summed log-probability under
-the model (the SFT model's own preference: about 50% on mismatched continuations), and DPO's implicit-reward
-accuracy (chosen log-ratio against the SFT reference above the rejected one), TRL's rewards/accuracies.
+the model (the SFT model's own preference: about 50% with another play's line as the rejected one, near 100% with
+the demo's default, the true line's words shuffled), and DPO's implicit-reward accuracy (chosen log-ratio against the
+SFT reference above the rejected one, TRL's rewards/accuracies: 50% before DPO, the policy being the reference).
 Memory: each configuration in its own subprocess; peak RSS (VmHWM) above the process's level after a warm-up step
 (reset through /proc/self/clear_refs), with glibc told to map every allocation over 16 KiB on its own and return
 it on free, so RSS follows the live bytes (without that the retained arenas make the peak swing 2x either way).

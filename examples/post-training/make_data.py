@@ -5,14 +5,19 @@ A *speech* is a blank-line block of the plays: a speaker line ("Ham.") and at le
 and DPO see the other plays only, so the held-out figures measure what carries over to unseen works.
   pretrain/*.txt       the training plays' text (tokenizer and pretraining)
   sft.jsonl            chat:       user "Continue this speech by <speaker>:\n<first line>", assistant "<second line>"
-  pairs.jsonl          preference: the same prompt; chosen = the true second line, rejected = the second line of a
-                                   random speech from a *different play* (a mismatched continuation of similar form)
+  pairs.jsonl          preference: the same prompt; chosen = the true second line, rejected (--rejected):
+                         other-play  the second line of a random speech from a *different play* (a mismatched
+                                     continuation of similar form; a model of the demo's size cannot tell these
+                                     apart on unseen plays: DPO reaches about 55% there)
+                         shuffled    the true second line with its words in a random order (lines whose words
+                                     cannot be reordered are left out)
+                         echo        the prompt's own line repeated (the degenerate loop of small models)
   heldout-sft.jsonl    the held-out plays' speeches as chats (SFT's held-out completion NLL)
   heldout-pairs.jsonl  the held-out plays' speeches as pairs, rejected lines from the other held-out plays
   prompts.txt          the first 16 held-out prompts' first lines (one per line), for `gentool sample`
 A training play's speeches alternate between sft.jsonl and pairs.jsonl, so SFT never sees the pairs' answers.
 
-    python make_data.py --out work/data [--seed 0] [--heldout-plays 2]
+    python make_data.py --out work/data [--seed 0] [--heldout-plays 2] [--rejected other-play]
 """
 
 from __future__ import annotations
@@ -47,6 +52,8 @@ def chat(s: tuple[str, str, str, str]) -> dict:
 def pair(s: tuple[str, str, str, str], pool: list, rng: random.Random, rejected: str = "other-play") -> dict:
     """`s` as a preference pair, rejected: the second line of a random speech of `pool` from another play, or
     (shuffled) the true second line with its words in a random order."""
+    if rejected == "echo":
+        other = s
     if rejected == "shuffled":
         words = s[3].split()
         while len(set(words)) > 1 and " ".join(words) == s[3]:
@@ -58,7 +65,7 @@ def pair(s: tuple[str, str, str, str], pool: list, rng: random.Random, rejected:
             break
     return {"prompt": [{"role": "user", "content": f"Continue this speech by {s[1]}:\n{s[2]}"}],
             "chosen": [{"role": "assistant", "content": s[3]}],
-            "rejected": [{"role": "assistant", "content": other[3]}]}
+            "rejected": [{"role": "assistant", "content": other[2] if rejected == "echo" else other[3]}]}
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -70,7 +77,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--heldout-plays", type=int, default=2, help="plays kept out of training (at least 2)")
-    p.add_argument("--rejected", choices=["other-play", "shuffled"], default="other-play")
+    p.add_argument("--rejected", choices=["other-play", "shuffled", "echo"], default="other-play")
     a = p.parse_args()
     rng = random.Random(a.seed)
     files = sorted(bundled_corpus("shakespeare").rglob("*.txt"))
@@ -86,9 +93,10 @@ def main() -> None:
             train += speeches(f)
             (a.out / "pretrain" / f.name).write_text(f.read_text(encoding="utf-8"), encoding="utf-8")
     write_jsonl(a.out / "sft.jsonl", [chat(s) for s in train[0::2]])
-    write_jsonl(a.out / "pairs.jsonl", [pair(s, train, rng, a.rejected) for s in train[1::2]])
+    keep = (lambda s: len(set(s[3].split())) >= 2) if a.rejected == "shuffled" else (lambda s: True)  # reorderable
+    write_jsonl(a.out / "pairs.jsonl", [pair(s, train, rng, a.rejected) for s in train[1::2] if keep(s)])
     write_jsonl(a.out / "heldout-sft.jsonl", [chat(s) for s in test])
-    write_jsonl(a.out / "heldout-pairs.jsonl", [pair(s, test, rng, a.rejected) for s in test])
+    write_jsonl(a.out / "heldout-pairs.jsonl", [pair(s, test, rng, a.rejected) for s in test if keep(s)])
     (a.out / "prompts.txt").write_text("".join(f"Continue this speech by {s[1]}: {s[2]}\n" for s in test[:16]))
     print(f"held out: {', '.join(sorted(held))}; {len(train[0::2])} SFT chats, {len(train[1::2])} preference pairs; "
           f"held out: {len(test)} chats and pairs; in {a.out}")
