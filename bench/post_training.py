@@ -1,15 +1,16 @@
 """Post-training benchmarks (issue 26), each part printing a table measured in one run.
 
     python bench/post_training.py --part quality [--work examples/post-training/work]
-        held-out metrics of the examples/post-training pipeline (built with make if --work is missing):
-        SFT's completion NLL (base -> SFT), preference accuracy (SFT -> DPO) on held-out pairs
+        held-out metrics of the examples/post-training pipeline (built with make if --work is missing), on the
+        plays kept out of all training: SFT's completion NLL (base -> SFT), preference accuracy (SFT -> DPO)
     python bench/post_training.py --part memory    # DPO-LoRA vs SFT-LoRA peak memory, same model and batch
     python bench/post_training.py --part speed     # DPO-LoRA steps/s: gentool vs TRL 1.16 (+ PEFT), same CPU batch
     python bench/post_training.py                  # all three
 
 Preference accuracy: the share of held-out pairs whose chosen answer has the higher summed log-probability under
-the model (the SFT model's own preference: about 50% on mismatched continuations), and DPO's implicit-reward
-accuracy (chosen log-ratio against the SFT reference above the rejected one), TRL's rewards/accuracies.
+the model (the SFT model's own preference: about 50% with another play's line as the rejected one, near 100% with
+the demo's default, the true line's words shuffled), and DPO's implicit-reward accuracy (chosen log-ratio against the
+SFT reference above the rejected one, TRL's rewards/accuracies: 50% before DPO, the policy being the reference).
 Memory: each configuration in its own subprocess; peak RSS (VmHWM) above the process's level after a warm-up step
 (reset through /proc/self/clear_refs), with glibc told to map every allocation over 16 KiB on its own and return
 it on free, so RSS follows the live bytes (without that the retained arenas make the peak swing 2x either way).
@@ -42,14 +43,15 @@ def quality(work: Path) -> dict:
     from gentool.lm.sft import nll, pack
     from gentool.models.checkpoint import load_lm
 
-    if not (work / "dpo-merged" / "manifest.json").is_file():
+    targets = [str(work.resolve() / d / "manifest.json") for d in ("dpo-merged", "heldout-sft", "heldout-pairs")]
+    if not all(Path(t).is_file() for t in targets):
         env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
         subprocess.run(["make", "-C", str(ROOT / "examples" / "post-training"), f"WORK={work.resolve()}",
-                        f"GENTOOL={sys.executable} -m gentool", f"PYTHON={sys.executable}",
-                        str(work.resolve() / "dpo-merged" / "manifest.json")], check=True, env=env)
+                        f"GENTOOL={sys.executable} -m gentool", f"PYTHON={sys.executable}", *targets],
+                       check=True, env=env)
     models = {m: load_lm(work / m).model.eval() for m in ("base", "sft", "dpo-merged")}
-    ex = open_masked(work / "sft-tokens", "val")
-    pairs = open_pairs(work / "pairs", "val")
+    ex = open_masked(work / "heldout-sft", "train")  # the held-out plays: one split, nothing trained on it
+    pairs = open_pairs(work / "heldout-pairs", "train")
     out = {}
     with torch.no_grad():
         for m in ("base", "sft"):
@@ -72,7 +74,7 @@ def quality(work: Path) -> dict:
             out[f"preference_accuracy/{m}"] = (logps[m][0] > logps[m][1]).float().mean().item()
         (c1, r1), (c0, r0) = logps["dpo-merged"], logps["sft"]
         out["rewards/accuracies (dpo vs sft reference)"] = ((c1 - c0) > (r1 - r0)).float().mean().item()
-    out["val_examples"], out["val_pairs"] = len(ex), len(pairs)
+    out["heldout_examples"], out["heldout_pairs"] = len(ex), len(pairs)
     return out
 
 

@@ -64,9 +64,22 @@ def _records(sources: list[Path | str]) -> Iterator[tuple[str, int, dict]]:
                 f.close()
 
 
-def detect_format(inputs: list[str], fmt: str = "auto", glob: str = "*.txt", text_field: str = "text") -> str:
+def detect_format(inputs: list[str], fmt: str = "auto", glob: str = "*.txt", text_field: str = "text", *,
+                  train_on: str | None = None, max_len: int | None = None, overlong: str = "truncate") -> str:
     """The format asked for, or (auto) the one the first JSONL record's keys name (text: it has `text_field`):
-    text for non-JSONL input."""
+    text for non-JSONL input. The examples' options (--train-on, --max-len, --overlong) are refused for text
+    rather than ignored."""
+    found = _detect(inputs, fmt, glob, text_field)
+    given = [o for o, v in (("--train-on", train_on), ("--max-len", max_len), ("--overlong", overlong))
+             if v is not None and not (o == "--overlong" and v == "truncate")]
+    if found == "text" and given:
+        raise UsageProblem(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to chat, "
+                           f"prompt-completion and preference examples, not to text",
+                           hint="leave them out for plain text, or pass --format for JSONL examples")
+    return found
+
+
+def _detect(inputs: list[str], fmt: str, glob: str, text_field: str) -> str:
     if fmt not in ("auto", *FORMATS):
         raise UsageProblem(f"unknown --format {fmt!r}", hint="use auto, " + ", ".join(FORMATS))
     if fmt != "auto":

@@ -381,6 +381,9 @@ ROWS = [
     ("preference-identical", "tokenize encode {pref-same.jsonl} --tokenizer {tok} -o {out}"),
     ("chat-template-fails", "tokenize encode {chat.jsonl} --tokenizer {hftok-broken} -o {out}"),
     ("chat-train-on-completion", "tokenize encode {chat.jsonl} --tokenizer {tok} -o {out} --train-on completion"),
+    ("text-with-max-len", "tokenize encode {text} --tokenizer {tok} -o {out} --max-len 64"),
+    ("chat-as-text-with-overlong", "tokenize encode {chat.jsonl} --format text --tokenizer {tok} -o {out} "
+                                   "--overlong drop --train-on all"),
     ("sft-checkpoint-tokenizer-differs", "train-lm {sft-hf} -o {out} --init-from {lm} --steps 1 --seq-len 32"),
     ("dpo-on-text-shards", "train-lm {tokens} -o {out} --init-from {lm} --objective dpo --steps 1"),
     ("pairs-without-objective", "train-lm {pairs} -o {out} --init-from {lm} --steps 1"),

@@ -83,3 +83,26 @@ def test_full_dpo_reference_stored_and_reused(post):
     task.prepare(init.model, run, lora=False)  # a resume: loaded, not recomputed
     assert (run / "reference_logps.safetensors").stat().st_mtime_ns == stored
     assert (task.reference["train"] == first).all() and first.shape == (len(task.pairs["train"]), 2)
+
+
+def test_reference_written_by_rank_zero_only(post, monkeypatch):
+    """Under torchrun every rank computes the reference log-probs, rank 0 alone writes the file, then a barrier."""
+    w, _ = post
+    from gentool.data.shards import open_shards
+    from gentool.lm.preference import PreferenceConfig, PreferenceTask
+    from gentool.models.checkpoint import load_lm
+    from gentool.train import distributed
+
+    init = load_lm(w / "lm")
+    task = PreferenceTask(open_shards(w / "pairs"), None, init.config, seq_len=48, micro_batch=4, seed=0, world=2,
+                          device="cpu", eval_tokens=100, cfg=PreferenceConfig("dpo"))
+    calls = []
+    monkeypatch.setattr(distributed, "barrier", lambda: calls.append("barrier"))
+    for r in (1, 0):
+        monkeypatch.setattr(distributed, "rank", lambda r=r: r)
+        run = w / f"rank{r}.partial"
+        run.mkdir()
+        task.prepare(init.model, run, lora=False)
+        assert (run / "reference_logps.safetensors").is_file() == (r == 0)
+        assert task.reference["train"].shape == (len(task.pairs["train"]), 2)
+        assert calls.pop() == "barrier" and not list(run.glob("*.tmp"))

@@ -216,6 +216,20 @@ def test_seeded_sampling_reproducible_and_stream_equals_json(ck, cli):
     assert j["tokens"] > 0 and j["sum_logprob"] < 0 and j["tokens_per_s"] > 0
 
 
+def test_chat_on_sentencepiece_uses_the_default_template(ck, cli):
+    """A SentencePiece checkpoint has no template of its own: --chat renders gentool's default one (what tokenize
+    encode trains chats on), BOS and EOS as their special ids, not the characters '<s>' and '</s>'."""
+    from gentool.lm.generate import encode_prompts
+
+    gen = _gen(ck / "lm")
+    rows, samples = encode_prompts(gen, ["To be"], max_new_tokens=4, num_samples=2, chat=True)
+    tok = gen.tok
+    want = [tok.bos_id, *tok.encode("<|user|>\nTo be"), tok.eos_id, *tok.encode("\n<|assistant|>\n")]
+    assert rows == [("To be", want)] * 2 and samples == [0, 1]
+    r = cli("sample", ck / "lm", "-p", "To be", "--chat", "--max-new-tokens", "3", "--device", "cpu")
+    assert r.exit_code == 0, r.output
+
+
 class _CharTok:
     """One token per character; id 0 decodes to nothing (BOS)."""
     bos_id, eos_id, pad_id, eos_ids, add_bos = 0, None, None, set(), True

@@ -41,8 +41,8 @@ def sample(
                                                            "tokenizer artifact or file).", rich_help_panel=LM)] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Sequences decoded together (prompts x samples).",
                                                    rich_help_panel=LM)] = 16,
-    chat: Annotated[bool, typer.Option(help="Wrap each prompt as a user message in the model's chat template.",
-                                       rich_help_panel=LM)] = False,
+    chat: Annotated[bool, typer.Option(help="Wrap each prompt as a user message in the model's chat template "
+                                            "(SentencePiece: gentool's default).", rich_help_panel=LM)] = False,
     cache: Annotated[bool, typer.Option(help="Masked/block-diffusion LMs, ancestral sampler: skip the network when "
                                              "nothing unmasked (same samples, fewer calls).", rich_help_panel=LM)] = True,
     bench: Annotated[bool, typer.Option(help="Report tokens/s against the memory-bandwidth roofline.",

@@ -94,7 +94,7 @@ def encode(
     from gentool.tokenize import encode_corpus
     from gentool.tokenize_examples import detect_format, encode_examples
 
-    fmt = detect_format(inputs, format_, glob, text_field)
+    fmt = detect_format(inputs, format_, glob, text_field, train_on=train_on, max_len=max_len, overlong=overlong)
     if fmt != "text":
         m = encode_examples(inputs, tokenizer, output, fmt=fmt, train_on=train_on, max_len=max_len,
                             overlong=overlong, val_fraction=val_fraction, split_seed=split_seed, force=force,

@@ -7,6 +7,7 @@ import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from gentool.data.chat import ChatTemplate
 from gentool.data.tokenizer import load_tokenizer
 from gentool.devices import resolve_dtype
 from gentool.errors import GentoolError, UsageProblem
@@ -55,15 +56,17 @@ def open_generator(checkpoint: Path, *, device: str, dtype: str | None = None, c
 def encode_prompts(gen: Generator, prompts: list[str], *, max_new_tokens: int, num_samples: int,
                    chat: bool = False) -> tuple[list[Row], list[int]]:
     """One row per (prompt, sample), and each row's sample index (its random stream). With `chat`, each prompt
-    becomes a user message in the model's chat template (jinja2, as transformers renders it; it writes BOS)."""
+    becomes a user message in the model's chat template (jinja2, as transformers renders it; it writes BOS), or
+    for a SentencePiece tokenizer without one gentool's default template (data/chat.py: what `tokenize encode`
+    trains chats on), its BOS/EOS strings encoded as the special ids."""
     if chat:
-        if not getattr(gen.tok, "chat_template", None):
+        if not getattr(gen.tok, "chat_template", None) and not hasattr(gen.tok, "sp"):
             raise UsageProblem("this model ships no chat template", hint="drop --chat")
-        texts = [gen.tok.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
+        template = ChatTemplate.of(gen.tok)
+        texts = [template.encode([{"role": "user", "content": p}], add_generation_prompt=True)[0] for p in prompts]
     else:
         texts = prompts
-    rows = [(p, gen.encode(t, max_new_tokens, add_bos=not chat)) for p, t in zip(prompts, texts)
-            for _ in range(num_samples)]
+    rows = [(p, gen.encode(t, max_new_tokens)) for p, t in zip(prompts, texts) for _ in range(num_samples)]
     return rows, [j for _ in prompts for j in range(num_samples)]
 
 

@@ -174,9 +174,13 @@ class PreferenceTask:
                     rows.append(torch.stack(s.float().cpu().chunk(2), 1))
                 out[split] = torch.cat(rows)
         model.train(was)
-        tmp = path.with_suffix(".tmp")
-        save_file(out, str(tmp))
-        os.replace(tmp, path)
+        from gentool.train import distributed
+
+        if distributed.rank() == 0:  # every rank computed the same values; one writes them (for --resume)
+            tmp = path.with_suffix(".tmp")
+            save_file(out, str(tmp))
+            os.replace(tmp, path)
+        distributed.barrier()
         self.reference = out
 
     def _reference(self, model, batch, split: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -304,9 +304,13 @@ class Generator:
                     torch._dynamo.mark_static_address(b)
         return s
 
-    def encode(self, prompt: str, max_new_tokens: int, add_bos: bool = True) -> list[int]:
-        bos = add_bos and self.tok.bos_id is not None and getattr(self.tok, "add_bos", True)
-        ids = self.tok.encode(prompt, bos=bos)
+    def encode(self, prompt: str | list[int], max_new_tokens: int, add_bos: bool = True) -> list[int]:
+        """The prompt's ids (a list: ids already, e.g. a rendered chat), cut from the left to fit the context."""
+        if isinstance(prompt, list):
+            ids = list(prompt)
+        else:
+            bos = add_bos and self.tok.bos_id is not None and getattr(self.tok, "add_bos", True)
+            ids = self.tok.encode(prompt, bos=bos)
         budget = self.context - max_new_tokens
         if budget < 1:
             raise UsageProblem(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the context "
