@@ -12,6 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "bench" / "gpu.sh"
 CPU_ONLY = {"_common", "scale_fit", "tokenize_bench", "gguf_import", "forecast", "forecast_synth", "cpu", "trackers",
+            "post_training",  # CPU batches against TRL on the CPU; no --device
             "bench_suite"}  # bench_suite: quantize.py --suite runs it
 
 
