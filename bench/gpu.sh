@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# Every GPU table of bench/ in one call, in under 8 minutes on one H100/H200, appended to bench/RESULTS.md with the
+# Every GPU table of bench/ in one call, in under 9 minutes on one H100/H200, appended to bench/RESULTS.md with the
 # device name, date and commit, so that all pending GPU figures are filled whenever a GPU is lent.
 #
 #   bench/gpu.sh                          # on the GPU machine (from the repo root or anywhere)
-#   bench/gpu.sh --speedrun               # then also the speedrun (examples/speedrun, DEVICE=cuda), after the 8 min
+#   bench/gpu.sh --speedrun               # then also the speedrun (examples/speedrun, DEVICE=cuda), after the 9 min
 #   bench/gpu.sh --device cpu --smoke     # dry run with tiny shapes (seconds each; tests/bench/test_gpu_sh.py)
 #
 # Options: --device DEV (default cuda), --smoke (tiny shapes), --results FILE (default bench/RESULTS.md),
-#          --only NAME[,NAME...] (a subset of the table below), --budget SECONDS (default 470; smoke 1800),
+#          --only NAME[,NAME...] (a subset of the table below), --budget SECONDS (default 530; smoke 1800),
 #          --speedrun.
 # Environment: PYTHON (default: python3).
 #
@@ -33,7 +33,7 @@ while [ $# -gt 0 ]; do
 done
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 # the dry run's time is CPU start-up (imports) on possibly busy cores: its limits are generous, not the GPU's
-[ -z "$BUDGET" ] && { [ $SMOKE = 1 ] && BUDGET=1800 || BUDGET=470; }
+[ -z "$BUDGET" ] && { [ $SMOKE = 1 ] && BUDGET=1800 || BUDGET=530; }
 
 # name | seconds allowed on the GPU | arguments on the GPU | arguments of the --smoke dry run (CPU seconds)
 TABLE=(
@@ -41,7 +41,7 @@ TABLE=(
   "train_optim|60|--steps 5 --repeats 2|--shape tiny --batch 2 --seq 16 --steps 1 --repeats 1"
   "sample|70|--shapes tinyllama-1.1b,llama2-7b --new-tokens 128|--shapes tiny --new-tokens 4"
   "perplexity|50||--batch 1 --seq 32 --reps 1 --no-compile"
-  "quantize|70|--shapes tinyllama-1.1b --variants bf16,int8,int4,fp8 --new-tokens 100|--shapes tiny --variants fp32,int8 --new-tokens 4"
+  "quantize|130|--shapes tinyllama-1.1b --variants bf16,int8,int4,nf4,fp8,q8_0,q4_0,q4_k_m,q6_k --new-tokens 64|--shapes tiny --variants fp32,int8,int4,nf4,q8_0,q4_0,q4_k_m,q6_k --new-tokens 4"
   "diffusion|60|--steps 1500|--steps 2 --samples 32"
   "diffusion_lm|40|--preset small --steps 300 --seq-len 256 --blocks 16,4 --samples 8 --nfe 64,128|--preset tiny --steps 2 --seq-len 16 --micro-batch 2 --vocab 512 --blocks 4 --eval-tokens 256 --eval-samples 1 --samples 1 --nfe 8 --samplers ancestral,remdm"
   "lora|45|--steps 10|--batch 1 --seq 16 --steps 1 --warmup 0"

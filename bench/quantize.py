@@ -1,11 +1,14 @@
 """Quantized decoding speed against the memory-bandwidth roofline, and the damage quantization does.
 
-Batch-1 decoding reads every weight once per token, so tokens/s is bounded by (copy read bandwidth) / (bytes of
-weights per token); quantization must turn fewer bytes into more tokens/s. Random weights, gentool's Generator
-(the `gentool sample` path: eager on CPU, compiled + CUDA-graphed on GPU).
+Batch-1 decoding reads every weight once per token, so tokens/s is bounded by (bandwidth) / (bytes of weights per
+token): the roofline, from the read bandwidth on a CPU (bench/_common.read_bandwidth) and the copy bandwidth on a
+GPU; quantization must turn fewer bytes into more tokens/s. Random weights, gentool's Generator (the `gentool
+sample` path: eager on CPU, compiled + CUDA-graphed on GPU). Variants: fp32, bf16, gentool's schemes (int8,
+int8-aten, int4, nf4, fp8) and llama-quantize's GGML mixes (q8_0, q4_0, q4_k_m, q5_k_m, q6_k, ...; each tensor
+gets the type the mix's recipe gives it); the "path" column names the kernel each one ran on.
 
-    python bench/quantize.py --device cpu     # fp32, bf16, int8, int4-g128 at the 1.1B (TinyLlama) shape
-    python bench/quantize.py --device cuda    # bf16, int8, int8 (aten kernel), int4-g128, fp8 at 1.1B and 7B
+    python bench/quantize.py --device cpu     # fp32, bf16, int8, int4-g128, nf4, q8_0, q4_0, q4_k_m at 1.1B
+    python bench/quantize.py --device cuda    # bf16, int8, int8-aten, int4-g128, nf4, fp8, q8_0, q4_0, q4_k_m, q6_k
     python bench/quantize.py --damage CKPT DATA [--max-tokens N]   # every scheme on a trained model
 
 Issue 15 (bench_suite.py beside this file does the work):
@@ -19,13 +22,17 @@ import time
 from pathlib import Path
 
 import torch
-from _common import copy_bandwidth, device_name, parser, sync, table
+from _common import copy_bandwidth, device_name, parser, read_bandwidth, sync, table
 
 from gentool.config import config_from_preset
 from gentool.lm.sample import Generator, SamplingParams
 from gentool.models import quant
-from gentool.models.quant import quantize_model
+from gentool.models.quant import QuantLinear, quantize_model
+from gentool.models.quant_ggml import FLOAT_TYPES, GGMLLinear, install_ggml
 from gentool.models.transformer import Transformer
+from gentool.quantize.ggml import is_ggml, plan_for, quantize_tensor
+
+GGML_ROWS = 64  # rows of each tensor quantized for a GGML variant (then repeated): see `ggml_variant`
 
 
 class _IdTok:
@@ -66,9 +73,59 @@ def variant(shape: str, name: str, dev: str, group_size: int = 128) -> Transform
     if name in ("fp32", "bf16"):
         return build(shape, dev, torch.float32 if name == "fp32" else torch.bfloat16)
     m = build(shape, dev, act)
+    if is_ggml(name):
+        return ggml_variant(m, name, act)
     scheme = name.split("-")[0]
     quantize_model(m, scheme, group_size=group_size)
     return m
+
+
+def ggml_variant(m: Transformer, mix: str, act: torch.dtype) -> Transformer:
+    """A GGML mix as `quantize --scheme MIX` lays it out (llama-quantize's per-tensor types, as GGMLLinear /
+    GGMLEmbedding layers), except that the first GGML_ROWS rows of one tensor per shape and type are quantized and
+    repeated down every such tensor: decoding speed does not depend on the values (random ones here), and the block
+    quantizers, written in Python, would take minutes over 1.1B weights."""
+    types = plan_for(m, m.config, mix)
+    params = m.state_dict()
+    raw, heads = {}, {}  # heads: one quantized block of rows per (shape, type), shared by the layers
+    for k, t in types.items():
+        if t in FLOAT_TYPES:
+            continue
+        w = params[k]
+        key = (tuple(w.shape), t)
+        if key not in heads:
+            heads[key] = quantize_tensor(w[:GGML_ROWS], t, k)
+        head = heads[key]
+        raw[k] = head.repeat(-(-w.shape[0] // head.shape[0]), 1)[:w.shape[0]].contiguous().to(w.device)
+    install_ggml(m, raw, {"tensor_types": types}, dtype=act)
+    return m
+
+
+def kernel_path(model) -> str:
+    """The kernels the quantized layers compute with on their device ("dense" without any), most used first."""
+    from collections import Counter
+
+    paths = Counter(_layer_path(m) for m in model.modules() if isinstance(m, QuantLinear))
+    kinds: dict[str, list[str]] = {}  # "kernel (detail)" -> kernel: [details], in order of use
+    for p, _ in paths.most_common():
+        name, _, detail = p.partition(" (")
+        kinds.setdefault(name, []).append(detail.rstrip(")"))
+    return " + ".join(k + (f" ({', '.join(d)})" if any(d) else "") for k, d in kinds.items()) or "dense"
+
+
+def _layer_path(layer: QuantLinear) -> str:
+    cuda = layer.weight.device.type == "cuda"
+    if layer._qk_codes is not None:
+        return f"gentool CPU kernel ({layer._qk_bits}-bit codes)"
+    if isinstance(layer, GGMLLinear):
+        return "Int4Linear planes" if layer._kernels else "dequantized once at load (dense)"
+    if layer.scheme == "int8":
+        return "_weight_int8pack_mm" if quant.INT8_CUDA_KERNEL == "aten" or not cuda else "fused int8 GEMV (compiled)"
+    if layer.scheme == "int4" and layer._packed is not None:
+        return "_weight_int4pack_mm" + ("" if cuda else "_for_cpu")
+    if layer.scheme == "fp8" and layer._scaled:
+        return "_scaled_mm (fp8)"
+    return "dequantize per call" + (" (fused when compiled)" if cuda else "")
 
 
 def decode_speed(model, dev: str, new_tokens: int) -> float:
@@ -89,9 +146,13 @@ def speed(args) -> None:
     dev = args.device
     gpu = dev.startswith("cuda")
     shapes = (args.shapes or ("tinyllama-1.1b,llama2-7b" if gpu else "tinyllama-1.1b")).split(",")
-    names = (args.variants or ("bf16,int8,int8-aten,int4,fp8" if gpu else "fp32,bf16,int8,int4")).split(",")
-    bw = copy_bandwidth(dev)
-    print(f"device: {device_name(dev)}; copy read bandwidth {bw / 1e9:.1f} GB/s; torch {torch.__version__}")
+    names = (args.variants or ("bf16,int8,int8-aten,int4,nf4,fp8,q8_0,q4_0,q4_k_m,q6_k" if gpu else
+                               "fp32,bf16,int8,int4,nf4,q8_0,q4_0,q4_k_m")).split(",")
+    if gpu:
+        bw, how = copy_bandwidth(dev), "copy bandwidth (bytes read + written per second)"
+    else:
+        bw, how = read_bandwidth()["best"], "read bandwidth (best of 15 passes)"
+    print(f"device: {device_name(dev)}; roofline: {how} {bw / 1e9:.1f} GB/s; torch {torch.__version__}")
     for shape in shapes:
         rows, ref = [], None
         for name in names:
@@ -105,8 +166,9 @@ def speed(args) -> None:
                 tps = float("nan")
             ref = ref or tps
             roof = bw / nbytes
-            rows.append({"shape": shape, "weights": name, "GB/token": nbytes / 1e9, "tok/s": tps,
-                         f"vs {names[0]}": tps / ref, "roofline tok/s": roof, "% roofline": 100 * tps / roof})
+            rows.append({"shape": shape, "weights": name, "path": kernel_path(model), "GB/token": nbytes / 1e9,
+                         "tok/s": tps, f"vs {names[0]}": tps / ref, "roofline tok/s": roof,
+                         "% roofline": 100 * tps / roof})
             del model
             if gpu:
                 torch.cuda.empty_cache()
@@ -138,7 +200,8 @@ def damage(args) -> None:
 def main():
     p = parser(__doc__)
     p.add_argument("--shapes", default=None, help="presets, comma-separated")
-    p.add_argument("--variants", default=None, help="fp32,bf16,int8,int8-aten,int4,nf4,fp8")
+    p.add_argument("--variants", default=None,
+                   help="fp32,bf16,int8,int8-aten,int4,nf4,fp8 and GGML mixes (q8_0,q4_0,q4_k_m,q5_k_m,q6_k,...)")
     p.add_argument("--new-tokens", type=int, default=None)
     p.add_argument("--group-size", type=int, default=128, help="int4 group size")
     p.add_argument("--damage", nargs=2, metavar=("CKPT", "DATA"), default=None)
