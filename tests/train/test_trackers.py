@@ -60,7 +60,7 @@ def test_every_backend_reads_back_what_metrics_jsonl_says(tmp_path):
     r = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "warning" not in r.stderr.lower(), r.stderr
-    assert r.stdout.startswith("output"), r.stdout  # the trackers' chatter stays off stdout
+    assert r.stdout.startswith("output") and "Trackio" not in r.stdout, r.stdout  # no tracker chatter on stdout
     run = tmp_path / "moons"
     lines = _metrics(run)
     want = {(m["step"], k): v for m in lines for k, v in m.items() if k != "step"}

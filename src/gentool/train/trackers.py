@@ -129,8 +129,12 @@ class _Trackio:
         self.run.log(scalars, step=step)
 
     def close(self) -> None:
+        import trackio
+
         with contextlib.redirect_stdout(sys.stderr):
             self.run.finish()
+        if trackio.context_vars.current_run.get() is self.run:  # else trackio's atexit hook finishes it again, on
+            trackio.context_vars.current_run.set(None)           # stdout
 
 
 _CLASSES = {"tensorboard": _TensorBoard, "mlflow": _MLflow, "wandb": _Wandb, "trackio": _Trackio}
