@@ -1,9 +1,13 @@
 """gentool's CPU kernel for quantized layers (models/qkernel.py) against the dequantized reference, per format.
 
-Tolerance: the kernel multiplies the same float32 weights (code·scale + offset) by the same float32 activations as
-x·dequant(W)ᵀ, in another order, so the difference is float32 summation rounding: within 2e-5·(|x|·|W|ᵀ) per output
-(√K·2⁻²⁴ is about 2e-6 for K = 1536; the bound leaves room for unlucky orders). Greedy tokens then equal the
-reference's: a near-tie within 1e-5 of the logits is what it would take to flip one."""
+Tolerance, float32 activations (act 32): the kernel multiplies the same float32 weights (code·scale + offset) by the
+same float32 activations as x·dequant(W)ᵀ, in another order, so the difference is float32 summation rounding:
+within 2e-5·(|x|·|W|ᵀ) per output (√K·2⁻²⁴ is about 2e-6 for K = 1536; the bound leaves room for unlucky orders).
+Greedy tokens then equal the reference's: a near-tie within 1e-5 of the logits is what it would take to flip one.
+
+8-bit activations (act 8, CPUs with AVX-512 VNNI): x is rounded per run of 4 values, x ≈ q·d with |x - q·d| ≤ d/2,
+so each output is within ½·Σ_runs d_r·Σ_{k in r} |w[n, k]| of x·dequant(W)ᵀ (plus the float32 rounding above); and
+it equals Q8(x)·dequant(W)ᵀ, computed here independently in float64, up to that float32 rounding."""
 
 import copy
 
@@ -20,11 +24,37 @@ from gentool.models.quant_ggml import SUPPORTED, GGMLLinear, dequantize_embeddin
 from gentool.models.transformer import Transformer
 
 needs_kernel = pytest.mark.skipif(not qkernel.available(), reason="gentool's CPU kernel is unavailable here")
+needs_vnni = pytest.mark.skipif(not (qkernel.available() and torch.ops.gentool_qk.has_vnni()),
+                                reason="8-bit activations need AVX-512 VNNI")
+
+
+@pytest.fixture(autouse=True)
+def exact(monkeypatch):
+    """Float32 activations unless a test asks for 8-bit ones."""
+    monkeypatch.setitem(qkernel._state, "act", 32)
 
 
 def _close(y, x, w):
     bound = 2e-5 * (x.abs().double() @ w.abs().double().T) + 1e-30
     return bool(((y.double() - x.double() @ w.double().T).abs() <= bound).all())
+
+
+def _q8(x):
+    """x rounded as the kernel's 8-bit activations: per run of 4, d = max|x|/127, q = round(x·127/max|x|)."""
+    b = x.float().reshape(x.shape[0], -1, 4)
+    amax = b.abs().amax(-1, keepdim=True)
+    q = torch.round(b * torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax)))
+    return (q * (amax / 127.0)).reshape(x.shape), (amax / 127.0)[..., 0]
+
+
+def _close_int8(y, x, w):
+    xq, d = _q8(x)
+    w = w.double()
+    rounding = 2e-5 * (xq.abs().double() @ w.abs().T) + 1e-30
+    same_arithmetic = (y.double() - xq.double() @ w.T).abs() <= rounding
+    runs = w.abs().reshape(w.shape[0], -1, 4).sum(-1)                      # (N, K/4)
+    within_bound = (y.double() - x.double() @ w.T).abs() <= 0.5 * d.double() @ runs.T + rounding
+    return bool(same_arithmetic.all()) and bool(within_bound.all())
 
 
 def _weights(n=48, k=512, seed=0):
@@ -54,6 +84,42 @@ def test_ggml_types_match_dequantized_reference(qtype, rows):
     assert layer._qk_codes is not None and layer._packed is None  # no dense weight kept
     x = torch.randn(rows, 512)
     assert _close(layer(x), x, layer.dequantize(torch.float32))
+
+
+def _int8_cases():
+    w = _weights(48, 512)
+    lin = torch.nn.Linear(512, 48, bias=True)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+    for scheme, group in [("int8", None), ("int4", 32), ("int4", 64), ("int4", 128)]:
+        yield f"{scheme}{group or ''}", lambda s=scheme, g=group: LAYERS[s].from_linear(lin, g or 128)
+    for qtype in SUPPORTED:
+        yield qtype, lambda t=qtype: GGMLLinear(512, 48, torch.from_numpy(ggml.quantize(w.numpy(), t)), t)
+
+
+@needs_vnni
+@pytest.mark.parametrize("make", [m for _, m in _int8_cases()], ids=[n for n, _ in _int8_cases()])
+@pytest.mark.parametrize("rows", [1, 4])
+def test_8bit_activations_within_their_rounding_bound(monkeypatch, make, rows):
+    monkeypatch.setitem(qkernel._state, "act", 8)
+    layer = make()
+    x = torch.randn(rows, 512) * torch.rand(1, 512) * 2
+    x[0, 100] = 40.0  # an outlier: it coarsens only its own run of 4
+    w = layer.dequantize(torch.float32)
+    y = layer(x) - (layer.bias if layer.bias is not None else 0)
+    assert _close_int8(y, x, w)
+    assert not _close(y, x, w)  # the activations really were rounded
+
+
+@needs_vnni
+def test_8bit_activations_leave_tables_and_prefill_in_float32(monkeypatch):
+    monkeypatch.setitem(qkernel._state, "act", 8)
+    nf4 = LAYERS["nf4"].from_linear(torch.nn.Linear(512, 48, bias=False))
+    x = torch.randn(1, 512)
+    assert _close(nf4(x), x, nf4.dequantize(torch.float32))  # NF4's float table: no integer codes
+    q4 = GGMLLinear(512, 48, torch.from_numpy(ggml.quantize(_weights().numpy(), "Q4_0")), "Q4_0")
+    x = torch.randn(9, 512)  # more than 4 rows: prefill, float32
+    assert _close(q4(x), x, q4.dequantize(torch.float32))
 
 
 def _greedy(model, prompt, n):

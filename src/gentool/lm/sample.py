@@ -19,6 +19,7 @@ A prompt longer than the context window minus --max-new-tokens is truncated from
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -28,6 +29,8 @@ import torch.nn as nn
 
 from gentool import console
 from gentool.errors import UsageProblem
+from gentool.models import cpu_step
+from gentool.models.cpu_step import cpu_decoder
 from gentool.models.decode import can_fuse, decode_forward, fuse_projections, use_onednn_linears
 
 M32 = 0xFFFFFFFF
@@ -157,6 +160,11 @@ def decode_step(model: nn.Module, state: DecodeState, params: SamplingParams, fu
     state.advance(logits, params)
 
 
+def cpu_decode_step(decoder, model: nn.Module, state: DecodeState, params: SamplingParams) -> None:
+    """decode_step through the whole-step CPU decoder (batch 1, no padding)."""
+    state.advance(cpu_step.step(decoder, model, state.token, state.pos), params)
+
+
 # --- incremental detokenization and stop strings --------------------------------------------------------------------
 class TextStream:
     """The text of one completion, released as soon as it is final.
@@ -257,7 +265,9 @@ class Generator:
     fuse: decode with fused projections (models/decode.py); default whenever the model allows it.
     prompt_lookup: greedy decoding of one row drafts up to this many tokens from its own text (`PromptLookup`) and
     checks them in one forward; the accepted ones are exactly the greedy choices, so the output is that of plain
-    greedy decoding (up to floating-point ties between a one-token and a multi-token forward)."""
+    greedy decoding (up to floating-point ties between a one-token and a multi-token forward).
+    On a CPU without `compile`, batch-1 decoding runs each token in one C++ call where the model allows it
+    (models/cpu_step.py), the fastest path there."""
 
     def __init__(self, model: nn.Module, tokenizer, *, device: str = "cpu", compile: bool | str | None = None,
                  check_every: int | None = None, fuse: bool | None = None, prompt_lookup: int = 0):
@@ -271,6 +281,8 @@ class Generator:
         self.context = model.config.max_position_embeddings
         self.compile = device.startswith("cuda") if compile is None else compile
         self.check_every = check_every
+        self.fast_cpu = not self.compile  # batch-1 CPU decoding in one C++ call per token, unless compiling
+        self._cpu = None
         self.state: DecodeState | None = None
         self._steps: dict = {}
         self.stats: dict[str, float] = {}
@@ -299,6 +311,10 @@ class Generator:
         if s is None or s.out.shape != (batch, length) or getattr(self.model, "max_seq_len", 0) != length:
             self.model.setup_cache(batch, length, device=self.device)
             s = self.state = DecodeState(batch, length, self.model.config.vocab_size, len(self.eos), self.device)
+        if self.device == "cpu" and self.fast_cpu:  # over the model's current cache (another Generator may renew it)
+            key = [id(m.kv_cache.k) for m in self.model.modules() if getattr(m, "kv_cache", None) is not None]
+            if self._cpu is None or self._cpu[1] != key:  # the decoder keeps its cache alive: ids stay unique
+                self._cpu = (cpu_decoder(self.model), key)
             if self.device.startswith("cuda"):
                 for b in s.buffers():  # static inputs: the graph reads and writes them in place
                     torch._dynamo.mark_static_address(b)
@@ -360,6 +376,8 @@ class Generator:
         s.count.zero_()
         s.pos.fill_(width - 1)  # advance() moves it to the sampled token's position
         step = self._step_fn(params)
+        if self._cpu and self._cpu[0] is not None and not s.padded:  # one C++ call per token (models/cpu_step.py)
+            step = functools.partial(cpu_decode_step, self._cpu[0], params=params)
         streams = [TextStream(self.tok, ids, params.stop) for _, ids in rows]
         ends: list[int | None] = [None] * b       # tokens kept per row once finished
         why = ["length"] * b

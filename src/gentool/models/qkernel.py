@@ -1,13 +1,18 @@
 """gentool's CPU kernel for packed-weight linear layers: built on first use, with a fallback.
 
-`qmm(x, layout)` computes x·Wᵀ for a weight held as a `Layout` (codes, a scale and an optional offset per group,
-an optional 16-value table): every quantized format gentool writes maps onto one (`layout_*` below, exactly: the
-layout's w = v(c)·scale + offset equals the format's dequantized weight up to float32 rounding). The C++ source
-(models/qkernel_src.py) is compiled with g++ against the installed torch the first time a layer needs it (AVX-512
-when the CPU has it, else AVX2 + FMA), cached under $GENTOOL_CACHE_DIR (default ~/.cache/gentool)/kernels keyed by
-the source, torch version and instruction set, and loaded with torch.ops.load_library. Where the CPU lacks AVX2/FMA,
-no compiler is found or the build fails, `available()` is False after one notice on stderr and the layers keep
-their previous path (dequantize + F.linear, or torch's weight-only kernels).
+`qmm(x, layout)` computes x·Wᵀ for a weight held as a `Layout` (unsigned codes, a zero code, a scale and an
+optional offset per group, an optional 16-value table): every quantized format gentool writes maps onto one
+(`layout()`, exactly: the layout's w = (c - zero)·scale + offset equals the format's dequantized weight up to float32
+rounding). The C++ sources (models/qkernel_src.py, and models/decode_src.py: the whole-step decoder) are compiled
+with g++ against the installed torch the first time a layer needs them (AVX-512, with VNNI where the CPU has it,
+else AVX2 + FMA; OpenMP threads as torch's), cached under $GENTOOL_CACHE_DIR (default ~/.cache/gentool)/kernels
+keyed by the source, torch version and instruction set, and loaded with torch.ops.load_library. Where the CPU lacks
+AVX2/FMA, no compiler is found or the build fails, `available()` is False after one notice on stderr and the layers
+keep their previous path (dequantize + F.linear, or torch's weight-only kernels).
+
+Activations: on a CPU with AVX-512 VNNI, decoding multiplies the packed codes by activations rounded to 8 bits per
+block of 32 with integer dot products, as llama.cpp does (`act_bits()` = 8); GENTOOL_CPU_KERNEL=exact keeps them
+float32 (the product is then x·dequant(W)ᵀ up to float32 rounding), as does a CPU without VNNI.
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ import torch
 
 from gentool import console
 
-ENABLED = os.environ.get("GENTOOL_CPU_KERNEL", "1") != "0"  # GENTOOL_CPU_KERNEL=0: never build or use it
+MODE = os.environ.get("GENTOOL_CPU_KERNEL", "1")  # 0: never build or use it; exact: float32 activations
+ENABLED = MODE != "0"
 _state: dict = {}
 
 
@@ -32,7 +38,9 @@ def _isa() -> str | None:
         flags = next((ln.split(":", 1)[1].split() for ln in open("/proc/cpuinfo") if ln.startswith("flags")), [])
     except OSError:
         return None
-    if {"avx512f", "avx2", "fma"} <= set(flags):
+    if {"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx2", "fma"} <= set(flags):
+        return "avx512vnni"
+    if {"avx512f", "avx512bw", "avx512vl", "avx2", "fma"} <= set(flags):
         return "avx512"
     if {"avx2", "fma"} <= set(flags):
         return "avx2"
@@ -54,17 +62,20 @@ def _torch_paths() -> tuple[list[Path], list[Path]]:
 
 
 def _build(isa: str) -> Path:
-    from gentool.models.qkernel_src import SOURCE
+    from gentool.models import decode_src, qkernel_src
 
-    flags = ["-mavx2", "-mfma", "-mf16c"] + (["-mavx512f", "-mavx512bw", "-mavx512vl"] if isa == "avx512" else [])
-    key = hashlib.sha256(f"{SOURCE}{torch.__version__}{flags}".encode()).hexdigest()[:16]
+    source = qkernel_src.SOURCE + decode_src.SOURCE + qkernel_src.REGISTER
+    flags = ["-mavx2", "-mfma", "-mf16c", "-fopenmp"]
+    flags += ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"] if isa.startswith("avx512") else []
+    flags += ["-mavx512vnni"] if isa == "avx512vnni" else []
+    key = hashlib.sha256(f"{source}{torch.__version__}{flags}".encode()).hexdigest()[:16]
     out = cache_dir() / f"gentool_qk_{isa}_{key}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     console.log(f"building gentool's CPU kernel for quantized layers ({isa}; once, cached in {out.parent})")
     src = out.with_suffix(f".{os.getpid()}.cpp")
-    src.write_text(SOURCE)
+    src.write_text(source)
     tmp = out.with_suffix(f".{os.getpid()}.tmp")
     cmd = [os.environ.get("CXX", "g++"), "-O3", "-std=c++17", "-shared", "-fPIC", *flags, str(src), "-o", str(tmp),
            "-D_GLIBCXX_USE_CXX11_ABI=" + str(int(torch._C._GLIBCXX_USE_CXX11_ABI))]
@@ -109,19 +120,29 @@ def available() -> bool:
 
 def _register_fake() -> None:
     @torch.library.register_fake("gentool_qk::qmm")
-    def _(x, codes, scale, offset, group, bits, lut):
+    def _(x, codes, scale, offset, group, bits, lut, zero, act):
         return x.new_empty(x.shape[0], codes.shape[0])
+
+
+def act_bits() -> int:
+    """8 where decoding rounds activations to 8 bits (a CPU with AVX-512 VNNI, unless GENTOOL_CPU_KERNEL=exact),
+    else 32. Call after `available()` said True."""
+    if "act" not in _state:
+        _state["act"] = 8 if MODE != "exact" and torch.ops.gentool_qk.has_vnni() else 32
+    return _state["act"]
 
 
 @dataclass
 class Layout:
-    """w[n, k] = v(codes[n, k])·scale[n, k // group] + offset[n, k // group]; v(c) = lut[c] when a table is given."""
-    codes: torch.Tensor                # bits 4: (N, K/2) uint8, nibbles paired 32 weights apart; bits 8: (N, K) int8
+    """w[n, k] = v(codes[n, k])·scale[n, k // group] + offset[n, k // group]; v(c) = c - zero, or lut[c] when a
+    table is given."""
+    codes: torch.Tensor                # bits 4: (N, K/2) uint8, nibbles paired 32 weights apart; bits 8: (N, K) uint8
     scale: torch.Tensor                # (N, K/group) float32
     offset: torch.Tensor | None        # (N, K/group) float32, or None for zero
     group: int
     bits: int
     lut: torch.Tensor | None = None    # (16,) float32
+    zero: int = 0
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.offset, self.lut)
@@ -140,18 +161,22 @@ def pack_nibbles(u: torch.Tensor) -> torch.Tensor:
 
 
 def layout(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, bits: int,
-           lut: torch.Tensor | None = None) -> Layout | None:
-    """A Layout from codes (N, K) (0..15 for bits 4, -128..127 for bits 8) and per-group scale / offset (N, G);
-    None where the kernel does not take the shape."""
+           lut: torch.Tensor | None = None, zero: int = 0) -> Layout | None:
+    """A Layout of w = (codes - zero)·scale + offset (or lut[codes]·scale) from integer codes (N, K) — 0..15 for
+    bits 4; for bits 8 any integers with codes - zero in -128..127 — and per-group scale / offset (N, G); None
+    where the kernel does not take the shape."""
     n, k = codes.shape
     scale = scale.reshape(n, -1)
     group = k // scale.shape[1] if scale.shape[1] and k % scale.shape[1] == 0 else 0
     if not fits(k, group, bits):
         return None
-    c = pack_nibbles(codes) if bits == 4 else codes.to(torch.int8).contiguous()
+    if bits == 4:
+        c = pack_nibbles(codes)
+    else:  # unsigned bytes v + 128, the kernel's zero 128
+        c, zero = (codes.to(torch.int16) - zero + 128).to(torch.uint8).contiguous(), 128
     off = None if offset is None or not bool(offset.any()) else offset.float().reshape(n, -1).contiguous()
     return Layout(c, scale.float().contiguous(), off, group, bits,
-                  None if lut is None else lut.float().contiguous())
+                  None if lut is None else lut.float().contiguous(), zero)
 
 
 def usable(lay: Layout | None, x: torch.Tensor) -> bool:
@@ -159,8 +184,10 @@ def usable(lay: Layout | None, x: torch.Tensor) -> bool:
 
 
 def qmm(x: torch.Tensor, lay: Layout) -> torch.Tensor:
-    """x (M, K) · Wᵀ -> (M, N) in x's dtype (computed in float32). Call after `available()` said True."""
-    y = torch.ops.gentool_qk.qmm(x.float(), lay.codes, lay.scale, lay.offset, lay.group, lay.bits, lay.lut)
+    """x (M, K) · Wᵀ -> (M, N) in x's dtype (computed in float32; decoding with `act_bits()` activations). Call
+    after `available()` said True."""
+    y = torch.ops.gentool_qk.qmm(x.float(), lay.codes, lay.scale, lay.offset, lay.group, lay.bits, lay.lut,
+                                 lay.zero, act_bits())
     return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 

@@ -94,7 +94,7 @@ class QuantLinear(nn.Module):
             lay = self._layout()
         for name, field in zip(_QK, ("codes", "scale", "offset", "lut")):
             self._buffers[name] = getattr(lay, field) if lay is not None else None
-        self._qk_group, self._qk_bits = (lay.group, lay.bits) if lay is not None else (0, 0)
+        self._qk_group, self._qk_bits, self._qk_zero = (lay.group, lay.bits, lay.zero) if lay is not None else (0, 0, 0)
         self._prepare()
 
     def _layout(self) -> qkernel.Layout | None:
@@ -107,9 +107,14 @@ class QuantLinear(nn.Module):
     def _qk_input(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
+    @property
+    def _qk_act(self) -> int:
+        """The kernel's activation bits for decoding rows (qkernel.act_bits)."""
+        return qkernel.act_bits()
+
     def _qk(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.ops.gentool_qk.qmm(self._qk_input(x).float(), self._qk_codes, self._qk_scale, self._qk_offset,
-                                     self._qk_group, self._qk_bits, self._qk_lut)
+                                     self._qk_group, self._qk_bits, self._qk_lut, self._qk_zero, self._qk_act)
         return y if x.dtype == torch.float32 else y.to(x.dtype)
 
     def _dense(self, x: torch.Tensor) -> torch.Tensor:
@@ -178,9 +183,9 @@ class Int8Linear(QuantLinear):
 class Int4Linear(QuantLinear):
     scheme = "int4"
 
-    def _layout(self):  # w = (q - 8)·s + z = q·s + (z - 8s)
-        s = self.weight_scale.float()
-        return qkernel.layout(qp.int4_codes(self.stored()), s, self.weight_zero.float() - 8 * s, 4)
+    def _layout(self):  # w = (q - 8)·s + z
+        return qkernel.layout(qp.int4_codes(self.stored()), self.weight_scale.float(), self.weight_zero.float(), 4,
+                              zero=8)
 
     def _prepare(self):
         self._packed = self._sz = None

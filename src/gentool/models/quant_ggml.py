@@ -197,12 +197,16 @@ class GGMLLinear(QuantLinear):
     def _layout(self):
         lo, n, _ = _CODES[self.qtype]
         q, scale, zero, _ = affine(self.weight, self.qtype, self.in_features)
-        if n <= 16 and (lay := qkernel.layout(q - lo, scale, zero + lo * scale, 4)) is not None:
+        if n <= 16 and (lay := qkernel.layout(q - lo, scale, zero, 4, zero=-lo)) is not None:
             return lay  # 4-bit codes from 0 (the kernel pairs nibbles 32 apart: groups of 32 or more)
         return qkernel.layout(q, scale, zero, 8)  # Q2_K/Q3_K's groups of 16, 5-8 bit codes, IQ4's table values
 
     def _qk_input(self, x):
         return ggml_activations(x, self.qtype) if self.cpu_arithmetic else x
+
+    @property
+    def _qk_act(self) -> int:  # llama.cpp's own rounding of x (cpu_arithmetic) is applied before, in float32
+        return 32 if self.cpu_arithmetic else qkernel.act_bits()
 
     def _prepare(self) -> None:
         self.__dict__["_kernels"] = []

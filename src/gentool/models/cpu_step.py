@@ -1,0 +1,86 @@
+"""Batch-1 decoding on a CPU in one C++ call per token: `cpu_decoder(model)` wraps a Transformer whose projections
+the kernel takes (dense float32 `nn.Linear`s, quantized layers with a kernel layout) in the `Decoder` of
+models/decode_src.py, over the model's own tensors and its static KV cache; `step` returns the logits of one token.
+
+Batch-1 decoding of a small model is bound by per-operation overhead in eager PyTorch (SmolLM2-135M: ~700
+operations per token, more time than reading its weights); the decoder runs a token in one call. It applies to a
+causal Transformer in float32 on a CPU with gentool's kernel, no LoRA or other wrapped projections, and a float32
+cache; `cpu_decoder` returns None otherwise and decoding keeps models/decode.py's path. The quantized layers use the
+kernel's activation arithmetic (`qkernel.act_bits`: 8-bit activations with VNNI, as llama.cpp, or float32).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from gentool.models import qkernel
+from gentool.models.quant import QuantLinear
+from gentool.models.transformer import Transformer
+
+_NONE = torch.empty(0)
+PROJECTIONS = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"), ("self_attn", "o_proj"),
+               ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))
+
+
+def _dense(lin: nn.Module) -> bool:
+    return isinstance(lin, nn.Linear) and type(lin).forward in (nn.Linear.forward, _onednn_forward()) and \
+        lin.weight.dtype == torch.float32 and lin.weight.device.type == "cpu" and \
+        (lin.bias is None or lin.bias.dtype == torch.float32)
+
+
+def _onednn_forward():
+    from gentool.models.decode import OneDNNLinear
+
+    return OneDNNLinear.forward
+
+
+def _layer_args(lin: nn.Module) -> tuple | None:
+    """(codes, scale, offset, lut, bias, group, bits, zero) of one projection, or None where the decoder cannot
+    run it."""
+    if lin._forward_hooks or lin._forward_pre_hooks or not isinstance(lin, (QuantLinear, nn.Linear)):
+        return None
+    bias = lin.bias if lin.bias is not None else _NONE
+    if isinstance(lin, QuantLinear):
+        if lin._qk_codes is None or getattr(lin, "cpu_arithmetic", False) or bias.dtype != torch.float32:
+            return None  # no layout, or arithmetic of its own (GGMLLinear.cpu_arithmetic rounds x first)
+        pick = lambda t: _NONE if t is None else t  # noqa: E731
+        return (lin._qk_codes, lin._qk_scale, pick(lin._qk_offset), pick(lin._qk_lut), bias,
+                lin._qk_group, lin._qk_bits, lin._qk_zero)
+    if _dense(lin):
+        return lin.weight.detach().contiguous(), _NONE, _NONE, _NONE, bias.detach(), 0, 32, 0
+    return None
+
+
+def cpu_decoder(model: nn.Module):
+    """A `torch.classes.gentool_qk.Decoder` over the model's weights and current cache (set up, batch 1), or
+    None where it does not apply."""
+    if not (isinstance(model, Transformer) and model.causal and qkernel.ENABLED and qkernel.available()):
+        return None
+    layers = model.model.layers
+    caches = [layer.self_attn.kv_cache for layer in layers]
+    if any(c is None or c.k.dtype != torch.float32 or c.k.shape[0] != 1 or c.k.device.type != "cpu" for c in caches):
+        return None
+    norms = [n.weight for layer in layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]
+    norms.append(model.model.norm.weight)
+    if any(n.dtype != torch.float32 or n.device.type != "cpu" for n in norms):
+        return None
+    args = [_layer_args(getattr(getattr(layer, part), name)) for layer in layers for part, name in PROJECTIONS]
+    args.append(_layer_args(model.lm_head))
+    if any(a is None for a in args):
+        return None
+    lists = [list(col) for col in zip(*args)]
+    meta = [int(v) for a in args for v in a[5:]]
+    c = model.config
+    return torch.classes.gentool_qk.Decoder(
+        [n.detach() for n in norms], [cc.k for cc in caches], [cc.v for cc in caches],
+        *[[t.detach() for t in col] for col in lists[:5]], meta, c.num_attention_heads, c.num_key_value_heads,
+        float(c.rms_norm_eps))
+
+
+def step(decoder, model: Transformer, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Logits (1, V) of `token` (1, 1) at position `pos` (1,), extending the cache."""
+    x = model.model.embed_tokens(token).reshape(-1).float()
+    freqs = pos.float()[:, None] * model.inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)[0]
+    return decoder.step(x, emb.cos(), emb.sin(), int(pos[0]), qkernel.act_bits())

@@ -1,0 +1,163 @@
+"""C++ source of gentool's whole-step CPU decoder (compiled with models/qkernel_src.py into one library).
+
+`torch.classes.gentool_qk.Decoder` holds a Transformer's weights (pointers into the model's own tensors: dense
+float32 weights, or the packed layouts of models/qkernel.py) and its static KV cache, and `step(x, cos, sin, pos,
+act)` runs one token through every block and the output layer in C++: RMSNorm, q/k/v (one parallel pass over the
+three layers), rotary embedding, the cache write, grouped-query attention over positions 0..pos, o, RMSNorm,
+gate/up (one pass), SiLU·up, down, residuals, the final norm and the logits. Batch-1 decoding of a small model is
+bound by per-operation overhead in eager PyTorch (a 30-block model runs ~700 operations per token); here a token
+costs one call, and the threads split each layer's rows. It computes what Transformer.forward does for one token
+(models/decode.py's decode_forward; the tests compare them): the same float32 arithmetic, in another order, and for
+act = 8 the quantized layers' 8-bit activations (models/qkernel_src.py).
+"""
+
+SOURCE = r"""
+#include <torch/custom_class.h>
+
+namespace {
+void rmsnorm(const float* x, const float* w, int64_t D, float eps, float* out) {
+  const float r = 1.f / std::sqrt(dot_f32(x, x, D) / (float)D + eps);
+  for (int64_t k = 0; k < D; ++k) out[k] = w[k] * (x[k] * r);  // transformers: weight · (x · rsqrt(mean x² + eps))
+}
+
+void rope(float* v, const float* cos, const float* sin, int64_t E) {  // v·cos + rotate_half(v)·sin
+  const int64_t h = E / 2;
+  for (int64_t i = 0; i < h; ++i) {
+    const float a = v[i], b = v[i + h];
+    v[i] = a * cos[i] - b * sin[i];
+    v[i + h] = b * cos[i + h] + a * sin[i + h];
+  }
+}
+
+struct Decoder : torch::CustomClassHolder {
+  int64_t L, D, H, KV, E, I, S, V;
+  double eps;
+  std::vector<at::Tensor> keep;
+  std::vector<QW> ws;  // per block q, k, v, o, gate, up, down; then the output layer
+  std::vector<const float*> norms;
+  std::vector<float*> kc, vc;
+  std::vector<float> xr, xn, qkv, att, tmp, gu, hid;
+  Act a_in, a_att, a_hid;
+
+  // lists: tensors per layer (an empty tensor for None); ints per layer: group, bits, zero
+  Decoder(std::vector<at::Tensor> norm_w, std::vector<at::Tensor> k_cache, std::vector<at::Tensor> v_cache,
+          std::vector<at::Tensor> codes, std::vector<at::Tensor> scales, std::vector<at::Tensor> offsets,
+          std::vector<at::Tensor> luts, std::vector<at::Tensor> biases, std::vector<int64_t> meta,
+          int64_t n_heads, int64_t n_kv, double eps_) {
+    L = (int64_t)k_cache.size();
+    TORCH_CHECK(L > 0 && (int64_t)codes.size() == 7 * L + 1 && (int64_t)norm_w.size() == 2 * L + 1 &&
+                (int64_t)v_cache.size() == L && (int64_t)meta.size() == 3 * (7 * L + 1), "Decoder: list lengths");
+    H = n_heads; KV = n_kv; eps = eps_;
+    D = norm_w[0].numel();
+    TORCH_CHECK(k_cache[0].dim() == 4 && k_cache[0].size(0) == 1 && k_cache[0].size(1) == KV, "Decoder: cache shape");
+    S = k_cache[0].size(2); E = k_cache[0].size(3);
+    auto opt = [](const at::Tensor& t) { return t.numel() ? c10::optional<at::Tensor>(t) : c10::nullopt; };
+    for (int64_t i = 0; i < 7 * L + 1; ++i) {
+      const int64_t bits = meta[3 * i + 1];
+      const int64_t K = bits == 4 ? 2 * codes[i].size(1) : codes[i].size(1);
+      keep.push_back(codes[i]);
+      ws.push_back(make_qw(codes[i], opt(scales[i]), opt(offsets[i]), opt(luts[i]), opt(biases[i]), meta[3 * i],
+                           bits, meta[3 * i + 2], K, keep));
+    }
+    I = ws[4].N; V = ws[7 * L].N;
+    for (int64_t l = 0; l < L; ++l) {
+      const QW* w = &ws[7 * l];
+      TORCH_CHECK(w[0].K == D && w[0].N == H * E && w[1].N == KV * E && w[2].N == KV * E && w[3].K == H * E &&
+                  w[3].N == D && w[4].N == I && w[5].N == I && w[6].K == I && w[6].N == D, "Decoder: layer shapes");
+      for (auto* c : {&k_cache[l], &v_cache[l]})
+        TORCH_CHECK(c->is_contiguous() && c->scalar_type() == at::kFloat && c->sizes() == k_cache[0].sizes(),
+                    "Decoder: the KV cache must be float32, contiguous, one shape");
+      kc.push_back(k_cache[l].data_ptr<float>()); vc.push_back(v_cache[l].data_ptr<float>());
+      keep.push_back(k_cache[l]); keep.push_back(v_cache[l]);
+    }
+    for (auto& t : norm_w) {
+      keep.push_back(t.contiguous().to(at::kFloat));
+      TORCH_CHECK(keep.back().numel() == D, "Decoder: norm shape");
+      norms.push_back(keep.back().data_ptr<float>());
+    }
+    xr.resize(D); xn.resize(D); qkv.resize((H + 2 * KV) * E); att.resize(H * E); tmp.resize(D);
+    gu.resize(2 * I); hid.resize(I);
+  }
+
+  void attention(int64_t l, int64_t pos) {
+    const float scale = 1.f / std::sqrt((float)E);
+    const int64_t group = H / KV;
+    at::parallel_for(0, H, (pos + 1) * E * H >= 65536 ? 1 : H, [&](int64_t h0, int64_t h1) {
+      std::vector<float> p(pos + 1);
+      for (int64_t h = h0; h < h1; ++h) {
+        const float* q = qkv.data() + h * E;
+        const float* k = kc[l] + (h / group) * S * E;
+        const float* v = vc[l] + (h / group) * S * E;
+        float mx = -INFINITY;
+        for (int64_t s = 0; s <= pos; ++s) { p[s] = dot_f32(q, k + s * E, E) * scale; mx = std::max(mx, p[s]); }
+        float sum = 0.f;
+        for (int64_t s = 0; s <= pos; ++s) { p[s] = std::exp(p[s] - mx); sum += p[s]; }
+        float* o = att.data() + h * E;
+        std::fill(o, o + E, 0.f);
+        for (int64_t s = 0; s <= pos; ++s) {
+          const float c = p[s] / sum;
+          const float* vs = v + s * E;
+          for (int64_t e = 0; e < E; ++e) o[e] += c * vs[e];
+        }
+      }
+    });
+  }
+
+  at::Tensor step(at::Tensor x, at::Tensor cos, at::Tensor sin, int64_t pos, int64_t act) {
+    TORCH_CHECK(x.numel() == D && x.scalar_type() == at::kFloat, "Decoder.step: x must be float32 with ", D, " values");
+    TORCH_CHECK(cos.numel() == E && sin.numel() == E && 0 <= pos && pos < S, "Decoder.step: position or rotary shape");
+    x = x.contiguous(); cos = cos.contiguous().to(at::kFloat); sin = sin.contiguous().to(at::kFloat);
+    const bool int8 = act == 8;
+    std::memcpy(xr.data(), x.data_ptr<float>(), D * sizeof(float));
+    const float *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
+    float *q = qkv.data(), *k = q + H * E, *v = k + KV * E;
+    for (int64_t l = 0; l < L; ++l) {
+      const QW* w = &ws[7 * l];
+      rmsnorm(xr.data(), norms[2 * l], D, (float)eps, xn.data());
+      a_in.set(xn.data(), D, int8);
+      for (int j = 0; j < 3; ++j) a_in.prepare(w[j]);
+      const Job qkv_jobs[3] = {{&w[0], &a_in, q}, {&w[1], &a_in, k}, {&w[2], &a_in, v}};
+      run_jobs(qkv_jobs, 3);
+      for (int64_t h = 0; h < H; ++h) rope(q + h * E, cp, sp, E);
+      for (int64_t h = 0; h < KV; ++h) {
+        rope(k + h * E, cp, sp, E);
+        std::memcpy(kc[l] + (h * S + pos) * E, k + h * E, E * sizeof(float));
+        std::memcpy(vc[l] + (h * S + pos) * E, v + h * E, E * sizeof(float));
+      }
+      attention(l, pos);
+      a_att.set(att.data(), H * E, int8);
+      a_att.prepare(w[3]);
+      const Job o_job{&w[3], &a_att, tmp.data()};
+      run_jobs(&o_job, 1);
+      for (int64_t i = 0; i < D; ++i) xr[i] += tmp[i];
+      rmsnorm(xr.data(), norms[2 * l + 1], D, (float)eps, xn.data());
+      a_in.set(xn.data(), D, int8);
+      a_in.prepare(w[4]); a_in.prepare(w[5]);
+      const Job gu_jobs[2] = {{&w[4], &a_in, gu.data()}, {&w[5], &a_in, gu.data() + I}};
+      run_jobs(gu_jobs, 2);
+      for (int64_t i = 0; i < I; ++i) { const float g = gu[i]; hid[i] = g / (1.f + std::exp(-g)) * gu[I + i]; }
+      a_hid.set(hid.data(), I, int8);
+      a_hid.prepare(w[6]);
+      const Job d_job{&w[6], &a_hid, tmp.data()};
+      run_jobs(&d_job, 1);
+      for (int64_t i = 0; i < D; ++i) xr[i] += tmp[i];
+    }
+    rmsnorm(xr.data(), norms[2 * L], D, (float)eps, xn.data());
+    a_in.set(xn.data(), D, int8);
+    a_in.prepare(ws[7 * L]);
+    at::Tensor logits = at::empty({1, V}, x.options());
+    const Job head{&ws[7 * L], &a_in, logits.data_ptr<float>()};
+    run_jobs(&head, 1);
+    return logits;
+  }
+};
+}  // namespace
+
+#define DECODE_CLASS \
+  m.class_<Decoder>("Decoder") \
+      .def(torch::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>, \
+                       std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>, \
+                       std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<int64_t>, int64_t, int64_t, \
+                       double>()) \
+      .def("step", &Decoder::step);
+"""

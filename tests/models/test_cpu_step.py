@@ -1,0 +1,129 @@
+"""The whole-step CPU decoder (models/cpu_step.py, C++ in models/decode_src.py) against Transformer.forward.
+
+Tolerance: with float32 activations the decoder computes the same float32 arithmetic as the model's forward pass
+(RMSNorm, rotary, attention, SwiGLU; the quantized layers through the same kernel layouts) in another order, so
+the logits differ by float32 rounding accumulated over the blocks: within 1e-4·max|logit| (measured ~1e-6 on
+SmolLM2's 30 blocks, tests/models/test_quant_kernel_smollm2.py). Greedy tokens then agree."""
+
+import pytest
+import torch
+
+from gentool.config import config_from_preset
+from gentool.models import cpu_step, qkernel
+from gentool.models.decode import fuse_projections, use_onednn_linears
+from gentool.models.quant import quantize_model
+from gentool.models.transformer import Transformer
+
+pytestmark = pytest.mark.skipif(not qkernel.available(), reason="gentool's CPU kernel is unavailable here")
+PROMPT = [1, 17, 42, 99, 7, 3, 250, 128]
+
+
+@pytest.fixture(autouse=True)
+def exact(monkeypatch):
+    monkeypatch.setitem(qkernel._state, "act", 32)
+
+
+def _model(scheme=None, *, bias=False, tied=False, heads=(4, 2)):
+    cfg = config_from_preset("tiny", vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
+                             num_attention_heads=heads[0], num_key_value_heads=heads[1],
+                             max_position_embeddings=96, attention_bias=bias, tie_word_embeddings=tied)
+    model = Transformer(cfg)
+    model.init_weights(0)
+    if bias:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith(".bias"):
+                    p.normal_(0, 0.05)
+    model.eval()
+    if scheme in ("int8", "int4", "nf4"):
+        quantize_model(model, scheme, group_size=64, skip=("embed_tokens",))
+    elif scheme:
+        from gentool.quantize.ggml import plan_for, quantize_model_ggml
+
+        quantize_model_ggml(model, plan_for(model, cfg, scheme))
+    return model
+
+
+def _run(model, n, *, fast, every=1):
+    """n greedy tokens after PROMPT and their logits; `fast`: the decoder for every `every`-th step, the model's
+    forward for the others (both read and write the same cache)."""
+    model.setup_cache(1, len(PROMPT) + n)
+    ids, out = list(PROMPT), []
+    with torch.no_grad():
+        x = model(torch.tensor([PROMPT]), input_pos=torch.arange(len(PROMPT)))[:, -1]
+        decoder = cpu_step.cpu_decoder(model) if fast else None
+        assert decoder is not None or not fast
+        for i in range(n):
+            out.append(x[0])
+            ids.append(int(x.argmax()))
+            tok, pos = torch.tensor([ids[-1:]]), torch.tensor([len(ids) - 1])
+            x = cpu_step.step(decoder, model, tok, pos) if fast and i % every == 0 else \
+                model(tok, input_pos=pos)[:, -1]
+    model.reset_cache()
+    return ids[len(PROMPT):], torch.stack(out)
+
+
+@pytest.mark.parametrize("scheme", [None, "int8", "int4", "nf4", "q4_0", "q4_k_m", "q6_k"])
+@pytest.mark.parametrize("bias,tied,heads", [(False, False, (4, 2)), (True, True, (4, 4)), (False, True, (4, 1))])
+def test_decoder_equals_the_forward_pass(scheme, bias, tied, heads):
+    if bias and scheme and scheme.startswith("q"):
+        pytest.skip("GGML schemes take Llama's bias-free layers")
+    model = _model(scheme, bias=bias, tied=tied, heads=heads)
+    ref_tokens, ref = _run(model, 24, fast=False)
+    tokens, got = _run(model, 24, fast=True)
+    assert (got - ref).abs().max() <= 1e-4 * ref.abs().max()
+    assert tokens == ref_tokens
+
+
+def test_decoder_and_forward_share_the_cache():
+    model = _model("q4_0")
+    ref_tokens, ref = _run(model, 20, fast=False)
+    tokens, got = _run(model, 20, fast=True, every=2)  # alternate: each reads what the other wrote
+    assert tokens == ref_tokens and (got - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
+def test_decoder_on_fused_and_onednn_projections():
+    model = _model(None)
+    ref_tokens, ref = _run(model, 16, fast=False)
+    fuse_projections(model)
+    use_onednn_linears(model)
+    tokens, got = _run(model, 16, fast=True)
+    assert tokens == ref_tokens and (got - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
+def test_models_the_decoder_does_not_take():
+    from gentool.models.lora import LoRAConfig, inject_lora
+
+    lora = _model(None)
+    inject_lora(lora, LoRAConfig(r=4, alpha=8, target_modules=["q_proj"]))
+    bf16 = _model(None).to(torch.bfloat16)
+    batch2 = _model("int8")
+    for model, batch in [(lora, 1), (bf16, 1), (batch2, 2)]:
+        model.setup_cache(batch, 32)
+        assert cpu_step.cpu_decoder(model) is None
+    assert cpu_step.cpu_decoder(_model(None)) is None  # no cache set up
+
+
+def test_generator_uses_the_decoder_and_gives_the_same_text():
+    from gentool.lm.sample import Generator, SamplingParams
+
+    class Tok:
+        bos_id, eos_id, pad_id, eos_ids, add_bos = None, None, 0, set(), False
+
+        def decode(self, ids):
+            return " ".join(map(str, ids))
+
+    model = _model("q4_k_m")
+    params = SamplingParams(max_new_tokens=20, temperature=0, ignore_eos=True)
+    fast = Generator(model, Tok(), device="cpu")
+    a = fast.generate_ids([("", PROMPT)], params)[0]
+    assert fast._cpu is not None
+    slow = Generator(model, Tok(), device="cpu")
+    slow.fast_cpu = False
+    b = slow.generate_ids([("", PROMPT)], params)[0]
+    assert slow._cpu is None
+    assert a.token_ids == b.token_ids
+    sampled = SamplingParams(max_new_tokens=20, temperature=0.8, top_k=20, seed=3, ignore_eos=True)
+    other = PROMPT[::-1] + [5, 9]
+    # the two Generators share the model, whose cache `slow` renewed: `fast` must decode over the current one
+    assert fast.generate_ids([("", other)], sampled)[0].token_ids == slow.generate_ids([("", other)], sampled)[0].token_ids
