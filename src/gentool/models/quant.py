@@ -316,20 +316,17 @@ def layer_schemes(model: nn.Module, scheme: str, patterns, group_size: int = 128
 
 def quantize_model(model: nn.Module, scheme: str, *, group_size: int = 128, skip=DEFAULT_SKIP,
                    keep_16bit=(), head: str = "auto") -> dict[str, list[str]]:
-    """Replace every nn.Linear not matched by `skip` / `keep_16bit` patterns by its quantized layer (the output
-    head by `head`'s scheme, see `layer_schemes`), in place. Returns the module names quantized, the weight names
-    left in 16-bit, int4 group-size fallbacks and the modules whose scheme is not `scheme` (`module_schemes`)."""
+    """Replace every nn.Linear not matched by `skip` / `keep_16bit` by its quantized layer (`layer_schemes`), in place.
+    Returns the modules quantized, weights left 16-bit, int4 group fallbacks and layers not in `scheme`."""
     if scheme not in LAYERS:
         raise UsageProblem(f"unknown scheme {scheme!r}", hint="use one of " + ", ".join(qp.SCHEMES))
     if scheme == "int4" and group_size not in qp.INT4_GROUP_SIZES:
         raise UsageProblem(f"group size {group_size} is not supported",
                            hint="use --group-size " + ", ".join(map(str, qp.INT4_GROUP_SIZES)))
-    plan = layer_schemes(model, scheme, list(skip) + list(keep_16bit), group_size, head)
-    groups = {}
+    plan, groups = layer_schemes(model, scheme, list(skip) + list(keep_16bit), group_size, head), {}
     for name, s in plan.items():
         m = model.get_submodule(name)
-        g = int4_group(m.in_features, group_size) if s == "int4" else group_size
-        if g != group_size:
+        if (g := int4_group(m.in_features, group_size) if s == "int4" else group_size) != group_size:
             groups[name] = g
         model.set_submodule(name, LAYERS[s].from_linear(m, g))
     skipped = [k for k, v in model.state_dict().items() if v.dim() == 2 and k.rsplit(".", 1)[0] not in plan]
@@ -354,20 +351,24 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
     return model
 
 
-def install_from_state(model: nn.Module, state: dict[str, torch.Tensor], qconfig: dict, *, dtype: torch.dtype,
-                       where=None) -> list[str]:
-    """Swap in the quantized layers a checkpoint's state holds (found by their `<name>.weight_scale` /
-    `<name>.weight_absmax` companions; a layer's scheme is config's `module_schemes` entry, else `scheme`) and pop
-    their tensors from `state`."""
+def stored_schemes(qconfig: dict, names, where=None) -> dict[str, str]:
+    """Quantized layer -> scheme, from a checkpoint's tensor `names` (`<layer>.weight_scale` / `.weight_absmax`
+    companions) and config.json's `scheme`, or the layer's entry in `module_schemes` (the int8 output head)."""
     overrides = qconfig.get("module_schemes") or {}
     schemes = [qconfig.get("scheme"), *(overrides.values() if isinstance(overrides, dict) else [overrides])]
     if bad := [s for s in schemes if str(s) not in LAYERS]:
         raise GentoolError(f"unknown quantization scheme {bad[0]!r} in config.json", path=where,
                            hint="the checkpoint was written by a newer gentool or is corrupt")
     markers = tuple("." + COMPANIONS[s][1] for s in set(schemes))
-    names = sorted({k.rsplit(".", 1)[0] for k in state if k.endswith(markers)} | set(overrides))
-    for name in names:
-        scheme = overrides.get(name, qconfig["scheme"])
+    return {n: overrides.get(n, schemes[0])
+            for n in sorted({k.rsplit(".", 1)[0] for k in names if k.endswith(markers)} | set(overrides))}
+
+
+def install_from_state(model: nn.Module, state: dict[str, torch.Tensor], qconfig: dict, *, dtype: torch.dtype,
+                       where=None) -> list[str]:
+    """Swap in the quantized layers a checkpoint's state holds (`stored_schemes`), pop their tensors from `state`."""
+    names = stored_schemes(qconfig, state, where)
+    for name, scheme in names.items():
         try:
             lin = model.get_submodule(name)
         except AttributeError:
@@ -396,4 +397,4 @@ def install_from_state(model: nn.Module, state: dict[str, torch.Tensor], qconfig
                 raise GentoolError(f"{name}.{c} has shape {tuple(tensors[c].shape)}, config.json implies {want}",
                                    path=where, hint="the checkpoint is corrupt")
         model.set_submodule(name, layer)
-    return names
+    return list(names)
