@@ -142,6 +142,13 @@ def test_dequantize_of_a_tied_model_keeps_the_quantized_head(cli, bases, tmp_pat
     with torch.no_grad():
         a, b = load_lm(deq).model(ids()), load_lm(q).model(ids())
     assert (a - b).abs().max() <= 1e-4 * b.abs().max()
+    # quantize and dequantize in one go: the same weights as the two steps, the int8 head included
+    r = cli("quantize", bases[True], "--scheme", "int8", "--dequantize", "-o", tmp_path / "one")
+    assert r.exit_code == 0, r.output
+    assert qconfig(tmp_path / "one")["tie_word_embeddings"] is False
+    with torch.no_grad():
+        c = load_lm(tmp_path / "one").model(ids())
+    assert (c - b).abs().max() <= 1e-4 * b.abs().max()
 
 
 @pytest.mark.parametrize("args,message", [

@@ -14,6 +14,7 @@ The damage report (evaluation/compare.py) compares base and quantized model on t
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -327,5 +328,8 @@ def _save_dequantized(lm, directory: Path, qconf: dict | None, ggml: bool, base_
                     t.copy_(t.to(half_dtype(base_dt)))
     dequantize_model(lm.model)
     dequantize_embeddings(lm.model)
-    save_lm(lm.model, lm.config, directory, dtype=torch.float32 if ggml or (qconf or {}).get("scheme") == "ggml"
+    config = lm.config  # a quantized head is a tensor of its own: the dequantized model is untied
+    if config.tie_word_embeddings and lm.model.lm_head.weight is not lm.model.model.embed_tokens.weight:
+        config = dataclasses.replace(config, tie_word_embeddings=False)
+    save_lm(lm.model, config, directory, dtype=torch.float32 if ggml or (qconf or {}).get("scheme") == "ggml"
             else base_dt)
