@@ -135,6 +135,11 @@ def test_requantize_reports_the_damage_against_the_unmerged_adapter(qlora, cli, 
     assert man["format"] == "gentool.quantized-checkpoint" and man["metrics"]["kl_mean"] == q["kl_mean"]
     cfg = json.loads((tmp_path / "q" / "config.json").read_text())
     assert cfg["quantization_config"]["scheme"] == "nf4"
+    # the output head is re-quantized in the base's own scheme for it (int8); no adapter touched it: same codes
+    assert cfg["quantization_config"]["module_schemes"] == {"lm_head": "int8"}
+    from gentool.models.checkpoint import load_lm
+
+    assert torch.equal(load_lm(tmp_path / "q").model.lm_head.weight, load_lm(d / "nf4").model.lm_head.weight)
     ppl = cli("perplexity", tmp_path / "q", tokens, "--json", "--device", "cpu", "--max-tokens", "500")
     assert ppl.exit_code == 0, ppl.output
 

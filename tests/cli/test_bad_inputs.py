@@ -300,6 +300,9 @@ ROWS = [
     ("quantize-group-size", "quantize {lm} --scheme int4 --group-size 7 -o {out}"),
     ("quantize-output-tensor-type", "quantize {lm} --scheme q2_k --output-tensor-type iq2_xxs -o {out}"),
     ("quantize-pure-int8", "quantize {lm} --scheme int8 --pure -o {out}"),
+    ("quantize-int8-head-ggml-type", "quantize {lm} --scheme int8 --output-tensor-type q8_0 -o {out}"),
+    ("quantize-head-skipped-and-typed", "quantize {lm} --scheme int4 --skip lm_head --output-tensor-type int8 "
+                                        "-o {out}"),
     ("recipe-unknown-key", "train-lm {tokens} -o {out} --config {recipe-bad}"),
     ("recipe-wrong-type", "train-diffusion builtin:moons -o {out} --steps 2 --config {recipe-bool.toml}"),
     ("recipe-manifest-wrong-type", "train-lm -o {out} --config {badinvocation}"),

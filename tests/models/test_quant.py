@@ -135,8 +135,10 @@ def test_quantized_tiny_model_logits_close(scheme, tol):
         ref = m(ids)
         info = quantize_model(m, scheme, group_size=32)
         out = m(ids)
-    assert "model.layers.0.self_attn.q_proj" in info["quantized"] and "lm_head.weight" in info["skipped"]
-    assert type(m.lm_head) is torch.nn.Linear  # skipped by default
+    assert "model.layers.0.self_attn.q_proj" in info["quantized"] and "model.embed_tokens.weight" in info["skipped"]
+    head = {"fp8": None}.get(scheme, "int8")  # the output head: int8 by default (fp8 keeps it 16-bit)
+    assert getattr(m.lm_head, "scheme", None) == head and type(m.model.embed_tokens) is torch.nn.Embedding
+    assert info["module_schemes"] == ({"lm_head": head} if head not in (None, scheme) else {})
     kl = F.kl_div(out.log_softmax(-1), ref.log_softmax(-1), log_target=True, reduction="batchmean") / 16
     assert (out - ref).abs().max() / ref.abs().max() < tol
     assert kl < tol / 10
@@ -211,6 +213,9 @@ def test_int4_group_size_falls_back_per_tensor_and_reloads(monkeypatch):
     assert (layers[name](x) - ref).abs().max() <= 1e-4 * ref.abs().max()
     fresh = Transformer(cfg)
     state = dict(m.state_dict())
-    install_from_state(fresh, state, {"scheme": "int4", "group_size": 128}, dtype=torch.float32)
+    assert info["module_schemes"] == {"lm_head": "int8"}  # the output head's int8 also has a weight_scale
+    install_from_state(fresh, state, {"scheme": "int4", "group_size": 128, "module_schemes": info["module_schemes"]},
+                       dtype=torch.float32)
+    assert fresh.lm_head.scheme == "int8" and torch.equal(fresh.lm_head.weight, m.lm_head.weight)
     assert fresh.get_submodule(name).group_size == 64
     assert torch.allclose(fresh.get_submodule(name)(x), layers[name](x))

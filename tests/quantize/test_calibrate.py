@@ -91,13 +91,18 @@ def test_int4_optimized_and_calibrated_beat_rtn(cli, base, tmp_path):
     lm = load_lm(base / "lm")
     ids = torch.tensor(load_tokenizer(base / "lm" / "tokenizer.model").encode((base / "eval.txt").read_text()))
     kl = {}
+    n, k = lm.model.lm_head.weight.shape  # the output head is int8 (a float32 scale per row), the rest int4 g128
+    w4 = sum(m.weight.numel() for name, m in lm.model.named_modules()
+             if isinstance(m, torch.nn.Linear) and name != "lm_head")
+    bits = (w4 * 4.25 + n * k * 8 + n * 32) / (w4 + n * k)
     for name, args in (("rtn", []), ("optimized", ["--method", "optimized"]),
                        ("gptq", ["--calibrate", base / "calib.txt", "--calibrate-tokens", "1000"])):
         r = cli("quantize", base / "lm", "--scheme", "int4", *args, "-o", tmp_path / name, "--json")
         assert r.exit_code == 0, r.output
         res = json.loads(r.stdout)
-        assert res["bits_per_weight"] == pytest.approx(4.25) and res["method"] == name
+        assert res["bits_per_weight"] == pytest.approx(bits) and res["method"] == name
         q = load_lm(tmp_path / name)
+        assert q.model.lm_head.scheme == "int8" and q.model.model.layers[0].mlp.up_proj.scheme == "int4"
         dequantize_model(q.model)  # the same weights as the int4 kernel's, without its slow CPU path
         kl[name] = compare_logits(lm.model, q.model, ids, window=128)["kl_mean"]
     assert kl["optimized"] < 0.95 * kl["rtn"] and kl["gptq"] < 0.85 * kl["rtn"]

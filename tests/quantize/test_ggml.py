@@ -208,7 +208,7 @@ def test_llama_quantize_flag_refusals(cli, base, tmp_path, tiny_tokenizer):
     odd = make_lm(tmp_path / "odd", tiny_tokenizer, hidden=96, inter=192)
     for src, args, message in [
             (base / "lm", ["--scheme", "int8", "--pure"], "--pure applies to GGML schemes"),
-            (base / "lm", ["--scheme", "int4", "--output-tensor-type", "q8_0"], "--output-tensor-type applies to GGML"),
+            (base / "lm", ["--scheme", "int4", "--output-tensor-type", "q8_0"], "the output head is float"),
             (base / "lm", ["--scheme", "q2_k", "--token-embedding-type", "iq2_xxs"], "no codec for this type"),
             (base / "lm", ["--target-kl", "0.1", "--calibrate", base / "text.txt", "--pure"], "both choose"),
             (odd, ["--scheme", "q2_k", "--output-tensor-type", "q4_k"], "output.weight has rows of 96")]:

@@ -37,9 +37,12 @@ def logits(path, ids):
 
 
 ROW_BITS = 8 + 32 * 512 / 36864  # per block: 512 output rows with a float32 scale each over 36864 int8 weights
+HEAD = 400 * 64  # the output head's weights; by default int8 with a float32 scale per row (400 rows)
+INT8_BITS = (36864 * 2 * 8 + 512 * 2 * 32 + HEAD * 8 + 400 * 32) / (36864 * 2 + HEAD)  # two blocks and the head
+INT4_BITS = (36864 * 2 * 5.0 + HEAD * 8 + 400 * 32) / (36864 * 2 + HEAD)  # int4 g32: 4 + 2·16/32 bits
 
 
-@pytest.mark.parametrize("scheme,args,bits", [("int8", [], ROW_BITS), ("int4", ["--group-size", "32"], 5.0),
+@pytest.mark.parametrize("scheme,args,bits", [("int8", [], INT8_BITS), ("int4", ["--group-size", "32"], INT4_BITS),
                                               ("nf4", [], None), ("fp8", ["--keep-16bit", "first"], ROW_BITS)])
 def test_quantize_writes_loadable_artifact(cli, base, tmp_path, scheme, args, bits):
     out = tmp_path / scheme
@@ -50,12 +53,14 @@ def test_quantize_writes_loadable_artifact(cli, base, tmp_path, scheme, args, bi
     assert man["format"] == "gentool.quantized-checkpoint"
     c = man["contents"]
     assert c["base_model_relation"] == "quantized" and c["base_sha256"] and c["base_id"]
-    assert "lm_head.weight" in c["skipped"] and "model.embed_tokens.weight" in c["skipped"]
-    if scheme == "fp8":  # --keep-16bit first: block 0 stays 16-bit
+    assert "model.embed_tokens.weight" in c["skipped"]
+    if scheme == "fp8":  # --keep-16bit first: block 0 stays 16-bit; fp8 keeps the output head 16-bit
         assert not any(t.startswith("model.layers.0.") for t in c["tensors_quantized"])
-        assert "model.layers.0.mlp.down_proj.weight" in c["skipped"]
-    else:
-        assert len(c["tensors_quantized"]) == 14
+        assert "model.layers.0.mlp.down_proj.weight" in c["skipped"] and "lm_head.weight" in c["skipped"]
+        assert c["lm_head"] == res["lm_head"] == "bfloat16"
+    else:  # 14 block layers and the output head, int8
+        assert len(c["tensors_quantized"]) == 15 and "lm_head.weight" in c["tensors_quantized"]
+        assert c["lm_head"] == res["lm_head"] == "int8-channel"
     if bits:
         assert c["bits_per_weight"] == pytest.approx(bits)
     assert res["bytes"] == (out / "model.safetensors").stat().st_size < res["base_bytes"]

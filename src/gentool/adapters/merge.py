@@ -164,7 +164,7 @@ def merge_checkpoint(base_path: Path, adapter_args: list[str], out: Path, *, met
         if base.quantization is None:
             _write_plain(b, base, merged32, weights.state, out_dtype)
         else:
-            _write_from_quantized(b, base, config, merged32, out_dtype, requantize)
+            _write_from_quantized(b, base, config, merged32, out_dtype, requantize, "lm_head" in weights.quant)
         b.contents.update(merged_adapters=merged_from, base_sha256=base.sha256, merge_method=plan.method)
         b.metrics = {"merge_seconds": round(time.perf_counter() - t0, 3)}
         summary.update(kind=kind, modules_merged=len(combined.factors) + len([k for k in combined.dense if
@@ -223,8 +223,10 @@ def _model_from(config, state: dict[str, torch.Tensor]):
     return model.eval()
 
 
-def _write_from_quantized(b, base: Base, config, merged32: dict, dtype: torch.dtype, requantize: bool) -> None:
-    """The merge onto a dequantized base: 16-bit (default) or quantized again with the base's own recipe."""
+def _write_from_quantized(b, base: Base, config, merged32: dict, dtype: torch.dtype, requantize: bool,
+                          head_quantized: bool) -> None:
+    """The merge onto a dequantized base: 16-bit (default) or quantized again with the base's own recipe (the
+    output head too, in its scheme, when the base's is quantized)."""
     from gentool.models.checkpoint import save_lm
 
     q = base.quantization
@@ -248,7 +250,8 @@ def _write_from_quantized(b, base: Base, config, merged32: dict, dtype: torch.dt
     lm = SimpleNamespace(model=_model_from(config, merged32), config=config)
     keep = keep_16bit_patterns(q.get("keep_16bit") or [], config.num_hidden_layers)
     skip, gs = list(q.get("skip") or []), q.get("group_size") or 128
-    info = quantize_model(lm.model, q["scheme"], group_size=gs, skip=skip, keep_16bit=keep)
+    head = (q.get("module_schemes") or {}).get("lm_head", q["scheme"]) if head_quantized else "float"
+    info = quantize_model(lm.model, q["scheme"], group_size=gs, skip=skip, keep_16bit=keep, head=head)
     base_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(q.get("base_dtype"), torch.float32)
     stats = save_quantized(lm, b.dir, q["scheme"], gs, skip, q.get("keep_16bit") or [], info, base_dtype)
     b.contents = {**common, "base_model_relation": "quantized", "base_id": getattr(base.manifest, "id", None),

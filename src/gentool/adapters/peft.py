@@ -331,14 +331,11 @@ def read_base(path: str | Path, *, verify: bool = True) -> Base:
 def _dense_shapes(qconf: dict, shapes: dict, dtypes: dict, where: Path) -> None:
     """Replace a quantized layer's codes and companions by its dense `.weight` shape (int4/NF4 pack two codes per
     byte along the input dimension)."""
-    from gentool.models.quant import COMPANIONS
+    from gentool.models.quant import COMPANIONS, stored_schemes
 
-    scheme = qconf.get("scheme")
-    if scheme not in COMPANIONS:
-        raise GentoolError(f"unknown quantization scheme {scheme!r} in config.json", path=where,
-                           hint="the checkpoint was written by a newer gentool or is corrupt")
-    marker = COMPANIONS[scheme][1]
-    for name in [k[:-len(marker) - 1] for k in list(shapes) if k.endswith("." + marker)]:
+    for name, scheme in stored_schemes(qconf, list(shapes), where).items():
+        if f"{name}.weight" not in shapes:
+            raise GentoolError(f"missing tensor {name}.weight", path=where, hint="the checkpoint is corrupt")
         out_f, cols = shapes[f"{name}.weight"]
         for c in COMPANIONS[scheme]:
             shapes.pop(f"{name}.{c}", None)

@@ -43,7 +43,9 @@ def quantize(
         help="PATTERN=TYPE: GGML type of the tensors whose GGUF name matches the regex, as llama-quantize's "
              "(repeatable; e.g. attn_v=q8_0, output=f16).", rich_help_panel=ADVANCED)] = None,
     output_tensor_type: Annotated[str | None, typer.Option(
-        help="GGML type of output.weight (of the tied embedding when there is none), as llama-quantize's.",
+        help="GGML type of output.weight (of the tied embedding when there is none), as llama-quantize's; with "
+             "gentool's schemes the output head's: int8 (default for int8, int4, nf4), int4, nf4, fp8 or float "
+             "(kept 16-bit; fp8's default).",
         rich_help_panel=ADVANCED)] = None,
     token_embedding_type: Annotated[str | None, typer.Option(
         help="GGML type of token_embd.weight, as llama-quantize's.", rich_help_panel=ADVANCED)] = None,
@@ -51,7 +53,8 @@ def quantize(
                                             "llama-quantize --pure (shape fallbacks and the type options still "
                                             "apply).", rich_help_panel=ADVANCED)] = False,
     skip: Annotated[str | None, typer.Option(help="Comma-separated module names or globs kept in 16-bit by "
-                                                     "gentool's schemes (default: embed_tokens,lm_head).",
+                                                     "gentool's schemes (default: embed_tokens; add lm_head to keep "
+                                                     "the output head too).",
                                                 rich_help_panel=ADVANCED)] = None,
     keep_16bit: Annotated[str | None, typer.Option("--keep-16bit", help="Transformer blocks kept in 16-bit: "
                                                       "first, last or layer numbers, e.g. first,last.",
@@ -84,9 +87,10 @@ def quantize(
 
     Writes a quantized-checkpoint: config.json with a quantization_config block, model.safetensors with the codes
     and their scales, the tokenizer and a manifest with the scheme, the tensors quantized, bits per weight, size
-    and the base's id. gentool's schemes keep embeddings and output head 16-bit (--skip); GGML schemes follow
-    llama-quantize's per-tensor recipe, their blocks are llama-quantize's byte for byte and export-gguf copies
-    them. sample, perplexity and LoRA fine-tuning load the result directly. --calibrate runs the model over data
+    and the base's id. gentool's schemes keep the input embedding 16-bit and store the output head as int8
+    (fp8: 16-bit), as llama-quantize keeps output.weight at higher precision (--output-tensor-type, --skip);
+    GGML schemes follow llama-quantize's per-tensor recipe, their blocks are llama-quantize's byte for byte and
+    export-gguf copies them. sample, perplexity and LoRA fine-tuning load the result directly. --calibrate runs the model over data
     first (the importance matrix is saved as imatrix.gguf, readable by llama-quantize --imatrix). With --eval,
     base and quantized model are compared on the same tokens with llama-perplexity --kl-divergence's figures:
     perplexity change, mean KL with its standard error, percentiles, top-1 agreement. --device and --dtype apply

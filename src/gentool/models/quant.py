@@ -30,7 +30,8 @@ from gentool.errors import GentoolError, UsageProblem
 from gentool.codecs import quant as qp
 from gentool.models import qkernel
 
-DEFAULT_SKIP = ("embed_tokens", "lm_head")
+DEFAULT_SKIP = ("embed_tokens",)  # kept 16-bit (one row read per token); the output head is quantized, as llama.cpp's
+HEAD, HEAD_SCHEME = "lm_head", {"int8": "int8", "int4": "int8", "nf4": "int8", "fp8": None}  # None: 16-bit head
 _QK = ("_qk_codes", "_qk_scale", "_qk_offset", "_qk_lut")  # gentool's CPU kernel layout (qkernel.Layout)
 COMPANIONS = {"int8": ("weight", "weight_scale"), "int4": ("weight", "weight_scale", "weight_zero"),
               "nf4": ("weight", "weight_absmax", "weight_absmax_scale", "weight_absmax_mean"),
@@ -307,28 +308,35 @@ def check_quantizable(name: str, linear: nn.Linear, scheme: str, group_size: int
                            f"{qp.NF4_BLOCK}", hint=f"--skip {name.split('.')[-1]}")
 
 
+def layer_schemes(model: nn.Module, scheme: str, patterns, group_size: int = 128, head: str = "auto") -> dict:
+    """Module name -> scheme of every nn.Linear not matched by `patterns`: `scheme`, except the output head's
+    `head` ("auto": HEAD_SCHEME[scheme], as llama-quantize keeps output.weight at higher precision; "float": kept)."""
+    head = HEAD_SCHEME[scheme] if head == "auto" else None if head == "float" else head
+    out = {n: head if n == HEAD else scheme for n, m in model.named_modules()
+           if isinstance(m, nn.Linear) and not matches(n, patterns) and (n != HEAD or head)}
+    for name, s in out.items():
+        check_quantizable(name, model.get_submodule(name), s, group_size)
+    return out
+
+
 def quantize_model(model: nn.Module, scheme: str, *, group_size: int = 128, skip=DEFAULT_SKIP,
-                   keep_16bit=()) -> dict[str, list[str]]:
-    """Replace every nn.Linear not matched by `skip` / `keep_16bit` patterns by its quantized layer, in place.
-    Returns the module names quantized and the weight names left in 16-bit."""
+                   keep_16bit=(), head: str = "auto") -> dict[str, list[str]]:
+    """Replace every nn.Linear not matched by `skip` / `keep_16bit` by its quantized layer (`layer_schemes`), in place.
+    Returns the modules quantized, weights left 16-bit, int4 group fallbacks and layers not in `scheme`."""
     if scheme not in LAYERS:
         raise UsageProblem(f"unknown scheme {scheme!r}", hint="use one of " + ", ".join(qp.SCHEMES))
     if scheme == "int4" and group_size not in qp.INT4_GROUP_SIZES:
         raise UsageProblem(f"group size {group_size} is not supported",
                            hint="use --group-size " + ", ".join(map(str, qp.INT4_GROUP_SIZES)))
-    patterns = list(skip) + list(keep_16bit)
-    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and not matches(n, patterns)]
-    for name, m in targets:
-        check_quantizable(name, m, scheme, group_size)
-    groups = {}
-    for name, m in targets:
-        g = int4_group(m.in_features, group_size) if scheme == "int4" else group_size
-        if g != group_size:
+    plan, groups = layer_schemes(model, scheme, list(skip) + list(keep_16bit), group_size, head), {}
+    for name, s in plan.items():
+        m = model.get_submodule(name)
+        if (g := int4_group(m.in_features, group_size) if s == "int4" else group_size) != group_size:
             groups[name] = g
-        model.set_submodule(name, LAYERS[scheme].from_linear(m, g))
-    quantized = [n for n, _ in targets]
-    skipped = [k for k, v in model.state_dict().items() if v.dim() == 2 and k.rsplit(".", 1)[0] not in quantized]
-    return {"quantized": quantized, "skipped": skipped, "group_sizes": groups}
+        model.set_submodule(name, LAYERS[s].from_linear(m, g))
+    skipped = [k for k, v in model.state_dict().items() if v.dim() == 2 and k.rsplit(".", 1)[0] not in plan]
+    return {"quantized": list(plan), "skipped": skipped, "group_sizes": groups,
+            "module_schemes": {n: s for n, s in plan.items() if s != scheme}}
 
 
 def quantized_modules(model: nn.Module) -> dict[str, QuantLinear]:
@@ -348,17 +356,24 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
     return model
 
 
+def stored_schemes(qconfig: dict, names, where=None) -> dict[str, str]:
+    """Quantized layer -> scheme, from a checkpoint's tensor `names` (`<layer>.weight_scale` / `.weight_absmax`
+    companions) and config.json's `scheme`, or the layer's entry in `module_schemes` (the int8 output head)."""
+    overrides = qconfig.get("module_schemes") or {}
+    schemes = [qconfig.get("scheme"), *(overrides.values() if isinstance(overrides, dict) else [overrides])]
+    if bad := [s for s in schemes if str(s) not in LAYERS]:
+        raise GentoolError(f"unknown quantization scheme {bad[0]!r} in config.json", path=where,
+                           hint="the checkpoint was written by a newer gentool or is corrupt")
+    markers = tuple("." + COMPANIONS[s][1] for s in set(schemes))
+    return {n: overrides.get(n, schemes[0])
+            for n in sorted({k.rsplit(".", 1)[0] for k in names if k.endswith(markers)} | set(overrides))}
+
+
 def install_from_state(model: nn.Module, state: dict[str, torch.Tensor], qconfig: dict, *, dtype: torch.dtype,
                        where=None) -> list[str]:
-    """Swap in the quantized layers a checkpoint's state holds (found by their `<name>.weight_scale` /
-    `<name>.weight_absmax` companions) and pop their tensors from `state`."""
-    scheme = qconfig.get("scheme")
-    if scheme not in LAYERS:
-        raise GentoolError(f"unknown quantization scheme {scheme!r} in config.json", path=where,
-                           hint="the checkpoint was written by a newer gentool or is corrupt")
-    marker = COMPANIONS[scheme][1]
-    names = sorted(k[: -len(marker) - 1] for k in state if k.endswith("." + marker))
-    for name in names:
+    """Swap in the quantized layers a checkpoint's state holds (`stored_schemes`), pop their tensors from `state`."""
+    names = stored_schemes(qconfig, state, where)
+    for name, scheme in names.items():
         try:
             lin = model.get_submodule(name)
         except AttributeError:
@@ -387,4 +402,4 @@ def install_from_state(model: nn.Module, state: dict[str, torch.Tensor], qconfig
                 raise GentoolError(f"{name}.{c} has shape {tuple(tensors[c].shape)}, config.json implies {want}",
                                    path=where, hint="the checkpoint is corrupt")
         model.set_submodule(name, layer)
-    return names
+    return list(names)

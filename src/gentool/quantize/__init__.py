@@ -14,6 +14,7 @@ The damage report (evaluation/compare.py) compares base and quantized model on t
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +29,13 @@ from gentool.evaluation.compare import damage_report
 from gentool.models.checkpoint import load_lm, quantization_config, save_lm
 from gentool.models.quant import (
     DEFAULT_SKIP,
+    HEAD,
+    LAYERS,
     Int4Linear,
-    check_quantizable,
     int4_group,
     dequantize_model,
     keep_16bit_patterns,
+    layer_schemes,
     matches,
     quantize_model,
     quantized_modules,
@@ -51,6 +54,7 @@ from gentool.quantize.save import (
 )
 
 METHODS = ("rtn", "optimized")
+FLOAT_HEAD = ("float", "f32", "f16", "bf16")  # --output-tensor-type for gentool's schemes: the head kept 16-bit
 __all__ = ["GGML_SCHEMES", "METHODS", "SCHEME_NAMES", "check_options", "quantize_checkpoint"]
 
 
@@ -72,8 +76,8 @@ def check_options(scheme: str, group_size: int | None, *, method: str = "rtn", t
         raise UsageProblem(f"--method {method} applies to int4 (GGML types use llama.cpp's own search)")
     if tensor_types and not ggml:
         raise UsageProblem("--tensor-type applies to GGML schemes (q4_k_m, q6_k, ...)")
-    if mix_flags and not ggml:
-        raise UsageProblem(f"{mix_flags[0]} applies to GGML schemes (q4_k_m, q6_k, ...)")
+    if (flags := [f for f in mix_flags if f != "--output-tensor-type"]) and not ggml:
+        raise UsageProblem(f"{flags[0]} applies to GGML schemes (q4_k_m, q6_k, ...)")
     if mix_flags and target_kl is not None:
         raise UsageProblem(f"{mix_flags[0]} and --target-kl both choose tensor types",
                            hint="under --target-kl pin a tensor's type with --tensor-type PATTERN=TYPE")
@@ -92,6 +96,22 @@ def check_options(scheme: str, group_size: int | None, *, method: str = "rtn", t
         raise UsageProblem(f"group size {group_size} is not supported",
                            hint="use --group-size " + ", ".join(map(str, INT4_GROUP_SIZES)))
     return group_size
+
+
+def native_head(scheme: str, output_tensor_type: str | None, skip: list[str] | None) -> str:
+    """The output head's scheme for gentool's schemes: --output-tensor-type (an int8/int4/nf4/fp8 scheme, or float:
+    kept 16-bit), else "auto" (models/quant.py HEAD_SCHEME: int8 for int8/int4/nf4, 16-bit for fp8)."""
+    if output_tensor_type is None:
+        return "auto"
+    head = output_tensor_type.lower()
+    if head not in FLOAT_HEAD + SCHEMES:
+        raise UsageProblem(f"--output-tensor-type {output_tensor_type}: with --scheme {scheme} the output head is "
+                           "float (kept 16-bit), int8, int4, nf4 or fp8",
+                           hint="GGML types (q8_0, q6_k, ...) apply to the GGML schemes (--scheme q4_k_m, ...)")
+    if skip is not None and matches(HEAD, skip) and head not in FLOAT_HEAD:
+        raise UsageProblem(f"--skip keeps {HEAD} 16-bit, --output-tensor-type {output_tensor_type} quantizes it",
+                           hint="drop one of them")
+    return "float" if head in FLOAT_HEAD else head
 
 
 def quantize_checkpoint(ckpt: Path, out: Path, *, scheme: str | None, group_size: int | None = None,
@@ -135,6 +155,7 @@ def quantize_checkpoint(ckpt: Path, out: Path, *, scheme: str | None, group_size
                                    keep_16bit=keep_16bit, calibrated=bool(calibrate or imatrix), target_kl=target_kl,
                                    mix_flags=mix_flags)
     ggml = qconf is None and is_ggml(scheme)
+    head = "auto" if ggml or qconf is not None else native_head(scheme, output_tensor_type, skip)
     skip = [] if ggml else list(DEFAULT_SKIP if skip is None else skip)
     manifest = read_artifact(ckpt, verify=verify) if (ckpt / MANIFEST).is_file() else None
     lm = load_lm(ckpt, verify=verify)  # float32; a quantized checkpoint comes with its quantized layers
@@ -145,14 +166,14 @@ def quantize_checkpoint(ckpt: Path, out: Path, *, scheme: str | None, group_size
     recipe: dict[str, Any] = {"dequantize": True}
     if qconf is None:
         keep = keep_16bit_patterns(keep_16bit or [], lm.config.num_hidden_layers)
-        targets = [] if ggml else _targets(lm.model, skip + keep, scheme, group_size)
+        targets = {} if ggml else layer_schemes(lm.model, scheme, skip + keep, group_size, head)
         shapes = weight_shapes(lm.model, lm.config) if ggml else {}
         if calibrate:
             ids, refs, source = cal_.calibration_ids(lm, calibrate, split=calibrate_split,
                                                      max_tokens=calibrate_tokens, verify=verify)
             inputs += refs
             window = min(512, lm.config.max_position_embeddings)
-            gram_for = {f"{n}.weight" for n in targets} if scheme == "int4" else set()
+            gram_for = {f"{n}.weight" for n, s in targets.items() if s == "int4"}
             console.log(f"calibrating on {source['tokens']} tokens of " + ", ".join(source["data"]))
             cal = cal_.collect(lm.model, ids, window=window, gram_for=gram_for, source=source)
             values = cal.values()
@@ -165,7 +186,8 @@ def quantize_checkpoint(ckpt: Path, out: Path, *, scheme: str | None, group_size
                   "symmetric": scheme in ("int8", "fp8"), "skip": skip, "keep_16bit": list(keep_16bit or []),
                   "tensor_types": list(tensor_types), "target_kl": target_kl,
                   **({"pure": pure, "output_tensor_type": output_tensor_type,
-                      "token_embedding_type": token_embedding_type} if mix_flags else {}),
+                      "token_embedding_type": token_embedding_type} if ggml and mix_flags else {}),
+                  **({} if ggml else {"output_tensor_type": head}),
                   "calibration": cal.source if cal is not None else None,
                   "imatrix": str(imatrix) if imatrix else None, "dequantize": dequantize}
         if ggml:
@@ -181,7 +203,7 @@ def quantize_checkpoint(ckpt: Path, out: Path, *, scheme: str | None, group_size
         elif scheme == "int4" and (method == "optimized" or values is not None):
             info = _quantize_int4(lm.model, targets, group_size, cal, values)
         else:
-            info = quantize_model(lm.model, scheme, group_size=group_size, skip=skip, keep_16bit=keep)
+            info = quantize_model(lm.model, scheme, group_size=group_size, skip=skip, keep_16bit=keep, head=head)
         if not ggml and not info["quantized"]:
             raise UsageProblem("--skip and --keep-16bit leave no layer to quantize")
     kind = "lm-checkpoint" if dequantize else "quantized-checkpoint"
@@ -226,6 +248,8 @@ def quantize_checkpoint(ckpt: Path, out: Path, *, scheme: str | None, group_size
                       "compression_ratio": base_bytes / stats["bytes"]}
             if ggml:
                 result["type_counts"] = stats["type_counts"]
+            else:
+                result["lm_head"] = stats["lm_head"]
             if info.get("group_sizes"):  # layers per fallback group size (config.json lists them by name)
                 sizes = list(info["group_sizes"].values())
                 result["group_size_fallback"] = {str(g): sizes.count(g) for g in sorted(set(sizes), reverse=True)}
@@ -257,27 +281,25 @@ def _method(scheme: str, ggml: bool, method: str, *, calibrated: bool, imatrix: 
     return "rtn"
 
 
-def _targets(model, patterns, scheme: str, group_size: int) -> list[str]:
-    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and not matches(n, patterns)]
-    for name, m in targets:
-        check_quantizable(name, m, scheme, group_size)
-    return [n for n, _ in targets]
-
-
 def _linear_shapes(model) -> dict[str, tuple[int, ...]]:
     return {f"{n}.weight": tuple(m.weight.shape) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
 
 
 @torch.no_grad()
-def _quantize_int4(model, targets: list[str], group_size: int, cal, values) -> dict[str, list[str]]:
+def _quantize_int4(model, targets: dict[str, str], group_size: int, cal, values) -> dict[str, list[str]]:
     """int4 by GPTQ (calibration Gram matrices), importance-weighted search (an imatrix file) or the data-free
-    search (--method optimized); the layers are the same Int4Linear as round-to-nearest's."""
+    search (--method optimized); the layers are the same Int4Linear as round-to-nearest's. `targets`: module name
+    -> scheme; a layer of another scheme (the output head's int8) is rounded to nearest."""
     from gentool.quantize.int4 import quantize_int4_gptq, quantize_int4_optimized
 
     groups = {}
     with console.progress("quantizing", total=len(targets)) as bar:
-        for name in targets:
+        for name, scheme in targets.items():
             lin = model.get_submodule(name)
+            if scheme != "int4":
+                model.set_submodule(name, LAYERS[scheme].from_linear(lin, group_size))
+                bar.update(1)
+                continue
             w, key = lin.weight.detach(), f"{name}.weight"
             g = int4_group(lin.in_features, group_size)
             if g != group_size:
@@ -293,7 +315,8 @@ def _quantize_int4(model, targets: list[str], group_size: int, cal, values) -> d
             bar.update(1)
     quantized = list(targets)
     skipped = [k for k, v in model.state_dict().items() if v.dim() == 2 and k.rsplit(".", 1)[0] not in quantized]
-    return {"quantized": quantized, "skipped": skipped, "group_sizes": groups}
+    return {"quantized": quantized, "skipped": skipped, "group_sizes": groups,
+            "module_schemes": {n: s for n, s in targets.items() if s != "int4"}}
 
 
 def _save_dequantized(lm, directory: Path, qconf: dict | None, ggml: bool, base_dt: torch.dtype) -> None:
@@ -305,5 +328,8 @@ def _save_dequantized(lm, directory: Path, qconf: dict | None, ggml: bool, base_
                     t.copy_(t.to(half_dtype(base_dt)))
     dequantize_model(lm.model)
     dequantize_embeddings(lm.model)
-    save_lm(lm.model, lm.config, directory, dtype=torch.float32 if ggml or (qconf or {}).get("scheme") == "ggml"
+    config = lm.config  # a quantized head is a tensor of its own: the dequantized model is untied
+    if config.tie_word_embeddings and lm.model.lm_head.weight is not lm.model.model.embed_tokens.weight:
+        config = dataclasses.replace(config, tie_word_embeddings=False)
+    save_lm(lm.model, config, directory, dtype=torch.float32 if ggml or (qconf or {}).get("scheme") == "ggml"
             else base_dt)

@@ -3,6 +3,7 @@ shares (the base's dtype and size, the tokenizer copied along)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -13,7 +14,7 @@ import torch
 from gentool.artifacts import sha256_file
 from gentool.devices import DTYPE_ALIASES, dtype_name, torch_dtype
 from gentool.models.checkpoint import save_lm_config, weight_files
-from gentool.models.quant import quantized_modules
+from gentool.models.quant import HEAD, quantized_modules
 
 SCHEME_NAMES = {"int8": "int8-channel", "int4": "int4-group", "nf4": "nf4", "fp8": "fp8-e4m3"}
 
@@ -55,7 +56,9 @@ def half_dtype(base_dtype: torch.dtype) -> torch.dtype:
 
 def save_quantized(lm, directory: Path, scheme: str, group_size: int, skip: list[str], keep_16bit: list[str],
                    info: dict, base_dtype: torch.dtype, extra: dict | None = None) -> dict[str, Any]:
-    """model.safetensors (codes + companions, the rest in 16-bit), config.json with `quantization_config`."""
+    """model.safetensors (codes + companions, the rest in 16-bit), config.json with `quantization_config`
+    (`module_schemes`: the layers, such as the output head, whose scheme is not `scheme`). A quantized output head
+    of a tied-embedding model is stored on its own (the embedding stays 16-bit)."""
     from safetensors.torch import save_file
 
     half = half_dtype(base_dtype)
@@ -66,9 +69,12 @@ def save_quantized(lm, directory: Path, scheme: str, group_size: int, skip: list
             state[k] = v
         else:
             state[k] = v.to(half) if v.is_floating_point() else v
-    if lm.config.tie_word_embeddings and "lm_head" not in qmods:
+    config = lm.config
+    if config.tie_word_embeddings and HEAD in qmods:  # the head has codes of its own: the model is untied now
+        config = dataclasses.replace(config, tie_word_embeddings=False)
+    if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
-    save_lm_config(lm.config, directory, half)  # the weights below are written once, codes and all
+    save_lm_config(config, directory, half)  # the weights below are written once, codes and all
     state = {k: v.contiguous().cpu() for k, v in state.items()}
     save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt", "gentool.quantization": scheme})
     cfg = json.loads((directory / "config.json").read_text())
@@ -82,18 +88,25 @@ def save_quantized(lm, directory: Path, scheme: str, group_size: int, skip: list
         v.numel() for k, v in state.items() if k.rsplit(".", 1)[0] not in qmods or k.endswith(".bias"))
     all_bits = sum(v.numel() * v.element_size() * 8 for v in state.values())
     skipped = [k for k in info["skipped"] if k in state]
+    others = {n: s for n, s in (info.get("module_schemes") or {}).items() if n in qmods and s != scheme}
     cfg["quantization_config"] = {
         "quant_method": "gentool", "scheme": scheme, "group_size": group_size if scheme == "int4" else None,
         "skip": skip, "keep_16bit": keep_16bit, "base_dtype": dtype_name(base_dtype), **(extra or {}),
-        "tensors": {"int8": "weight int8 (out, in); weight_scale float32 (out,): w = q * scale",
-                    "int4": "weight uint8 (out, in/2), two codes per byte, high nibble first; weight_scale, "
-                            "weight_zero bf16 (out, in/group): w = (q - 8) * scale + zero",
-                    "nf4": "weight uint8 (out, in/2) NF4 codes, high nibble first, blocks of 64 row-major; "
-                           "weight_absmax int8 per block, weight_absmax_scale float32 per 256 blocks, "
-                           "weight_absmax_mean float32: absmax = q * scale + mean",
-                    "fp8": "weight float8_e4m3fn (out, in); weight_scale float32 (out,): w = q * scale"}[scheme]}
+        **({"module_schemes": others} if others else {}),
+        "tensors": TENSORS[scheme] if not others else "; ".join(
+            f"{s}: {TENSORS[s]}" for s in dict.fromkeys([scheme, *others.values()]))}
     (directory / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    head = SCHEME_NAMES[others.get(HEAD, scheme)] if HEAD in qmods else dtype_name(half)
     return {"scheme": SCHEME_NAMES[scheme], "group_size": group_size if scheme == "int4" else None,
-            "tensors_quantized": [f"{n}.weight" for n in qmods], "skipped": skipped,
+            "lm_head": head, "tensors_quantized": [f"{n}.weight" for n in qmods], "skipped": skipped,
             "bits_per_weight": qbits / max(qweights, 1), "bits_per_param": all_bits / max(n_params, 1),
             "bytes": (directory / "model.safetensors").stat().st_size, "n_params": n_params}
+
+
+TENSORS = {"int8": "weight int8 (out, in); weight_scale float32 (out,): w = q * scale",
+           "int4": "weight uint8 (out, in/2), two codes per byte, high nibble first; weight_scale, "
+                   "weight_zero bf16 (out, in/group): w = (q - 8) * scale + zero",
+           "nf4": "weight uint8 (out, in/2) NF4 codes, high nibble first, blocks of 64 row-major; "
+                  "weight_absmax int8 per block, weight_absmax_scale float32 per 256 blocks, "
+                  "weight_absmax_mean float32: absmax = q * scale + mean",
+           "fp8": "weight float8_e4m3fn (out, in); weight_scale float32 (out,): w = q * scale"}
