@@ -127,3 +127,37 @@ def test_generator_uses_the_decoder_and_gives_the_same_text():
     other = PROMPT[::-1] + [5, 9]
     # the two Generators share the model, whose cache `slow` renewed: `fast` must decode over the current one
     assert fast.generate_ids([("", other)], sampled)[0].token_ids == slow.generate_ids([("", other)], sampled)[0].token_ids
+
+
+_OTHER_CPU = """
+import torch, sys
+sys.path.insert(0, {tests!r})
+from gentool.models import qkernel
+import test_cpu_step as t
+assert qkernel.available() and qkernel._isa() == {isa!r}
+assert torch.ops.gentool_qk.has_vnni() is False and qkernel.act_bits() == 32
+for scheme in (None, "int4", "q4_k_m", "q6_k"):
+    m = t._model(scheme)
+    ref_tokens, ref = t._run(m, 12, fast=False)
+    tokens, got = t._run(m, 12, fast=True)
+    assert tokens == ref_tokens and (got - ref).abs().max() <= 1e-4 * ref.abs().max(), scheme
+print("ok")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+def test_the_code_paths_of_cpus_without_vnni_or_avx512(isa, tmp_path):
+    """The build for a CPU with less than this one (GENTOOL_CPU_ISA caps the instruction set) compiles, and its
+    float32-activation decoder equals the forward pass."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if not qkernel.ISAS[isa] <= set(open("/proc/cpuinfo").read().split()):
+        pytest.skip(f"this CPU lacks {isa}")
+    env = {**os.environ, "GENTOOL_CPU_ISA": isa, "GENTOOL_KERNEL_DIR": str(tmp_path)}
+    code = _OTHER_CPU.format(tests=str(Path(__file__).parent), isa=isa)
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]

@@ -35,6 +35,10 @@ def _onednn_forward():
     return OneDNNLinear.forward
 
 
+def _or_none(t: torch.Tensor | None) -> torch.Tensor:
+    return _NONE if t is None else t
+
+
 def _layer_args(lin: nn.Module) -> tuple | None:
     """(codes, scale, offset, lut, bias, group, bits, zero) of one projection, or None where the decoder cannot
     run it."""
@@ -44,8 +48,7 @@ def _layer_args(lin: nn.Module) -> tuple | None:
     if isinstance(lin, QuantLinear):
         if lin._qk_codes is None or getattr(lin, "cpu_arithmetic", False) or bias.dtype != torch.float32:
             return None  # no layout, or arithmetic of its own (GGMLLinear.cpu_arithmetic rounds x first)
-        pick = lambda t: _NONE if t is None else t  # noqa: E731
-        return (lin._qk_codes, lin._qk_scale, pick(lin._qk_offset), pick(lin._qk_lut), bias,
+        return (lin._qk_codes, lin._qk_scale, _or_none(lin._qk_offset), _or_none(lin._qk_lut), bias,
                 lin._qk_group, lin._qk_bits, lin._qk_zero)
     if _dense(lin):
         return lin.weight.detach().contiguous(), _NONE, _NONE, _NONE, bias.detach(), 0, 32, 0

@@ -3,16 +3,18 @@
 `qmm(x, layout)` computes x·Wᵀ for a weight held as a `Layout` (unsigned codes, a zero code, a scale and an
 optional offset per group, an optional 16-value table): every quantized format gentool writes maps onto one
 (`layout()`, exactly: the layout's w = (c - zero)·scale + offset equals the format's dequantized weight up to float32
-rounding). The C++ sources (models/qkernel_src.py, and models/decode_src.py: the whole-step decoder) are compiled
-with g++ against the installed torch the first time a layer needs them (AVX-512, with VNNI where the CPU has it,
-else AVX2 + FMA; OpenMP threads as torch's), cached under $GENTOOL_CACHE_DIR (default ~/.cache/gentool)/kernels
-keyed by the source, torch version and instruction set, and loaded with torch.ops.load_library. Where the CPU lacks
-AVX2/FMA, no compiler is found or the build fails, `available()` is False after one notice on stderr and the layers
-keep their previous path (dequantize + F.linear, or torch's weight-only kernels).
+rounding). The C++ sources (models/qkernel_src.py, qkernel_int8_src.py, and decode_src.py: the whole-step
+decoder) are compiled with g++ against the installed torch the first time a layer needs them (AVX-512, with VNNI
+where the CPU has it, else AVX2 + FMA; OpenMP threads as torch's), cached under $GENTOOL_CACHE_DIR (default
+~/.cache/gentool)/kernels keyed by the source, torch version and instruction set, and loaded with
+torch.ops.load_library. Where the CPU lacks AVX2/FMA, no compiler is found or the build fails, `available()` is
+False after one notice on stderr and the layers keep their previous path (dequantize + F.linear, or torch's
+weight-only kernels).
 
 Activations: on a CPU with AVX-512 VNNI, decoding multiplies the packed codes by activations rounded to 8 bits per
-block of 32 with integer dot products, as llama.cpp does (`act_bits()` = 8); GENTOOL_CPU_KERNEL=exact keeps them
-float32 (the product is then x·dequant(W)ᵀ up to float32 rounding), as does a CPU without VNNI.
+run of 4 values with integer dot products, as llama.cpp does with blocks of 32 (`act_bits()` = 8);
+GENTOOL_CPU_KERNEL=exact keeps them float32 (the product is then x·dequant(W)ᵀ up to float32 rounding), as does a
+CPU without VNNI.
 """
 
 from __future__ import annotations
@@ -33,18 +35,21 @@ ENABLED = MODE != "0"
 _state: dict = {}
 
 
+ISAS = {"avx512vnni": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx2", "fma"},
+        "avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma"}, "avx2": {"avx2", "fma"}}
+
+
 def _isa() -> str | None:
+    """The best instruction set the CPU has, at most $GENTOOL_CPU_ISA (tests build the others' code paths)."""
     try:
         flags = next((ln.split(":", 1)[1].split() for ln in open("/proc/cpuinfo") if ln.startswith("flags")), [])
     except OSError:
         return None
-    if {"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx2", "fma"} <= set(flags):
-        return "avx512vnni"
-    if {"avx512f", "avx512bw", "avx512vl", "avx2", "fma"} <= set(flags):
-        return "avx512"
-    if {"avx2", "fma"} <= set(flags):
-        return "avx2"
-    return None
+    names = list(ISAS)
+    cap = os.environ.get("GENTOOL_CPU_ISA")
+    if cap in ISAS:
+        names = names[names.index(cap):]
+    return next((name for name in names if ISAS[name] <= set(flags)), None)
 
 
 def cache_dir() -> Path:
@@ -62,9 +67,9 @@ def _torch_paths() -> tuple[list[Path], list[Path]]:
 
 
 def _build(isa: str) -> Path:
-    from gentool.models import decode_src, qkernel_src
+    from gentool.models import decode_src, qkernel_int8_src, qkernel_src
 
-    source = qkernel_src.SOURCE + decode_src.SOURCE + qkernel_src.REGISTER
+    source = qkernel_src.SOURCE + qkernel_int8_src.SOURCE + qkernel_src.TAIL + decode_src.SOURCE + qkernel_src.REGISTER
     flags = ["-mavx2", "-mfma", "-mf16c", "-fopenmp"]
     flags += ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"] if isa.startswith("avx512") else []
     flags += ["-mavx512vnni"] if isa == "avx512vnni" else []

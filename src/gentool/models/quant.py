@@ -8,12 +8,10 @@ derived from them on the device the layer lives on (`_prepare`, rerun after ever
   activations (its float32 path is slow) and dequantize + matmul elsewhere.
 - int4: torch's `_weight_int4pack_mm_for_cpu` (16-bit activations; float32 ones dequantize) / `_weight_int4pack_mm`
   (tinygemm) layouts, converted at load time.
-- fp8:  `torch._scaled_mm` with row-wise scales (activations quantized per row on the fly) on GPUs with FP8;
-  dequantize + matmul elsewhere.
+- fp8:  `torch._scaled_mm` with row-wise scales (activations quantized per row) on GPUs with FP8, else dequantize.
 - nf4:  dequantize + matmul (the QLoRA base layer).
-On a CPU all of these except fp8 first try gentool's own kernel (models/qkernel.py: float32 activations times the
-packed codes, widened in registers; the codes are read once per decode step and no dense weight is built), whose
-layout `_layout()` derives from the stored tensors; the paths above are the fallback where it is unavailable.
+On a CPU all of these but fp8 first try gentool's kernel (models/qkernel.py: packed codes read once per decode
+step, no dense weight; layout from `_layout()`); the paths above are the fallback where it is unavailable.
 Whenever gradients must flow to the input (LoRA on a quantized base) the dequantize + matmul path is used, and
 the dense weight is dequantized again in backward rather than kept (QLoRA's memory saving).
 """
@@ -108,10 +106,7 @@ class QuantLinear(nn.Module):
     def _qk_input(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
-    @property
-    def _qk_act(self) -> int:
-        """The kernel's activation bits for decoding rows (qkernel.act_bits)."""
-        return qkernel.act_bits()
+    _qk_act = property(lambda self: qkernel.act_bits())  # the kernel's activation bits for decoding rows
 
     def _qk(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.ops.gentool_qk.qmm(self._qk_input(x).float(), self._qk_codes, self._qk_scale, self._qk_offset,

@@ -1,0 +1,210 @@
+"""C++ source of the 8-bit-activation path of gentool's CPU kernel and the row functions shared by `qmm` and the
+whole-step decoder (compiled between models/qkernel_src.py's SOURCE and TAIL).
+
+`QX` rounds one row of activations to 8 bits per run of 4 values and lays the codes out as the weight codes are
+unpacked; `vnni_rows` multiplies 64 weights at a time with vpdpbusd (see models/qkernel_src.py for the arithmetic
+and its bound). `Act` holds one row in the forms the rows need (float32 with group sums for offsets, and 8-bit),
+`rows` picks the arithmetic per layer, and `run_jobs` splits the rows of several layers over the threads in one
+parallel region (q/k/v, gate/up).
+"""
+
+SOURCE = r"""
+#if defined(__AVX512VNNI__)
+constexpr bool HAVE_VNNI = true;
+// One row of activations rounded to 8 bits per run of 4 (x ≈ q·d, d = max|x|/127 over the 4): vpdpbusd sums the
+// products of 4 codes per 32-bit lane and each lane is scaled on its own, so a scale per 4 activations costs nothing
+// over one per 32 (llama.cpp's Q8_0) and keeps an outlier from coarsening its 31 neighbours. Stored in the orders
+// the codes need: natural for 8-bit codes, and for 4-bit codes the order of a 64-weight chunk's nibbles as they are
+// unpacked: the low nibbles of bytes 0-15 (weights 0-15), of bytes 16-31 (weights 32-47), then the high nibbles
+// (16-31, 48-63). Per chunk of 64: 16 lane scales and 16 lane sums of the codes (for the zero correction).
+struct QX {
+  int64_t K = 0;
+  std::vector<float> d4, s4;               // per run of 4: d, and d·Σq
+  std::vector<int8_t> q[2];                // [0] natural order, [1] the 4-bit order
+  std::vector<float> ld[2];                // per chunk of 64: 16 lane scales
+  std::vector<int32_t> ls[2];              // per chunk: 16 lane sums
+  std::vector<int32_t> zs[2]; int zs_zero[2] = {-1, -1};  // -zero·lane sums for one zero
+  std::vector<std::pair<int64_t, std::vector<float>>> gs;  // per group size: Σ over the group of d·q
+  void build(const float* x, int64_t K_) {
+    K = K_;
+    const int64_t C = K / 64;
+    d4.resize(K / 4); s4.resize(K / 4);
+    for (int o = 0; o < 2; ++o) { q[o].resize(K); ld[o].resize(C * 16); ls[o].resize(C * 16); zs_zero[o] = -1; }
+    gs.clear();
+    alignas(64) float amax[16];
+    alignas(64) int32_t qi[16];
+    for (int64_t i = 0; i < K; i += 16) {
+      const __m512 v = _mm512_loadu_ps(x + i);
+      __m512 a = _mm512_abs_ps(v);
+      a = _mm512_max_ps(a, _mm512_permute_ps(a, 0xB1));  // max over each run of 4 (a 128-bit lane)
+      a = _mm512_max_ps(a, _mm512_permute_ps(a, 0x4E));
+      const __m512 id = _mm512_maskz_div_ps(_mm512_cmp_ps_mask(a, _mm512_setzero_ps(), _CMP_GT_OQ),
+                                            _mm512_set1_ps(127.f), a);
+      const __m512i q32 = _mm512_cvtps_epi32(_mm512_mul_ps(v, id));  // round to nearest even
+      _mm_storeu_si128((__m128i*)(q[0].data() + i), _mm512_cvtsepi32_epi8(q32));
+      _mm512_store_ps(amax, a);
+      _mm512_store_si512((void*)qi, q32);
+      for (int j = 0; j < 4; ++j) {
+        const float d = amax[4 * j] / 127.f;
+        d4[i / 4 + j] = d;
+        s4[i / 4 + j] = d * (float)(qi[4 * j] + qi[4 * j + 1] + qi[4 * j + 2] + qi[4 * j + 3]);
+      }
+    }
+    static const int src[4] = {0, 32, 16, 48};  // 4-bit order: the 16-weight pieces of a chunk
+    for (int64_t c = 0; c < C; ++c) {
+      for (int p = 0; p < 4; ++p) std::memcpy(q[1].data() + 64 * c + 16 * p, q[0].data() + 64 * c + src[p], 16);
+      for (int o = 0; o < 2; ++o)
+        for (int l = 0; l < 16; ++l) {
+          const int8_t* qq = q[o].data() + 64 * c + 4 * l;
+          ls[o][16 * c + l] = qq[0] + qq[1] + qq[2] + qq[3];
+          const int64_t run = o == 0 ? 16 * c + l : 16 * c + src[l / 4] / 4 + l % 4;
+          ld[o][16 * c + l] = d4[run];
+        }
+    }
+  }
+  void prepare(const QW& w) {  // the zero correction and group sums this layer needs (before the threads start)
+    const int o = w.bits == 4 ? 1 : 0;
+    if (zs_zero[o] != w.zero) {
+      zs[o].resize(ls[o].size());
+      for (size_t i = 0; i < ls[o].size(); ++i) zs[o][i] = -w.zero * ls[o][i];
+      zs_zero[o] = w.zero;
+    }
+    if (w.offset && !gsum(w.g)) {
+      std::vector<float> s(K / w.g, 0.f);
+      for (int64_t r = 0; r < K / 4; ++r) s[r * 4 / w.g] += s4[r];
+      gs.emplace_back(w.g, std::move(s));
+    }
+  }
+  const float* gsum(int64_t g) const {
+    for (auto& p : gs) if (p.first == g) return p.second.data();
+    return nullptr;
+  }
+};
+
+// lane -> group within a 64-weight chunk, per (order, group size): 4-bit order g 32; natural order g 32, g 16
+template <int BITS, int GC>
+inline __m512 lane_scales(const float* s, int64_t c, int64_t g) {
+  if (GC >= 64) return _mm512_set1_ps(s[(c * 64) / g]);
+  if (GC == 32) {
+    const __m512i idx = BITS == 4 ? _mm512_set_epi32(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0)
+                                  : _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    return _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(_mm_castpd_ps(_mm_load_sd((const double*)(s + 2 * c)))));
+  }
+  const __m512i idx = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+  return _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(_mm_loadu_ps(s + 4 * c)));
+}
+
+template <int BITS, int GC>
+void vnni_rows(const QW& w, const QX& x, float* y, int64_t n0, int64_t n1) {
+  const int64_t K = w.K, C = K / 64, G = K / w.g, row_bytes = BITS == 4 ? K / 2 : K;
+  const int o = BITS == 4 ? 1 : 0;
+  const int8_t* xq = x.q[o].data();
+  const float* xd = x.ld[o].data();
+  const int32_t* zs = x.zs[o].data();
+  const float* gs = w.offset ? x.gsum(w.g) : nullptr;
+  const __m512i m4 = _mm512_set1_epi8(15);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* c = w.codes + n * row_bytes;
+    const float* s = w.scale + n * G;
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    for (int64_t ci = 0; ci < C; ++ci) {
+      __m512i wv;
+      if (BITS == 4) {
+        const __m256i b = _mm256_loadu_si256((const __m256i*)(c + 32 * ci));
+        const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(b), _mm256_srli_epi16(b, 4), 1);
+        wv = _mm512_and_si512(both, m4);
+      } else {
+        wv = _mm512_loadu_si512((const void*)(c + 64 * ci));
+      }
+      const __m512i start = w.zero ? _mm512_loadu_si512((const void*)(zs + 16 * ci)) : _mm512_setzero_si512();
+      const __m512i dot = _mm512_dpbusd_epi32(start, wv, _mm512_loadu_si512((const void*)(xq + 64 * ci)));
+      const __m512 f = _mm512_mul_ps(_mm512_loadu_ps(xd + 16 * ci), lane_scales<BITS, GC>(s, ci, w.g));
+      if (ci & 1) acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), f, acc1);
+      else acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), f, acc0);
+    }
+    float r = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+    if (gs) r += offset_dot(w.offset + n * G, gs, G);
+    if (w.bias) r += w.bias[n];
+    y[n] = r;
+  }
+}
+#else
+constexpr bool HAVE_VNNI = false;
+struct QX {
+  void build(const float*, int64_t) {}
+  void prepare(const QW&) {}
+};
+#endif
+
+// Whether a layer runs on 8-bit activations (when asked and the CPU has VNNI)
+inline bool int8_ok(const QW& w) {
+  return HAVE_VNNI && (w.bits == 4 || w.bits == 8) && !w.lut && w.K % 64 == 0 && (w.g % 64 == 0 || w.g == 32 ||
+         (w.g == 16 && w.bits == 8));
+}
+
+// One row of activations in the forms the row functions take: float32 (with group sums for offsets), and 8-bit
+struct Act {
+  const float* x = nullptr;
+  int64_t K = 0;
+  bool int8 = false;
+  QX qx;
+  std::vector<std::pair<int64_t, std::vector<float>>> fs;  // float group sums per group size
+  void set(const float* x_, int64_t K_, bool int8_) {
+    x = x_; K = K_; int8 = int8_ && HAVE_VNNI && K_ % 64 == 0; fs.clear();
+    if (int8) qx.build(x, K);
+  }
+  bool uses_int8(const QW& w) const { return int8 && int8_ok(w); }
+  void prepare(const QW& w) {
+    if (uses_int8(w)) { qx.prepare(w); return; }
+    if (w.bits != 32 && w.offset && !fsum(w.g)) {
+      std::vector<float> s(K / w.g);
+      group_sums(x, K, w.g, s.data());
+      fs.emplace_back(w.g, std::move(s));
+    }
+  }
+  const float* fsum(int64_t g) const {
+    for (auto& p : fs) if (p.first == g) return p.second.data();
+    return nullptr;
+  }
+};
+
+// y[n] for n in [n0, n1): one row of activations times rows n0..n1 of a layer (bias included)
+void rows(const QW& w, const Act& a, float* y, int64_t n0, int64_t n1) {
+  if (w.bits == 32) {
+    const float* wf = (const float*)w.codes;
+    for (int64_t n = n0; n < n1; ++n) y[n] = dot_f32(wf + n * w.K, a.x, w.K) + (w.bias ? w.bias[n] : 0.f);
+    return;
+  }
+#if defined(__AVX512VNNI__)
+  if (a.uses_int8(w)) {
+    if (w.bits == 4) {
+      if (w.g == 32) vnni_rows<4, 32>(w, a.qx, y, n0, n1); else vnni_rows<4, 64>(w, a.qx, y, n0, n1);
+    } else {
+      if (w.g == 16) vnni_rows<8, 16>(w, a.qx, y, n0, n1);
+      else if (w.g == 32) vnni_rows<8, 32>(w, a.qx, y, n0, n1);
+      else vnni_rows<8, 64>(w, a.qx, y, n0, n1);
+    }
+    return;
+  }
+#endif
+  const float* gs = w.offset ? a.fsum(w.g) : nullptr;
+  if (w.bits == 8) gemv_rows<8, false, 1>(a.x, 0, w, gs, y, 0, n0, n1);
+  else if (w.lut) gemv_rows<4, true, 1>(a.x, 0, w, gs, y, 0, n0, n1);
+  else gemv_rows<4, false, 1>(a.x, 0, w, gs, y, 0, n0, n1);
+}
+
+// Several layers over their own activations in one parallel region (q/k/v, gate/up): rows split across threads
+struct Job { const QW* w; const Act* a; float* y; };
+void run_jobs(const Job* jobs, int nj) {
+  int64_t total = 0, off[8];
+  for (int j = 0; j < nj; ++j) { off[j] = total; total += jobs[j].w->N; }
+  const int64_t step = 16;
+  at::parallel_for(0, (total + step - 1) / step, 1, [&](int64_t b0, int64_t b1) {
+    for (int j = 0; j < nj; ++j) {
+      const int64_t lo = std::max(b0 * step, off[j]), hi = std::min(std::min(b1 * step, total), off[j] + jobs[j].w->N);
+      if (lo < hi) rows(*jobs[j].w, *jobs[j].a, jobs[j].y, lo - off[j], hi - off[j]);
+    }
+  });
+}
+
+"""
