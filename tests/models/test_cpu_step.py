@@ -155,9 +155,9 @@ def test_the_code_paths_of_cpus_without_vnni_or_avx512(isa, tmp_path):
     import sys
     from pathlib import Path
 
-    if not qkernel.ISAS[isa] <= set(open("/proc/cpuinfo").read().split()):
+    if not qkernel.ISAS[isa] <= set(Path("/proc/cpuinfo").read_text().split()):
         pytest.skip(f"this CPU lacks {isa}")
     env = {**os.environ, "GENTOOL_CPU_ISA": isa, "GENTOOL_KERNEL_DIR": str(tmp_path)}
     code = _OTHER_CPU.format(tests=str(Path(__file__).parent), isa=isa)
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600, check=False)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
