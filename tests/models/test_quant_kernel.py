@@ -50,8 +50,11 @@ def _q8(x):
 def _close_int8(y, x, w):
     xq, d = _q8(x)
     w = w.double()
-    rounding = 2e-5 * (xq.abs().double() @ w.abs().T) + 1e-30
-    same_arithmetic = (y.double() - xq.double() @ w.T).abs() <= rounding
+    exact = xq.double() @ w.T
+    # float32 rounding of the kernel's terms: relative to |x|·|W|, and a floor for rows whose terms cancel (an
+    # all-zero int4 row is 0·scale + offset with offset = 0 only up to rounding)
+    rounding = 2e-5 * (xq.abs().double() @ w.abs().T) + 1e-6 * exact.abs().max()
+    same_arithmetic = (y.double() - exact).abs() <= rounding
     runs = w.abs().reshape(w.shape[0], -1, 4).sum(-1)                      # (N, K/4)
     within_bound = (y.double() - x.double() @ w.T).abs() <= 0.5 * d.double() @ runs.T + rounding
     return bool(same_arithmetic.all()) and bool(within_bound.all())
@@ -176,3 +179,23 @@ def test_layout_refuses_shapes_the_kernel_does_not_take():
     packed = qkernel.pack_nibbles(torch.arange(32, dtype=torch.uint8)[None] % 16)
     assert packed.tolist() == [[j | (j << 4) for j in range(16)]]
     assert np.array_equal(packed.shape, (1, 16))
+
+
+@needs_vnni
+@pytest.mark.parametrize("k", [576, 640])  # 576 = 4.5 chunks of 128 weights: a 64-weight tail
+@pytest.mark.parametrize("kind", ["int4-32", "int4-64", "int4-128", "Q4_0", "Q4_1", "Q8_0", "Q5_0"])
+def test_8bit_activations_at_widths_that_end_in_half_a_chunk(monkeypatch, k, kind):
+    monkeypatch.setitem(qkernel._state, "act", 8)
+    w = _weights(40, k, seed=1)
+    if kind.startswith("int4"):
+        group = int(kind.split("-")[1])
+        if k % group:
+            pytest.skip(f"group {group} does not divide {k}")
+        lin = torch.nn.Linear(k, 40, bias=False)
+        with torch.no_grad():
+            lin.weight.copy_(w)
+        layer = LAYERS["int4"].from_linear(lin, group)
+    else:
+        layer = GGMLLinear(k, 40, torch.from_numpy(ggml.quantize(w.numpy(), kind)), kind)
+    x = torch.randn(2, k)
+    assert _close_int8(layer(x), x, layer.dequantize(torch.float32))

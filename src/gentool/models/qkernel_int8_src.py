@@ -50,17 +50,20 @@ struct QX {
         s4[i / 4 + j] = d * (float)(qi[4 * j] + qi[4 * j + 1] + qi[4 * j + 2] + qi[4 * j + 3]);
       }
     }
-    static const int src[4] = {0, 32, 16, 48};  // 4-bit order: the 16-weight pieces of a chunk
-    for (int64_t c = 0; c < C; ++c) {
-      for (int p = 0; p < 4; ++p) std::memcpy(q[1].data() + 64 * c + 16 * p, q[0].data() + 64 * c + src[p], 16);
+    for (int64_t i = 0; i < K; ++i) q[1][i] = q[0][src4(i)];
+    for (int64_t c = 0; c < C; ++c)
       for (int o = 0; o < 2; ++o)
         for (int l = 0; l < 16; ++l) {
           const int8_t* qq = q[o].data() + 64 * c + 4 * l;
           ls[o][16 * c + l] = qq[0] + qq[1] + qq[2] + qq[3];
-          const int64_t run = o == 0 ? 16 * c + l : 16 * c + src[l / 4] / 4 + l % 4;
-          ld[o][16 * c + l] = d4[run];
+          ld[o][16 * c + l] = d4[(o == 0 ? 64 * c + 4 * l : src4(64 * c + 4 * l)) / 4];
         }
-    }
+  }
+  // 4-bit order: a chunk of 128 weights (64 bytes of nibbles, blocks b0-b3), or of 64 at the end, is unpacked as the
+  // low nibbles of all its bytes (weights 0-15 of each block), then the high ones (16-31 of each block)
+  int64_t src4(int64_t i) const {
+    const int64_t base = i / 128 * 128, p = i % 128, nb = base + 128 <= K ? 4 : 2, piece = p / 16;
+    return base + 32 * (piece % nb) + 16 * (piece / nb) + p % 16;
   }
   void prepare(const QW& w) {  // the zero correction and group sums this layer needs (before the threads start)
     const int o = w.bits == 4 ? 1 : 0;
@@ -81,17 +84,83 @@ struct QX {
   }
 };
 
-// lane -> group within a 64-weight chunk, per (order, group size): 4-bit order g 32; natural order g 32, g 16
-template <int BITS, int GC>
-inline __m512 lane_scales(const float* s, int64_t c, int64_t g) {
+// lane -> group of one 64-lane vector: 8-bit codes (natural order) g 16, 32, a multiple of 64; 4-bit codes:
+// `lane_scales4` (a vector of 16 weights from each of 4 blocks: g 32, 64, a multiple of 128)
+template <int GC>
+inline __m512 lane_scales8(const float* s, int64_t c, int64_t g) {
   if (GC >= 64) return _mm512_set1_ps(s[(c * 64) / g]);
-  if (GC == 32) {
-    const __m512i idx = BITS == 4 ? _mm512_set_epi32(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0)
-                                  : _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
-    return _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(_mm_castpd_ps(_mm_load_sd((const double*)(s + 2 * c)))));
+  if (GC == 32)
+    return _mm512_permutexvar_ps(_mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0),
+                                 _mm512_castps128_ps512(_mm_castpd_ps(_mm_load_sd((const double*)(s + 2 * c)))));
+  return _mm512_permutexvar_ps(_mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0),
+                               _mm512_castps128_ps512(_mm_loadu_ps(s + 4 * c)));
+}
+// chunk S of 128 weights (blocks 4S..4S+3), or the 64-weight tail (blocks 4S, 4S+1: lanes 0-3, 4-7, 8-11, 12-15
+// are blocks 0, 1, 0, 1)
+template <int GC>
+inline __m512 lane_scales4(const float* s, int64_t S, int64_t g, bool tail) {
+  if (GC >= 128) return _mm512_set1_ps(s[(S * 128) / g]);
+  if (GC == 64) return tail ? _mm512_set1_ps(s[2 * S]) :
+    _mm512_permutexvar_ps(_mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0),
+                          _mm512_castps128_ps512(_mm_castpd_ps(_mm_load_sd((const double*)(s + 2 * S)))));
+  if (tail)
+    return _mm512_permutexvar_ps(_mm512_set_epi32(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0),
+                                 _mm512_castps128_ps512(_mm_castpd_ps(_mm_load_sd((const double*)(s + 4 * S)))));
+  return _mm512_permutexvar_ps(_mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0),
+                               _mm512_castps128_ps512(_mm_loadu_ps(s + 4 * S)));
+}
+
+// NR (1 or 2) weight rows from n at a time: the activations' loads are shared
+template <int BITS, int GC, int NR>
+inline void vnni_pair(const QW& w, int64_t n, int64_t C, int64_t G, int64_t row_bytes, const int8_t* xq,
+                      const float* xd, const int32_t* zs, const float* gs, __m512i m4, float* y) {
+  __m512 acc[NR];
+  for (int r = 0; r < NR; ++r) acc[r] = _mm512_setzero_ps();
+  auto start = [&](int64_t v) {
+    return w.zero ? _mm512_loadu_si512((const void*)(zs + 16 * v)) : _mm512_setzero_si512();
+  };
+  auto xv = [&](int64_t v) { return _mm512_loadu_si512((const void*)(xq + 64 * v)); };
+  if constexpr (BITS == 4) {
+    const int64_t full = w.K / 128;
+    for (int64_t S = 0; S <= full; ++S) {
+      const bool tail = S == full;
+      if (tail && w.K % 128 == 0) break;
+      const __m512i s0 = start(2 * S), x0 = xv(2 * S);
+      const __m512 d0 = _mm512_loadu_ps(xd + 32 * S);
+      const __m512i s1 = tail ? s0 : start(2 * S + 1), x1 = tail ? x0 : xv(2 * S + 1);
+      const __m512 d1 = tail ? d0 : _mm512_loadu_ps(xd + 32 * S + 16);
+      for (int r = 0; r < NR; ++r) {
+        const uint8_t* c = w.codes + (n + r) * row_bytes + 64 * S;
+        const __m512 sv = lane_scales4<GC>(w.scale + (n + r) * G, S, w.g, tail);
+        if (tail) {
+          const __m256i b = _mm256_loadu_si256((const __m256i*)c);
+          const __m512i lo = _mm512_and_si512(_mm512_inserti64x4(_mm512_castsi256_si512(b), _mm256_srli_epi16(b, 4), 1), m4);
+          acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(s0, lo, x0)), _mm512_mul_ps(d0, sv), acc[r]);
+        } else {
+          const __m512i b = _mm512_loadu_si512((const void*)c);
+          const __m512i lo = _mm512_and_si512(b, m4), hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), m4);
+          acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(s0, lo, x0)), _mm512_mul_ps(d0, sv), acc[r]);
+          acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(s1, hi, x1)), _mm512_mul_ps(d1, sv), acc[r]);
+        }
+      }
+    }
+  } else {
+    for (int64_t ci = 0; ci < C; ++ci) {
+      const __m512i s0 = start(ci), x0 = xv(ci);
+      const __m512 d0 = _mm512_loadu_ps(xd + 16 * ci);
+      for (int r = 0; r < NR; ++r) {
+        const __m512i wv = _mm512_loadu_si512((const void*)(w.codes + (n + r) * row_bytes + 64 * ci));
+        const __m512 f = _mm512_mul_ps(d0, lane_scales8<GC>(w.scale + (n + r) * G, ci, w.g));
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(s0, wv, x0)), f, acc[r]);
+      }
+    }
   }
-  const __m512i idx = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
-  return _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(_mm_loadu_ps(s + 4 * c)));
+  for (int r = 0; r < NR; ++r) {
+    float v = _mm512_reduce_add_ps(acc[r]);
+    if (gs) v += offset_dot(w.offset + (n + r) * G, gs, G);
+    if (w.bias) v += w.bias[n + r];
+    y[n + r] = v;
+  }
 }
 
 template <int BITS, int GC>
@@ -103,30 +172,9 @@ void vnni_rows(const QW& w, const QX& x, float* y, int64_t n0, int64_t n1) {
   const int32_t* zs = x.zs[o].data();
   const float* gs = w.offset ? x.gsum(w.g) : nullptr;
   const __m512i m4 = _mm512_set1_epi8(15);
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* c = w.codes + n * row_bytes;
-    const float* s = w.scale + n * G;
-    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-    for (int64_t ci = 0; ci < C; ++ci) {
-      __m512i wv;
-      if (BITS == 4) {
-        const __m256i b = _mm256_loadu_si256((const __m256i*)(c + 32 * ci));
-        const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(b), _mm256_srli_epi16(b, 4), 1);
-        wv = _mm512_and_si512(both, m4);
-      } else {
-        wv = _mm512_loadu_si512((const void*)(c + 64 * ci));
-      }
-      const __m512i start = w.zero ? _mm512_loadu_si512((const void*)(zs + 16 * ci)) : _mm512_setzero_si512();
-      const __m512i dot = _mm512_dpbusd_epi32(start, wv, _mm512_loadu_si512((const void*)(xq + 64 * ci)));
-      const __m512 f = _mm512_mul_ps(_mm512_loadu_ps(xd + 16 * ci), lane_scales<BITS, GC>(s, ci, w.g));
-      if (ci & 1) acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), f, acc1);
-      else acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), f, acc0);
-    }
-    float r = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
-    if (gs) r += offset_dot(w.offset + n * G, gs, G);
-    if (w.bias) r += w.bias[n];
-    y[n] = r;
-  }
+  int64_t n = n0;
+  for (; n + 1 < n1; n += 2) vnni_pair<BITS, GC, 2>(w, n, C, G, row_bytes, xq, xd, zs, gs, m4, y);
+  if (n < n1) vnni_pair<BITS, GC, 1>(w, n, C, G, row_bytes, xq, xd, zs, gs, m4, y);
 }
 #else
 constexpr bool HAVE_VNNI = false;
@@ -138,8 +186,9 @@ struct QX {
 
 // Whether a layer runs on 8-bit activations (when asked and the CPU has VNNI)
 inline bool int8_ok(const QW& w) {
-  return HAVE_VNNI && (w.bits == 4 || w.bits == 8) && !w.lut && w.K % 64 == 0 && (w.g % 64 == 0 || w.g == 32 ||
-         (w.g == 16 && w.bits == 8));
+  if (!HAVE_VNNI || w.lut || w.K % 64) return false;
+  if (w.bits == 4) return w.g == 32 || w.g == 64 || w.g % 128 == 0;
+  return w.bits == 8 && (w.g == 16 || w.g == 32 || w.g % 64 == 0);
 }
 
 // One row of activations in the forms the row functions take: float32 (with group sums for offsets), and 8-bit
@@ -178,7 +227,9 @@ void rows(const QW& w, const Act& a, float* y, int64_t n0, int64_t n1) {
 #if defined(__AVX512VNNI__)
   if (a.uses_int8(w)) {
     if (w.bits == 4) {
-      if (w.g == 32) vnni_rows<4, 32>(w, a.qx, y, n0, n1); else vnni_rows<4, 64>(w, a.qx, y, n0, n1);
+      if (w.g == 32) vnni_rows<4, 32>(w, a.qx, y, n0, n1);
+      else if (w.g == 64) vnni_rows<4, 64>(w, a.qx, y, n0, n1);
+      else vnni_rows<4, 128>(w, a.qx, y, n0, n1);
     } else {
       if (w.g == 16) vnni_rows<8, 16>(w, a.qx, y, n0, n1);
       else if (w.g == 32) vnni_rows<8, 32>(w, a.qx, y, n0, n1);
