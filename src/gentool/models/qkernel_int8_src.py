@@ -50,14 +50,17 @@ struct QX {
         s4[i / 4 + j] = d * (float)(qi[4 * j] + qi[4 * j + 1] + qi[4 * j + 2] + qi[4 * j + 3]);
       }
     }
-    for (int64_t i = 0; i < K; ++i) q[1][i] = q[0][src4(i)];
-    for (int64_t c = 0; c < C; ++c)
-      for (int o = 0; o < 2; ++o)
-        for (int l = 0; l < 16; ++l) {
-          const int8_t* qq = q[o].data() + 64 * c + 4 * l;
-          ls[o][16 * c + l] = qq[0] + qq[1] + qq[2] + qq[3];
-          ld[o][16 * c + l] = d4[(o == 0 ? 64 * c + 4 * l : src4(64 * c + 4 * l)) / 4];
-        }
+    for (int64_t p = 0; p < K / 16; ++p) {  // 4-bit order: pieces of 16 codes (4 lanes) moved whole
+      const int64_t from = src4(16 * p);
+      std::memcpy(q[1].data() + 16 * p, q[0].data() + from, 16);
+      std::memcpy(ld[1].data() + 4 * p, d4.data() + from / 4, 4 * sizeof(float));
+    }
+    std::memcpy(ld[0].data(), d4.data(), (K / 4) * sizeof(float));
+    const __m512i ones = _mm512_set1_epi8(1);
+    for (int o = 0; o < 2; ++o)
+      for (int64_t c = 0; c < C; ++c)  // lane sums: the 4 codes of each lane times 1
+        _mm512_storeu_si512((void*)(ls[o].data() + 16 * c), _mm512_dpbusd_epi32(
+            _mm512_setzero_si512(), ones, _mm512_loadu_si512((const void*)(q[o].data() + 64 * c))));
   }
   // 4-bit order: a chunk of 128 weights (64 bytes of nibbles, blocks b0-b3), or of 64 at the end, is unpacked as the
   // low nibbles of all its bytes (weights 0-15 of each block), then the high ones (16-31 of each block)
