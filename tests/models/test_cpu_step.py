@@ -162,3 +162,17 @@ def test_the_code_paths_of_cpus_without_vnni_or_avx512(isa, tmp_path):
     code = _OTHER_CPU.format(tests=str(Path(__file__).parent), isa=isa)
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600, check=False)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("vocab", [7, 4099, 49152])
+def test_greedy_op_equals_argmax_and_log_softmax(vocab):
+    g = torch.Generator().manual_seed(vocab)
+    x = torch.randn(4, vocab, generator=g) * 6
+    x[1, vocab // 3] = x[1, vocab - 1] = 50.0          # a tie: the first index, as torch.argmax
+    x[2, vocab // 2] = float("nan")                     # non-finite rows: NaN log-probs, as log_softmax gives
+    x[3, 0] = float("inf")
+    idx, logp = torch.ops.gentool_qk.greedy(x)
+    ref = x.argmax(-1)
+    assert idx.tolist() == ref.tolist()
+    want = x.log_softmax(-1).gather(-1, ref[:, None])[:, 0]
+    assert torch.allclose(logp[:2], want[:2], rtol=0, atol=1e-5) and bool(logp[2:].isnan().all())

@@ -29,7 +29,7 @@ import torch.nn as nn
 
 from gentool import console
 from gentool.errors import UsageProblem
-from gentool.models import cpu_step
+from gentool.models import cpu_step, qkernel
 from gentool.models.cpu_step import cpu_decoder
 from gentool.models.decode import can_fuse, decode_forward, fuse_projections, use_onednn_linears
 
@@ -134,13 +134,16 @@ class DecodeState(nn.Module):
     def advance(self, logits: torch.Tensor, params: SamplingParams) -> None:
         """Raw (B, V) logits of the current token -> draw, record and feed back the next token."""
         logits = logits.float()
-        logp = logits.log_softmax(-1)
         penalise = params.repetition_penalty != 1.0
-        nxt = sample_tokens(process_logits(logits, params, self.seen if penalise else None), params, self.keys,
-                            self.count)
+        if params.temperature <= 0 and not penalise and _fast_greedy(logits):  # one pass in C++ (CPU decoding)
+            nxt, chosen = torch.ops.gentool_qk.greedy(logits)
+        else:
+            nxt = sample_tokens(process_logits(logits, params, self.seen if penalise else None), params, self.keys,
+                                self.count)
+            chosen = logits.log_softmax(-1).gather(-1, nxt[:, None])[:, 0]
         nxt = torch.where(self.done, self.fill, nxt)  # finished rows repeat a filler (their output is cut later)
         self.out.index_copy_(1, self.count, nxt[:, None])
-        self.logprobs.index_copy_(1, self.count, logp.gather(-1, nxt[:, None]))
+        self.logprobs.index_copy_(1, self.count, chosen[:, None])
         if penalise:
             self.seen.scatter_(1, nxt[:, None], True)
         if not params.ignore_eos:
@@ -148,6 +151,12 @@ class DecodeState(nn.Module):
         self.token.copy_(nxt[:, None])
         self.pos += 1
         self.count += 1
+
+
+def _fast_greedy(logits: torch.Tensor) -> bool:
+    """Whether greedy choice and its log-probability come from the CPU kernel's one-pass op (eager, CPU)."""
+    return logits.device.type == "cpu" and not torch.compiler.is_compiling() and qkernel.ENABLED and \
+        qkernel.available()
 
 
 def decode_step(model: nn.Module, state: DecodeState, params: SamplingParams, fused: bool = False) -> None:

@@ -2,7 +2,7 @@
 whole-step decoder (compiled between models/qkernel_src.py's SOURCE and TAIL).
 
 `QX` rounds one row of activations to 8 bits per run of 4 values and lays the codes out as the weight codes are
-unpacked; `vnni_rows` multiplies 64 weights at a time with vpdpbusd (see models/qkernel_src.py for the arithmetic
+unpacked; `vnni_rows` multiplies 64 weights per instruction with vpdpbusd (4-bit codes: 128 per 64-byte load) (see models/qkernel_src.py for the arithmetic
 and its bound). `Act` holds one row in the forms the rows need (float32 with group sums for offsets, and 8-bit),
 `rows` picks the arithmetic per layer, and `run_jobs` splits the rows of several layers over the threads in one
 parallel region (q/k/v, gate/up).
@@ -14,9 +14,8 @@ constexpr bool HAVE_VNNI = true;
 // One row of activations rounded to 8 bits per run of 4 (x ≈ q·d, d = max|x|/127 over the 4): vpdpbusd sums the
 // products of 4 codes per 32-bit lane and each lane is scaled on its own, so a scale per 4 activations costs nothing
 // over one per 32 (llama.cpp's Q8_0) and keeps an outlier from coarsening its 31 neighbours. Stored in the orders
-// the codes need: natural for 8-bit codes, and for 4-bit codes the order of a 64-weight chunk's nibbles as they are
-// unpacked: the low nibbles of bytes 0-15 (weights 0-15), of bytes 16-31 (weights 32-47), then the high nibbles
-// (16-31, 48-63). Per chunk of 64: 16 lane scales and 16 lane sums of the codes (for the zero correction).
+// the codes need: natural for 8-bit codes, and for 4-bit codes the order their nibbles are unpacked in (`src4`).
+// Per 64 codes (one vector): 16 lane scales and 16 lane sums of the codes (for the zero correction).
 struct QX {
   int64_t K = 0;
   std::vector<float> d4, s4;               // per run of 4: d, and d·Σq
@@ -113,6 +112,9 @@ inline __m512 lane_scales4(const float* s, int64_t S, int64_t g, bool tail) {
                                _mm512_castps128_ps512(_mm_loadu_ps(s + 4 * S)));
 }
 
+#ifndef PREFETCH
+#define PREFETCH 2048  // bytes ahead of the codes being read: enough loads in flight to stream a large layer
+#endif
 // NR (1 or 2) weight rows from n at a time: the activations' loads are shared
 template <int BITS, int GC, int NR>
 inline void vnni_pair(const QW& w, int64_t n, int64_t C, int64_t G, int64_t row_bytes, const int8_t* xq,
@@ -134,6 +136,7 @@ inline void vnni_pair(const QW& w, int64_t n, int64_t C, int64_t G, int64_t row_
       const __m512 d1 = tail ? d0 : _mm512_loadu_ps(xd + 32 * S + 16);
       for (int r = 0; r < NR; ++r) {
         const uint8_t* c = w.codes + (n + r) * row_bytes + 64 * S;
+        _mm_prefetch((const char*)c + PREFETCH, _MM_HINT_T0);
         const __m512 sv = lane_scales4<GC>(w.scale + (n + r) * G, S, w.g, tail);
         if (tail) {
           const __m256i b = _mm256_loadu_si256((const __m256i*)c);
@@ -152,7 +155,9 @@ inline void vnni_pair(const QW& w, int64_t n, int64_t C, int64_t G, int64_t row_
       const __m512i s0 = start(ci), x0 = xv(ci);
       const __m512 d0 = _mm512_loadu_ps(xd + 16 * ci);
       for (int r = 0; r < NR; ++r) {
-        const __m512i wv = _mm512_loadu_si512((const void*)(w.codes + (n + r) * row_bytes + 64 * ci));
+        const uint8_t* c = w.codes + (n + r) * row_bytes + 64 * ci;
+        _mm_prefetch((const char*)c + PREFETCH, _MM_HINT_T0);
+        const __m512i wv = _mm512_loadu_si512((const void*)c);
         const __m512 f = _mm512_mul_ps(d0, lane_scales8<GC>(w.scale + (n + r) * G, ci, w.g));
         acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(s0, wv, x0)), f, acc[r]);
       }
@@ -176,8 +181,8 @@ void vnni_rows(const QW& w, const QX& x, float* y, int64_t n0, int64_t n1) {
   const float* gs = w.offset ? x.gsum(w.g) : nullptr;
   const __m512i m4 = _mm512_set1_epi8(15);
   int64_t n = n0;
-  for (; n + 1 < n1; n += 2) vnni_pair<BITS, GC, 2>(w, n, C, G, row_bytes, xq, xd, zs, gs, m4, y);
-  if (n < n1) vnni_pair<BITS, GC, 1>(w, n, C, G, row_bytes, xq, xd, zs, gs, m4, y);
+  for (; BITS == 4 && n + 1 < n1; n += 2) vnni_pair<BITS, GC, 2>(w, n, C, G, row_bytes, xq, xd, zs, gs, m4, y);
+  for (; n < n1; ++n) vnni_pair<BITS, GC, 1>(w, n, C, G, row_bytes, xq, xd, zs, gs, m4, y);
 }
 #else
 constexpr bool HAVE_VNNI = false;

@@ -312,6 +312,74 @@ at::Tensor qmm(const at::Tensor& x_, const at::Tensor& codes, const at::Tensor& 
 }
 
 bool has_vnni() { return HAVE_VNNI; }
+
+#if defined(__AVX512F__)
+inline __m512 exp_neg(__m512 x) {  // e^x for x <= 0: 2^n·e^f with |f| <= ln2/2, a degree-7 polynomial (rel. 2e-7)
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504089f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 f = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  f = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), f);
+  __m512 p = _mm512_set1_ps(1.f / 5040);
+  for (float c : {1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f}) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c));
+  return _mm512_scalef_ps(p, n);
+}
+#endif
+
+// Greedy choice per row of logits (B, V): the first index of the largest value and its log-softmax value
+std::tuple<at::Tensor, at::Tensor> greedy(const at::Tensor& logits_) {
+  TORCH_CHECK(logits_.dim() == 2 && logits_.scalar_type() == at::kFloat, "greedy: logits must be float32 (B, V)");
+  const at::Tensor logits = logits_.contiguous();
+  const int64_t B = logits.size(0), V = logits.size(1);
+  at::Tensor idx = at::empty({B}, logits.options().dtype(at::kLong)), lp = at::empty({B}, logits.options());
+  int64_t* ip = idx.data_ptr<int64_t>();
+  float* lpp = lp.data_ptr<float>();
+  for (int64_t b = 0; b < B; ++b) {
+    const float* x = logits.data_ptr<float>() + b * V;
+    float mx = x[0];
+    int64_t v = 0;
+#if defined(__AVX512F__)
+    if (V >= 16) {
+      __m512 m = _mm512_loadu_ps(x);
+      __mmask16 nan = 0;
+      for (v = 0; v + 16 <= V; v += 16) {
+        const __m512 xv = _mm512_loadu_ps(x + v);
+        m = _mm512_max_ps(m, xv);
+        nan |= _mm512_cmp_ps_mask(xv, xv, _CMP_UNORD_Q);
+      }
+      mx = nan ? NAN : _mm512_reduce_max_ps(m);
+    }
+#endif
+    for (; v < V; ++v) mx = std::isnan(mx) || std::isnan(x[v]) ? NAN : std::max(mx, x[v]);
+    int64_t best = 0;
+    if (std::isfinite(mx)) {
+#if defined(__AVX512F__)
+      const __m512 mv = _mm512_set1_ps(mx);
+      for (; best + 16 <= V; best += 16) {
+        const __mmask16 eq = _mm512_cmp_ps_mask(_mm512_loadu_ps(x + best), mv, _CMP_EQ_OQ);
+        if (eq) { best += __builtin_ctz(eq); break; }
+      }
+#endif
+      while (x[best] != mx) ++best;
+    } else {  // inf or NaN: torch.argmax's order (NaN first, then the largest)
+      for (int64_t u = 1; u < V; ++u) if (x[u] > x[best] || (std::isnan(x[u]) && !std::isnan(x[best]))) best = u;
+      ip[b] = best;
+      lpp[b] = NAN;  // as log_softmax gives where the largest logit is NaN or inf
+      continue;
+    }
+    double sum = 0.0;
+    v = 0;
+#if defined(__AVX512F__)
+    __m512 acc = _mm512_setzero_ps();
+    for (; v + 16 <= V; v += 16) acc = _mm512_add_ps(acc, exp_neg(_mm512_sub_ps(_mm512_loadu_ps(x + v), _mm512_set1_ps(mx))));
+    sum = _mm512_reduce_add_ps(acc);
+#endif
+    for (; v < V; ++v) sum += std::exp((double)x[v] - mx);
+    ip[b] = best;
+    lpp[b] = (float)(-std::log(sum));
+  }
+  return {idx, lp};
+}
 }  // namespace
 """
 
@@ -320,7 +388,8 @@ TORCH_LIBRARY(gentool_qk, m) {
   m.def("qmm(Tensor x, Tensor codes, Tensor scale, Tensor? offset, int group, int bits, Tensor? lut, int zero, "
         "int act) -> Tensor");
   m.def("has_vnni() -> bool", &has_vnni);
+  m.def("greedy(Tensor logits) -> (Tensor, Tensor)");
   DECODE_CLASS
 }
-TORCH_LIBRARY_IMPL(gentool_qk, CPU, m) { m.impl("qmm", &qmm); }
+TORCH_LIBRARY_IMPL(gentool_qk, CPU, m) { m.impl("qmm", &qmm); m.impl("greedy", &greedy); }
 """
