@@ -68,10 +68,9 @@ def sample(
     seed: Seed = 0,
     device: Device = "auto",
     dtype: Dtype = None,
-    compile_: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="Compile the decode step: "
-                                                     "CUDA graphs on CUDA (default there); on a CPU about 2x faster "
-                                                     "after a first compile of minutes.", rich_help_panel=RUNTIME)] \
-        = None,
+    compile_: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="Compile the decode step: CUDA "
+                        "graphs on CUDA (default there); on a CPU inductor instead of the one-call C++ step (minutes "
+                        "to compile).", rich_help_panel=RUNTIME)] = None,
     force: Force = False,
     config: Config = None,
     json_: Json = False,

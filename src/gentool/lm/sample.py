@@ -398,8 +398,11 @@ class Generator:
 
         _sync(self.device)
         t0 = time.perf_counter()
-        logits = self.model(prompt_t, input_pos=torch.arange(width, device=self.device),
-                            attention_mask=s.attn_mask if s.padded else None)[:, -1]
+        pos, mask = torch.arange(width, device=self.device), s.attn_mask if s.padded else None
+        if hasattr(self.model, "hidden_states"):  # the output layer for the last position only
+            logits = self.model.lm_head(self.model.hidden_states(prompt_t, input_pos=pos, attention_mask=mask)[:, -1])
+        else:
+            logits = self.model(prompt_t, input_pos=pos, attention_mask=mask)[:, -1]
         s.advance(logits, params)
         _sync(self.device)
         t1 = time.perf_counter()
