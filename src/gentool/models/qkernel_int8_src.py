@@ -115,60 +115,47 @@ inline __m512 lane_scales4(const float* s, int64_t S, int64_t g, bool tail) {
 #ifndef PREFETCH
 #define PREFETCH 2048  // bytes ahead of the codes being read: enough loads in flight to stream a large layer
 #endif
-// NR (1 or 2) weight rows from n at a time: the activations' loads are shared
-template <int BITS, int GC, int NR>
-inline void vnni_pair(const QW& w, int64_t n, int64_t C, int64_t G, int64_t row_bytes, const int8_t* xq,
-                      const float* xd, const int32_t* zs, const float* gs, __m512i m4, float* y) {
-  __m512 acc[NR];
-  for (int r = 0; r < NR; ++r) acc[r] = _mm512_setzero_ps();
-  auto start = [&](int64_t v) {
+// One weight row (two at a time, sharing the activations' loads, measured slower on large layers)
+template <int BITS, int GC>
+inline void vnni_row(const QW& w, int64_t n, int64_t C, int64_t G, int64_t row_bytes, const int8_t* xq,
+                     const float* xd, const int32_t* zs, const float* gs, __m512i m4, float* y) {
+  const uint8_t* row = w.codes + n * row_bytes;
+  const float* s = w.scale + n * G;
+  auto start = [&](int64_t v) {  // -zero·Σq of each lane: the zero code folded into the integer sum
     return w.zero ? _mm512_loadu_si512((const void*)(zs + 16 * v)) : _mm512_setzero_si512();
   };
-  auto xv = [&](int64_t v) { return _mm512_loadu_si512((const void*)(xq + 64 * v)); };
+  auto dot = [&](int64_t v, __m512i codes) {  // one vector of 64 products, as float32
+    return _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(start(v), codes, _mm512_loadu_si512((const void*)(xq + 64 * v))));
+  };
+  __m512 acc = _mm512_setzero_ps();
   if constexpr (BITS == 4) {
-    const int64_t full = w.K / 128;
-    for (int64_t S = 0; S <= full; ++S) {
-      const bool tail = S == full;
-      if (tail && w.K % 128 == 0) break;
-      const __m512i s0 = start(2 * S), x0 = xv(2 * S);
-      const __m512 d0 = _mm512_loadu_ps(xd + 32 * S);
-      const __m512i s1 = tail ? s0 : start(2 * S + 1), x1 = tail ? x0 : xv(2 * S + 1);
-      const __m512 d1 = tail ? d0 : _mm512_loadu_ps(xd + 32 * S + 16);
-      for (int r = 0; r < NR; ++r) {
-        const uint8_t* c = w.codes + (n + r) * row_bytes + 64 * S;
-        _mm_prefetch((const char*)c + PREFETCH, _MM_HINT_T0);
-        const __m512 sv = lane_scales4<GC>(w.scale + (n + r) * G, S, w.g, tail);
-        if (tail) {
-          const __m256i b = _mm256_loadu_si256((const __m256i*)c);
-          const __m512i lo = _mm512_and_si512(_mm512_inserti64x4(_mm512_castsi256_si512(b), _mm256_srli_epi16(b, 4), 1), m4);
-          acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(s0, lo, x0)), _mm512_mul_ps(d0, sv), acc[r]);
-        } else {
-          const __m512i b = _mm512_loadu_si512((const void*)c);
-          const __m512i lo = _mm512_and_si512(b, m4), hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), m4);
-          acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(s0, lo, x0)), _mm512_mul_ps(d0, sv), acc[r]);
-          acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(s1, hi, x1)), _mm512_mul_ps(d1, sv), acc[r]);
-        }
+    for (int64_t S = 0; S < (w.K + 64) / 128; ++S) {  // chunks of 128 weights, and a tail of 64
+      const uint8_t* c = row + 64 * S;
+      _mm_prefetch((const char*)c + PREFETCH, _MM_HINT_T0);
+      if (128 * S + 128 <= w.K) {
+        const __m512i b = _mm512_loadu_si512((const void*)c);
+        const __m512 sv = lane_scales4<GC>(s, S, w.g, false);
+        acc = _mm512_fmadd_ps(dot(2 * S, _mm512_and_si512(b, m4)), _mm512_mul_ps(_mm512_loadu_ps(xd + 32 * S), sv), acc);
+        acc = _mm512_fmadd_ps(dot(2 * S + 1, _mm512_and_si512(_mm512_srli_epi16(b, 4), m4)),
+                              _mm512_mul_ps(_mm512_loadu_ps(xd + 32 * S + 16), sv), acc);
+      } else {
+        const __m256i b = _mm256_loadu_si256((const __m256i*)c);
+        const __m512i lo = _mm512_and_si512(_mm512_inserti64x4(_mm512_castsi256_si512(b), _mm256_srli_epi16(b, 4), 1), m4);
+        acc = _mm512_fmadd_ps(dot(2 * S, lo), _mm512_mul_ps(_mm512_loadu_ps(xd + 32 * S), lane_scales4<GC>(s, S, w.g, true)), acc);
       }
     }
   } else {
     for (int64_t ci = 0; ci < C; ++ci) {
-      const __m512i s0 = start(ci), x0 = xv(ci);
-      const __m512 d0 = _mm512_loadu_ps(xd + 16 * ci);
-      for (int r = 0; r < NR; ++r) {
-        const uint8_t* c = w.codes + (n + r) * row_bytes + 64 * ci;
-        _mm_prefetch((const char*)c + PREFETCH, _MM_HINT_T0);
-        const __m512i wv = _mm512_loadu_si512((const void*)c);
-        const __m512 f = _mm512_mul_ps(d0, lane_scales8<GC>(w.scale + (n + r) * G, ci, w.g));
-        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(s0, wv, x0)), f, acc[r]);
-      }
+      const uint8_t* c = row + 64 * ci;
+      _mm_prefetch((const char*)c + PREFETCH, _MM_HINT_T0);
+      const __m512 f = _mm512_mul_ps(_mm512_loadu_ps(xd + 16 * ci), lane_scales8<GC>(s, ci, w.g));
+      acc = _mm512_fmadd_ps(dot(ci, _mm512_loadu_si512((const void*)c)), f, acc);
     }
   }
-  for (int r = 0; r < NR; ++r) {
-    float v = _mm512_reduce_add_ps(acc[r]);
-    if (gs) v += offset_dot(w.offset + (n + r) * G, gs, G);
-    if (w.bias) v += w.bias[n + r];
-    y[n + r] = v;
-  }
+  float v = _mm512_reduce_add_ps(acc);
+  if (gs) v += offset_dot(w.offset + n * G, gs, G);
+  if (w.bias) v += w.bias[n];
+  y[n] = v;
 }
 
 template <int BITS, int GC>
@@ -180,9 +167,7 @@ void vnni_rows(const QW& w, const QX& x, float* y, int64_t n0, int64_t n1) {
   const int32_t* zs = x.zs[o].data();
   const float* gs = w.offset ? x.gsum(w.g) : nullptr;
   const __m512i m4 = _mm512_set1_epi8(15);
-  int64_t n = n0;
-  for (; BITS == 4 && n + 1 < n1; n += 2) vnni_pair<BITS, GC, 2>(w, n, C, G, row_bytes, xq, xd, zs, gs, m4, y);
-  for (; n < n1; ++n) vnni_pair<BITS, GC, 1>(w, n, C, G, row_bytes, xq, xd, zs, gs, m4, y);
+  for (int64_t n = n0; n < n1; ++n) vnni_row<BITS, GC>(w, n, C, G, row_bytes, xq, xd, zs, gs, m4, y);
 }
 #else
 constexpr bool HAVE_VNNI = false;
