@@ -8,8 +8,9 @@ One command, one run: every row is measured once per round and the rounds are in
 row A, row B, ...), so a shared machine's load falls on all rows alike; best and median over rounds are printed.
 The thread count is the same for every row (torch.set_num_threads, llama.cpp's -t) and printed. The roofline is
 the read bandwidth (`_common.read_bandwidth`: a sum over a buffer 8x the last-level cache, best of 15 passes)
-measured in every round and printed beside every decode figure: batch-1 decoding reads every weight once per token,
-so bandwidth / weight bytes bounds tokens/s. Rows "gentool quantize --scheme S" are the CLI path: the checkpoint
+measured in every round, the median of rounds printed beside every decode figure: batch-1 decoding reads every
+weight once per token, so bandwidth / weight bytes bounds tokens/s (a model smaller than the last-level cache can
+beat it). Rows "gentool quantize --scheme S" are the CLI path: the checkpoint
 `gentool quantize` writes, decoded as `gentool sample` does without flags, compared with the llama.cpp GGUF of the
 same format and with gentool's float32 eager row; on CPUs with AVX-512 VNNI they multiply 8-bit activations
 (models/qkernel.py), and --exact-rows adds each with float32 activations (GENTOOL_CPU_KERNEL=exact).
@@ -24,9 +25,9 @@ the output head (as llama.cpp's Q8_0/Q4_0 do; the input embedding stays float: o
 Rows: gentool eager (batch-1 decoding in one C++ call per token, models/cpu_step.py: what `sample` runs) and
 compiled (torch.compile, CPU inductor; --no-compile skips them) in float32, bfloat16, int8 (per-row scales) and
 int4 (groups of 32, like Q4_0's blocks), and float32 compiled with prompt-lookup decoding (greedy, same tokens;
-its speed depends on how much the continuation repeats the text); transformers `generate` (greedy, float32, SDPA); llama.cpp's
-`llama-bench` (-p prompt -n new tokens) on each GGUF. Decode tokens/s excludes the prompt (gentool: the steps
-after the first token; transformers: after the first token, timed with a streamer; llama-bench: its tg test).
+its speed depends on how much the continuation repeats the text); transformers `generate` (greedy, float32, SDPA);
+llama.cpp's `llama-bench` (-p prompt -n new tokens) on each GGUF. Decode tokens/s excludes the prompt (gentool: the
+steps after the first token; transformers: after the first token, timed with a streamer; llama-bench: its tg test).
 Perplexity: gentool's `token_nlls` under the llama.cpp protocol (chunks of --ppl-ctx tokens, second half scored)
 vs `llama-perplexity` on the same text (its prompt-eval tokens/s); both perplexities are printed (they agree when
 the protocol and tokens do). llama.cpp binaries: $GENTOOL_LLAMA_CPP_BIN or /work/main/.anchors/llama.cpp/build/bin.
@@ -417,12 +418,14 @@ def main() -> None:
 
 
 def report(rows: list[Row], ppl: list[Row], bandwidth: list[float], args, load) -> None:
-    bw = max(bandwidth)  # read bandwidth: best pass of the best round
+    # the roofline: the median over rounds of each round's best pass. The best round alone moved by 15% between
+    # runs minutes apart on a shared machine (51-59 GB/s); the median agreed within 2% (33.3, 33.3, 34.0 GB/s)
+    bw = statistics.median(bandwidth)
     print(f"# bench/cpu.py — {time.strftime('%Y-%m-%d')}, {platform.machine()} {_cpu_name()}, "
           f"{os.cpu_count()} cores, threads = {args.threads} for every row (torch.set_num_threads, llama.cpp -t); "
           f"torch {torch.__version__}; {args.repeats} interleaved rounds; load average {load[0]:.1f} -> {load[1]:.1f}")
-    print(f"read bandwidth (the roofline: a sum over a buffer 8x the last-level cache, best of 15 passes per round) "
-          f"best {bw / 1e9:.1f} GB/s, median of rounds {statistics.median(bandwidth) / 1e9:.1f}, "
+    print(f"read bandwidth (a sum over a buffer 8x the last-level cache, best of 15 passes per round): the roofline is "
+          f"the median of rounds, {bw / 1e9:.1f} GB/s; best round {max(bandwidth) / 1e9:.1f}, "
           f"rounds " + ", ".join(f"{b / 1e9:.1f}" for b in bandwidth))
     for label in dict.fromkeys(r.group for r in rows):
         group = [r for r in rows if r.group == label]
