@@ -57,7 +57,7 @@ def _run(model, n, *, fast, every=1):
             out.append(x[0])
             ids.append(int(x.argmax()))
             tok, pos = torch.tensor([ids[-1:]]), torch.tensor([len(ids) - 1])
-            x = cpu_step.step(decoder, model, tok, pos) if fast and i % every == 0 else \
+            x = decoder.step(tok, pos) if fast and i % every == 0 else \
                 model(tok, input_pos=pos)[:, -1]
     model.reset_cache()
     return ids[len(PROMPT):], torch.stack(out)
@@ -176,3 +176,18 @@ def test_greedy_op_equals_argmax_and_log_softmax(vocab):
     assert idx.tolist() == ref.tolist()
     want = x.log_softmax(-1).gather(-1, ref[:, None])[:, 0]
     assert torch.allclose(logp[:2], want[:2], rtol=0, atol=1e-5) and bool(logp[2:].isnan().all())
+
+
+def test_a_quantized_embedding_tied_to_the_head_reads_its_rows_from_the_head():
+    model = _model("q8_0", tied=True)
+    model.setup_cache(1, 16)
+    decoder = cpu_step.cpu_decoder(model)
+    assert decoder is not None and decoder.rows is model.lm_head  # GGUF blocks shared by embedding and head
+    ids = torch.tensor([[0, 5, 255]])
+    with torch.no_grad():
+        want = model.model.embed_tokens(ids)[0]
+        got = torch.stack([decoder.embed(ids[:, i:i + 1]) for i in range(3)])
+    assert torch.allclose(got, want, rtol=1e-6, atol=1e-7 * want.abs().max().item())
+    ref_tokens, ref = _run(model, 12, fast=False)
+    tokens, out = _run(model, 12, fast=True)
+    assert tokens == ref_tokens and (out - ref).abs().max() <= 1e-4 * ref.abs().max()

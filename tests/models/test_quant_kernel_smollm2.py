@@ -80,7 +80,7 @@ def _decode(model, prompt: list[int], n: int, forced: list[int] | None = None) -
         for i in range(n):
             logits.append(x[0])
             ids.append(forced[i] if forced else int(x.argmax()))
-            x = cpu_step.step(decoder, model, torch.tensor([ids[-1:]]), torch.tensor([len(ids) - 1]))
+            x = decoder.step(torch.tensor([ids[-1:]]), torch.tensor([len(ids) - 1]))
     model.reset_cache()
     return ids[len(prompt):], torch.stack(logits)
 

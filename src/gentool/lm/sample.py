@@ -29,7 +29,7 @@ import torch.nn as nn
 
 from gentool import console
 from gentool.errors import UsageProblem
-from gentool.models import cpu_step, qkernel
+from gentool.models import qkernel
 from gentool.models.cpu_step import cpu_decoder
 from gentool.models.decode import can_fuse, decode_forward, fuse_projections, use_onednn_linears
 
@@ -171,7 +171,7 @@ def decode_step(model: nn.Module, state: DecodeState, params: SamplingParams, fu
 
 def cpu_decode_step(decoder, model: nn.Module, state: DecodeState, params: SamplingParams) -> None:
     """decode_step through the whole-step CPU decoder (batch 1, no padding)."""
-    state.advance(cpu_step.step(decoder, model, state.token, state.pos), params)
+    state.advance(decoder.step(state.token, state.pos), params)
 
 
 # --- incremental detokenization and stop strings --------------------------------------------------------------------

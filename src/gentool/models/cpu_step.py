@@ -1,6 +1,7 @@
 """Batch-1 decoding on a CPU in one C++ call per token: `cpu_decoder(model)` wraps a Transformer whose projections
 the kernel takes (dense float32 `nn.Linear`s, quantized layers with a kernel layout) in the `Decoder` of
-models/decode_src.py, over the model's own tensors and its static KV cache; `step` returns the logits of one token.
+models/decode_src.py, over the model's own tensors and its static KV cache; its `step` returns the logits of one
+token.
 
 Batch-1 decoding of a small model is bound by per-operation overhead in eager PyTorch (SmolLM2-135M: ~700
 operations per token, more time than reading its weights); the decoder runs a token in one call. It applies to a
@@ -16,6 +17,7 @@ from torch import nn
 
 from gentool.models import qkernel
 from gentool.models.quant import QuantLinear
+from gentool.models.quant_ggml import GGMLEmbedding
 from gentool.models.transformer import Transformer
 
 _NONE = torch.empty(0)
@@ -55,9 +57,34 @@ def _layer_args(lin: nn.Module) -> tuple | None:
     return None
 
 
-def cpu_decoder(model: nn.Module):
-    """A `torch.classes.gentool_qk.Decoder` over the model's weights and current cache (set up, batch 1), or
-    None where it does not apply."""
+class CPUDecoder:
+    """The C++ `Decoder` of one model and cache, and the token's input row: `step(token, pos)` -> logits (1, V)."""
+
+    def __init__(self, model: Transformer, decoder):
+        self.model, self.decoder = model, decoder
+        emb, head = model.model.embed_tokens, model.lm_head
+        # a quantized embedding tied to a quantized head (SmolLM2's GGUFs): its rows from the head's kernel layout, in
+        # C++, instead of decoding GGUF blocks with ~30 PyTorch operations per token
+        self.rows = head if isinstance(emb, GGMLEmbedding) and isinstance(head, QuantLinear) and \
+            head._qk_codes is not None and emb.weight.data_ptr() == head.weight.data_ptr() else None
+
+    def embed(self, token: torch.Tensor) -> torch.Tensor:
+        h = self.rows
+        if h is None:
+            return self.model.model.embed_tokens(token).reshape(-1).float()
+        return torch.ops.gentool_qk.qrows(h._qk_codes, h._qk_scale, h._qk_offset, h._qk_group, h._qk_bits, h._qk_lut,
+                                          h._qk_zero, token.reshape(-1))[0]
+
+    def step(self, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Logits (1, V) of `token` (1, 1) at position `pos` (1,), extending the cache."""
+        freqs = pos.float()[:, None] * self.model.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)[0]
+        return self.decoder.step(self.embed(token), emb.cos(), emb.sin(), int(pos[0]), qkernel.act_bits())
+
+
+def cpu_decoder(model: nn.Module) -> CPUDecoder | None:
+    """The whole-step decoder over the model's weights and current cache (set up, batch 1), or None where it does
+    not apply."""
     if not (isinstance(model, Transformer) and model.causal and qkernel.ENABLED and qkernel.available()):
         return None
     layers = model.model.layers
@@ -76,17 +103,10 @@ def cpu_decoder(model: nn.Module):
     meta = [int(v) for a in args for v in a[5:]]
     c = model.config
     try:
-        return torch.classes.gentool_qk.Decoder(
+        decoder = torch.classes.gentool_qk.Decoder(
             [n.detach() for n in norms], [cc.k for cc in caches], [cc.v for cc in caches],
             *[[t.detach() for t in col] for col in lists[:5]], meta, c.num_attention_heads, c.num_key_value_heads,
             float(c.rms_norm_eps))
     except RuntimeError:  # a shape the decoder does not take (its checks): the model's own decode path
         return None
-
-
-def step(decoder, model: Transformer, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """Logits (1, V) of `token` (1, 1) at position `pos` (1,), extending the cache."""
-    x = model.model.embed_tokens(token).reshape(-1).float()
-    freqs = pos.float()[:, None] * model.inv_freq[None, :]
-    emb = torch.cat((freqs, freqs), dim=-1)[0]
-    return decoder.step(x, emb.cos(), emb.sin(), int(pos[0]), qkernel.act_bits())
+    return CPUDecoder(model, decoder)

@@ -15,6 +15,26 @@ SOURCE = r"""
 #include <torch/custom_class.h>
 
 namespace {
+// Rows `ids` of a packed weight as float32: an embedding lookup in a quantized table
+at::Tensor qrows(const at::Tensor& codes, const at::Tensor& scale, const c10::optional<at::Tensor>& offset,
+                 int64_t group, int64_t bits, const c10::optional<at::Tensor>& lut, int64_t zero, const at::Tensor& ids_) {
+  TORCH_CHECK(bits == 4 || bits == 8, "qrows: bits must be 4 or 8");
+  const int64_t K = bits == 4 ? 2 * codes.size(1) : codes.size(1);
+  std::vector<at::Tensor> keep;
+  const QW w = make_qw(codes, scale, offset, lut, c10::nullopt, group, bits, zero, K, keep);
+  const at::Tensor ids = ids_.contiguous().to(at::kLong);
+  at::Tensor out = at::empty({ids.numel(), K}, scale.options().dtype(at::kFloat));
+  const int64_t* ip = ids.data_ptr<int64_t>();
+  for (int64_t i = 0; i < ids.numel(); ++i) {
+    TORCH_CHECK(0 <= ip[i] && ip[i] < w.N, "qrows: id ", ip[i], " is not a row of ", w.N);
+    float* o = out.data_ptr<float>() + i * K;
+    if (bits == 8) decode_rows<8, false>(w, ip[i], ip[i] + 1, o);
+    else if (w.lut) decode_rows<4, true>(w, ip[i], ip[i] + 1, o);
+    else decode_rows<4, false>(w, ip[i], ip[i] + 1, o);
+  }
+  return out;
+}
+
 void rmsnorm(const float* x, const float* w, int64_t D, float eps, float* out) {
   const float r = 1.f / std::sqrt(dot_f32(x, x, D) / (float)D + eps);
   for (int64_t k = 0; k < D; ++k) out[k] = w[k] * (x[k] * r);  // transformers: weight · (x · rsqrt(mean x² + eps))

@@ -389,7 +389,8 @@ TORCH_LIBRARY(gentool_qk, m) {
         "int act) -> Tensor");
   m.def("has_vnni() -> bool", &has_vnni);
   m.def("greedy(Tensor logits) -> (Tensor, Tensor)");
+  m.def("qrows(Tensor codes, Tensor scale, Tensor? offset, int group, int bits, Tensor? lut, int zero, Tensor ids) -> Tensor");
   DECODE_CLASS
 }
-TORCH_LIBRARY_IMPL(gentool_qk, CPU, m) { m.impl("qmm", &qmm); m.impl("greedy", &greedy); }
+TORCH_LIBRARY_IMPL(gentool_qk, CPU, m) { m.impl("qmm", &qmm); m.impl("greedy", &greedy); m.impl("qrows", &qrows); }
 """
