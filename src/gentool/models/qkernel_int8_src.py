@@ -153,7 +153,7 @@ inline void vnni_row(const QW& w, int64_t n, int64_t C, int64_t G, int64_t row_b
     }
   }
   float v = _mm512_reduce_add_ps(acc);
-  if (gs) v += offset_dot(w.offset + n * G, gs, G);
+  if (gs) v += dot_f32(w.offset + n * G, gs, G);
   if (w.bias) v += w.bias[n];
   y[n] = v;
 }
@@ -232,9 +232,9 @@ void rows(const QW& w, const Act& a, float* y, int64_t n0, int64_t n1) {
   }
 #endif
   const float* gs = w.offset ? a.fsum(w.g) : nullptr;
-  if (w.bits == 8) gemv_rows<8, false, 1>(a.x, 0, w, gs, y, 0, n0, n1);
-  else if (w.lut) gemv_rows<4, true, 1>(a.x, 0, w, gs, y, 0, n0, n1);
-  else gemv_rows<4, false, 1>(a.x, 0, w, gs, y, 0, n0, n1);
+  if (w.bits == 8) gemv_rows<8, false, 1>(a.x, w, gs, y, 0, n0, n1);
+  else if (w.lut) gemv_rows<4, true, 1>(a.x, w, gs, y, 0, n0, n1);
+  else gemv_rows<4, false, 1>(a.x, w, gs, y, 0, n0, n1);
 }
 
 // Several layers over their own activations in one parallel region (q/k/v, gate/up): rows split across threads

@@ -115,19 +115,15 @@ inline float dot_f32(const float* a, const float* b, int64_t K) {
   return s;
 }
 
-// Σ_g offset[n, g]·gsum[g]
-inline float offset_dot(const float* off, const float* gsum, int64_t G) { return dot_f32(off, gsum, G); }
-
-// float32 activations: y[m0 + m, n] for n in [n0, n1) and nm rows of x; gsum: (nm, G) group sums of x (offsets)
+// float32 activations: y[m, n] for n in [n0, n1) and nm rows of x; gsum: (nm, G) group sums of x (offsets)
 template <int BITS, bool LUT, int nm>
-void gemv_rows(const float* x, int64_t m0, const QW& w, const float* gsum, float* y, int64_t ystride,
-               int64_t n0, int64_t n1) {
+void gemv_rows(const float* x, const QW& w, const float* gsum, float* y, int64_t ystride, int64_t n0, int64_t n1) {
   vf lut[2];
   if (LUT) make_lut(w.lut, lut);
   const int64_t K = w.K, g = w.g, G = K / g, row_bytes = BITS == 4 ? K / 2 : K;
   const int zero = w.zero;
   const float* xr[nm];
-  for (int m = 0; m < nm; ++m) xr[m] = x + (m0 + m) * K;
+  for (int m = 0; m < nm; ++m) xr[m] = x + m * K;
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* c = w.codes + n * row_bytes;
     const float* s = w.scale + n * G;
@@ -170,9 +166,9 @@ void gemv_rows(const float* x, int64_t m0, const QW& w, const float* gsum, float
     }
     for (int m = 0; m < nm; ++m) {
       float r = vsum(vadd(acc[m], acc2[m]));
-      if (w.offset) r += offset_dot(w.offset + n * G, gsum + m * G, G);
+      if (w.offset) r += dot_f32(w.offset + n * G, gsum + m * G, G);  // Σ_g offset[n, g]·Σ_{k in g} x[m, k]
       if (w.bias) r += w.bias[n];
-      y[(m0 + m) * ystride + n] = r;
+      y[m * ystride + n] = r;
     }
   }
 }
@@ -226,7 +222,7 @@ void run(const at::Tensor& x, const QW& w, bool int8, at::Tensor& y) {
   const int64_t M = x.size(0), K = w.K, N = w.N;
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  if (M <= MB && int8 && HAVE_VNNI && int8_ok(w)) {
+  if (M <= MB && int8 && int8_ok(w)) {
     std::vector<Act> acts(M);
     for (int64_t m = 0; m < M; ++m) { acts[m].set(xp + m * K, K, true); acts[m].prepare(w); }
     for (int64_t m = 0; m < M; ++m) { Job j{&w, &acts[m], yp + m * N}; run_jobs(&j, 1); }
@@ -237,10 +233,10 @@ void run(const at::Tensor& x, const QW& w, bool int8, at::Tensor& y) {
     for (int64_t m = 0; m < M && w.offset; ++m) group_sums(xp + m * K, K, w.g, gs.data() + m * (K / w.g));
     at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
       switch (M) {
-        case 1: gemv_rows<BITS, LUT, 1>(xp, 0, w, gs.data(), yp, N, n0, n1); break;
-        case 2: gemv_rows<BITS, LUT, 2>(xp, 0, w, gs.data(), yp, N, n0, n1); break;
-        case 3: gemv_rows<BITS, LUT, 3>(xp, 0, w, gs.data(), yp, N, n0, n1); break;
-        default: gemv_rows<BITS, LUT, 4>(xp, 0, w, gs.data(), yp, N, n0, n1);
+        case 1: gemv_rows<BITS, LUT, 1>(xp, w, gs.data(), yp, N, n0, n1); break;
+        case 2: gemv_rows<BITS, LUT, 2>(xp, w, gs.data(), yp, N, n0, n1); break;
+        case 3: gemv_rows<BITS, LUT, 3>(xp, w, gs.data(), yp, N, n0, n1); break;
+        default: gemv_rows<BITS, LUT, 4>(xp, w, gs.data(), yp, N, n0, n1);
       }
     });
     return;
