@@ -207,3 +207,44 @@ def test_onednn_linears_same_outputs_state_dict_and_gradients():
     assert all(torch.equal(m.state_dict()[k], v) for k, v in before.items())
     m(x).logsumexp(-1).mean().backward()  # with gradients: plain F.linear, autograd intact
     assert m.model.layers[0].self_attn.q_proj.weight.grad is not None
+
+
+def test_packed_weights_same_products_follow_weight_changes_and_respect_memory(monkeypatch):
+    from gentool.models import decode as dec
+
+    m = model()
+    dec.use_onednn_linears(m)
+    x = torch.randn(1, 20, m.config.hidden_size)  # ≥ PACKED_MIN_ROWS rows: the packed copy
+    lin = m.model.layers[0].mlp.up_proj
+    with torch.no_grad():
+        ref = torch.nn.functional.linear(x, lin.weight)
+        assert dec.pack_weights(m.model)
+        assert "packed" in lin.__dict__ and "packed" not in m.lm_head.__dict__
+        # float32 summation order only: |error| ≤ K·eps·Σ|x||w|
+        bound = 64 * torch.finfo(torch.float32).eps * (x.abs() @ lin.weight.abs().T)
+        assert ((lin(x) - ref).abs() <= bound).all()
+        lin.weight.mul_(2)  # changed in place: the stale copy is dropped, the product follows the new weight
+        assert ((lin(x) - 2 * ref).abs() <= 2 * bound).all() and "packed" not in lin.__dict__
+        assert ((lin(x[:, :3]) - 2 * ref[:, :3]).abs() <= 2 * bound[:, :3]).all()  # few rows: the plain weight
+    fresh = model()
+    dec.use_onednn_linears(fresh)
+    monkeypatch.setattr(dec, "_available_memory", lambda: 1000)  # no room for a second copy: nothing packed
+    assert not dec.pack_weights(fresh.model)
+    assert not any("packed" in mod.__dict__ for mod in fresh.modules())
+
+
+def test_prompt_from_position_zero_attends_over_its_own_keys_as_the_masked_cache_path_does():
+    m = model()
+    x = torch.randint(0, 400, (2, 11))
+    with torch.no_grad():
+        m.setup_cache(2, 32)
+        masked = m.hidden_states(x, input_pos=torch.arange(11))  # positions given: the mask over the cache
+        k_masked = m.model.layers[1].self_attn.kv_cache.k.clone()
+        m.setup_cache(2, 32)
+        fast = m.hidden_states(x)  # positions 0..10 implied: causal attention over the new keys
+        k_fast = m.model.layers[1].self_attn.kv_cache.k.clone()
+        m.reset_cache()
+        plain = m.hidden_states(x)
+    torch.testing.assert_close(fast, masked, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(k_fast, k_masked, rtol=1e-5, atol=1e-5)  # the cache written the same

@@ -31,7 +31,8 @@ from gentool import console
 from gentool.errors import UsageProblem
 from gentool.models import qkernel
 from gentool.models.cpu_step import cpu_decoder
-from gentool.models.decode import can_fuse, decode_forward, fuse_projections, use_onednn_linears
+from gentool.models.decode import can_fuse, decode_forward, fuse_projections, pack_weights, use_onednn_linears
+from gentool.models.transformer import Transformer
 
 M32 = 0xFFFFFFFF
 # Inductor on a CPU: store every pointwise result before its consumer rather than recompute it inside it. A
@@ -287,6 +288,7 @@ class Generator:
             fuse_projections(model)
         if device == "cpu":
             use_onednn_linears(model)
+            pack_weights(model.model if isinstance(model, Transformer) else model)  # prompts: not the 1-row head
         self.context = model.config.max_position_embeddings
         self.compile = device.startswith("cuda") if compile is None else compile
         self.check_every = check_every
@@ -398,7 +400,8 @@ class Generator:
 
         _sync(self.device)
         t0 = time.perf_counter()
-        pos, mask = torch.arange(width, device=self.device), s.attn_mask if s.padded else None
+        # unpadded: positions 0.. (None), which attend over the prompt's own keys without a mask (faster)
+        pos, mask = (torch.arange(width, device=self.device), s.attn_mask) if s.padded else (None, None)
         if hasattr(self.model, "hidden_states"):  # the output layer for the last position only
             logits = self.model.lm_head(self.model.hidden_states(prompt_t, input_pos=pos, attention_mask=mask)[:, -1])
         else:

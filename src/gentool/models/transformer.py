@@ -90,9 +90,11 @@ class Attention(nn.Module):
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         if self.kv_cache is not None:
-            k, v = self.kv_cache.update(pos_T, k, v)  # (B, K, S, E): attend over the cache with `mask`
-            if q.dtype != k.dtype:
-                q = q.to(k.dtype)
+            k_cache, v_cache = self.kv_cache.update(pos_T, k, v)  # (B, K, S, E)
+            if mask is not None:  # attend over the cache; without a mask the tokens start at position 0 (see
+                k, v = k_cache, v_cache  # hidden_states) and their own keys are all there is: causal over them
+                if q.dtype != k.dtype:
+                    q = q.to(k.dtype)
         if mask is None:  # flash and cuDNN kernels take GQA directly
             y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal and t > 1,
                                                enable_gqa=self.n_kv != self.n_heads)
@@ -243,6 +245,8 @@ class Transformer(nn.Module):
             assert block_size and fresh and not self.max_seq_len and attention_mask is None
             input_ids, input_pos = torch.cat([input_ids, clean_ids], 1), torch.cat([input_pos, input_pos])
             mask = self.block_mask(t, block_size, input_ids.device, two_stream=True)
+        elif self.max_seq_len and fresh and self.causal and not block_size and attention_mask is None:
+            pass  # a prompt from position 0: causal attention over its own keys, no mask (the cache is written)
         elif self.max_seq_len:  # cached decoding: query at position p sees keys 0..p (to its block's end if blocked)
             keys = torch.arange(self.max_seq_len, device=input_ids.device)
             if block_size:
