@@ -130,6 +130,44 @@ def test_generator_uses_the_decoder_and_gives_the_same_text():
     assert a == b
 
 
+
+@pytest.mark.parametrize("scheme,tied,dtype", [(None, False, torch.float32), ("int8", False, torch.bfloat16),
+                                               ("q8_0", True, None), ("q4_k_m", True, None)])
+def test_greedy_tokens_wholly_in_cpp_equal_step_then_advance(scheme, tied, dtype):
+    """Decoder.greedy_step (input row, rotary angles, the step, the greedy choice and DecodeState's bookkeeping in
+    one C++ call) against Decoder.step + DecodeState.advance: the same tokens, log-probabilities within float32
+    rounding (the rotary angles' cos/sin from another library: ~1 ulp), and the same stop at an EOS."""
+    from gentool.lm.sample import Generator, SamplingParams
+
+    model = _model(scheme, tied=tied)
+    if dtype is not None:  # a dense embedding table in another dtype (quantize keeps 16-bit tables)
+        model.model.embed_tokens.to(dtype)
+    emb = model.model.embed_tokens
+    assert type(emb).__name__ == ("GGMLEmbedding" if scheme and scheme.startswith("q") else "Embedding")
+
+    def both(params, eos=None):
+        class Tok:
+            bos_id, eos_id, pad_id, eos_ids, add_bos = None, eos, 0, {eos} - {None}, False
+
+            def decode(self, ids):
+                return " ".join(map(str, ids))
+
+        gen = Generator(model, Tok(), device="cpu")
+        a = gen.generate_ids([("", PROMPT)], params)[0]
+        decoder = gen._cpu[0]
+        assert decoder.greedy_ready
+        decoder.greedy_ready = False
+        b = gen.generate_ids([("", PROMPT)], params)[0]
+        assert a.token_ids == b.token_ids and a.stopped == b.stopped
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
+        return a
+
+    first = both(SamplingParams(max_new_tokens=20, temperature=0, ignore_eos=True))
+    eos = first.token_ids[6]
+    stopped = both(SamplingParams(max_new_tokens=20, temperature=0), eos=eos)
+    assert stopped.stopped == "eos" and stopped.token_ids == first.token_ids[:first.token_ids.index(eos)]
+
+
 _OTHER_CPU = """
 import torch, sys
 sys.path.insert(0, {tests!r})
@@ -191,3 +229,28 @@ def test_a_quantized_embedding_tied_to_the_head_reads_its_rows_from_the_head():
     ref_tokens, ref = _run(model, 12, fast=False)
     tokens, out = _run(model, 12, fast=True)
     assert tokens == ref_tokens and (out - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
+@pytest.mark.parametrize("done", [False, True])
+def test_greedy_step_writes_the_state_that_advance_writes(done):
+    from gentool.lm.sample import DecodeState, SamplingParams
+
+    model = _model("q4_0", tied=True)
+    model.setup_cache(1, 32)
+    decoder = cpu_step.cpu_decoder(model)
+    with torch.no_grad():
+        model(torch.tensor([PROMPT]), input_pos=torch.arange(len(PROMPT)))
+        choice = int(decoder.step(torch.tensor([[PROMPT[-1]]]), torch.tensor([len(PROMPT) - 1])).argmax())
+    states = []
+    for _ in range(2):
+        s = DecodeState(1, 32, model.config.vocab_size, 1, "cpu")
+        s.token.fill_(PROMPT[-1]), s.pos.fill_(len(PROMPT) - 1), s.count.fill_(3), s.fill.fill_(0)
+        s.eos.fill_(choice)  # the choice is an EOS: done is set (or kept)
+        s.done.fill_(done)
+        states.append(s)
+    decoder.greedy_step(states[0], check_eos=True)
+    states[1].advance(decoder.step(states[1].token, states[1].pos), SamplingParams(temperature=0))
+    a, b = (dict(s.named_buffers()) for s in states)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-5, msg=name)
+    assert bool(a["done"]) and int(a["out"][0, 3]) == (0 if done else choice) and int(a["pos"]) == len(PROMPT)

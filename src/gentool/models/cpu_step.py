@@ -67,6 +67,12 @@ class CPUDecoder:
         # C++, instead of decoding GGUF blocks with ~30 PyTorch operations per token
         self.rows = head if isinstance(emb, GGMLEmbedding) and isinstance(head, QuantLinear) and \
             head._qk_codes is not None and emb.weight.data_ptr() == head.weight.data_ptr() else None
+        # greedy tokens wholly in C++ (`greedy_step`) where the input row is a plain table's or the head's
+        plain = type(emb) is nn.Embedding and not (emb._forward_hooks or emb._forward_pre_hooks) and \
+            emb.weight.dtype.is_floating_point and emb.weight.device.type == "cpu"
+        self.greedy_ready = plain or self.rows is not None
+        if self.greedy_ready:
+            decoder.set_input(emb.weight.detach().contiguous() if plain else _NONE, model.inv_freq)
 
     def embed(self, token: torch.Tensor) -> torch.Tensor:
         h = self.rows
@@ -80,6 +86,12 @@ class CPUDecoder:
         freqs = pos.float()[:, None] * self.model.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)[0]
         return self.decoder.step(self.embed(token), emb.cos(), emb.sin(), int(pos[0]), qkernel.act_bits())
+
+
+    def greedy_step(self, state, check_eos: bool) -> None:
+        """DecodeState.advance(step(...), greedy params) for batch 1 in one C++ call (the tests compare the two)."""
+        self.decoder.greedy_step(state.token, state.pos, state.count, state.out, state.logprobs, state.done, state.eos,
+                                 state.fill, check_eos, qkernel.act_bits())
 
 
 def cpu_decoder(model: nn.Module) -> CPUDecoder | None:

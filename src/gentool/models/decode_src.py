@@ -58,6 +58,8 @@ struct Decoder : torch::CustomClassHolder {
   std::vector<float*> kc, vc;
   std::vector<float> xr, xn, qkv, att, tmp, gu, hid;
   Act a_in, a_att, a_hid;
+  at::Tensor embedding, inv_freq;  // for greedy_step (set_input): an empty embedding reads the head's rows
+  bool has_input = false;
 
   // lists: tensors per layer (an empty tensor for None); ints per layer: group, bits, zero
   Decoder(std::vector<at::Tensor> norm_w, std::vector<at::Tensor> k_cache, std::vector<at::Tensor> v_cache,
@@ -170,6 +172,61 @@ struct Decoder : torch::CustomClassHolder {
     run_jobs(&head, 1);
     return logits;
   }
+
+  // What greedy_step reads a token's input from: a dense embedding table (any float dtype), or none (empty) for an
+  // embedding tied to the output layer, read from its kernel layout; and the rotary frequencies (E/2).
+  void set_input(at::Tensor emb, at::Tensor freq) {
+    TORCH_CHECK(freq.numel() * 2 == E, "Decoder.set_input: ", E / 2, " rotary frequencies expected");
+    TORCH_CHECK(!emb.numel() || (emb.dim() == 2 && emb.size(1) == D), "Decoder.set_input: embedding shape");
+    TORCH_CHECK(emb.numel() || ws[7 * L].bits != 32 || ws[7 * L].K == D, "Decoder.set_input: no embedding");
+    embedding = emb; inv_freq = freq.contiguous().to(at::kFloat).clone(); has_input = true;
+  }
+
+  // One greedy token for batch 1 with DecodeState.advance's bookkeeping (models/cpu_step.py): reads token (1, 1) and
+  // pos (1,), writes out[0, count] (fill once done) and logprobs[0, count], marks done on an EOS id (check_eos), feeds
+  // the choice back as token and moves pos and count on by one. No Python between tokens.
+  void greedy_step(at::Tensor token, at::Tensor pos, at::Tensor count, at::Tensor out, at::Tensor logprobs,
+                   at::Tensor done, at::Tensor eos, at::Tensor fill, bool check_eos, int64_t act) {
+    TORCH_CHECK(has_input, "Decoder.greedy_step: call set_input first");
+    for (auto* t : {&token, &pos, &count, &out, &eos, &fill})
+      TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous(), "Decoder.greedy_step: int64 state expected");
+    TORCH_CHECK(logprobs.scalar_type() == at::kFloat && logprobs.is_contiguous() && done.scalar_type() == at::kBool &&
+                out.size(0) == 1 && logprobs.sizes() == out.sizes(), "Decoder.greedy_step: state of batch 1 expected");
+    int64_t* tp = token.data_ptr<int64_t>();
+    int64_t* pp = pos.data_ptr<int64_t>();
+    int64_t* cp = count.data_ptr<int64_t>();
+    const int64_t c = cp[0];
+    TORCH_CHECK(0 <= tp[0] && tp[0] < (embedding.numel() ? embedding.size(0) : ws[7 * L].N) && 0 <= c &&
+                c < out.size(1), "Decoder.greedy_step: token or count out of range");
+    at::Tensor x;
+    if (embedding.numel()) {
+      x = embedding.select(0, tp[0]).to(at::kFloat).contiguous();
+    } else {
+      const QW& h = ws[7 * L];
+      x = at::empty({D}, out.options().dtype(at::kFloat));
+      if (h.bits == 8) decode_rows<8, false>(h, tp[0], tp[0] + 1, x.data_ptr<float>());
+      else if (h.lut) decode_rows<4, true>(h, tp[0], tp[0] + 1, x.data_ptr<float>());
+      else if (h.bits == 4) decode_rows<4, false>(h, tp[0], tp[0] + 1, x.data_ptr<float>());
+      else std::memcpy(x.data_ptr<float>(), (const float*)h.codes + tp[0] * D, D * sizeof(float));
+    }
+    at::Tensor cs = at::empty({2, E}, x.options());
+    float* cosp = cs.data_ptr<float>();
+    float* sinp = cosp + E;
+    const float* f = inv_freq.data_ptr<float>();
+    for (int64_t i = 0; i < E / 2; ++i) {  // as torch: float(pos)·inv_freq in float32, the two halves alike
+      const float a = (float)pp[0] * f[i];
+      cosp[i] = cosp[i + E / 2] = std::cos(a);
+      sinp[i] = sinp[i + E / 2] = std::sin(a);
+    }
+    const auto [idx, lp] = greedy(step(x, cs[0], cs[1], pp[0], act));
+    bool* d = done.data_ptr<bool>();
+    const int64_t nxt = d[0] ? fill.data_ptr<int64_t>()[0] : idx.data_ptr<int64_t>()[0];
+    out.data_ptr<int64_t>()[c] = nxt;
+    logprobs.data_ptr<float>()[c] = lp.data_ptr<float>()[0];
+    if (check_eos)
+      for (int64_t i = 0; i < eos.numel(); ++i) d[0] = d[0] || eos.data_ptr<int64_t>()[i] == nxt;
+    tp[0] = nxt; pp[0] += 1; cp[0] += 1;
+  }
 };
 }  // namespace
 
@@ -179,5 +236,7 @@ struct Decoder : torch::CustomClassHolder {
                        std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>, \
                        std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<int64_t>, int64_t, int64_t, \
                        double>()) \
-      .def("step", &Decoder::step);
+      .def("step", &Decoder::step) \
+      .def("set_input", &Decoder::set_input) \
+      .def("greedy_step", &Decoder::greedy_step);
 """
