@@ -132,11 +132,12 @@ def test_generator_uses_the_decoder_and_gives_the_same_text():
 
 
 @pytest.mark.parametrize("scheme,tied,dtype", [(None, False, torch.float32), ("int8", False, torch.bfloat16),
-                                               ("q8_0", True, None), ("q4_k_m", True, None)])
-def test_greedy_tokens_wholly_in_cpp_equal_step_then_advance(scheme, tied, dtype):
-    """Decoder.greedy_step (input row, rotary angles, the step, the greedy choice and DecodeState's bookkeeping in
-    one C++ call) against Decoder.step + DecodeState.advance: the same tokens, log-probabilities within float32
-    rounding (the rotary angles' cos/sin from another library: ~1 ulp), and the same stop at an EOS."""
+                                               ("q8_0", True, None), ("q4_k_m", True, None), ("q4_0", False, None)])
+def test_whole_tokens_in_cpp_equal_step_then_advance(scheme, tied, dtype):
+    """Decoder.advance (input row, rotary angles, the step, the draw and DecodeState's bookkeeping in one C++ call)
+    against Decoder.step + DecodeState.advance: the same tokens greedy and sampled (the same Gumbel noise; its
+    logarithms from another library differ by ~1 ulp, far from this model's gaps between scores), log-probabilities
+    within float32 rounding, and the same stop at an EOS."""
     from gentool.lm.sample import Generator, SamplingParams
 
     model = _model(scheme, tied=tied)
@@ -144,6 +145,8 @@ def test_greedy_tokens_wholly_in_cpp_equal_step_then_advance(scheme, tied, dtype
         model.model.embed_tokens.to(dtype)
     emb = model.model.embed_tokens
     assert type(emb).__name__ == ("GGMLEmbedding" if scheme and scheme.startswith("q") else "Embedding")
+    model.setup_cache(1, 64)
+    assert cpu_step.cpu_decoder(model).own_rows == (type(emb).__name__ == "Embedding" or tied)  # else rows from Python
 
     def both(params, eos=None):
         class Tok:
@@ -155,8 +158,8 @@ def test_greedy_tokens_wholly_in_cpp_equal_step_then_advance(scheme, tied, dtype
         gen = Generator(model, Tok(), device="cpu")
         a = gen.generate_ids([("", PROMPT)], params)[0]
         decoder = gen._cpu[0]
-        assert decoder.greedy_ready
-        decoder.greedy_ready = False
+        assert decoder.advances
+        decoder.advances = False
         b = gen.generate_ids([("", PROMPT)], params)[0]
         assert a.token_ids == b.token_ids and a.stopped == b.stopped
         assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
@@ -166,6 +169,11 @@ def test_greedy_tokens_wholly_in_cpp_equal_step_then_advance(scheme, tied, dtype
     eos = first.token_ids[6]
     stopped = both(SamplingParams(max_new_tokens=20, temperature=0), eos=eos)
     assert stopped.stopped == "eos" and stopped.token_ids == first.token_ids[:first.token_ids.index(eos)]
+    drawn = [both(SamplingParams(max_new_tokens=24, temperature=t, top_k=k, top_p=p, min_p=mp, seed=seed,
+                                 ignore_eos=True)).token_ids
+             for t, k, p, mp, seed in [(1.0, None, None, None, 0), (0.8, 5, None, None, 1), (1.3, None, 0.7, None, 2),
+                                       (1.0, None, None, 0.2, 3), (0.9, 20, 0.9, 0.05, 4), (2.0, 3, 0.0, None, 5)]]
+    assert len({tuple(d) for d in drawn}) > 3 and drawn[0] != first.token_ids  # the draws are draws
 
 
 _OTHER_CPU = """
@@ -232,7 +240,7 @@ def test_a_quantized_embedding_tied_to_the_head_reads_its_rows_from_the_head():
 
 
 @pytest.mark.parametrize("done", [False, True])
-def test_greedy_step_writes_the_state_that_advance_writes(done):
+def test_cpp_advance_writes_the_state_that_advance_writes(done):
     from gentool.lm.sample import DecodeState, SamplingParams
 
     model = _model("q4_0", tied=True)
@@ -248,7 +256,7 @@ def test_greedy_step_writes_the_state_that_advance_writes(done):
         s.eos.fill_(choice)  # the choice is an EOS: done is set (or kept)
         s.done.fill_(done)
         states.append(s)
-    decoder.greedy_step(states[0], check_eos=True)
+    decoder.advance(states[0], SamplingParams(temperature=0))
     states[1].advance(decoder.step(states[1].token, states[1].pos), SamplingParams(temperature=0))
     a, b = (dict(s.named_buffers()) for s in states)
     for name in a:

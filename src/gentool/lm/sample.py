@@ -171,10 +171,10 @@ def decode_step(model: nn.Module, state: DecodeState, params: SamplingParams, fu
 
 
 def cpu_decode_step(decoder, model: nn.Module, state: DecodeState, params: SamplingParams) -> None:
-    """decode_step through the whole-step CPU decoder (batch 1, no padding); greedy tokens without a repetition
-    penalty wholly in C++."""
-    if decoder.greedy_ready and params.temperature <= 0 and params.repetition_penalty == 1.0:
-        decoder.greedy_step(state, check_eos=not params.ignore_eos)
+    """decode_step through the whole-step CPU decoder (batch 1, no padding); without a repetition penalty the draw
+    and the bookkeeping too, in the same C++ call."""
+    if decoder.advances and params.repetition_penalty == 1.0:
+        decoder.advance(state, params)
     else:
         state.advance(decoder.step(state.token, state.pos), params)
 

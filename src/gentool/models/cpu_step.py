@@ -67,12 +67,12 @@ class CPUDecoder:
         # C++, instead of decoding GGUF blocks with ~30 PyTorch operations per token
         self.rows = head if isinstance(emb, GGMLEmbedding) and isinstance(head, QuantLinear) and \
             head._qk_codes is not None and emb.weight.data_ptr() == head.weight.data_ptr() else None
-        # greedy tokens wholly in C++ (`greedy_step`) where the input row is a plain table's or the head's
+        # whole tokens in C++ (`advance`), the input row too where it is a plain table's or the head's
         plain = type(emb) is nn.Embedding and not (emb._forward_hooks or emb._forward_pre_hooks) and \
             emb.weight.dtype.is_floating_point and emb.weight.device.type == "cpu"
-        self.greedy_ready = plain or self.rows is not None
-        if self.greedy_ready:
-            decoder.set_input(emb.weight.detach().contiguous() if plain else _NONE, model.inv_freq)
+        self.own_rows = plain or self.rows is not None
+        self.advances = True
+        decoder.set_input(emb.weight.detach().contiguous() if plain else _NONE, model.inv_freq, self.own_rows)
 
     def embed(self, token: torch.Tensor) -> torch.Tensor:
         h = self.rows
@@ -87,11 +87,15 @@ class CPUDecoder:
         emb = torch.cat((freqs, freqs), dim=-1)[0]
         return self.decoder.step(self.embed(token), emb.cos(), emb.sin(), int(pos[0]), qkernel.act_bits())
 
-
-    def greedy_step(self, state, check_eos: bool) -> None:
-        """DecodeState.advance(step(...), greedy params) for batch 1 in one C++ call (the tests compare the two)."""
-        self.decoder.greedy_step(state.token, state.pos, state.count, state.out, state.logprobs, state.done, state.eos,
-                                 state.fill, check_eos, qkernel.act_bits())
+    def advance(self, state, params) -> None:
+        """state.advance(self.step(state.token, state.pos), params) for batch 1 in one C++ call, the draw included
+        (no repetition penalty: the caller checks; the tests compare the two)."""
+        top_p = 1.0 if params.top_p is None else params.top_p
+        x = _NONE if self.own_rows else self.embed(state.token)
+        self.decoder.advance(x, state.token, state.pos, state.count, state.out, state.logprobs, state.done, state.eos,
+                             state.fill, state.keys, not params.ignore_eos, qkernel.act_bits(),
+                             float(params.temperature), int(params.top_k or 0), float(top_p),
+                             float(params.min_p or 0.0))
 
 
 def cpu_decoder(model: nn.Module) -> CPUDecoder | None:

@@ -49,6 +49,95 @@ void rope(float* v, const float* cos, const float* sin, int64_t E) {  // v·cos 
   }
 }
 
+inline uint32_t mix32(uint32_t h) {  // lm/sample.py's _mix32 (its int64 products, masked to 32 bits)
+  h = ((h >> 16) ^ h) * 0x45D9F3Bu;
+  h = ((h >> 16) ^ h) * 0x45D9F3Bu;
+  return (h >> 16) ^ h;
+}
+
+// A token drawn from one row of raw logits l as lm/sample.py's process_logits + sample_tokens draw it: l / T, top-k,
+// top-p, min-p, then the Gumbel-max trick over gumbel_noise's noise (a hash of the row key, the step and the token
+// id; its logarithms through ATen, as torch computes them). That noise lies in [-2.85, 17.33] (24-bit uniforms), so
+// only tokens within 20.2 of the largest scaled logit m can win: only they are drawn. top-k and top-p look at the
+// tokens within 30 of m (the others hold less than V·e⁻³⁰ of the probability, below float32 rounding). `top`: the
+// index of the largest raw logit, which is finite (greedy's).
+struct Near { std::vector<int32_t> idx; std::vector<float> x; };
+
+int64_t sample_row(const float* l, int64_t V, float T, int64_t top_k, double top_p, double min_p, uint32_t key,
+                   int64_t step, int64_t top, Near& nr) {
+  const float m = l[top] / T, lo = m - 30.f;
+  nr.idx.resize(V); nr.x.resize(V);
+  int64_t n = 0, i = 0;
+#if defined(__AVX512F__)
+  const __m512 it = _mm512_set1_ps(T), lov = _mm512_set1_ps(lo);
+  for (__m512i ids = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15); i + 16 <= V;
+       i += 16, ids = _mm512_add_epi32(ids, _mm512_set1_epi32(16))) {
+    const __m512 v = _mm512_div_ps(_mm512_loadu_ps(l + i), it);
+    const __mmask16 keep = _mm512_cmp_ps_mask(v, lov, _CMP_GE_OQ);
+    _mm512_mask_compressstoreu_epi32(nr.idx.data() + n, keep, ids);
+    _mm512_mask_compressstoreu_ps(nr.x.data() + n, keep, v);
+    n += __builtin_popcount(keep);
+  }
+#endif
+  for (; i < V; ++i) {
+    const float v = l[i] / T;
+    if (v >= lo) { nr.idx[n] = (int32_t)i; nr.x[n++] = v; }
+  }
+  float* x = nr.x.data();
+  const int32_t* idx = nr.idx.data();
+  if (top_k > 0 && top_k <= n) {  // else the k-th largest lies below m - 30: no near token goes
+    std::vector<float> v(x, x + n);
+    std::nth_element(v.begin(), v.begin() + (top_k - 1), v.end(), std::greater<float>());
+    const float kth = v[top_k - 1];
+    for (int64_t j = 0; j < n; ++j) if (x[j] < kth) x[j] = -INFINITY;
+  }
+  if (top_p < 1.0) {  // keep the tokens whose mass strictly before them (largest first) is below top_p: buckets of
+    constexpr int NB = 512;  // x by 30/512 in descending order; only the bucket where the mass crosses top_p is sorted
+    at::Tensor e = at::from_blob(x, {n}, at::kFloat).sub(m).exp_();
+    const float* ep = e.data_ptr<float>();
+    std::vector<double> mass(NB, 0.0);
+    std::vector<int> bucket(n);
+    double z = 0.0;
+    for (int64_t j = 0; j < n; ++j) {
+      bucket[j] = x[j] == -INFINITY ? -1 : std::min(NB - 1, (int)((m - x[j]) * (NB / 30.f)));
+      if (bucket[j] >= 0) { mass[bucket[j]] += ep[j]; z += ep[j]; }
+    }
+    double before = 0.0;
+    int cross = 0;
+    while (cross < NB && before + mass[cross] / z < top_p) before += mass[cross++] / z;
+    std::vector<int64_t> tie;
+    for (int64_t j = 0; j < n; ++j) {
+      if (bucket[j] > cross) x[j] = -INFINITY;
+      else if (bucket[j] == cross) tie.push_back(j);
+    }
+    std::sort(tie.begin(), tie.end(), [&](int64_t a, int64_t b) { return x[a] > x[b]; });
+    for (int64_t j : tie) {
+      if (before >= top_p) x[j] = -INFINITY;
+      before += ep[j] / z;
+    }
+  }
+  const float reach = min_p > 0 ? std::max(m - 20.5f, m + (float)std::log(min_p) - 1e-3f) : m - 20.5f;
+  int64_t d = 0;  // the near tokens still in and within reach of the largest, moved to the front
+  for (int64_t j = 0; j < n; ++j)
+    if (x[j] >= reach && !(min_p > 0 && std::exp((double)x[j] - m) < min_p)) {  // min-p: p < min_p·p_max
+      nr.idx[d] = idx[j]; x[d++] = x[j];
+    }
+  if (!d) return 0;  // nothing kept (top_p 0): argmax over -inf everywhere
+  const uint32_t per_step = mix32(key ^ mix32((uint32_t)(step + 0x7FEB352D)));
+  at::Tensor u = at::empty({d}, at::kFloat);
+  float* up = u.data_ptr<float>();
+  for (int64_t j = 0; j < d; ++j)
+    up[j] = ((float)(mix32(per_step ^ mix32((uint32_t)idx[j] + 0x165667B1u)) >> 8) + 0.5f) * (1.f / 16777216.f);
+  const float* g = u.log_().neg_().log_().neg_().data_ptr<float>();  // -log(-log u)
+  float best = -INFINITY;
+  int64_t arg = 0;
+  for (int64_t j = 0; j < d; ++j) {
+    const float score = x[j] + g[j];
+    if (score > best) { best = score; arg = idx[j]; }
+  }
+  return arg;
+}
+
 struct Decoder : torch::CustomClassHolder {
   int64_t L, D, H, KV, E, I, S, V;
   double eps;
@@ -58,8 +147,9 @@ struct Decoder : torch::CustomClassHolder {
   std::vector<float*> kc, vc;
   std::vector<float> xr, xn, qkv, att, tmp, gu, hid;
   Act a_in, a_att, a_hid;
-  at::Tensor embedding, inv_freq;  // for greedy_step (set_input): an empty embedding reads the head's rows
-  bool has_input = false;
+  at::Tensor embedding, inv_freq;  // for advance (set_input): an empty embedding reads the head's rows
+  bool has_input = false, own_rows = false;
+  Near near;
 
   // lists: tensors per layer (an empty tensor for None); ints per layer: group, bits, zero
   Decoder(std::vector<at::Tensor> norm_w, std::vector<at::Tensor> k_cache, std::vector<at::Tensor> v_cache,
@@ -173,33 +263,38 @@ struct Decoder : torch::CustomClassHolder {
     return logits;
   }
 
-  // What greedy_step reads a token's input from: a dense embedding table (any float dtype), or none (empty) for an
-  // embedding tied to the output layer, read from its kernel layout; and the rotary frequencies (E/2).
-  void set_input(at::Tensor emb, at::Tensor freq) {
+  // The rotary frequencies (E/2) and where advance reads a token's input row unless given one: with own_rows, a
+  // dense embedding table (any float dtype), or none (empty) for an embedding tied to the output layer, read from
+  // its kernel layout.
+  void set_input(at::Tensor emb, at::Tensor freq, bool rows) {
     TORCH_CHECK(freq.numel() * 2 == E, "Decoder.set_input: ", E / 2, " rotary frequencies expected");
     TORCH_CHECK(!emb.numel() || (emb.dim() == 2 && emb.size(1) == D), "Decoder.set_input: embedding shape");
-    TORCH_CHECK(emb.numel() || ws[7 * L].bits != 32 || ws[7 * L].K == D, "Decoder.set_input: no embedding");
-    embedding = emb; inv_freq = freq.contiguous().to(at::kFloat).clone(); has_input = true;
+    embedding = emb; inv_freq = freq.contiguous().to(at::kFloat).clone(); has_input = true; own_rows = rows;
   }
 
-  // One greedy token for batch 1 with DecodeState.advance's bookkeeping (models/cpu_step.py): reads token (1, 1) and
-  // pos (1,), writes out[0, count] (fill once done) and logprobs[0, count], marks done on an EOS id (check_eos), feeds
-  // the choice back as token and moves pos and count on by one. No Python between tokens.
-  void greedy_step(at::Tensor token, at::Tensor pos, at::Tensor count, at::Tensor out, at::Tensor logprobs,
-                   at::Tensor done, at::Tensor eos, at::Tensor fill, bool check_eos, int64_t act) {
-    TORCH_CHECK(has_input, "Decoder.greedy_step: call set_input first");
-    for (auto* t : {&token, &pos, &count, &out, &eos, &fill})
-      TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous(), "Decoder.greedy_step: int64 state expected");
+  // One token for batch 1 with DecodeState.advance's choice and bookkeeping (models/cpu_step.py): reads token (1, 1),
+  // pos (1,) and the row key; draws greedily (temperature <= 0) or with sample_row; writes out[0, count] (fill once
+  // done) and logprobs[0, count], marks done on an EOS id (check_eos), feeds the choice back as token and moves pos
+  // and count on by one. No Python between tokens.
+  // x: the token's input row, or empty where the decoder reads it itself (set_input's rows).
+  void advance(at::Tensor x, at::Tensor token, at::Tensor pos, at::Tensor count, at::Tensor out, at::Tensor logprobs,
+               at::Tensor done, at::Tensor eos, at::Tensor fill, at::Tensor keys, bool check_eos, int64_t act,
+               double temperature, int64_t top_k, double top_p, double min_p) {
+    TORCH_CHECK(has_input, "Decoder.advance: call set_input first");
+    for (auto* t : {&token, &pos, &count, &out, &eos, &fill, &keys})
+      TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous(), "Decoder.advance: int64 state expected");
     TORCH_CHECK(logprobs.scalar_type() == at::kFloat && logprobs.is_contiguous() && done.scalar_type() == at::kBool &&
-                out.size(0) == 1 && logprobs.sizes() == out.sizes(), "Decoder.greedy_step: state of batch 1 expected");
+                out.size(0) == 1 && logprobs.sizes() == out.sizes(), "Decoder.advance: state of batch 1 expected");
     int64_t* tp = token.data_ptr<int64_t>();
     int64_t* pp = pos.data_ptr<int64_t>();
     int64_t* cp = count.data_ptr<int64_t>();
     const int64_t c = cp[0];
     TORCH_CHECK(0 <= tp[0] && tp[0] < (embedding.numel() ? embedding.size(0) : ws[7 * L].N) && 0 <= c &&
-                c < out.size(1), "Decoder.greedy_step: token or count out of range");
-    at::Tensor x;
-    if (embedding.numel()) {
+                c < out.size(1), "Decoder.advance: token or count out of range");
+    TORCH_CHECK(x.numel() == D || (!x.numel() && own_rows), "Decoder.advance: an input row of ", D, " expected");
+    if (x.numel()) {
+      x = x.reshape({D}).to(at::kFloat).contiguous();
+    } else if (embedding.numel()) {
       x = embedding.select(0, tp[0]).to(at::kFloat).contiguous();
     } else {
       const QW& h = ws[7 * L];
@@ -218,11 +313,21 @@ struct Decoder : torch::CustomClassHolder {
       cosp[i] = cosp[i + E / 2] = std::cos(a);
       sinp[i] = sinp[i + E / 2] = std::sin(a);
     }
-    const auto [idx, lp] = greedy(step(x, cs[0], cs[1], pp[0], act));
+    const at::Tensor logits = step(x, cs[0], cs[1], pp[0], act);
+    const auto [idx, lp] = greedy(logits);  // the largest logit and log Σ exp (the chosen token's log-probability)
+    const int64_t top = idx.data_ptr<int64_t>()[0];
+    int64_t choice = top;
+    float chosen = lp.data_ptr<float>()[0];
+    const float* l = logits.data_ptr<float>();
+    if (temperature > 0 && std::isfinite(l[top])) {  // else NaN or inf: the first of them, as torch.argmax picks
+      choice = sample_row(l, V, (float)temperature, top_k, top_p, min_p, (uint32_t)keys.data_ptr<int64_t>()[0], c,
+                          top, near);
+      chosen += l[choice] - l[top];
+    }
     bool* d = done.data_ptr<bool>();
-    const int64_t nxt = d[0] ? fill.data_ptr<int64_t>()[0] : idx.data_ptr<int64_t>()[0];
+    const int64_t nxt = d[0] ? fill.data_ptr<int64_t>()[0] : choice;
     out.data_ptr<int64_t>()[c] = nxt;
-    logprobs.data_ptr<float>()[c] = lp.data_ptr<float>()[0];
+    logprobs.data_ptr<float>()[c] = chosen;
     if (check_eos)
       for (int64_t i = 0; i < eos.numel(); ++i) d[0] = d[0] || eos.data_ptr<int64_t>()[i] == nxt;
     tp[0] = nxt; pp[0] += 1; cp[0] += 1;
@@ -238,5 +343,5 @@ struct Decoder : torch::CustomClassHolder {
                        double>()) \
       .def("step", &Decoder::step) \
       .def("set_input", &Decoder::set_input) \
-      .def("greedy_step", &Decoder::greedy_step);
+      .def("advance", &Decoder::advance);
 """

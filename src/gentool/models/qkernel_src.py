@@ -322,6 +322,19 @@ inline __m512 exp_neg(__m512 x) {  // e^x for x <= 0: 2^n·e^f with |f| <= ln2/2
 }
 #endif
 
+// Σ exp(x - mx) over a row whose largest value mx is finite
+inline double sum_exp_below(const float* x, int64_t V, float mx) {
+  double sum = 0.0;
+  int64_t v = 0;
+#if defined(__AVX512F__)
+  __m512 acc = _mm512_setzero_ps();
+  for (; v + 16 <= V; v += 16) acc = _mm512_add_ps(acc, exp_neg(_mm512_sub_ps(_mm512_loadu_ps(x + v), _mm512_set1_ps(mx))));
+  sum = _mm512_reduce_add_ps(acc);
+#endif
+  for (; v < V; ++v) sum += std::exp((double)x[v] - mx);
+  return sum;
+}
+
 // Greedy choice per row of logits (B, V): the first index of the largest value and its log-softmax value
 std::tuple<at::Tensor, at::Tensor> greedy(const at::Tensor& logits_) {
   TORCH_CHECK(logits_.dim() == 2 && logits_.scalar_type() == at::kFloat, "greedy: logits must be float32 (B, V)");
@@ -363,16 +376,8 @@ std::tuple<at::Tensor, at::Tensor> greedy(const at::Tensor& logits_) {
       lpp[b] = NAN;  // as log_softmax gives where the largest logit is NaN or inf
       continue;
     }
-    double sum = 0.0;
-    v = 0;
-#if defined(__AVX512F__)
-    __m512 acc = _mm512_setzero_ps();
-    for (; v + 16 <= V; v += 16) acc = _mm512_add_ps(acc, exp_neg(_mm512_sub_ps(_mm512_loadu_ps(x + v), _mm512_set1_ps(mx))));
-    sum = _mm512_reduce_add_ps(acc);
-#endif
-    for (; v < V; ++v) sum += std::exp((double)x[v] - mx);
     ip[b] = best;
-    lpp[b] = (float)(-std::log(sum));
+    lpp[b] = (float)(-std::log(sum_exp_below(x, V, mx)));
   }
   return {idx, lp};
 }
