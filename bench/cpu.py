@@ -237,10 +237,39 @@ def llama_perplexity(gguf: Path, text: Path, ctx: int, chunks: int, batch: int, 
 
 
 # --- the run ------------------------------------------------------------------------------------------------------
+def model_flops(config, tokens: int, head_rows: float) -> float:
+    """FLOPs per token of a forward over `tokens` positions from 0 (causal attention), the output layer run for a
+    fraction `head_rows` of them: 2 per weight of each block's projections, the head's share, and attention's
+    q·k and p·v over (tokens + 1) / 2 keys on average."""
+    c = config
+    d, e, layers = c.hidden_size, c.head_dim, c.num_hidden_layers
+    block = d * (c.num_attention_heads + 2 * c.num_key_value_heads) * e + c.num_attention_heads * e * d + \
+        3 * d * c.intermediate_size
+    attention = 4 * c.num_attention_heads * e * (tokens + 1) / 2
+    return layers * (2 * block + attention) + 2 * c.vocab_size * d * head_rows
+
+
+def matmul_rate() -> float:
+    """FLOP/s of this machine's fastest float32 matrix multiply here (oneDNN's, models/decode.py), 1024 x 1024 x
+    4096, best of 10: the compute roofline of float32 prefill and scoring."""
+    from gentool.models.decode import onednn_linear
+
+    x, w = torch.randn(1024, 1024), torch.randn(4096, 1024)
+    best = float("inf")
+    with torch.no_grad():
+        for _ in range(12):
+            t0 = time.perf_counter()
+            onednn_linear(x, w)
+            best = min(best, time.perf_counter() - t0)
+    return 2 * 1024 * 1024 * 4096 / best
+
+
 class Row:
-    def __init__(self, group: str, name: str, bits: str, read_bytes: int | None, fn, ref: str | None = None):
+    def __init__(self, group: str, name: str, bits: str, read_bytes: int | None, fn, ref: str | None = None,
+                 flops: float | None = None):
         self.group, self.name, self.bits, self.read_bytes, self.fn = group, name, bits, read_bytes, fn
         self.ref = ref  # the llama.cpp row (GGUF type) it is compared with, when not the one of the same bits
+        self.flops = flops  # per token of prefill (decode rows) or of scoring (perplexity rows)
         self.prefill: list[float] = []
         self.decode: list[float] = []
         self.error = None
@@ -290,16 +319,19 @@ def model_rows(label: str, ckpt: Path, files: dict[str, Path], args) -> list[Row
             rows.append(Row(label, f"gentool quantize --scheme {scheme}, GENTOOL_CPU_KERNEL=exact", ref[1],
                             rows[-1].read_bytes, lambda gen=gen, prompt=prompt: exact_run(gen, prompt, args.new_tokens),
                             ref=ref))
+    flops = model_flops(gen.model.config, args.prompt_tokens, 1 / args.prompt_tokens)  # the head: last position
+    for r in rows:
+        r.flops = flops
     if not args.no_transformers:
         hf = transformers_model(ckpt)
         prompt = prompt_ids(tok, args.prompt_tokens)
         transformers_run(hf, prompt, 4)
         rows.append(Row(label, "transformers generate (float32, sdpa)", "32", rows[0].read_bytes,
-                        lambda: transformers_run(hf, prompt, args.new_tokens)))
+                        lambda: transformers_run(hf, prompt, args.new_tokens), flops=flops))
     for qtype, f in files.items():
         rows.append(Row(label, f"llama.cpp {qtype}", {"F32": "32", "F16": "16", "Q8_0": "8", "Q4_0": "4",
                                                      "Q4_K_M": "4"}.get(qtype, "?"), gguf_read_bytes(f),
-                        lambda f=f: llama_bench(f, args.prompt_tokens, args.new_tokens, args.threads)))
+                        lambda f=f: llama_bench(f, args.prompt_tokens, args.new_tokens, args.threads), flops=flops))
     return rows
 
 
@@ -337,12 +369,13 @@ def ppl_rows(label: str, ckpt: Path, files: dict[str, Path], args) -> tuple[list
         run()
         name = f"gentool {dtype}{', compiled' if compile else ''}"
         log(f"[{label}] perplexity {name}: warm-up {time.perf_counter() - t0:.1f} s")
-        rows.append(Row(label, name, "", None, run))
+        flops = model_flops(lm.model.config, args.ppl_ctx, 0.5)  # the llama.cpp protocol scores each chunk's 2nd half
+        rows.append(Row(label, name, "", None, run, flops=flops))
     for qtype in ("F32", "F16"):
         if qtype in files:
             rows.append(Row(label, f"llama-perplexity {qtype}", "", None,
                             lambda f=files[qtype]: llama_perplexity(f, text_file, args.ppl_ctx, chunks,
-                                                                    args.ppl_batch, args.threads)))
+                                                                    args.ppl_batch, args.threads), flops=flops))
     return rows, text_file
 
 
@@ -396,9 +429,11 @@ def main() -> None:
 
     load0 = os.getloadavg()[0]
     bandwidth: list[float] = []
+    matmul: list[float] = []
     for rnd in range(args.repeats):
         log(f"round {rnd + 1}/{args.repeats} (load average {os.getloadavg()[0]:.1f})")
         bandwidth.append(read_bandwidth()["best"])
+        matmul.append(matmul_rate())
         for row in rows:
             try:
                 pf, dec = row.fn()
@@ -414,10 +449,10 @@ def main() -> None:
             except Exception as e:
                 row.error = str(e).splitlines()[0][:120]
     load1 = os.getloadavg()[0]
-    report(rows, ppl, bandwidth, args, (load0, load1))
+    report(rows, ppl, bandwidth, matmul, args, (load0, load1))
 
 
-def report(rows: list[Row], ppl: list[Row], bandwidth: list[float], args, load) -> None:
+def report(rows: list[Row], ppl: list[Row], bandwidth: list[float], matmul: list[float], args, load) -> None:
     # the roofline: the median over rounds of each round's best pass. The best round alone moved by 15% between
     # runs minutes apart on a shared machine (51-59 GB/s); the median agreed within 2% (33.3, 33.3, 34.0 GB/s)
     bw = statistics.median(bandwidth)
@@ -427,6 +462,10 @@ def report(rows: list[Row], ppl: list[Row], bandwidth: list[float], args, load) 
     print(f"read bandwidth (a sum over a buffer 8x the last-level cache, best of 15 passes per round): the roofline is "
           f"the median of rounds, {bw / 1e9:.1f} GB/s; best round {max(bandwidth) / 1e9:.1f}, "
           f"rounds " + ", ".join(f"{b / 1e9:.1f}" for b in bandwidth))
+    peak = statistics.median(matmul)
+    print(f"float32 matrix multiply (oneDNN, 1024 x 1024 x 4096, best of 12 per round): the compute roofline of "
+          f"prefill and scoring is the median of rounds, {peak / 1e9:.0f} GFLOP/s; rounds "
+          + ", ".join(f"{m / 1e9:.0f}" for m in matmul))
     for label in dict.fromkeys(r.group for r in rows):
         group = [r for r in rows if r.group == label]
         hf = next((r for r in group if r.name.startswith("transformers")), None)
@@ -446,7 +485,8 @@ def report(rows: list[Row], ppl: list[Row], bandwidth: list[float], args, load) 
                    "vs transformers": best / stats(hf.decode)[0] if hf else float("nan"),
                    "vs llama.cpp same format": best / stats(same.decode)[0] if same else float("nan"),
                    "prefill tok/s best": pbest, "prefill median": pmed,
-                   "prefill vs llama.cpp same format": pbest / stats(same.prefill)[0] if same else float("nan")}
+                   "prefill vs llama.cpp same format": pbest / stats(same.prefill)[0] if same else float("nan"),
+                   "prefill % f32 matmul peak": 100 * pbest * r.flops / peak if r.flops else float("nan")}
             if r.error:
                 row["row"] += f" [error: {r.error}]"
             out.append(row)
@@ -460,7 +500,9 @@ def report(rows: list[Row], ppl: list[Row], bandwidth: list[float], args, load) 
             best, med = stats(r.decode)
             out.append({"row": r.name + (f" [error: {r.error}]" if r.error else ""), "tokens/s best": best,
                         "median": med, "vs llama-perplexity F32": best / stats(ref.decode)[0] if ref else
-                        float("nan"), "perplexity": r.prefill[-1] if r.prefill else float("nan")})
+                        float("nan"), "perplexity": r.prefill[-1] if r.prefill else float("nan"),
+                        "GFLOP/s": best * r.flops / 1e9 if r.flops else float("nan"),
+                        "% f32 matmul peak": 100 * best * r.flops / peak if r.flops else float("nan")})
         table(f"{label}: perplexity, llama.cpp protocol ({args.ppl_chunks} chunks of {args.ppl_ctx} tokens, "
               f"{args.ppl_batch} per batch), tokens evaluated per second", out)
 
