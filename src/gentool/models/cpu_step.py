@@ -17,10 +17,14 @@ from torch import nn
 
 from gentool.models import qkernel
 from gentool.models.quant import QuantLinear
-from gentool.models.quant_ggml import GGMLEmbedding
+from gentool.models.quant_ggml import GGMLEmbedding, ggml_layout
 from gentool.models.transformer import Transformer
 
 _NONE = torch.empty(0)
+# An untied GGUF embedding table of at most this many bytes is read by the decoder from a copy in the kernel's layout
+# (1.1-1.5x its GGUF bytes). A larger table belongs to a model whose token takes far longer than the ~0.1 ms a lookup
+# in PyTorch costs, and is looked up there, without the copy.
+EMBED_COPY_MAX = 32 << 20
 PROJECTIONS = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"), ("self_attn", "o_proj"),
                ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))
 
@@ -67,10 +71,18 @@ class CPUDecoder:
         # C++, instead of decoding GGUF blocks with ~30 PyTorch operations per token
         self.rows = head if isinstance(emb, GGMLEmbedding) and isinstance(head, QuantLinear) and \
             head._qk_codes is not None and emb.weight.data_ptr() == head.weight.data_ptr() else None
-        # whole tokens in C++ (`advance`), the input row too where it is a plain table's or the head's
+        # whole tokens in C++ (`advance`), the input row too where it is a plain table's, the head's, or a small
+        # GGUF table's (from a copy in the kernel's layout, EMBED_COPY_MAX)
         plain = type(emb) is nn.Embedding and not (emb._forward_hooks or emb._forward_pre_hooks) and \
             emb.weight.dtype.is_floating_point and emb.weight.device.type == "cpu"
-        self.own_rows = plain or self.rows is not None
+        table = None
+        if isinstance(emb, GGMLEmbedding) and self.rows is None and emb.weight.device.type == "cpu" and \
+                emb.weight.numel() <= EMBED_COPY_MAX:
+            table = ggml_layout(emb.weight, emb.qtype, emb.embedding_dim)
+        if table is not None:
+            decoder.set_rows(table.codes, table.scale, _or_none(table.offset), _or_none(table.lut), table.group,
+                             table.bits, table.zero)
+        self.own_rows = plain or self.rows is not None or table is not None
         self.advances = True
         decoder.set_input(emb.weight.detach().contiguous() if plain else _NONE, model.inv_freq, self.own_rows)
 

@@ -149,6 +149,8 @@ struct Decoder : torch::CustomClassHolder {
   Act a_in, a_att, a_hid;
   at::Tensor embedding, inv_freq;  // for advance (set_input): an empty embedding reads the head's rows
   bool has_input = false, own_rows = false;
+  QW row_w;  // set_rows: a quantized embedding table of its own; else the output layer's rows
+  bool has_row_w = false;
   Near near;
 
   // lists: tensors per layer (an empty tensor for None); ints per layer: group, bits, zero
@@ -272,6 +274,18 @@ struct Decoder : torch::CustomClassHolder {
     embedding = emb; inv_freq = freq.contiguous().to(at::kFloat).clone(); has_input = true; own_rows = rows;
   }
 
+  // A quantized embedding table (not tied to the output layer) in the kernel's layout, for set_input's own rows
+  void set_rows(at::Tensor codes, at::Tensor scale, at::Tensor offset, at::Tensor lut, int64_t group, int64_t bits,
+                int64_t zero) {
+    TORCH_CHECK(bits == 4 || bits == 8, "Decoder.set_rows: bits must be 4 or 8");
+    const int64_t K = bits == 4 ? 2 * codes.size(1) : codes.size(1);
+    TORCH_CHECK(K == D, "Decoder.set_rows: rows of ", D, " expected");
+    auto opt = [](const at::Tensor& t) { return t.numel() ? c10::optional<at::Tensor>(t) : c10::nullopt; };
+    keep.push_back(codes);
+    row_w = make_qw(codes, scale, opt(offset), opt(lut), c10::nullopt, group, bits, zero, K, keep);
+    has_row_w = true;
+  }
+
   // One token for batch 1 with DecodeState.advance's choice and bookkeeping (models/cpu_step.py): reads token (1, 1),
   // pos (1,) and the row key; draws greedily (temperature <= 0) or with sample_row; writes out[0, count] (fill once
   // done) and logprobs[0, count], marks done on an EOS id (check_eos), feeds the choice back as token and moves pos
@@ -289,7 +303,8 @@ struct Decoder : torch::CustomClassHolder {
     int64_t* pp = pos.data_ptr<int64_t>();
     int64_t* cp = count.data_ptr<int64_t>();
     const int64_t c = cp[0];
-    TORCH_CHECK(0 <= tp[0] && tp[0] < (embedding.numel() ? embedding.size(0) : ws[7 * L].N) && 0 <= c &&
+    const QW& h = has_row_w ? row_w : ws[7 * L];  // the rows when there is no dense table
+    TORCH_CHECK(0 <= tp[0] && tp[0] < (embedding.numel() ? embedding.size(0) : h.N) && 0 <= c &&
                 c < out.size(1), "Decoder.advance: token or count out of range");
     TORCH_CHECK(x.numel() == D || (!x.numel() && own_rows), "Decoder.advance: an input row of ", D, " expected");
     if (x.numel()) {
@@ -297,7 +312,6 @@ struct Decoder : torch::CustomClassHolder {
     } else if (embedding.numel()) {
       x = embedding.select(0, tp[0]).to(at::kFloat).contiguous();
     } else {
-      const QW& h = ws[7 * L];
       x = at::empty({D}, out.options().dtype(at::kFloat));
       if (h.bits == 8) decode_rows<8, false>(h, tp[0], tp[0] + 1, x.data_ptr<float>());
       else if (h.lut) decode_rows<4, true>(h, tp[0], tp[0] + 1, x.data_ptr<float>());
@@ -343,5 +357,6 @@ struct Decoder : torch::CustomClassHolder {
                        double>()) \
       .def("step", &Decoder::step) \
       .def("set_input", &Decoder::set_input) \
+      .def("set_rows", &Decoder::set_rows) \
       .def("advance", &Decoder::advance);
 """

@@ -177,6 +177,15 @@ def ggml_activations(x: torch.Tensor, qtype: str) -> torch.Tensor:
     return (q * d).reshape(m, k).to(x.dtype)
 
 
+def ggml_layout(weight: torch.Tensor, qtype: str, cols: int) -> qkernel.Layout | None:
+    """GGUF blocks (rows, bytes per row) as gentool's CPU kernel layout (None where it has none)."""
+    lo, n, _ = _CODES[qtype]
+    q, scale, zero, _ = affine(weight, qtype, cols)
+    if n <= 16 and (lay := qkernel.layout(q - lo, scale, zero, 4, zero=-lo)) is not None:
+        return lay  # 4-bit codes from 0 (the kernel pairs nibbles 32 apart: groups of 32 or more)
+    return qkernel.layout(q, scale, zero, 8)  # Q2_K/Q3_K's groups of 16, 5-8 bit codes, IQ4's table values
+
+
 class GGMLLinear(QuantLinear):
     """y = x·dequant(W)ᵀ + b with W stored as GGUF blocks of one GGML type. With `cpu_arithmetic`, the input is
     first rounded as llama.cpp's CPU backend rounds it (`ggml_activations`), to reproduce its figures."""
@@ -195,11 +204,7 @@ class GGMLLinear(QuantLinear):
         return dequantize_bytes(self.weight, self.qtype, self.in_features).to(dtype or self.compute_dtype)
 
     def _layout(self):
-        lo, n, _ = _CODES[self.qtype]
-        q, scale, zero, _ = affine(self.weight, self.qtype, self.in_features)
-        if n <= 16 and (lay := qkernel.layout(q - lo, scale, zero, 4, zero=-lo)) is not None:
-            return lay  # 4-bit codes from 0 (the kernel pairs nibbles 32 apart: groups of 32 or more)
-        return qkernel.layout(q, scale, zero, 8)  # Q2_K/Q3_K's groups of 16, 5-8 bit codes, IQ4's table values
+        return ggml_layout(self.weight, self.qtype, self.in_features)
 
     def _qk_input(self, x):
         return ggml_activations(x, self.qtype) if self.cpu_arithmetic else x
