@@ -1,7 +1,8 @@
 """Batch-1 decoding on a CPU in one C++ call per token: `cpu_decoder(model)` wraps a Transformer whose projections
 the kernel takes (dense float32 `nn.Linear`s, quantized layers with a kernel layout) in the `Decoder` of
 models/decode_src.py, over the model's own tensors and its static KV cache; its `step` returns the logits of one
-token.
+token, and `advance` runs a whole token: the input row, the step, the draw (greedy or sampled, as lm/sample.py
+draws) and the decode state's bookkeeping, with no Python between tokens.
 
 Batch-1 decoding of a small model is bound by per-operation overhead in eager PyTorch (SmolLM2-135M: ~700
 operations per token, more time than reading its weights); the decoder runs a token in one call. It applies to a
@@ -62,7 +63,7 @@ def _layer_args(lin: nn.Module) -> tuple | None:
 
 
 class CPUDecoder:
-    """The C++ `Decoder` of one model and cache, and the token's input row: `step(token, pos)` -> logits (1, V)."""
+    """The C++ `Decoder` of one model and cache: `step(token, pos)` -> logits (1, V); `advance(state, params)`."""
 
     def __init__(self, model: Transformer, decoder):
         self.model, self.decoder = model, decoder
