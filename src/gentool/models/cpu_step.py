@@ -74,7 +74,8 @@ class CPUDecoder:
             head._qk_codes is not None and emb.weight.data_ptr() == head.weight.data_ptr() else None
         # whole tokens in C++ (`advance`), the input row too where it is a plain table's, the head's, or a small
         # GGUF table's (from a copy in the kernel's layout, EMBED_COPY_MAX)
-        plain = type(emb) is nn.Embedding and not (emb._forward_hooks or emb._forward_pre_hooks) and \
+        plain = type(emb) is nn.Embedding and emb.max_norm is None and not (emb._forward_hooks or
+                                                                           emb._forward_pre_hooks) and \
             emb.weight.dtype.is_floating_point and emb.weight.device.type == "cpu"
         table = None
         if isinstance(emb, GGMLEmbedding) and self.rows is None and emb.weight.device.type == "cpu" and \
@@ -84,7 +85,7 @@ class CPUDecoder:
             decoder.set_rows(table.codes, table.scale, _or_none(table.offset), _or_none(table.lut), table.group,
                              table.bits, table.zero)
         self.own_rows = plain or self.rows is not None or table is not None
-        self.advances = True
+        self.advances = True  # cpu_decode_step's switch: False draws with DecodeState.advance (tests compare them)
         decoder.set_input(emb.weight.detach().contiguous() if plain else _NONE, model.inv_freq, self.own_rows)
 
     def embed(self, token: torch.Tensor) -> torch.Tensor:
