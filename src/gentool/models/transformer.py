@@ -91,8 +91,10 @@ class Attention(nn.Module):
         k = k * cos + rotate_half(k) * sin
         if self.kv_cache is not None:
             k_cache, v_cache = self.kv_cache.update(pos_T, k, v)  # (B, K, S, E)
-            if mask is not None:  # attend over the cache; without a mask the tokens start at position 0 (see
-                k, v = k_cache, v_cache  # hidden_states) and their own keys are all there is: causal over them
+            # with a mask, attend over the cache; without one the tokens start at position 0 (hidden_states) and
+            # their own keys are all there is: causal attention over them
+            if mask is not None:
+                k, v = k_cache, v_cache
                 if q.dtype != k.dtype:
                     q = q.to(k.dtype)
         if mask is None:  # flash and cuDNN kernels take GQA directly
