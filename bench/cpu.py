@@ -175,12 +175,8 @@ def exact_run(gen, prompt: list[int], new: int) -> tuple[float, float]:
     """gentool_run with float32 activations in the quantized layers (what GENTOOL_CPU_KERNEL=exact selects)."""
     from gentool.models import qkernel
 
-    before = qkernel._state.get("act")
-    qkernel._state["act"] = 32
-    try:
+    with qkernel.activation_bits(32):
         return gentool_run(gen, prompt, new)
-    finally:
-        qkernel._state["act"] = before
 
 
 def transformers_model(ckpt: Path):

@@ -199,3 +199,20 @@ def test_8bit_activations_at_widths_that_end_in_half_a_chunk(monkeypatch, k, kin
         layer = GGMLLinear(k, 40, torch.from_numpy(ggml.quantize(w.numpy(), kind)), kind)
     x = torch.randn(2, k)
     assert _close_int8(layer(x), x, layer.dequantize(torch.float32))
+
+
+def test_activation_bits_switches_and_restores(monkeypatch):
+    monkeypatch.setitem(qkernel._state, "act", 8)
+    with qkernel.activation_bits(32):
+        assert qkernel.act_bits() == 32
+        with qkernel.activation_bits(8):
+            assert qkernel.act_bits() == 8
+        assert qkernel.act_bits() == 32
+    assert qkernel.act_bits() == 8
+    monkeypatch.delitem(qkernel._state, "act")
+    with pytest.raises(RuntimeError), qkernel.activation_bits(32):  # restored (unset) after an error too
+        raise RuntimeError
+    assert "act" not in qkernel._state
+    with pytest.raises(ValueError):
+        with qkernel.activation_bits(16):
+            pass

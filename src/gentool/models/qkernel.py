@@ -23,6 +23,7 @@ import hashlib
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,6 +136,23 @@ def act_bits() -> int:
     if "act" not in _state:
         _state["act"] = 8 if MODE != "exact" and torch.ops.gentool_qk.has_vnni() else 32
     return _state["act"]
+
+
+@contextmanager
+def activation_bits(bits: int):
+    """Decode with `bits` (8 or 32) activations inside the block, whatever the CPU's default (benchmarks compare
+    the two); the previous setting afterwards."""
+    if bits not in (8, 32):
+        raise ValueError(f"activation bits must be 8 or 32, not {bits}")
+    before = _state.get("act")
+    _state["act"] = bits
+    try:
+        yield
+    finally:
+        if before is None:
+            _state.pop("act", None)
+        else:
+            _state["act"] = before
 
 
 @dataclass
