@@ -1,7 +1,10 @@
 import os
 import sys
+from pathlib import Path
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # the shared helpers (tests/_peers.py); --import-mode=importlib adds none
 
 
 def pytest_configure(config):

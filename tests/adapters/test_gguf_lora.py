@@ -3,7 +3,6 @@ adapter (a committed fixture, no build needed), round trips with rsLoRA / patter
 llama.cpp build exists — llama.cpp's --lora and llama-export-lora against gentool's merge."""
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -16,6 +15,8 @@ from safetensors.numpy import load_file as load_np
 
 gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
+
+from _peers import llama_bin  # noqa: E402
 
 from gentool.adapters import read_adapter, write_adapter  # noqa: E402
 from gentool.models.lora import LoRAConfig  # noqa: E402
@@ -117,16 +118,7 @@ def test_refusals(cli, base, tmp_path):
 
 # --- against a llama.cpp build ---------------------------------------------------------------------------------------
 
-def _llama_bin() -> Path | None:
-    for cand in (os.environ.get("GENTOOL_LLAMA_CPP_BIN"),
-                 Path(__file__).resolve().parents[2] / ".anchors" / "llama.cpp" / "build" / "bin",
-                 "/work/main/.anchors/llama.cpp/build/bin"):
-        if cand and (Path(cand) / "llama-perplexity").is_file() and (Path(cand) / "llama-export-lora").is_file():
-            return Path(cand)
-    return None
-
-
-LLAMA = _llama_bin()
+LLAMA = llama_bin("llama-perplexity", "llama-export-lora")
 
 
 def _run(*args):

