@@ -265,3 +265,14 @@ def test_cpp_advance_writes_the_state_that_advance_writes(done):
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-5, msg=name)
     assert bool(a["done"]) and int(a["out"][0, 3]) == (0 if done else choice) and int(a["pos"]) == len(PROMPT)
+
+
+def test_gguf_table_copy_made_once_per_weight():
+    emb = _model("q4_0").model.embed_tokens
+    first = cpu_step._table(emb)
+    assert cpu_step._table(emb) is first  # a renewed decoder (another cache shape) reuses it
+    with torch.no_grad():
+        emb.weight[0].zero_()  # the weight changed in place: made again, from the new bytes
+    again = cpu_step._table(emb)
+    assert again is not first
+    assert not (torch.equal(again.codes[0], first.codes[0]) and torch.equal(again.scale[0], first.scale[0]))

@@ -62,6 +62,16 @@ def _layer_args(lin: nn.Module) -> tuple | None:
     return None
 
 
+def _table(emb: GGMLEmbedding) -> qkernel.Layout | None:
+    """The embedding's GGUF rows in the kernel's layout, made once per weight (a Generator renews its decoder
+    whenever the cache changes shape)."""
+    key = (emb.weight.data_ptr(), emb.weight._version)
+    made = emb.__dict__.get("_qk_table")
+    if made is None or made[0] != key:
+        made = emb.__dict__["_qk_table"] = (key, ggml_layout(emb.weight, emb.qtype, emb.embedding_dim))
+    return made[1]
+
+
 class CPUDecoder:
     """The C++ `Decoder` of one model and cache: `step(token, pos)` -> logits (1, V); `advance(state, params)`."""
 
@@ -80,7 +90,7 @@ class CPUDecoder:
         table = None
         if isinstance(emb, GGMLEmbedding) and self.rows is None and emb.weight.device.type == "cpu" and \
                 emb.weight.numel() <= EMBED_COPY_MAX:
-            table = ggml_layout(emb.weight, emb.qtype, emb.embedding_dim)
+            table = _table(emb)
         if table is not None:
             decoder.set_rows(table.codes, table.scale, _or_none(table.offset), _or_none(table.lut), table.group,
                              table.bits, table.zero)

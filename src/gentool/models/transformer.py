@@ -247,9 +247,9 @@ class Transformer(nn.Module):
             assert block_size and fresh and not self.max_seq_len and attention_mask is None
             input_ids, input_pos = torch.cat([input_ids, clean_ids], 1), torch.cat([input_pos, input_pos])
             mask = self.block_mask(t, block_size, input_ids.device, two_stream=True)
-        elif self.max_seq_len and fresh and self.causal and not block_size and attention_mask is None:
-            pass  # a prompt from position 0: causal attention over its own keys, no mask (the cache is written)
-        elif self.max_seq_len:  # cached decoding: query at position p sees keys 0..p (to its block's end if blocked)
+        elif self.max_seq_len and not (fresh and self.causal and not block_size and attention_mask is None):
+            # cached decoding: query at position p sees keys 0..p (to its block's end if blocked). A causal prompt
+            # from position 0 needs no mask: it attends over its own keys (Attention), and the cache is written.
             keys = torch.arange(self.max_seq_len, device=input_ids.device)
             if block_size:
                 mask = keys[None, :] < (input_pos[:, None] // block_size + 1) * block_size
