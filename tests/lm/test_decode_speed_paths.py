@@ -220,6 +220,8 @@ def test_packed_weights_same_products_follow_weight_changes_and_respect_memory(m
         ref = torch.nn.functional.linear(x, lin.weight)
         assert dec.pack_weights(m.model)
         assert "packed" in lin.__dict__ and "packed" not in m.lm_head.__dict__
+        copy = lin.__dict__["packed"]
+        assert dec.pack_weights(m.model) and lin.__dict__["packed"] is copy  # packed once per weight
         # float32 summation order only: |error| ≤ K·eps·Σ|x||w|
         bound = 64 * torch.finfo(torch.float32).eps * (x.abs() @ lin.weight.abs().T)
         assert ((lin(x) - ref).abs() <= bound).all()

@@ -79,7 +79,9 @@ def pack_weights(module: nn.Module, rows: int = 128) -> bool:
     try:
         for m in lins:
             w = m.weight.detach()
-            m.__dict__["packed"] = ((w.data_ptr(), w._version), torch.ops.mkldnn._reorder_linear_weight(w, rows))
+            key = (w.data_ptr(), w._version)
+            if m.__dict__.get("packed", (None,))[0] != key:  # already packed from this weight: kept
+                m.__dict__["packed"] = (key, torch.ops.mkldnn._reorder_linear_weight(w, rows))
     except (RuntimeError, AttributeError, NotImplementedError):  # a torch built without this oneDNN operation
         for m in lins:
             m.__dict__.pop("packed", None)
