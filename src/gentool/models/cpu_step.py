@@ -78,32 +78,33 @@ class CPUDecoder:
     def __init__(self, model: Transformer, decoder):
         self.model, self.decoder = model, decoder
         emb, head = model.model.embed_tokens, model.lm_head
-        # a quantized embedding tied to a quantized head (SmolLM2's GGUFs): its rows from the head's kernel layout, in
-        # C++, instead of decoding GGUF blocks with ~30 PyTorch operations per token
-        self.rows = head if isinstance(emb, GGMLEmbedding) and isinstance(head, QuantLinear) and \
-            head._qk_codes is not None and emb.weight.data_ptr() == head.weight.data_ptr() else None
-        # whole tokens in C++ (`advance`), the input row too where it is a plain table's, the head's, or a small
-        # GGUF table's (from a copy in the kernel's layout, EMBED_COPY_MAX)
+        # a quantized embedding's rows in the kernel's layout, read in C++ instead of decoding GGUF blocks with ~30
+        # PyTorch operations per token: a tied head's own layout (SmolLM2's GGUFs), or a copy of a small untied table
+        self.table = None
+        if isinstance(emb, GGMLEmbedding) and emb.weight.device.type == "cpu":
+            if isinstance(head, QuantLinear) and head._qk_codes is not None and \
+                    emb.weight.data_ptr() == head.weight.data_ptr():
+                self.table = qkernel.Layout(head._qk_codes, head._qk_scale, head._qk_offset, head._qk_group,
+                                            head._qk_bits, head._qk_lut, head._qk_zero)
+            elif emb.weight.numel() <= EMBED_COPY_MAX:
+                self.table = _table(emb)
+        t = self.table
+        if t is not None:
+            decoder.set_rows(t.codes, t.scale, _or_none(t.offset), _or_none(t.lut), t.group, t.bits, t.zero)
+        # whole tokens in C++ (`advance`), the input row too where it is a plain table's or a kernel layout's
         plain = type(emb) is nn.Embedding and emb.max_norm is None and not (emb._forward_hooks or
                                                                            emb._forward_pre_hooks) and \
             emb.weight.dtype.is_floating_point and emb.weight.device.type == "cpu"
-        table = None
-        if isinstance(emb, GGMLEmbedding) and self.rows is None and emb.weight.device.type == "cpu" and \
-                emb.weight.numel() <= EMBED_COPY_MAX:
-            table = _table(emb)
-        if table is not None:
-            decoder.set_rows(table.codes, table.scale, _or_none(table.offset), _or_none(table.lut), table.group,
-                             table.bits, table.zero)
-        self.own_rows = plain or self.rows is not None or table is not None
+        self.own_rows = plain or t is not None
         self.advances = True  # cpu_decode_step's switch: False draws with DecodeState.advance (tests compare them)
         decoder.set_input(emb.weight.detach().contiguous() if plain else _NONE, model.inv_freq, self.own_rows)
 
     def embed(self, token: torch.Tensor) -> torch.Tensor:
-        h = self.rows
-        if h is None:
+        t = self.table
+        if t is None:
             return self.model.model.embed_tokens(token).reshape(-1).float()
-        return torch.ops.gentool_qk.qrows(h._qk_codes, h._qk_scale, h._qk_offset, h._qk_group, h._qk_bits, h._qk_lut,
-                                          h._qk_zero, token.reshape(-1))[0]
+        return torch.ops.gentool_qk.qrows(t.codes, t.scale, t.offset, t.group, t.bits, t.lut, t.zero,
+                                          token.reshape(-1))[0]
 
     def step(self, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Logits (1, V) of `token` (1, 1) at position `pos` (1,), extending the cache."""

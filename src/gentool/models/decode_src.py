@@ -147,9 +147,9 @@ struct Decoder : torch::CustomClassHolder {
   std::vector<float*> kc, vc;
   std::vector<float> xr, xn, qkv, att, tmp, gu, hid;
   Act a_in, a_att, a_hid;
-  at::Tensor embedding, inv_freq;  // for advance (set_input): an empty embedding reads the head's rows
+  at::Tensor embedding, inv_freq;  // for advance (set_input): a dense table, or empty
   bool has_input = false, own_rows = false;
-  QW row_w;  // set_rows: a quantized embedding table of its own; else the output layer's rows
+  QW row_w;  // set_rows: a quantized embedding's rows in the kernel's layout
   bool has_row_w = false;
   Near near;
 
@@ -265,16 +265,16 @@ struct Decoder : torch::CustomClassHolder {
     return logits;
   }
 
-  // The rotary frequencies (E/2) and where advance reads a token's input row unless given one: with own_rows, a
-  // dense embedding table (any float dtype), or none (empty) for an embedding tied to the output layer, read from
-  // its kernel layout.
+  // The rotary frequencies (E/2) and whether advance reads a token's input row itself (rows): from a dense
+  // embedding table (any float dtype), or, given none (empty), from set_rows' layout.
   void set_input(at::Tensor emb, at::Tensor freq, bool rows) {
     TORCH_CHECK(freq.numel() * 2 == E, "Decoder.set_input: ", E / 2, " rotary frequencies expected");
     TORCH_CHECK(!emb.numel() || (emb.dim() == 2 && emb.size(1) == D), "Decoder.set_input: embedding shape");
+    TORCH_CHECK(!rows || emb.numel() || has_row_w, "Decoder.set_input: no table to read rows from (set_rows)");
     embedding = emb; inv_freq = freq.contiguous().to(at::kFloat).clone(); has_input = true; own_rows = rows;
   }
 
-  // A quantized embedding table (not tied to the output layer) in the kernel's layout, for set_input's own rows
+  // A quantized embedding's rows in the kernel's layout (a tied output layer's own, or a copy), for set_input's rows
   void set_rows(at::Tensor codes, at::Tensor scale, at::Tensor offset, at::Tensor lut, int64_t group, int64_t bits,
                 int64_t zero) {
     TORCH_CHECK(bits == 4 || bits == 8, "Decoder.set_rows: bits must be 4 or 8");
@@ -303,20 +303,21 @@ struct Decoder : torch::CustomClassHolder {
     int64_t* pp = pos.data_ptr<int64_t>();
     int64_t* cp = count.data_ptr<int64_t>();
     const int64_t c = cp[0];
-    const QW& h = has_row_w ? row_w : ws[7 * L];  // the rows when there is no dense table
-    TORCH_CHECK(0 <= tp[0] && tp[0] < (embedding.numel() ? embedding.size(0) : h.N) && 0 <= c &&
-                c < out.size(1), "Decoder.advance: token or count out of range");
+    TORCH_CHECK(0 <= c && c < out.size(1), "Decoder.advance: count out of range");
     TORCH_CHECK(x.numel() == D || (!x.numel() && own_rows), "Decoder.advance: an input row of ", D, " expected");
     if (x.numel()) {
       x = x.reshape({D}).to(at::kFloat).contiguous();
-    } else if (embedding.numel()) {
-      x = embedding.select(0, tp[0]).to(at::kFloat).contiguous();
     } else {
-      x = at::empty({D}, out.options().dtype(at::kFloat));
-      if (h.bits == 8) decode_rows<8, false>(h, tp[0], tp[0] + 1, x.data_ptr<float>());
-      else if (h.lut) decode_rows<4, true>(h, tp[0], tp[0] + 1, x.data_ptr<float>());
-      else if (h.bits == 4) decode_rows<4, false>(h, tp[0], tp[0] + 1, x.data_ptr<float>());
-      else std::memcpy(x.data_ptr<float>(), (const float*)h.codes + tp[0] * D, D * sizeof(float));
+      TORCH_CHECK(0 <= tp[0] && tp[0] < (embedding.numel() ? embedding.size(0) : row_w.N),
+                  "Decoder.advance: token out of range");
+      if (embedding.numel()) {
+        x = embedding.select(0, tp[0]).to(at::kFloat).contiguous();
+      } else {
+        x = at::empty({D}, out.options().dtype(at::kFloat));
+        if (row_w.bits == 8) decode_rows<8, false>(row_w, tp[0], tp[0] + 1, x.data_ptr<float>());
+        else if (row_w.lut) decode_rows<4, true>(row_w, tp[0], tp[0] + 1, x.data_ptr<float>());
+        else decode_rows<4, false>(row_w, tp[0], tp[0] + 1, x.data_ptr<float>());
+      }
     }
     at::Tensor cs = at::empty({2, E}, x.options());
     float* cosp = cs.data_ptr<float>();

@@ -2,8 +2,8 @@
 whole-step decoder (compiled between models/qkernel_src.py's SOURCE and TAIL).
 
 `QX` rounds one row of activations to 8 bits per run of 4 values and lays the codes out as the weight codes are
-unpacked; `vnni_rows` multiplies 64 weights per instruction with vpdpbusd (4-bit codes: 128 per 64-byte load) (see models/qkernel_src.py for the arithmetic
-and its bound). `Act` holds one row in the forms the rows need (float32 with group sums for offsets, and 8-bit),
+unpacked; `vnni_rows` multiplies 64 weights per vpdpbusd instruction (4-bit codes: 128 per 64-byte load; see
+models/qkernel_src.py for the arithmetic and its bound). `Act` holds one row in the forms the rows need (float32 with group sums for offsets, and 8-bit),
 `rows` picks the arithmetic per layer, and `run_jobs` splits the rows of several layers over the threads in one
 parallel region (q/k/v, gate/up).
 """
